@@ -258,6 +258,18 @@ def test_fit_is_deterministic_and_reports_progress() -> None:
         assert torch.equal(va, vb), k
 
 
+def test_fit_rejects_bad_arguments() -> None:
+    masks = ellipses(4, 32, seed=0)
+    with pytest.raises(MrisegError, match="multiple of the downsample"):
+        fit_mask_vq(masks, TINY_MASK, steps=1, crop=6)
+    with pytest.raises(MrisegError, match="no samples"):
+        fit_mask_vq(masks[:0], TINY_MASK, steps=1)
+    with pytest.raises(MrisegError, match="steps"):
+        fit_mask_vq(masks, TINY_MASK, steps=0)
+    with pytest.raises(MrisegError, match="shape"):
+        fit_mask_vq(masks[0], TINY_MASK, steps=1)
+
+
 def test_fit_multiscale_and_image_vq_improve() -> None:
     masks = ellipses(120, 32, seed=0)
     ms, rep = fit_multiscale(masks, TINY_MS, steps=100, batch_size=16, lr=3e-3, seed=0)

@@ -83,8 +83,7 @@ def save_tokenizer(tok: torch.nn.Module, path: str | Path, *, overwrite: bool = 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The header metadata of a tokenizer file (cheap: reads no tensor data)."""
-    tensors_and_meta = _open(path, read_tensors=False)
-    return tensors_and_meta[1]
+    return _open(path, read_tensors=False)[1]
 
 
 def _open(path: str | Path, read_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
