@@ -9,6 +9,7 @@ import torch
 
 from mrisegcli.decode.next_token import MaskGenerator, generate_masks, generate_masks_uncached
 from mrisegcli.decode.sampling import logits_to_probs, sample
+from mrisegcli.models.image_encoder import ImageEncoderConfig
 from mrisegcli.models.next_token import (
     NextTokenConfig,
     NextTokenSegmenter,
@@ -35,6 +36,9 @@ def _cfg(**kw) -> NextTokenConfig:
         mask_codebook_size=KM, mask_grid=GM,
     )
     base.update(kw)
+    if base.get("image_input") == "pixels":  # a small conv encoder, one token per patch
+        base.setdefault("encoder", ImageEncoderConfig(patch=base["image_size"] // base["image_grid"],
+                                                      channels=(8, 16), res_blocks=1, out_dim=16))
     return NextTokenConfig(**base)
 
 
@@ -199,7 +203,7 @@ def test_pixels_mode_cached_matches_full():
     model.train()
     out = model(batch)
     out["loss"].backward()
-    assert model.patch_encoder.patch.weight.grad.abs().sum() > 0  # trained end to end
+    assert model.encoder.net[0].weight.grad.abs().sum() > 0  # trained end to end
     model.eval()
     assert torch.equal(generate_masks(model, pixels, text, tmask), generate_masks_uncached(model, pixels, text, tmask))
     with pytest.raises(ValueError):

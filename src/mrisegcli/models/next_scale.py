@@ -81,10 +81,7 @@ class NextScaleConfig:
         if isinstance(d.get("transformer"), Mapping):
             d["transformer"] = TransformerConfig(**d["transformer"])
         if isinstance(d.get("encoder"), Mapping):
-            enc = dict(d["encoder"])
-            if "channels" in enc:
-                enc["channels"] = tuple(enc["channels"])
-            d["encoder"] = ImageEncoderConfig(**enc)
+            d["encoder"] = ImageEncoderConfig.from_dict(d["encoder"])
         if "scales" in d:
             d["scales"] = tuple(d["scales"])
         return cls(**d)

@@ -34,7 +34,8 @@ from mrisegcli.errors import ConfigError
 from mrisegcli.losses.het import HardTokenMemory, weighted_ce
 from mrisegcli.losses.nktp import NextKHeads
 from mrisegcli.losses.tcl import TokenContrastive
-from mrisegcli.models.transformer import RMSNorm, Transformer, TransformerConfig, causal_mask
+from mrisegcli.models.image_encoder import ConvImageEncoder, ImageEncoderConfig
+from mrisegcli.models.transformer import Transformer, TransformerConfig, causal_mask
 
 BOS, BOT, BOM = 0, 1, 2
 N_SPECIAL = 3
@@ -53,6 +54,8 @@ class NextTokenConfig:
     mask_grid: int = 16
     image_input: Literal["codes", "pixels"] = "codes"
     image_size: int = 256  # pixel side for image_input == "pixels"
+    # pixels mode: conv encoder with patch = image_size / image_grid
+    encoder: ImageEncoderConfig = field(default_factory=lambda: ImageEncoderConfig(patch=16))
     # NkTP: extra heads for tokens t+2..t+k, weight gamma^(j-1). nktp_k = 1 switches it off.
     nktp_k: int = 3
     nktp_gamma: float = 0.5
@@ -72,8 +75,11 @@ class NextTokenConfig:
     def __post_init__(self) -> None:
         if self.image_input not in ("codes", "pixels"):
             raise ConfigError(f"image_input must be 'codes' or 'pixels', got {self.image_input!r}")
-        if self.image_input == "pixels" and self.image_size % self.image_grid:
-            raise ConfigError(f"image_size {self.image_size} is not a multiple of image_grid {self.image_grid}")
+        if self.image_input == "pixels" and self.encoder.grid(self.image_size) != self.image_grid:
+            raise ConfigError(
+                f"encoder patch {self.encoder.patch} turns image_size {self.image_size} into a "
+                f"{self.encoder.grid(self.image_size)}-grid, not image_grid {self.image_grid}"
+            )
         for name in ("image_codebook_size", "image_grid", "text_vocab_size", "text_len",
                      "mask_codebook_size", "mask_grid", "nktp_k", "het_buckets"):
             if getattr(self, name) <= 0:
@@ -91,6 +97,8 @@ class NextTokenConfig:
             raise ConfigError(f"unknown next-token config keys: {sorted(unknown)}")
         if isinstance(d.get("transformer"), Mapping):
             d["transformer"] = TransformerConfig(**d["transformer"])
+        if isinstance(d.get("encoder"), Mapping):
+            d["encoder"] = ImageEncoderConfig.from_dict(d["encoder"])
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,24 +165,6 @@ def sequence_positions(cfg: NextTokenConfig) -> torch.Tensor:
     return pos
 
 
-class PatchEncoder(nn.Module):
-    """A small conv encoder: (B, 1, S, S) pixels -> (B, G*G, C) patch embeddings."""
-
-    def __init__(self, image_size: int, grid: int, dim: int, width: int = 32) -> None:
-        super().__init__()
-        p = image_size // grid
-        self.image_size = image_size
-        self.stem = nn.Conv2d(1, width, kernel_size=3, padding=1)
-        self.patch = nn.Conv2d(width, dim, kernel_size=p, stride=p)
-        self.norm = RMSNorm(dim)
-
-    def forward(self, x_B1SS: torch.Tensor) -> torch.Tensor:
-        if x_B1SS.dim() != 4 or x_B1SS.shape[1] != 1 or x_B1SS.shape[-1] != self.image_size:
-            raise ValueError(f"expected pixels (B, 1, {self.image_size}, {self.image_size}), got {tuple(x_B1SS.shape)}")
-        f = self.patch(F.gelu(self.stem(x_B1SS)))  # (B, C, G, G)
-        return self.norm(f.flatten(2).transpose(1, 2))  # (B, G*G, C)
-
-
 def _check_range(name: str, t: torch.Tensor, n: int) -> None:
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
         raise ValueError(f"{name} must lie in [0, {n}), got range [{int(t.min())}, {int(t.max())}]")
@@ -193,9 +183,10 @@ class NextTokenSegmenter(nn.Module):
                 f"sequence of {self.layout.input_len} tokens exceeds max_seq_len {cfg.transformer.max_seq_len}"
             )
         self.tok_emb = nn.Embedding(self.layout.vocab_size, dim)
-        self.patch_encoder = (
-            PatchEncoder(cfg.image_size, cfg.image_grid, dim) if cfg.image_input == "pixels" else None
-        )
+        # pixels mode: the image goes through a conv encoder trained end to end (one token per
+        # image_size / image_grid pixels), projected to the transformer width
+        self.encoder = ConvImageEncoder(cfg.encoder, cfg.image_size) if cfg.image_input == "pixels" else None
+        self.image_proj = nn.Linear(cfg.encoder.out_dim, dim) if self.encoder is not None else None
         self.transformer = Transformer(cfg.transformer)
         self.mask_head = nn.Linear(dim, cfg.mask_codebook_size, bias=False)
         self.nktp = NextKHeads(dim, cfg.nktp_k, cfg.nktp_gamma) if cfg.nktp_k > 1 else None
@@ -233,8 +224,8 @@ class NextTokenSegmenter(nn.Module):
         text_ids, text_mask = self._pad_text(text_ids, text_mask)
         B = text_ids.shape[0]
         _check_range("text ids", text_ids, cfg.text_vocab_size)
-        if self.patch_encoder is not None:
-            img_BNC = self.patch_encoder(image)
+        if self.encoder is not None:
+            img_BNC = self.image_proj(self.encoder(image))  # (B, Gi*Gi, C)
         else:
             if image.shape[1:] != (cfg.image_grid, cfg.image_grid):
                 raise ValueError(f"expected image codes (B, {cfg.image_grid}, {cfg.image_grid}), got {tuple(image.shape)}")

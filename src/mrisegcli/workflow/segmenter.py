@@ -31,6 +31,7 @@ def model_config(cfg: RunConfig, bundle: TokenizerBundle, n_train: int = 4096) -
 
     vocab = text_vocab_size(bundle.text)
     if cfg.paradigm == "next-token":
+        from mrisegcli.models.image_encoder import ImageEncoderConfig
         from mrisegcli.models.next_token import NextTokenConfig, SequenceLayout
 
         s, mask = cfg.strategies, bundle.mask_vq
@@ -46,6 +47,7 @@ def model_config(cfg: RunConfig, bundle: TokenizerBundle, n_train: int = 4096) -
             text_vocab_size=vocab, text_len=cfg.text_len,
             mask_codebook_size=mask.codebook_size, mask_grid=mask.grid,
             image_input=s.image_input, image_size=cfg.image_size,
+            encoder=ImageEncoderConfig(patch=max(2, cfg.image_size // mask.grid)),
             nktp_k=s.nktp_k, nktp_gamma=s.nktp_gamma, lambda_nktp=s.lambda_nktp,
             lambda_tcl=s.lambda_tcl, het_alpha=s.het_alpha, het_decay=s.het_decay,
             het_buckets=max(1, n_train),
