@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrisegcli.config import scale_schedule
+from mrisegcli.data.synth import render_case
 from mrisegcli.tokenizers.fit import (
     fit_image_vq,
     fit_mask_vq,
@@ -35,34 +37,8 @@ from mrisegcli.tokenizers.mask_vq import MaskVQConfig
 from mrisegcli.tokenizers.multiscale import MultiScaleConfig
 
 
-def blob_masks(n: int, size: int, seed: int) -> np.ndarray:
-    """(n, size, size) uint8 masks of 1-3 ellipses / irregular blobs (a fallback dataset)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    out = np.zeros((n, size, size), np.uint8)
-    for i in range(n):
-        for _ in range(rng.integers(1, 4)):
-            cx, cy = rng.uniform(0.15, 0.85, 2) * size
-            r0 = rng.uniform(0.04, 0.2) * size
-            ang = np.arctan2(yy - cy, xx - cx)
-            dist = np.hypot(xx - cx, yy - cy)
-            stretch = rng.uniform(0.6, 1.0)
-            r = r0 * (stretch + (1 - stretch) * np.cos(2 * (ang - rng.uniform(0, np.pi))) ** 2)
-            for j in range(2, 6):  # irregular outline: a few random harmonics
-                r = r * (1 + rng.uniform(0, 0.25 / j) * np.cos(j * ang + rng.uniform(0, 2 * np.pi)))
-            out[i] |= (dist < r).astype(np.uint8)
-    return out
-
-
 def synthetic(split: str, n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images float32, masks uint8) of the built-in synthetic set, or blobs if it is absent."""
-    try:
-        from mrisegcli.data.synth import render_case
-    except ImportError:
-        masks = blob_masks(n, size, seed * 10 + ("train", "val", "test").index(split))
-        rng = np.random.default_rng(seed)
-        images = (0.3 + 0.4 * masks + 0.05 * rng.standard_normal(masks.shape)).clip(0, 1)
-        return images.astype(np.float32), masks
+    """(images float32, masks uint8) of the built-in synthetic set (``mrisegcli.data.synth``)."""
     cases = [render_case(seed, split, i, size=size) for i in range(n)]
     images = np.stack([c.image for c in cases]).astype(np.float32)
     masks = np.stack([c.mask for c in cases]).astype(np.uint8)
@@ -136,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
             rep["test_psnr"] = image_psnr(tok, te_img)
             x = to_tensor_images(te_img, a.size)
         else:
-            fit, cfg = (fit_mask_vq, MaskVQConfig) if kind == "mask" else (fit_multiscale, MultiScaleConfig)
-            tok, rep = fit(tr_msk, cfg(image_size=a.size), **common)
+            if kind == "mask":
+                tok, rep = fit_mask_vq(tr_msk, MaskVQConfig(image_size=a.size), **common)
+            else:  # the default schedule ends at the 128 px grid: stretch it to this size
+                grid = a.size // MultiScaleConfig.downsample
+                ms_cfg = MultiScaleConfig(image_size=a.size, scales=scale_schedule(grid))
+                tok, rep = fit_multiscale(tr_msk, ms_cfg, **common)
             rep["test_recon_dice"] = recon_dice(tok, te_msk)
             x = to_tensor_masks(te_msk, a.size)
         rep["encode_images_per_s"] = encode_rate(tok, x)

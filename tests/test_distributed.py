@@ -2,7 +2,8 @@
 
 One 2-rank launch and one plain launch with the same seed and global batch. The launch goes
 through a small probe script (written at test time) that records, per rank, which stages ran,
-which samples each rank trained on, who wrote checkpoints, and each rank's final weights; then it
+which samples each rank trained on and the loss of each of its training forwards, who wrote
+checkpoints, and each rank's final weights, and it logs every step (``log_every=1``); then it
 runs ``python -m mrisegcli`` exactly as a user would. TCL and HET are off (their buffers are per
 rank, so ranks would weight their losses differently; see docs/distributed.md).
 """
@@ -31,7 +32,7 @@ TRAIN = ["train", "--size", "32", "--steps", str(STEPS), "--batch-size", str(BAT
 ATOL = 1e-5
 
 PROBE = '''
-import json, os, runpy, sys
+import dataclasses, json, os, runpy, sys
 from pathlib import Path
 from safetensors.torch import save_file
 import mrisegcli.training.loop as loop
@@ -62,8 +63,16 @@ def rank_slice(idx, info):
     return mine
 loop._rank_slice = rank_slice
 real_train = wtrain.train
-def train(model, *a, **k):
-    summary = real_train(model, *a, **k)
+def train(model, data, cfg, *a, **k):
+    cfg = dataclasses.replace(cfg, log_every=1)  # a train_log line for every step
+    real_forward = model.forward
+    def forward(batch):
+        result = real_forward(batch)
+        if model.training:  # this rank's own numbers for its slice, step by step
+            note("forward", **{n: float(v.detach()) for n, v in result.items() if v.dim() == 0})
+        return result
+    model.forward = forward
+    summary = real_train(model, data, cfg, *a, **k)
     sd = {n: v.detach().contiguous() for n, v in model.state_dict().items()}
     save_file(sd, str(out / f"weights_rank{rank}.safetensors"))
     return summary
@@ -124,8 +133,8 @@ def test_both_ranks_trained_on_disjoint_halves_of_each_global_batch(runs):
 
 def test_only_rank_zero_fits_caches_checkpoints_and_logs(runs):
     probe = runs["base"] / "probe_ddp"
-    r0 = [e["event"] for e in _events(probe / "rank0.jsonl") if e["event"] != "batch"]
-    r1 = [e["event"] for e in _events(probe / "rank1.jsonl") if e["event"] != "batch"]
+    r0 = [e["event"] for e in _events(probe / "rank0.jsonl") if e["event"] not in ("batch", "forward")]
+    r1 = [e["event"] for e in _events(probe / "rank1.jsonl") if e["event"] not in ("batch", "forward")]
     assert r0.count("fit_bundle") == 1 and r0.count("build_cache") == 1
     assert r0.count("save_checkpoint") == STEPS // 4
     assert r1 == []  # rank 1 neither fitted, cached nor saved anything
@@ -142,6 +151,37 @@ def test_only_rank_zero_fits_caches_checkpoints_and_logs(runs):
         "step_00000004.safetensors", "step_00000008.safetensors"]
     single = {p.name for p in (runs["base"] / "single").iterdir()}
     assert {p.name for p in run.iterdir()} == single  # no per-rank or temp files
+
+
+def _forwards(path: Path) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "event"} for e in _events(path) if e["event"] == "forward"]
+
+
+def test_logged_metrics_are_means_over_ranks(runs):
+    probe = runs["base"] / "probe_ddp"
+    r0, r1 = _forwards(probe / "rank0.jsonl"), _forwards(probe / "rank1.jsonl")
+    single = _forwards(runs["base"] / "probe_single" / "ranksingle.jsonl")
+    assert len(r0) == len(r1) == len(single) == STEPS
+    logged = [json.loads(x) for x in (runs["base"] / "ddp" / "train_log.jsonl").read_text().splitlines()]
+    train_rows = [r for r in logged if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))  # the probe logs every step
+    # the ranks' halves give losses far apart at the start (later the tiny model fits both)
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(r0, r1, strict=True)) > 1e-3
+    for row in train_rows:
+        a, b = r0[row["step"] - 1], r1[row["step"] - 1]  # the forward of that step on each rank
+        assert a.keys() == b.keys() and "loss" in a
+        for name in a:
+            assert row[name] == pytest.approx((a[name] + b[name]) / 2, rel=1e-9, abs=1e-12), name
+        # equal-sized halves: the mean of the two halves' losses is the whole batch's loss
+        assert row["loss"] == pytest.approx(single[row["step"] - 1]["loss"], rel=1e-4)
+    one = [json.loads(x) for x in (runs["base"] / "single" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in one if r["split"] == "train"] == [
+        single[r["step"] - 1]["loss"] for r in one if r["split"] == "train"]  # one process: as is
+
+
+def test_ddp_is_built_without_deprecated_arguments(runs):
+    assert "broadcast_buffers" not in runs["ddp_stderr"]
+    assert "FutureWarning" not in runs["ddp_stderr"], runs["ddp_stderr"][-3000:]
 
 
 def test_ranks_end_identical(runs):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mrisegcli.errors import ConfigError, MrisegError
-from mrisegcli.hub import model_card, parse_hub_id, resolve_run
+from mrisegcli.hub import RUN_PATTERNS, hub_offline, model_card, parse_hub_id, resolve_run
 from mrisegcli.runinfo import CONFIG_SCHEMA, read_config, write_config
 
 MINIMAL = {"paradigm": "next-token", "tokenizers": {}, "model": {}, "preset": "tiny"}
@@ -70,6 +70,60 @@ def test_resolve_local_folder_and_hub_cache_offline(tmp_path, monkeypatch):
     assert resolve_run("someone/mriseg-tiny", cache_dir=cache).resolve() == snap.resolve()
     with pytest.raises(MrisegError, match="HF_HUB_OFFLINE"):
         resolve_run("someone/not-cached", cache_dir=cache)
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Record how resolve_run calls snapshot_download (nothing is downloaded) from a clean
+    environment: no offline variable set, huggingface_hub imported online."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append({"repo_id": repo_id, **kwargs})
+        return "/nowhere"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+@pytest.mark.parametrize("value", ["0", "false", "False", "FALSE", "no", "off", "", "2", "offline"])
+def test_hf_hub_offline_false_values_are_online(hub_calls, monkeypatch, value):
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() is False
+    resolve_run("someone/mriseg-tiny@v1")
+    assert hub_calls == [{"repo_id": "someone/mriseg-tiny", "revision": "v1", "allow_patterns": RUN_PATTERNS,
+                          "cache_dir": None, "local_files_only": False}]
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "True", "yes", "YES", "on", "On"])
+def test_hf_hub_offline_true_values_are_offline(hub_calls, monkeypatch, value):
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() is True
+    resolve_run("someone/mriseg-tiny")
+    assert [c["local_files_only"] for c in hub_calls] == [True]
+
+
+def test_offline_as_huggingface_hub_reads_it(hub_calls, monkeypatch):
+    from huggingface_hub import constants
+
+    assert hub_offline() is False  # nothing set
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")  # huggingface_hub honours it too
+    assert hub_offline() is True
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # ... unless HF_HUB_OFFLINE says otherwise
+    assert hub_offline() is False
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+    # huggingface_hub was imported with HF_HUB_OFFLINE=1: its downloads stay offline, so do we
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_offline() is True
+    resolve_run("someone/mriseg-tiny")
+    assert [c["local_files_only"] for c in hub_calls] == [True]
 
 
 def test_resolve_missing_local_path_is_clear(tmp_path):

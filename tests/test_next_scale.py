@@ -135,6 +135,11 @@ def test_cached_scale_steps_match_full_forward():
         full_BLK = model.scale_logits(image, text_ids, text_mask, x_BnCv)
         model.setup_caches(B)
         steps = [model.prefill(image, text_ids, text_mask)]
+        # a scale step reads only the slots up to its own end: NaN in the slots not yet
+        # written would otherwise reach the logits
+        for layer in model.transformer.layers:
+            layer.attn.kv_cache.k_BHSD[:, :, model.layout.prefill_len :] = float("nan")
+            layer.attn.kv_cache.v_BHSD[:, :, model.layout.prefill_len :] = float("nan")
         off = 0
         for k in range(1, len(SCALES)):
             n = SCALES[k] ** 2
@@ -176,6 +181,8 @@ def test_cached_equals_uncached_when_sampling_with_same_seed():
     ref = generate_scales_uncached(model, q, image, text_ids, text_mask,
                                    generator=torch.Generator().manual_seed(9), **kw)
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    with pytest.raises(TypeError):  # options are checked by name
+        generate_scales_uncached(model, q, image, text_ids, text_mask, temprature=1.0)
 
 
 def test_samples_expand_batch_and_differ_only_when_sampling():

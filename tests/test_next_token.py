@@ -103,20 +103,38 @@ def test_config_round_trip_and_validation():
 # ----------------------------------------------------------------------------- decoding
 
 
-def test_cached_logits_match_full_forward():
+@pytest.mark.parametrize("keys", ["whole_cache", "filled_prefix"])
+def test_cached_logits_match_full_forward(keys):
     model = _model()
     image, text, tmask, codes = _inputs()
     codes_BN = codes.flatten(1)
+    P = model.layout.prefix_len
     with torch.no_grad():
         full = model.mask_logits(image, text, tmask, codes_BN[:, :-1])  # (B, Nm, Km)
         model.setup_caches(4)
         steps = [model.prefill(image, text, tmask)]
+        if keys == "filled_prefix":  # slots not yet written hold NaN: reading one would show
+            for layer in model.transformer.layers:
+                layer.attn.kv_cache.k_BHSD[:, :, P:] = float("nan")
+                layer.attn.kv_cache.v_BHSD[:, :, P:] = float("nan")
         for n in range(1, GM * GM):
-            pos = torch.tensor([model.layout.prefix_len + n - 1])
-            steps.append(model.decode_step(codes_BN[:, n - 1], pos))
+            pos = torch.tensor([P + n - 1])
+            n_keys = P + n if keys == "filled_prefix" else None
+            steps.append(model.decode_step(codes_BN[:, n - 1], pos, n_keys))
     cached = torch.stack(steps, 1)
     assert cached.shape == full.shape == (3, GM * GM, KM)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_shape_decoding_gives_the_same_codes():
+    model = _model()
+    image, text, tmask, _ = _inputs()
+    kw = dict(temperature=1.0, top_k=4)
+    a = MaskGenerator(model)(image, text, tmask, generator=torch.Generator().manual_seed(2), **kw)
+    b = MaskGenerator(model, fixed_shapes=True)(image, text, tmask, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError):  # sampling options are checked by name
+        generate_masks_uncached(model, image, text, tmask, temprature=1.0)
 
 
 def test_greedy_cached_equals_uncached():
@@ -176,7 +194,7 @@ def test_kv_cache_not_reallocated():
 
     def ptrs():
         return [(layer.attn.kv_cache.k_BHSD.data_ptr(), layer.attn.kv_cache.v_BHSD.data_ptr())
-                for layer in model.transformer.layers] + [model.key_valid_BS.data_ptr()]
+                for layer in model.transformer.layers] + [model.transformer.key_valid_BS.data_ptr()]
 
     before = ptrs()
     gen = MaskGenerator(model)

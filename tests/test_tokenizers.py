@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -146,6 +147,22 @@ def test_config_validation() -> None:
         MultiScaleMaskQuantizer(MultiScaleConfig(image_size=32, downsample=4, scales=(1, 2, 4)))
     with pytest.raises(ConfigError):
         MultiScaleMaskQuantizer(MultiScaleConfig(image_size=32, downsample=4, scales=(1, 4, 2, 8)))
+
+
+def test_config_fields_keep_their_saved_order() -> None:
+    """Field names are the saved JSON keys and their order is part of the repr that cache
+    fingerprints hash: the shared geometry fields first, then each tokenizer's own."""
+    shared = ["image_size", "downsample", "codebook_size", "code_dim", "channels", "res_blocks"]
+    own = {
+        MaskVQConfig: ["beta", "restart_after", "bce_weight", "dice_weight", "vq_weight"],
+        ImageVQConfig: ["beta", "restart_after", "l1_weight", "l2_weight", "grad_weight", "vq_weight"],
+        MultiScaleConfig: ["scales", "n_phi", "phi_ratio", "upsample", "beta", "restart_after",
+                           "bce_weight", "dice_weight", "vq_weight"],
+    }
+    for cls, names in own.items():
+        assert [f.name for f in dataclasses.fields(cls)] == shared + names, cls.__name__
+        assert repr(cls()).startswith(f"{cls.__name__}(image_size=128, downsample=8, ")
+    assert ImageVQConfig().codebook_size == 1024 and MaskVQConfig().codebook_size == 512
 
 
 # ---------------------------------------------------------------- multi-scale identities

@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from mrisegcli.errors import MrisegError
-from mrisegcli.training.checkpoint import latest_checkpoint, load_checkpoint
-from mrisegcli.training.loop import TrainConfig, TrainingInterrupted, lr_at, train
+from mrisegcli.training.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mrisegcli.training.loop import TrainConfig, TrainingInterrupted, lr_at, make_optimizer, train
 
 
 class Toy(torch.nn.Module):
@@ -107,3 +115,60 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     with pytest.raises(MrisegError, match="corrupt or truncated"):
         load_checkpoint(ckpt, Toy())
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from mrisegcli.io.atomic import atomic_path
+writing = atomic_path(sys.argv[1], overwrite=True)
+tmp = writing.__enter__()
+tmp.write_bytes(b"half a checkpoint")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def killed_mid_write(target: Path) -> Path:
+    """What ``kill -9`` during an atomic write of ``target`` leaves behind: its temp file."""
+    before = set(target.parent.iterdir())
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    (left,) = set(target.parent.iterdir()) - before
+    assert not target.exists()
+    return left
+
+
+# Files in the checkpoints folder that look a bit like temp files but are not mriseg's own.
+FOREIGN = [".notes.tmp", "step_00000012.tmp", ".step_00000012.safetensors", "notes.txt",
+           ".mask.abcdefgh.tmp.png", ".step_0012.abcdefgh.tmp.safetensors",
+           ".step_00000012.abcdefgh.tmp.safetensors.bak"]
+
+
+def test_stale_checkpoint_temp_is_removed_on_resume_and_nothing_else(tmp_path):
+    train(Toy(), _data(), CFG, tmp_path, device=torch.device("cpu"))
+    ckpt_dir = tmp_path / "checkpoints"
+    stale = killed_mid_write(ckpt_dir / "step_00000050.safetensors")
+    assert stale.name.startswith(".step_00000050.") and ".tmp" in stale.name
+    for name in FOREIGN:
+        (ckpt_dir / name).write_text("keep me")
+    kept_before = sorted(p.name for p in ckpt_dir.iterdir() if p != stale)
+    # the run is complete: resuming only loads the checkpoint (and tidies the folder)
+    summary = train(Toy(), _data(), CFG, tmp_path, device=torch.device("cpu"), resume=True)
+    assert summary["steps"] == CFG.steps
+    assert not stale.exists()
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == kept_before
+    assert latest_checkpoint(ckpt_dir).name == "step_00000040.safetensors"
+
+
+def test_stale_checkpoint_temp_is_removed_by_the_next_checkpoint(tmp_path):
+    model = Toy()
+    opt = make_optimizer(model, CFG)
+    save_checkpoint(tmp_path / "step_00000001.safetensors", model, opt, TrainState(step=1))
+    stale = killed_mid_write(tmp_path / "step_00000002.safetensors")
+    for name in FOREIGN:
+        (tmp_path / name).write_text("keep me")
+    save_checkpoint(tmp_path / "step_00000003.safetensors", model, opt, TrainState(step=3))
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*FOREIGN, "step_00000001.safetensors", "step_00000003.safetensors"])
+    state, _, _ = load_checkpoint(tmp_path / "step_00000003.safetensors", Toy())
+    assert state.step == 3

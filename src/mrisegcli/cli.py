@@ -2,37 +2,88 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from mrisegcli import __version__
 from mrisegcli.errors import MrisegError
 
-app = typer.Typer(
-    name="mriseg",
-    help="Text-prompted medical image segmentation by autoregressive token prediction.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 _state = {"debug": os.environ.get("MRISEG_DEBUG", "") not in ("", "0")}
 
+# The exceptions of the click that Typer runs on (recent Typer carries its own copy of click).
+_click_exceptions = importlib.import_module(typer.BadParameter.__module__)
+UsageError: type[Exception] = _click_exceptions.UsageError
+NoArgsIsHelpError: type[Exception] | tuple[()] = getattr(_click_exceptions, "NoArgsIsHelpError", ())
+
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"mriseg: error: {message}", markup=False)
     return typer.Exit(code)
+
+
+def usage_error_line(e: Exception) -> str:
+    """The reason of a click usage error on one line, naming the help that explains it."""
+    message = e.format_message() if hasattr(e, "format_message") else str(e)
+    reason = " ".join(message.split()).rstrip(".")
+    if len(reason) > 1 and reason[0].isupper() and reason[1].islower():
+        reason = reason[0].lower() + reason[1:]  # "Missing option" -> "missing option"
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+        reason += f" (see '{ctx.command_path} {ctx.help_option_names[0]}')"
+    return reason
+
+
+@contextlib.contextmanager
+def _usage_errors_as_one_line() -> Iterator[None]:
+    try:
+        yield
+    except NoArgsIsHelpError:  # a bare ``mriseg``: the help was printed, keep Typer's exit
+        raise
+    except UsageError as e:
+        raise _fail(usage_error_line(e), 2) from None
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """The root group: a usage error (unknown option or command, bad or missing value) is one
+    line on stderr, ``mriseg: error: <reason> (see 'mriseg CMD --help')``, exit code 2.
+
+    Typer would print the usage and a boxed panel instead. The root's options are parsed in
+    this group's ``make_context`` and every subcommand's in its ``invoke``, so both are
+    covered; ``--help`` and a bare ``mriseg`` print the help as before.
+    """
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with _usage_errors_as_one_line():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors_as_one_line():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(
+    name="mriseg",
+    cls=_OneLineUsageErrors,
+    help="Text-prompted medical image segmentation by autoregressive token prediction.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 
 def handled(fn: F) -> F:

@@ -20,6 +20,22 @@ RUN_PATTERNS = ["config.json", "*.safetensors", "tokenizer.json", "tokenizer_con
 IGNORE_PATTERNS = ["checkpoints/*", "cache/*", "*.tmp*"]
 
 
+def hub_offline() -> bool:
+    """Whether the Hub is off limits: ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is true.
+
+    Read as huggingface_hub reads it ("1", "on", "yes", "true" in any case; "0", "false", "no"
+    or "" are online), but now rather than when huggingface_hub was imported. huggingface_hub's
+    own import-time value counts too, because its downloads obey that one in any case.
+    """
+    from huggingface_hub import constants
+
+    true_values = getattr(constants, "ENV_VARS_TRUE_VALUES", {"1", "ON", "YES", "TRUE"})
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    if value is not None and value.upper() in true_values:
+        return True
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
 def parse_hub_id(model: str) -> tuple[str, str | None] | None:
     """``user/repo@rev`` -> ("user/repo", "rev"); None when ``model`` is not a Hub id."""
     m = _HUB_ID.match(model)
@@ -40,7 +56,7 @@ def resolve_run(model: str | Path, *, cache_dir: Path | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    offline = hub_offline()
     try:
         folder = snapshot_download(
             repo_id, revision=revision, allow_patterns=RUN_PATTERNS,

@@ -7,23 +7,26 @@ case b): the condition is prefilled once per case and its cache rows are copied 
 samples (:meth:`NextScaleSegmenter.repeat_cache`).
 
 :func:`generate_scales_uncached` recomputes the full block-causal sequence at every scale; it is
-the reference for tests and the baseline for the speed benchmark. The model should be in eval
-mode (dropout would make every step random).
+the reference for tests and the baseline for the speed benchmark. Both run the same sampling
+loop (:func:`_draw_scales`). The model should be in eval mode (dropout would make every step
+random).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from typing import Literal, overload
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, overload
 
 import torch
 
-from mrisegcli.decode.sampling import sample
+from mrisegcli.decode.sampling import Sampler
 from mrisegcli.models.next_scale import NextScaleSegmenter
 from mrisegcli.tokenizers.multiscale import MultiScaleMaskQuantizer
 
 Temperature = float | Sequence[float]
+# (k, x_BlCv) -> (B, p_k**2, Km) logits of scale k, given the quantiser's input x for scale k
+NextLogits = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def temperatures(temperature: Temperature, n_scales: int) -> list[float]:
@@ -58,6 +61,38 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib
 def _check_samples(samples: int) -> None:
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+
+
+def _draw_scales(
+    logits_BlK: torch.Tensor,
+    next_logits: NextLogits,
+    quantizer: MultiScaleMaskQuantizer,
+    samplers: Sequence[Sampler],
+    return_steps: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Draw scale 0 from ``logits_BlK``, then scale k from ``next_logits(k, x)`` (x: the quantiser's
+    input for scale k) -> (K token maps (B, p_k, p_k), mask logits after each scale if asked)."""
+    BN, device = logits_BlK.shape[0], logits_BlK.device
+    with _full_precision(device):
+        f_hat_BChw = quantizer.empty_fhat(BN, device=device)
+    idx_list: list[torch.Tensor] = []
+    steps: list[torch.Tensor] = []
+    for k, p in enumerate(quantizer.scales):
+        idx_Bpp = samplers[k](logits_BlK).view(BN, p, p)
+        idx_list.append(idx_Bpp)
+        with _full_precision(device):
+            f_hat_BChw, x_BlCv = quantizer.next_input(k, f_hat_BChw, idx_Bpp)
+            if return_steps:
+                steps.append(fhat_to_logits(quantizer, f_hat_BChw))
+        if x_BlCv is not None:  # None after the last scale
+            logits_BlK = next_logits(k + 1, x_BlCv)
+    return idx_list, steps
+
+
+def _samplers(model: NextScaleSegmenter, temperature: Temperature = 0.0, top_k: int | None = None,
+              generator: torch.Generator | None = None) -> list[Sampler]:
+    """One :class:`Sampler` per scale (``temperature``: one value or a per-scale schedule)."""
+    return [Sampler(t, top_k, generator) for t in temperatures(temperature, len(model.layout.scales))]
 
 
 @overload
@@ -101,46 +136,20 @@ def generate_scales(
     in that dtype.
     """
     _check_samples(samples)
-    scales = model.layout.scales
-    temps = temperatures(temperature, len(scales))
+    samplers = _samplers(model, temperature, top_k, generator)
     device = model.head.weight.device
     B = text_ids.shape[0]
-    BN = B * samples
-    model.setup_caches(BN, dtype=amp_dtype or model.head.weight.dtype, device=device)
+    model.setup_caches(B * samples, dtype=amp_dtype or model.head.weight.dtype, device=device)
     with _autocast(device, amp_dtype):
         logits_BlK = model.prefill(image, text_ids, text_mask).repeat_interleave(samples, 0)
         model.repeat_cache(B, samples)
-    with _full_precision(device):
-        f_hat_BChw = quantizer.empty_fhat(BN, device=device)
-    idx_list: list[torch.Tensor] = []
-    steps: list[torch.Tensor] = []
-    for k, p in enumerate(scales):
-        idx_Bpp = sample(logits_BlK, temps[k], top_k, generator).view(BN, p, p)
-        idx_list.append(idx_Bpp)
-        with _full_precision(device):
-            f_hat_BChw, x_BlCv = quantizer.next_input(k, f_hat_BChw, idx_Bpp)
-            if return_steps:
-                steps.append(fhat_to_logits(quantizer, f_hat_BChw))
-        if x_BlCv is not None:  # None after the last scale
-            with _autocast(device, amp_dtype):
-                logits_BlK = model.decode_scale(k + 1, x_BlCv)
+
+    def next_logits(k: int, x_BlCv: torch.Tensor) -> torch.Tensor:
+        with _autocast(device, amp_dtype):
+            return model.decode_scale(k, x_BlCv)
+
+    idx_list, steps = _draw_scales(logits_BlK, next_logits, quantizer, samplers, return_steps)
     return (idx_list, steps) if return_steps else idx_list
-
-
-@overload
-def generate_scales_uncached(
-    model: NextScaleSegmenter, quantizer: MultiScaleMaskQuantizer, image: torch.Tensor,
-    text_ids: torch.Tensor, text_mask: torch.Tensor, *, samples: int = ..., temperature: Temperature = ...,
-    top_k: int | None = ..., generator: torch.Generator | None = ..., return_steps: Literal[False] = ...,
-) -> list[torch.Tensor]: ...
-
-
-@overload
-def generate_scales_uncached(
-    model: NextScaleSegmenter, quantizer: MultiScaleMaskQuantizer, image: torch.Tensor,
-    text_ids: torch.Tensor, text_mask: torch.Tensor, *, samples: int = ..., temperature: Temperature = ...,
-    top_k: int | None = ..., generator: torch.Generator | None = ..., return_steps: Literal[True],
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]: ...
 
 
 @torch.no_grad()
@@ -150,37 +159,26 @@ def generate_scales_uncached(
     image: torch.Tensor,
     text_ids: torch.Tensor,
     text_mask: torch.Tensor,
-    *,
-    samples: int = 1,
-    temperature: Temperature = 0.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-    return_steps: bool = False,
+    **options: Any,
 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Same contract as :func:`generate_scales`, recomputing the whole sequence at every scale.
 
-    The inputs are expanded to B*N rows up front (no shared prefill), so with the same
-    ``generator`` it draws exactly the random numbers the cached decoder draws.
+    ``options``: ``samples``, ``temperature``, ``top_k``, ``generator``, ``return_steps`` as
+    there (no ``amp_dtype``). The inputs are expanded to B*N rows up front (no shared prefill);
+    with the same ``generator`` it draws exactly the random numbers the cached decoder draws.
     """
+    samples, return_steps = options.pop("samples", 1), options.pop("return_steps", False)
     _check_samples(samples)
-    scales = model.layout.scales
-    temps = temperatures(temperature, len(scales))
-    device = model.head.weight.device
-    image = image.repeat_interleave(samples, 0)
-    text_ids = text_ids.repeat_interleave(samples, 0)
-    text_mask = text_mask.repeat_interleave(samples, 0)
-    BN = text_ids.shape[0]
-    f_hat_BChw = quantizer.empty_fhat(BN, device=device)
-    x_BnCv = f_hat_BChw.new_zeros(BN, 0, f_hat_BChw.shape[1])
-    idx_list: list[torch.Tensor] = []
-    steps: list[torch.Tensor] = []
-    for k, p in enumerate(scales):
-        logits_BlK = model.scale_logits(image, text_ids, text_mask, x_BnCv)[:, -p * p :]
-        idx_Bpp = sample(logits_BlK, temps[k], top_k, generator).view(BN, p, p)
-        f_hat_BChw, x_next = quantizer.next_input(k, f_hat_BChw, idx_Bpp)
-        if return_steps:
-            steps.append(fhat_to_logits(quantizer, f_hat_BChw))
-        if x_next is not None:
-            x_BnCv = torch.cat([x_BnCv, x_next], 1)
-        idx_list.append(idx_Bpp)
+    samplers = _samplers(model, **options)
+    image, text_ids, text_mask = (t.repeat_interleave(samples, 0) for t in (image, text_ids, text_mask))
+    x_parts: list[torch.Tensor] = []  # inputs of scales 2..k, growing
+
+    def logits_of(k: int, x_BlCv: torch.Tensor | None) -> torch.Tensor:
+        if x_BlCv is not None:
+            x_parts.append(x_BlCv)
+        x_BnCv = torch.cat(x_parts, 1) if x_parts else image.new_zeros(image.shape[0], 0, model.config.code_dim)
+        p = model.layout.scales[k]
+        return model.scale_logits(image, text_ids, text_mask, x_BnCv)[:, -p * p :]
+
+    idx_list, steps = _draw_scales(logits_of(0, None), logits_of, quantizer, samplers, return_steps)
     return (idx_list, steps) if return_steps else idx_list

@@ -3,8 +3,13 @@
 The decode step reads and writes the model's static KV cache, so its tensors keep their
 addresses from step to step; :func:`decode_one_token` is the small pure function that is
 compiled (``torch.compile(mode="reduce-overhead")``, i.e. CUDA graphs) when asked on CUDA.
+Eager steps attend only to the filled prefix of the cache (slots [0, slot + 1)), which halves
+the keys read on average; the compiled step reads the whole cache so that every step has the
+same shapes and one CUDA graph serves them all.
+
 :func:`generate_masks_uncached` recomputes the whole sequence at every step; it is the
-reference for tests and the baseline for the speed benchmark.
+reference for tests and the baseline for the speed benchmark. Both draw tokens through the same
+loop (:func:`_draw_tokens`), so with the same generator they draw the same random numbers.
 
 The model should be in eval mode (dropout would make every step random).
 """
@@ -13,13 +18,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from mrisegcli.decode.sampling import sample
+from mrisegcli.decode.sampling import Sampler
 from mrisegcli.models.next_token import NextTokenSegmenter
 
-DecodeFn = Callable[[NextTokenSegmenter, torch.Tensor, torch.Tensor], torch.Tensor]
+DecodeFn = Callable[[NextTokenSegmenter, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (n, codes_BN) -> (B, Km) logits of mask token n, given codes_BN[:, :n]
+NextLogits = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def prefill(
@@ -29,13 +37,25 @@ def prefill(
     return model.prefill(image, text_ids, text_mask)
 
 
-def decode_one_token(model: NextTokenSegmenter, tok_B: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """Feed one mask code per sequence at cache slot ``input_pos`` (1,) -> (B, Km) logits."""
-    return model.decode_step(tok_B, input_pos)
+def decode_one_token(
+    model: NextTokenSegmenter, tok_B: torch.Tensor, input_pos: torch.Tensor, n_keys: int
+) -> torch.Tensor:
+    """Feed one mask code per sequence at cache slot ``input_pos`` (1,), attending to cache
+    slots [0, n_keys) -> (B, Km) logits."""
+    return model.decode_step(tok_B, input_pos, n_keys)
 
 
 def _param(model: torch.nn.Module) -> torch.Tensor:
     return next(model.parameters())
+
+
+def _draw_tokens(logits_BK: torch.Tensor, next_logits: NextLogits, n_mask: int, sampler: Sampler) -> torch.Tensor:
+    """Draw mask token 0 from ``logits_BK``, then token n from ``next_logits(n, codes)`` -> (B, n_mask)."""
+    codes_BN = torch.empty(logits_BK.shape[0], n_mask, dtype=torch.long, device=logits_BK.device)
+    codes_BN[:, 0] = sampler(logits_BK)
+    for n in range(1, n_mask):
+        codes_BN[:, n] = sampler(next_logits(n, codes_BN))
+    return codes_BN
 
 
 class MaskGenerator:
@@ -43,16 +63,20 @@ class MaskGenerator:
 
     ``compile`` and ``amp_dtype`` (e.g. ``torch.bfloat16`` autocast, with the KV cache in that
     dtype) take effect only when the model is on CUDA; elsewhere decoding runs eagerly in the
-    model's dtype.
+    model's dtype. Each step attends to the filled prefix of the cache, unless ``fixed_shapes``
+    (implied by a compiled step): then it reads the whole cache, so that every step has the same
+    shapes and one CUDA graph serves all of them (same codes, more keys read per step).
     """
 
     def __init__(
-        self, model: NextTokenSegmenter, *, compile: bool = False, amp_dtype: torch.dtype | None = None
+        self, model: NextTokenSegmenter, *, compile: bool = False, amp_dtype: torch.dtype | None = None,
+        fixed_shapes: bool = False,
     ) -> None:
         self.model = model
         on_cuda = _param(model).device.type == "cuda"
         self.amp_dtype = amp_dtype if on_cuda else None
         self.step: DecodeFn = decode_one_token
+        self.fixed_shapes = fixed_shapes or (compile and on_cuda)
         if compile and on_cuda:
             self.step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
 
@@ -78,15 +102,16 @@ class MaskGenerator:
         device = _param(model).device
         model.setup_caches(B, dtype=self.amp_dtype or _param(model).dtype, device=device)
         slots = torch.arange(lay.prefix_len, lay.input_len, device=device)  # slot of mask token n is slots[n]
-        codes_BN = torch.empty(B, lay.n_mask, dtype=torch.long, device=device)
+        n_cache = model.transformer.max_len
+
+        def next_logits(n: int, codes_BN: torch.Tensor) -> torch.Tensor:
+            # token n-1 goes to slot prefix_len + n - 1; the filled prefix ends right after it
+            n_keys = n_cache if self.fixed_shapes else lay.prefix_len + n
+            return self.step(model, codes_BN[:, n - 1], slots[n - 1 : n], n_keys)
+
+        sampler = Sampler(temperature, top_k, generator)
         with self._autocast():
-            logits_BK = prefill(model, image, text_ids, text_mask)
-            tok_B = sample(logits_BK, temperature, top_k, generator)
-            codes_BN[:, 0] = tok_B
-            for n in range(1, lay.n_mask):
-                logits_BK = self.step(model, tok_B, slots[n - 1: n])
-                tok_B = sample(logits_BK, temperature, top_k, generator)
-                codes_BN[:, n] = tok_B
+            codes_BN = _draw_tokens(prefill(model, image, text_ids, text_mask), next_logits, lay.n_mask, sampler)
         g = model.config.mask_grid
         return codes_BN.view(B, g, g)
 
@@ -97,19 +122,17 @@ def generate_masks(
     text_ids: torch.Tensor,
     text_mask: torch.Tensor,
     *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
     compile: bool = False,
     amp_dtype: torch.dtype | None = None,
+    **sampling: Any,
 ) -> torch.Tensor:
     """Decode (B, Gm, Gm) mask codes with the KV cache, batched over images.
 
+    ``sampling``: ``temperature``, ``top_k``, ``generator`` as in :meth:`MaskGenerator.__call__`.
     For repeated calls with ``compile=True`` keep one :class:`MaskGenerator` instead, so the
     compiled step is reused.
     """
-    gen = MaskGenerator(model, compile=compile, amp_dtype=amp_dtype)
-    return gen(image, text_ids, text_mask, temperature=temperature, top_k=top_k, generator=generator)
+    return MaskGenerator(model, compile=compile, amp_dtype=amp_dtype)(image, text_ids, text_mask, **sampling)
 
 
 @torch.no_grad()
@@ -118,18 +141,16 @@ def generate_masks_uncached(
     image: torch.Tensor,
     text_ids: torch.Tensor,
     text_mask: torch.Tensor,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
+    **sampling: Any,
 ) -> torch.Tensor:
-    """Same result as :func:`generate_masks`, recomputing the full sequence for every token."""
-    lay = model.layout
-    B = text_ids.shape[0]
-    codes_BN = torch.empty(B, 0, dtype=torch.long, device=_param(model).device)
-    for _ in range(lay.n_mask):
-        logits_BK = model.mask_logits(image, text_ids, text_mask, codes_BN)[:, -1]
-        tok_B = sample(logits_BK, temperature, top_k, generator)
-        codes_BN = torch.cat([codes_BN, tok_B[:, None]], 1)
-    g = model.config.mask_grid
-    return codes_BN.view(B, g, g)
+    """Same result as :func:`generate_masks`, recomputing the full sequence for every token.
+
+    ``sampling``: ``temperature``, ``top_k``, ``generator`` (the fields of :class:`Sampler`).
+    """
+
+    def logits_after(n: int, codes_BN: torch.Tensor) -> torch.Tensor:
+        return model.mask_logits(image, text_ids, text_mask, codes_BN[:, :n])[:, -1]
+
+    B, g = text_ids.shape[0], model.config.mask_grid
+    first_BK = logits_after(0, torch.empty(B, 0, dtype=torch.long, device=_param(model).device))
+    return _draw_tokens(first_BK, logits_after, model.layout.n_mask, Sampler(**sampling)).view(B, g, g)

@@ -6,6 +6,8 @@ Temperature 0 means greedy (argmax). Sampling draws with the exponential-race tr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -34,3 +36,20 @@ def sample(
     probs = logits_to_probs(logits, temperature, top_k)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How the decoders draw tokens: temperature (0 = greedy), optional top-k, random generator.
+
+    The decoders' ``temperature=``, ``top_k=`` and ``generator=`` options end up here, so the
+    cached decoders and their uncached references draw with one piece of code.
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., K) logits -> (...) int64 indices."""
+        return sample(logits, self.temperature, self.top_k, self.generator)

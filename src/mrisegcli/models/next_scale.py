@@ -327,21 +327,7 @@ class NextScaleSegmenter(nn.Module):
         self, max_batch: int, dtype: torch.dtype | None = None, device: torch.device | None = None
     ) -> None:
         """Allocate static KV caches for ``max_batch`` sequences (no-op if suitable ones exist)."""
-        p = self.head.weight
-        dtype = dtype or p.dtype
-        device = torch.device(device) if device is not None else p.device
-        S = self.layout.seq_len
-        kv = self.transformer.layers[0].attn.kv_cache
-        if (
-            kv is not None
-            and self.transformer.max_batch >= max_batch
-            and kv.k_BHSD.dtype == dtype
-            and kv.k_BHSD.device == device
-        ):
-            return
-        self.transformer.setup_caches(max_batch, S, dtype, device)
-        self.register_buffer("key_valid_BS", torch.ones(max_batch, S, dtype=torch.bool, device=device), persistent=False)
-        self.register_buffer("slot_S", torch.arange(S, device=device), persistent=False)
+        self.transformer.ensure_caches(max_batch, self.layout.seq_len, dtype, device)
 
     @property
     def cache_batch(self) -> int:
@@ -350,17 +336,14 @@ class NextScaleSegmenter(nn.Module):
 
     def prefill(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Run the condition and the start tokens into the caches -> (B, p_1**2, Km) scale-1 logits."""
-        lay = self.layout
+        lay, tf = self.layout, self.transformer
         cond_BPC, valid_BP = self.embed_condition(image, text_ids, text_mask)
         B = cond_BPC.shape[0]
-        if B > self.cache_batch:
-            raise RuntimeError(f"caches hold {self.cache_batch} sequences, got {B}: call setup_caches")
+        tf.start_sequences(valid_BP)
         x_BPC = torch.cat([cond_BPC, self.embed_start(B)], 1)
         P = lay.prefill_len
-        self.key_valid_BS[:B].fill_(True)
-        self.key_valid_BS[:B, : lay.n_cond].copy_(valid_BP)
-        mask = self.mask_TT[:P][None, None] & self.key_valid_BS[:B, None, None, :]  # (B, 1, P, S)
-        h_BPC = self.transformer.forward_cached(x_BPC, self.pos_T2[:P], self.slot_S[:P], mask)
+        mask = self.mask_TT[:P, :P][None, None] & tf.key_padding(B, P)  # (B, 1, P, P)
+        h_BPC = tf.forward_cached(x_BPC, self.pos_T2[:P], tf.slots_S[:P], mask)
         return self.head(h_BPC[:, lay.n_cond :])
 
     def repeat_cache(self, batch: int, samples: int) -> None:
@@ -368,24 +351,17 @@ class NextScaleSegmenter(nn.Module):
 
         This shares one prefill among the samples of a case (the condition is the costly part).
         """
-        if samples == 1:
-            return
-        n = batch * samples
-        if n > self.cache_batch:
-            raise RuntimeError(f"caches hold {self.cache_batch} sequences, need {n}: call setup_caches")
-        P = self.layout.prefill_len
-        for layer in self.transformer.layers:
-            kv = layer.attn.kv_cache
-            for buf_BHSD in (kv.k_BHSD, kv.v_BHSD):
-                buf_BHSD[:n, :, :P].copy_(buf_BHSD[:batch, :, :P].repeat_interleave(samples, 0))
-        self.key_valid_BS[:n].copy_(self.key_valid_BS[:batch].repeat_interleave(samples, 0))
+        if samples > 1:
+            self.transformer.repeat_rows(batch, samples, self.layout.prefill_len)
 
     def decode_scale(self, k: int, x_BlCv: torch.Tensor) -> torch.Tensor:
         """Feed scale k's inputs (B, p_k**2, code_dim) (k >= 1) -> (B, p_k**2, Km) logits of scale k.
 
         ``x_BlCv`` is the quantiser's ``next_input`` after scale k-1; scales must come in order.
+        Attention reads only cache slots [0, b), b = the end of scale k: a token of scale k sees
+        all of them (block-causal), so the mask is the key padding alone.
         """
-        lay = self.layout
+        lay, tf = self.layout, self.transformer
         if not 1 <= k < len(lay.scales):
             raise ValueError(f"decode_scale takes k in 1..{len(lay.scales) - 1} (scale 0 is in prefill), got {k}")
         B, n, _ = x_BlCv.shape
@@ -393,8 +369,7 @@ class NextScaleSegmenter(nn.Module):
             raise ValueError(f"scale {k} has {lay.scale_lengths[k]} tokens, got {n}")
         a, b = lay.scale_slots(k)
         x_BlC = self.embed_scale_inputs(x_BlCv, first_scale=k)
-        mask = self.mask_TT[a:b][None, None] & self.key_valid_BS[:B, None, None, :]  # (B, 1, l, S)
-        h_BlC = self.transformer.forward_cached(x_BlC, self.pos_T2[a:b], self.slot_S[a:b], mask)
+        h_BlC = tf.forward_cached(x_BlC, self.pos_T2[a:b], tf.slots_S[a:b], tf.key_padding(B, b))
         return self.head(h_BlC)
 
 

@@ -320,21 +320,7 @@ class NextTokenSegmenter(nn.Module):
         self, max_batch: int, dtype: torch.dtype | None = None, device: torch.device | None = None
     ) -> None:
         """Allocate static KV caches for ``max_batch`` sequences (no-op if suitable ones exist)."""
-        p = self.mask_head.weight
-        dtype = dtype or p.dtype
-        device = torch.device(device) if device is not None else p.device
-        S = self.layout.input_len
-        kv = self.transformer.layers[0].attn.kv_cache
-        if (
-            kv is not None
-            and self.transformer.max_batch >= max_batch
-            and kv.k_BHSD.dtype == dtype
-            and kv.k_BHSD.device == device
-        ):
-            return
-        self.transformer.setup_caches(max_batch, S, dtype, device)
-        self.register_buffer("key_valid_BS", torch.ones(max_batch, S, dtype=torch.bool, device=device), persistent=False)
-        self.register_buffer("slot_S", torch.arange(S, device=device), persistent=False)
+        self.transformer.ensure_caches(max_batch, self.layout.input_len, dtype, device)
 
     @property
     def cache_batch(self) -> int:
@@ -345,22 +331,23 @@ class NextTokenSegmenter(nn.Module):
         """Run BOS..BOM into the caches -> (B, Km) logits of the first mask token."""
         x_BPC, valid_BP = self._embed_prefix(image, text_ids, text_mask)
         B, P, _ = x_BPC.shape
-        if B > self.cache_batch:
-            raise RuntimeError(f"caches hold {self.cache_batch} sequences, got {B}: call setup_caches")
-        self.key_valid_BS[:B].fill_(True)
-        self.key_valid_BS[:B, :P].copy_(valid_BP)
-        input_pos = self.slot_S[:P]
-        mask = (self.slot_S[None, :] <= input_pos[:, None])[None, None] & self.key_valid_BS[:B, None, None, :]
-        h_BPC = self.transformer.forward_cached(x_BPC, self.pos_T2[:P], input_pos, mask)
+        tf = self.transformer
+        tf.start_sequences(valid_BP)
+        mask = causal_mask(P, device=x_BPC.device)[None, None] & tf.key_padding(B, P)  # (B, 1, P, P)
+        h_BPC = tf.forward_cached(x_BPC, self.pos_T2[:P], tf.slots_S[:P], mask)
         return self.mask_head(h_BPC[:, -1])
 
-    def decode_step(self, tok_B: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, tok_B: torch.Tensor, input_pos: torch.Tensor, n_keys: int | None = None) -> torch.Tensor:
         """Feed mask codes ``tok_B`` (B,) at cache slot ``input_pos`` (1,) -> (B, Km) next logits.
 
-        Mask token n goes to slot ``layout.prefix_len + n``.
+        Mask token n goes to slot ``layout.prefix_len + n``. Attention reads cache slots
+        [0, ``n_keys``): ``input_pos + 1`` (the filled prefix) is the fast choice; the default,
+        the whole cache, keeps every shape fixed from step to step, as CUDA graphs need.
         """
+        tf = self.transformer
         B = tok_B.shape[0]
+        n_keys = tf.max_len if n_keys is None else n_keys
         x_B1C = self.tok_emb(tok_B[:, None] + self.layout.mask_offset)
-        mask = (self.slot_S <= input_pos)[None, None, None, :] & self.key_valid_BS[:B, None, None, :]
-        h_B1C = self.transformer.forward_cached(x_B1C, self.pos_T2[input_pos], input_pos, mask)
+        mask = (tf.slots_S[:n_keys] <= input_pos)[None, None, None, :] & tf.key_padding(B, n_keys)  # (B, 1, 1, S)
+        h_B1C = tf.forward_cached(x_B1C, self.pos_T2[input_pos], input_pos, mask)
         return self.mask_head(h_B1C[:, -1])

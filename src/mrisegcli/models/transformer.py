@@ -6,9 +6,16 @@ same blocks serve causal (next-token), block-causal (next-scale) and padded sequ
 module maps embeddings to normalised hidden states; token embeddings and output heads belong
 to the model that owns the vocabulary.
 
+What every layer of one pass shares (the RoPE rotation of the new tokens, the mask, the cache
+slots) is computed once per pass into an :class:`AttnContext` and handed down the stack.
+
 Inference uses a static :class:`KVCache` per layer: buffers are allocated once by
 :meth:`Transformer.setup_caches` and written in place at ``input_pos`` (no growth by
-concatenation), which keeps tensor addresses fixed for CUDA graphs.
+concatenation), which keeps tensor addresses fixed for CUDA graphs. A cached pass reads only
+the first S' slots of the cache, S' being the width of its mask: decoding attends to the filled
+prefix instead of the whole buffer (pass S' = max_len for shapes that never change). Next to
+the caches the transformer keeps which slots hold real keys (``key_valid_BS``, False at
+padding), so the models that drive it share one bookkeeping.
 """
 
 from __future__ import annotations
@@ -75,6 +82,17 @@ def with_key_padding(mask_TS: torch.Tensor, key_valid_BS: torch.Tensor) -> torch
     return mask_TS[None, None] & key_valid_BS[:, None, None, :]
 
 
+def _as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
+    """Accept (T, S), (B, T, S) or (B, 1|H, T, S) boolean masks; return a 4-D view."""
+    if attn_mask.dtype != torch.bool:
+        raise TypeError(f"attn_mask must be boolean (True = attend), got {attn_mask.dtype}")
+    if attn_mask.dim() == 2:
+        return attn_mask[None, None]
+    if attn_mask.dim() == 3:
+        return attn_mask[:, None]
+    return attn_mask
+
+
 # ----------------------------------------------------------------------------- RoPE
 
 
@@ -93,20 +111,55 @@ def rope_angles(pos: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
     return torch.cat([row, col], dim=-1)  # (..., T, 2F)
 
 
-def apply_rope(x_BHTD: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of ``x`` by ``angles`` ((T, D/2) or (B, T, D/2))."""
-    if angles.dim() == 2:
-        angles = angles[None, None]  # (1, 1, T, D/2)
+def rope_rotation(pos: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+    """(cos, sin) of :func:`rope_angles`, stacked: (..., T, head_dim // 2, 2) float32.
+
+    Computed once per pass and shared by every layer (not recomputed per layer and per q/k).
+    """
+    angles = rope_angles(pos, head_dim, base)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x_BTxD: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of ``x`` (B, T, ..., D) by ``rot`` ((T, D/2, 2) or (B, T, D/2, 2)).
+
+    Any dims between T and D (e.g. q/k and heads) share the rotation. The pair (x0, x1) becomes
+    (x0 cos - x1 sin, x0 sin + x1 cos), in float32: one complex product in eager mode (several
+    times faster on a CPU than the same in real arithmetic), real arithmetic under
+    ``torch.compile``, whose code generator fuses it but has no complex support.
+    """
+    if rot.dim() == 3:
+        rot = rot[None]  # (1, T, D/2, 2)
+    rot = rot.view(*rot.shape[:2], *([1] * (x_BTxD.dim() - 3)), *rot.shape[-2:])  # (B|1, T, 1.., D/2, 2)
+    x_pairs = x_BTxD.float().unflatten(-1, (-1, 2))  # (B, T, ..., D/2, 2)
+    if torch.compiler.is_compiling():
+        x0, x1 = x_pairs.unbind(-1)
+        c, s = rot.unbind(-1)
+        out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
     else:
-        angles = angles[:, None]  # (B, 1, T, D/2)
-    cos, sin = angles.cos(), angles.sin()
-    x = x_BHTD.float().unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
-    x0, x1 = x[..., 0], x[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).type_as(x_BHTD)
+        out = torch.view_as_real(torch.view_as_complex(x_pairs) * torch.view_as_complex(rot))
+    return out.flatten(-2).type_as(x_BTxD)
 
 
 # ----------------------------------------------------------------------------- modules
+
+
+@dataclass(frozen=True)
+class AttnContext:
+    """What every layer of one pass shares, computed once per pass.
+
+    ``rot``: RoPE (cos, sin) of the T new tokens, (T, D/2, 2) or (B, T, D/2, 2); ``mask``: bool
+    (B|1, 1|H, T, S), True = attend; ``input_pos``: (T,) cache slots of the new tokens, or None
+    for a pass without cache (keys = the new tokens). A cached pass reads cache slots [0, S).
+    """
+
+    rot: torch.Tensor
+    mask: torch.Tensor
+    input_pos: torch.Tensor | None = None
+
+    @property
+    def n_keys(self) -> int:
+        return self.mask.shape[-1]
 
 
 class RMSNorm(nn.Module):
@@ -141,15 +194,24 @@ class KVCache(nn.Module):
         self.register_buffer("v_BHSD", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(
-        self, input_pos_T: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor
+        self, input_pos_T: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor, n_keys: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys/values at ``input_pos`` and return the (B, H, S, D) cache views."""
+        """Write the new keys/values at ``input_pos``; return views (B, H, S, D) of slots [0, n_keys).
+
+        ``n_keys`` defaults to the whole buffer.
+        """
         B = k_BHTD.shape[0]
-        k_out = self.k_BHSD[:B]
-        v_out = self.v_BHSD[:B]
+        k_out = self.k_BHSD[:B, :, :n_keys]
+        v_out = self.v_BHSD[:B, :, :n_keys]
         k_out.index_copy_(2, input_pos_T, k_BHTD.to(k_out.dtype))
         v_out.index_copy_(2, input_pos_T, v_BHTD.to(v_out.dtype))
         return k_out, v_out
+
+    def repeat_rows(self, batch: int, samples: int, n_slots: int) -> None:
+        """Copy rows [0, batch) to rows b*samples .. b*samples+samples-1 (slots [0, n_slots))."""
+        n = batch * samples
+        for buf_BHSD in (self.k_BHSD, self.v_BHSD):
+            buf_BHSD[:n, :, :n_slots].copy_(buf_BHSD[:batch, :, :n_slots].repeat_interleave(samples, 0))
 
 
 class Attention(nn.Module):
@@ -158,29 +220,21 @@ class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.rope_base = cfg.rope_base
         self.dropout = cfg.dropout
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(
-        self,
-        x_BTC: torch.Tensor,
-        angles: torch.Tensor,
-        attn_mask: torch.Tensor,
-        input_pos_T: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x_BTC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         B, T, C = x_BTC.shape
         qkv = self.wqkv(x_BTC).view(B, T, 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
-        q, k = apply_rope(q, angles), apply_rope(k, angles)
-        if input_pos_T is not None:
-            if self.kv_cache is None:
-                raise RuntimeError("KV caches are not set up: call setup_caches first")
-            k, v = self.kv_cache.update(input_pos_T, k, v)  # (B, H, S, D)
+        qk = apply_rope(qkv[:, :, :2], ctx.rot)  # (B, T, 2, H, D), q and k rotated together
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+        v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D)
+        if ctx.input_pos is not None:
+            k, v = self.kv_cache.update(ctx.input_pos, k, v, ctx.n_keys)  # (B, H, S, D)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=ctx.mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
 
@@ -209,26 +263,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(
-        self,
-        x_BTC: torch.Tensor,
-        angles: torch.Tensor,
-        attn_mask: torch.Tensor,
-        input_pos_T: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x_BTC = x_BTC + self.drop(self.attn(self.attn_norm(x_BTC), angles, attn_mask, input_pos_T))
+    def forward(self, x_BTC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        x_BTC = x_BTC + self.drop(self.attn(self.attn_norm(x_BTC), ctx))
         return x_BTC + self.drop(self.mlp(self.mlp_norm(x_BTC)))
-
-
-def _as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
-    """Accept (T, S), (B, T, S) or (B, 1|H, T, S) boolean masks; return a 4-D view."""
-    if attn_mask.dtype != torch.bool:
-        raise TypeError(f"attn_mask must be boolean (True = attend), got {attn_mask.dtype}")
-    if attn_mask.dim() == 2:
-        return attn_mask[None, None]
-    if attn_mask.dim() == 3:
-        return attn_mask[:, None]
-    return attn_mask
 
 
 class Transformer(nn.Module):
@@ -241,6 +278,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.max_batch = 0
         self.max_len = 0
+        self.register_buffer("key_valid_BS", None, persistent=False)
+        self.register_buffer("slots_S", None, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -254,6 +293,15 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
+    def rotation(self, pos: torch.Tensor) -> torch.Tensor:
+        """RoPE (cos, sin) (see :func:`rope_rotation`) of (T, 2) or (B, T, 2) positions."""
+        return rope_rotation(pos, self.config.head_dim, self.config.rope_base)
+
+    def _run(self, x_BTC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        for layer in self.layers:
+            x_BTC = layer(x_BTC, ctx)
+        return self.norm(x_BTC)
+
     # -- training ---------------------------------------------------------------------------
 
     def forward(self, x_BTC: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
@@ -262,30 +310,73 @@ class Transformer(nn.Module):
         ``pos``: (T, 2) or (B, T, 2) (row, col) positions; ``attn_mask``: boolean (T, T),
         (B, T, T) or (B, 1, T, T), True where a query may attend to a key.
         """
-        angles = rope_angles(pos, self.config.head_dim, self.config.rope_base)
-        mask = _as_4d(attn_mask)
-        for layer in self.layers:
-            x_BTC = layer(x_BTC, angles, mask)
-        return self.norm(x_BTC)
+        return self._run(x_BTC, AttnContext(self.rotation(pos), _as_4d(attn_mask)))
 
     # -- inference --------------------------------------------------------------------------
 
     def setup_caches(
         self, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device | None = None
     ) -> None:
-        """Allocate one static KV cache per layer (replacing any previous ones)."""
+        """Allocate one static KV cache per layer and the key validity (replacing any previous)."""
         if max_len > self.config.max_seq_len:
             raise ConfigError(f"cache length {max_len} exceeds max_seq_len {self.config.max_seq_len}")
         cfg = self.config
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(max_batch, cfg.n_heads, max_len, cfg.head_dim, dtype, device)
+        self.key_valid_BS = torch.ones(max_batch, max_len, dtype=torch.bool, device=device)
+        self.slots_S = torch.arange(max_len, device=device)
         self.max_batch, self.max_len = max_batch, max_len
+
+    def ensure_caches(
+        self, max_batch: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> None:
+        """:meth:`setup_caches` unless the current caches already hold ``max_batch`` x ``max_len``
+        in ``dtype`` on ``device`` (defaults: those of the weights), so buffers are reused."""
+        w = self.norm.weight
+        dtype = dtype or w.dtype
+        device = torch.device(device) if device is not None else w.device
+        kv = self.layers[0].attn.kv_cache
+        if (
+            kv is not None
+            and self.max_batch >= max_batch
+            and self.max_len >= max_len
+            and kv.k_BHSD.dtype == dtype
+            and kv.k_BHSD.device == device
+        ):
+            return
+        self.setup_caches(max_batch, max_len, dtype, device)
 
     def clear_caches(self) -> None:
         """Drop the KV caches (frees their memory)."""
         for layer in self.layers:
             layer.attn.kv_cache = None
+        self.key_valid_BS = self.slots_S = None
         self.max_batch = self.max_len = 0
+
+    def start_sequences(self, valid_BP: torch.Tensor) -> None:
+        """New batch of B sequences: slots [0, P) get key validity ``valid_BP`` (B, P), the rest True."""
+        B, P = valid_BP.shape
+        if B > self.max_batch:
+            raise RuntimeError(f"caches hold {self.max_batch} sequences, got {B}: call setup_caches")
+        self.key_valid_BS[:B].fill_(True)
+        self.key_valid_BS[:B, :P].copy_(valid_BP)
+
+    def repeat_rows(self, batch: int, samples: int, n_slots: int) -> None:
+        """Copy the caches of rows [0, batch) to rows b*samples .. b*samples+samples-1.
+
+        Slots [0, n_slots) of every layer's keys/values and the key validity are copied, so the
+        ``samples`` continuations of a case share one prefill.
+        """
+        n = batch * samples
+        if n > self.max_batch:
+            raise RuntimeError(f"caches hold {self.max_batch} sequences, need {n}: call setup_caches")
+        for layer in self.layers:
+            layer.attn.kv_cache.repeat_rows(batch, samples, n_slots)
+        self.key_valid_BS[:n].copy_(self.key_valid_BS[:batch].repeat_interleave(samples, 0))
+
+    def key_padding(self, batch: int, n_keys: int) -> torch.Tensor:
+        """(B, 1, 1, n_keys) bool view of the key validity of cache slots [0, n_keys)."""
+        return self.key_valid_BS[:batch, None, None, :n_keys]
 
     def forward_cached(
         self,
@@ -297,11 +388,13 @@ class Transformer(nn.Module):
         """Prefill or decode: the T new tokens go to cache slots ``input_pos`` (T,).
 
         ``pos``: (T, 2) or (B, T, 2) positions of the new tokens; ``attn_mask``: boolean over the
-        whole cache, (T, S), (B, T, S) or (B, 1, T, S) with S = max_len — it must hide slots not
-        yet written.
+        first S cache slots, (T, S), (B, T, S) or (B, 1, T, S) with S <= max_len: only those
+        slots are read (S = the filled prefix is the fast choice; S = max_len keeps every shape
+        fixed). It must cover ``input_pos`` and hide slots not yet written.
         """
-        angles = rope_angles(pos, self.config.head_dim, self.config.rope_base)
+        if self.max_len == 0:
+            raise RuntimeError("KV caches are not set up: call setup_caches first")
         mask = _as_4d(attn_mask)
-        for layer in self.layers:
-            x_BTC = layer(x_BTC, angles, mask, input_pos)
-        return self.norm(x_BTC)
+        if mask.shape[-1] > self.max_len:
+            raise ValueError(f"mask covers {mask.shape[-1]} cache slots, the caches hold {self.max_len}")
+        return self._run(x_BTC, AttnContext(self.rotation(pos), mask, input_pos))

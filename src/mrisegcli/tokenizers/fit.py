@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mrisegcli.errors import InputError
+from mrisegcli.tokenizers.base import ConvVQConfig, ConvVQTokenizer
 from mrisegcli.tokenizers.image_vq import ImageVQ, ImageVQConfig
 from mrisegcli.tokenizers.mask_vq import MaskVQ, MaskVQConfig
 from mrisegcli.tokenizers.multiscale import MultiScaleConfig, MultiScaleMaskQuantizer
@@ -101,7 +103,7 @@ def _crop(
     ])
 
 
-def _crop_size(crop: int | None, cfg: MaskVQConfig | ImageVQConfig) -> int | None:
+def _crop_size(crop: int | None, cfg: ConvVQConfig) -> int | None:
     """-1 (default): half the image side, rounded to the code grid; None/0: no cropping."""
     if crop == -1:
         crop = max(cfg.downsample * 4, cfg.image_size // 2 // cfg.downsample * cfg.downsample)
@@ -224,27 +226,57 @@ def _seeded_model(factory: Callable[[], torch.nn.Module], seed: int) -> torch.nn
         return factory()
 
 
+@dataclass(frozen=True)
+class _Recipe:
+    """What differs between the tokenizers' fits; :func:`_fit_and_report` does the rest."""
+
+    build: Callable[[Any], ConvVQTokenizer]  # config -> untrained tokenizer
+    to_tensor: Callable[[Any, int], torch.Tensor]  # (N, S, S) inputs, side -> (N, 1, side, side)
+    quality_key: str  # report key of the held-out measure
+    quality: Callable[[Any, torch.Tensor], float]  # (tokenizer, held-out (N, 1, S, S)) -> measure
+    rotate: bool  # 90-degree turns as augmentation (masks have no fixed orientation)
+    focus: bool  # crops centred near foreground pixels (single-scale masks)
+
+
+_MASK_VQ = _Recipe(MaskVQ, to_tensor_masks, "recon_dice", recon_dice, rotate=True, focus=True)
+_MULTISCALE = _Recipe(
+    MultiScaleMaskQuantizer, to_tensor_masks, "recon_dice", recon_dice, rotate=True, focus=False
+)
+_IMAGE_VQ = _Recipe(
+    ImageVQ, to_tensor_images, "psnr", lambda tok, x_N1SS: image_psnr(tok, x_N1SS[:, 0]),
+    rotate=False, focus=False,
+)
+
+
 def _fit_and_report(
-    factory: Callable[[], torch.nn.Module],
-    data_N1SS: torch.Tensor,
-    quality: Callable[[Any, torch.Tensor], tuple[str, float]],
+    recipe: _Recipe,
+    inputs_NSS: np.ndarray | torch.Tensor,
+    cfg: ConvVQConfig,
     *,
+    crop: int | None,
     seed: int,
-    t0: float,
-    **fit_kw: Any,
+    **loop_kw: Any,
 ) -> tuple[Any, dict]:
-    """Split, build, train, then measure: the body every ``fit_*`` shares."""
+    """Convert, split, build, train, then measure: the body every ``fit_*`` shares.
+
+    ``loop_kw`` (steps, batch_size, lr, device, progress) goes to the training loop :func:`_fit`.
+    """
+    t0 = time.perf_counter()
+    data_N1SS = recipe.to_tensor(inputs_NSS, cfg.image_size)
+    crop_size = _crop_size(crop, cfg)
     if data_N1SS.shape[0] == 0:
         raise InputError("nothing to fit on: no samples given")
     gen = torch.Generator().manual_seed(seed)
     train, held = _split(data_N1SS.shape[0], gen)
-    model = _seeded_model(factory, seed)
-    loss = _fit(model, data_N1SS[train], gen=gen, **fit_kw)
+    model = _seeded_model(lambda: recipe.build(cfg), seed)
+    loss = _fit(
+        model, data_N1SS[train], gen=gen, rotate=recipe.rotate, crop=crop_size,
+        align=cfg.downsample, focus=recipe.focus, **loop_kw,
+    )
     usage, perplexity = usage_stats(_encode_all(model, data_N1SS[:2048]), model.codebook_size)
-    key, value = quality(model, data_N1SS[held])
     report = {
         "loss": loss,
-        key: value,
+        recipe.quality_key: recipe.quality(model, data_N1SS[held]),
         "codebook_usage": usage,
         "perplexity": perplexity,
         "n_train": len(train),
@@ -273,15 +305,9 @@ def fit_mask_vq(
     ``n_train``, ``n_heldout`` (0 when fewer than 10 masks: then the training masks are
     measured). ``crop``: side of the random training crops (-1: half the image, None: none).
     """
-    t0 = time.perf_counter()
-    cfg = cfg or MaskVQConfig()
     return _fit_and_report(
-        lambda: MaskVQ(cfg),
-        to_tensor_masks(masks_NSS, cfg.image_size),
-        lambda tok, held: ("recon_dice", recon_dice(tok, held)),
-        seed=seed, t0=t0, steps=steps, batch_size=batch_size, lr=lr, device=device,
-        rotate=True, crop=_crop_size(crop, cfg), align=cfg.downsample, focus=True,
-        progress=progress,
+        _MASK_VQ, masks_NSS, cfg or MaskVQConfig(), crop=crop, seed=seed, steps=steps,
+        batch_size=batch_size, lr=lr, device=device, progress=progress,
     )
 
 
@@ -301,14 +327,9 @@ def fit_multiscale(
     Trains on full images (the scale schedule is tied to the full grid), so a step costs about
     four times a cropped :func:`fit_mask_vq` step per sample: hence the smaller default batch.
     """
-    t0 = time.perf_counter()
-    cfg = cfg or MultiScaleConfig()
     return _fit_and_report(
-        lambda: MultiScaleMaskQuantizer(cfg),
-        to_tensor_masks(masks_NSS, cfg.image_size),
-        lambda tok, held: ("recon_dice", recon_dice(tok, held)),
-        seed=seed, t0=t0, steps=steps, batch_size=batch_size, lr=lr, device=device,
-        rotate=True, crop=None, align=cfg.downsample, focus=False, progress=progress,
+        _MULTISCALE, masks_NSS, cfg or MultiScaleConfig(), crop=None, seed=seed, steps=steps,
+        batch_size=batch_size, lr=lr, device=device, progress=progress,
     )
 
 
@@ -325,15 +346,9 @@ def fit_image_vq(
     crop: int | None = -1,
 ) -> tuple[ImageVQ, dict]:
     """Fit an :class:`ImageVQ` on (N, S, S) grey images in [0, 1]; report has ``psnr``."""
-    t0 = time.perf_counter()
-    cfg = cfg or ImageVQConfig()
     return _fit_and_report(
-        lambda: ImageVQ(cfg),
-        to_tensor_images(images_NSS, cfg.image_size),
-        lambda tok, held: ("psnr", image_psnr(tok, held[:, 0])),
-        seed=seed, t0=t0, steps=steps, batch_size=batch_size, lr=lr, device=device,
-        rotate=False, crop=_crop_size(crop, cfg), align=cfg.downsample, focus=False,
-        progress=progress,
+        _IMAGE_VQ, images_NSS, cfg or ImageVQConfig(), crop=crop, seed=seed, steps=steps,
+        batch_size=batch_size, lr=lr, device=device, progress=progress,
     )
 
 

@@ -11,28 +11,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from mrisegcli.tokenizers.vq import (
-    ConvDecoder,
-    ConvEncoder,
-    LossOutput,
-    VectorQuantizer,
-    check_geometry,
-    check_input,
-)
+from mrisegcli.tokenizers.base import ConvVQConfig, ConvVQTokenizer
+from mrisegcli.tokenizers.vq import LossOutput
 
 
 @dataclass(frozen=True)
-class ImageVQConfig:
+class ImageVQConfig(ConvVQConfig):
     """Geometry, codebook and loss weights of an :class:`ImageVQ` (saved with its weights)."""
 
-    image_size: int = 128
-    downsample: int = 8
     codebook_size: int = 1024
-    code_dim: int = 16
-    channels: tuple[int, ...] = (16, 32, 64)
-    res_blocks: int = 1
     beta: float = 0.25
     restart_after: int = 50
     l1_weight: float = 1.0
@@ -48,35 +36,19 @@ def gradient_difference(x_B1SS: torch.Tensor, y_B1SS: torch.Tensor) -> torch.Ten
     return dx.abs().mean() + dy.abs().mean()
 
 
-class ImageVQ(nn.Module):
+class ImageVQ(ConvVQTokenizer):
     """Grey-image VQ tokenizer; implements :class:`~mrisegcli.tokenizers.base.GridTokenizer`."""
 
+    cfg: ImageVQConfig
+
     def __init__(self, cfg: ImageVQConfig | None = None) -> None:
-        super().__init__()
-        self.cfg = cfg = cfg or ImageVQConfig()
-        n_down = check_geometry(cfg.image_size, cfg.downsample, cfg.channels)
-        self.encoder = ConvEncoder(1, cfg.channels, n_down, cfg.code_dim, cfg.res_blocks)
-        self.quantizer = VectorQuantizer(
-            cfg.codebook_size, cfg.code_dim, beta=cfg.beta, restart_after=cfg.restart_after
-        )
-        self.decoder = ConvDecoder(cfg.code_dim, cfg.channels, n_down, 1, cfg.res_blocks)
-
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.codebook_size
-
-    @property
-    def image_size(self) -> int:
-        return self.cfg.image_size
-
-    @property
-    def grid(self) -> int:
-        return self.cfg.image_size // self.cfg.downsample
+        cfg = cfg or ImageVQConfig()
+        super().__init__(cfg, beta=cfg.beta, restart_after=cfg.restart_after)
+        self.decoder = self._make_decoder()
 
     def features(self, x_B1SS: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) image in [0, 1] -> (B, C, S/f, S/f) features (any S multiple of f)."""
-        check_input(x_B1SS, self.cfg.downsample)
-        return self.encoder(x_B1SS.to(self.quantizer.embedding.dtype) * 2.0 - 1.0)
+        return self._encode_unit(x_B1SS)
 
     def _pixels(self, z_BChw: torch.Tensor) -> torch.Tensor:
         return self.decoder(z_BChw) * 0.5 + 0.5  # (B, 1, S, S), unclamped
@@ -84,14 +56,11 @@ class ImageVQ(nn.Module):
     @torch.no_grad()
     def encode(self, x_B1SS: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) image -> (B, grid, grid) int64 codes."""
-        z_BChw = self.features(x_B1SS)
-        B, C, h, w = z_BChw.shape
-        return self.quantizer.nearest(z_BChw.permute(0, 2, 3, 1).reshape(-1, C)).view(B, h, w)
+        return self._nearest_grid(self.features(x_B1SS))
 
     def decode(self, idx_Bhw: torch.Tensor) -> torch.Tensor:
         """(B, grid, grid) int64 codes -> (B, 1, S, S) image clamped to [0, 1]."""
-        zq_BChw = self.quantizer.lookup(idx_Bhw).permute(0, 3, 1, 2).contiguous()
-        return self._pixels(zq_BChw).clamp(0.0, 1.0)
+        return self._pixels(self._code_map(idx_Bhw)).clamp(0.0, 1.0)
 
     def training_loss(self, x_B1SS: torch.Tensor) -> LossOutput:
         """L1 + L2 (+ gradient difference) on the reconstruction + codebook/commitment loss."""

@@ -30,27 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrisegcli.errors import ConfigError
-from mrisegcli.tokenizers.vq import (
-    ConvDecoder,
-    ConvEncoder,
-    LossOutput,
-    VectorQuantizer,
-    check_geometry,
-    check_input,
-    soft_dice_loss,
-)
+from mrisegcli.tokenizers.base import ConvVQConfig, ConvVQTokenizer
+from mrisegcli.tokenizers.vq import LossOutput, mask_objective
 
 
 @dataclass(frozen=True)
-class MultiScaleConfig:
+class MultiScaleConfig(ConvVQConfig):
     """Geometry, scale schedule, codebook and loss weights of a :class:`MultiScaleMaskQuantizer`."""
 
-    image_size: int = 128
-    downsample: int = 8
-    codebook_size: int = 512
-    code_dim: int = 16
-    channels: tuple[int, ...] = (16, 32, 64)
-    res_blocks: int = 1
     scales: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     n_phi: int = 4  # shared refinement convs (1 = fully shared, len(scales) = one per scale)
     phi_ratio: float = 0.5  # weight of the conv against the identity in phi
@@ -74,13 +61,28 @@ class Phi(nn.Module):
         return h_BChw * (1.0 - self.ratio) + self.conv(h_BChw) * self.ratio
 
 
-class MultiScaleMaskQuantizer(nn.Module):
-    """VAR-style residual quantiser over a schedule of scales, with its own encoder/decoder."""
+class MultiScaleMaskQuantizer(ConvVQTokenizer):
+    """VAR-style residual quantiser over a schedule of scales, with its own encoder/decoder.
+
+    Has the GridTokenizer members ``codebook_size``, ``image_size`` and ``grid``, but its codes
+    are a list of maps, one per scale.
+    """
+
+    cfg: MultiScaleConfig
 
     def __init__(self, cfg: MultiScaleConfig | None = None) -> None:
-        super().__init__()
-        self.cfg = cfg = cfg or MultiScaleConfig()
-        n_down = check_geometry(cfg.image_size, cfg.downsample, cfg.channels)
+        cfg = cfg or MultiScaleConfig()
+        super().__init__(cfg, beta=cfg.beta, restart_after=cfg.restart_after, cosine=False)
+        self.phis = nn.ModuleList(Phi(cfg.code_dim, cfg.phi_ratio) for _ in range(cfg.n_phi))
+        K = len(cfg.scales)
+        self.phi_of_scale = tuple(
+            round(k / max(K - 1, 1) * (cfg.n_phi - 1)) for k in range(K)
+        )  # scale k -> index of its phi conv
+        self.decoder = self._make_decoder()
+
+    def _check_config(self) -> None:
+        """The scale schedule must run from 1 to the grid; n_phi and upsample must be valid."""
+        cfg = self.cfg
         grid = cfg.image_size // cfg.downsample
         sc = cfg.scales
         if not sc or sc[-1] != grid or sc[0] < 1 or any(a >= b for a, b in zip(sc[:-1], sc[1:], strict=True)):
@@ -89,34 +91,8 @@ class MultiScaleMaskQuantizer(nn.Module):
             raise ConfigError(f"n_phi must be in 1..{len(sc)}, got {cfg.n_phi}")
         if cfg.upsample not in ("bicubic", "bilinear"):
             raise ConfigError(f"upsample must be 'bicubic' or 'bilinear', got {cfg.upsample!r}")
-        self.encoder = ConvEncoder(1, cfg.channels, n_down, cfg.code_dim, cfg.res_blocks)
-        self.quantizer = VectorQuantizer(
-            cfg.codebook_size,
-            cfg.code_dim,
-            beta=cfg.beta,
-            cosine=False,
-            restart_after=cfg.restart_after,
-        )
-        self.phis = nn.ModuleList(Phi(cfg.code_dim, cfg.phi_ratio) for _ in range(cfg.n_phi))
-        K = len(sc)
-        self.phi_of_scale = tuple(
-            round(k / max(K - 1, 1) * (cfg.n_phi - 1)) for k in range(K)
-        )  # scale k -> index of its phi conv
-        self.decoder = ConvDecoder(cfg.code_dim, cfg.channels, n_down, 1, cfg.res_blocks)
 
-    # ---- GridTokenizer-like members -------------------------------------------------------
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.codebook_size
-
-    @property
-    def image_size(self) -> int:
-        return self.cfg.image_size
-
-    @property
-    def grid(self) -> int:
-        return self.cfg.image_size // self.cfg.downsample
-
+    # ---- scale schedule ---------------------------------------------------------------------
     @property
     def scales(self) -> tuple[int, ...]:
         return self.cfg.scales
@@ -138,8 +114,7 @@ class MultiScaleMaskQuantizer(nn.Module):
 
     def part(self, k: int, idx_Bpp: torch.Tensor) -> torch.Tensor:
         """Contribution of scale k's token map to f_hat: phi_k(upsample(codes)) (B, C, H, W)."""
-        h_BCpp = self.quantizer.lookup(idx_Bpp).permute(0, 3, 1, 2).contiguous()
-        return self.phis[self.phi_of_scale[k]](self._up(h_BCpp))
+        return self.phis[self.phi_of_scale[k]](self._up(self._code_map(idx_Bpp)))
 
     def empty_fhat(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The f_hat generation starts from: zeros (B, C, H, W)."""
@@ -158,9 +133,7 @@ class MultiScaleMaskQuantizer(nn.Module):
     # ---- encoding ---------------------------------------------------------------------------
     def features(self, mask_B1SS: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) mask (binarised at 0.5) -> (B, C, H, W) continuous features f."""
-        check_input(mask_B1SS, self.cfg.downsample, self.image_size)
-        x_B1SS = (mask_B1SS > 0.5).to(self.quantizer.embedding.dtype) * 2.0 - 1.0
-        return self.encoder(x_B1SS)
+        return self._encode_unit(mask_B1SS > 0.5, self.image_size)
 
     @torch.no_grad()
     def quantize(self, f_BChw: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -265,15 +238,9 @@ class MultiScaleMaskQuantizer(nn.Module):
             z_all.append(z_NC)
         vq = vq / len(self.scales)
         f_st_BChw = f_BChw + (f_hat_BChw - f_BChw).detach()
-        logits_B1SS = self.decoder(f_st_BChw)
-        bce = F.binary_cross_entropy_with_logits(logits_B1SS, target_B1SS)
-        dice = soft_dice_loss(logits_B1SS, target_B1SS)
         c = self.cfg
-        loss = c.bce_weight * bce + c.dice_weight * dice + c.vq_weight * vq
-        metrics = {
-            "loss": float(loss.detach()),
-            "bce": float(bce.detach()),
-            "dice_loss": float(dice.detach()),
-            "vq": float(vq.detach()),
-        }
+        loss, metrics = mask_objective(
+            self.decoder(f_st_BChw), target_B1SS, vq,
+            bce_weight=c.bce_weight, dice_weight=c.dice_weight, vq_weight=c.vq_weight,
+        )
         return LossOutput(loss=loss, metrics=metrics, idx=torch.cat(idx_all), z_NC=torch.cat(z_all))

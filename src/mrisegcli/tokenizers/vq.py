@@ -248,6 +248,28 @@ def soft_dice_loss(logits_B1SS: torch.Tensor, target_B1SS: torch.Tensor) -> torc
     return 1.0 - dice_B.mean()
 
 
+def mask_objective(
+    logits_B1SS: torch.Tensor,
+    target_B1SS: torch.Tensor,
+    vq_loss: torch.Tensor,
+    *,
+    bce_weight: float,
+    dice_weight: float,
+    vq_weight: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mask tokenizers' loss, weighted BCE + soft Dice of the logits + VQ, and its metrics."""
+    bce = F.binary_cross_entropy_with_logits(logits_B1SS, target_B1SS)
+    dice = soft_dice_loss(logits_B1SS, target_B1SS)
+    loss = bce_weight * bce + dice_weight * dice + vq_weight * vq_loss
+    metrics = {
+        "loss": float(loss.detach()),
+        "bce": float(bce.detach()),
+        "dice_loss": float(dice.detach()),
+        "vq": float(vq_loss.detach()),
+    }
+    return loss, metrics
+
+
 @dataclass
 class LossOutput:
     """A tokenizer's training loss plus what the fitting loop needs for logging and restarts."""

@@ -24,6 +24,10 @@ from mrisegcli.io.atomic import atomic_path
 
 CKPT_FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8})\.safetensors$")
+# The temp name ``atomic_path`` gives a checkpoint while it is written: ``.<stem>.<random>.tmp``
+# + the suffixes, e.g. ``.step_00000040.k3j_x9a2.tmp.safetensors``. A ``kill -9`` mid-write
+# leaves one behind; nothing else in the folder is ever taken for one.
+_TEMP_NAME = re.compile(r"^\.step_\d{8}\.[A-Za-z0-9_]+\.tmp\.safetensors$")
 
 
 @dataclass
@@ -87,6 +91,7 @@ def save_checkpoint(
     }
     with atomic_path(path, overwrite=True) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+    remove_stale_temp_files(path.parent)
     return path
 
 
@@ -143,6 +148,22 @@ def latest_checkpoint(folder: Path) -> Path | None:
         return None
     found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
     return found[-1][1] if found else None
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete checkpoint temp files left by a writer that was killed; returns what went.
+
+    Only names of the form ``atomic_path`` gives a checkpoint being written are touched. Call
+    it when no checkpoint of this folder is being written (one writer per run: rank 0).
+    """
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        if _TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def prune_checkpoints(folder: Path, keep: int = 2) -> None:

@@ -6,6 +6,7 @@ and joins the process group (NCCL on CUDA, gloo on CPU). A plain launch is world
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -61,6 +62,35 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def mean_over_ranks(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
+    """The mean of each scalar over all ranks (a collective: every rank calls it, same keys).
+
+    One small all-reduce for all values together; a plain copy for a single process.
+    """
+    if not info.enabled or not values:
+        return dict(values)
+    keys = sorted(values)
+    t_K = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)  # (K,)
+    dist.all_reduce(t_K, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    return {k: float(v) / info.world_size for k, v in zip(keys, t_K.tolist(), strict=True)}
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel whose buffers stay per rank after the start.
+
+    Buffers such as the hard-token memory and the TCL code counts are updated by each rank
+    from its own samples, so DDP must not overwrite them from rank 0 before every forward.
+    ``forward_sync_buffers=False`` says that on torch >= 2.13 (where ``broadcast_buffers`` is
+    deprecated); it still copies rank 0's buffers once at the start, which changes nothing
+    here: every rank starts from the same seed or the same checkpoint.
+    """
+    device_ids = [info.local_rank] if device.type == "cuda" else None
+    DDP = torch.nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(model, device_ids=device_ids, forward_sync_buffers=False)
+    return DDP(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def broadcast_object(obj: object, info: DistInfo) -> object:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mrisegcli.errors import MrisegError
 from mrisegcli.training.checkpoint import (
@@ -29,9 +28,10 @@ from mrisegcli.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    remove_stale_temp_files,
     save_checkpoint,
 )
-from mrisegcli.training.distributed import DistInfo, any_rank, barrier
+from mrisegcli.training.distributed import DistInfo, any_rank, barrier, mean_over_ranks, wrap_ddp
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,8 @@ def train(
         if last is None:
             raise MrisegError("--resume given but the run has no checkpoint", ckpt_dir)
         state, extra, _ = load_checkpoint(last, model, optimizer)
+        if dist_info.is_main:  # a checkpoint write cut by kill -9 leaves its temp file
+            remove_stale_temp_files(ckpt_dir)
         if dist_info.is_main and log_path.is_file():  # drop records past the checkpoint
             kept = [line for line in log_path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= state.step]
@@ -193,14 +195,8 @@ def train(
             load_extra_state(extra)
     else:
         torch.manual_seed(cfg.seed)
-    net: torch.nn.Module = model
-    if dist_info.enabled:
-        # Buffers (e.g. the hard-token memory) stay per rank: each rank sees its own samples.
-        net = DDP(
-            model,
-            device_ids=[dist_info.local_rank] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
+    # Buffers (e.g. the hard-token memory) stay per rank: each rank sees its own samples.
+    net = wrap_ddp(model, dist_info, device) if dist_info.enabled else model
     use_amp = cfg.amp and device.type == "cuda"
 
     def log(record: dict[str, Any]) -> None:
@@ -236,7 +232,7 @@ def train(
     model.train()
     t0 = time.perf_counter()
     window_t, window_tokens = time.perf_counter(), 0
-    last_metrics: dict[str, float] = {}
+    last_metrics: dict[str, float] = {}  # the last logged scalars, means over all ranks
     val_metrics: dict[str, float] = {}
     with _StopFlag() as stop:
         while state.step < total:
@@ -258,9 +254,11 @@ def train(
             window_tokens += tokens_per_sample * len(idx) * dist_info.world_size
             if state.step % cfg.log_every == 0 or state.step == total:
                 dt = time.perf_counter() - window_t
-                last_metrics = {
-                    k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0
-                }
+                # Each rank saw its own slice: log the means over ranks (one all-reduce).
+                last_metrics = mean_over_ranks(
+                    {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0},
+                    dist_info, device,
+                )
                 record = {
                     "step": state.step, "split": "train", "lr": lr, "grad_norm": float(gnorm),
                     "epoch": state.epoch, "tokens_per_s": window_tokens / max(dt, 1e-9),
@@ -269,7 +267,11 @@ def train(
                 log(record)
                 window_t, window_tokens = time.perf_counter(), 0
             if progress is not None and dist_info.is_main:
-                progress(state.step, total, {"loss": float(loss.detach()), **val_metrics})
+                # One process: this step's loss. Several: the last logged mean over ranks
+                # (this step's would be rank 0's alone, and averaging it costs a collective).
+                shown = ({"loss": float(loss.detach())} if not dist_info.enabled
+                         else {"loss": last_metrics["loss"]} if "loss" in last_metrics else {})
+                progress(state.step, total, {**shown, **val_metrics})
             # Every rank enters validate() (it ends in a barrier); only rank 0 has ``evaluate``.
             eval_due = state.step % cfg.eval_every == 0 or state.step == total
             if eval_due and (evaluate is not None or dist_info.enabled):

@@ -10,13 +10,12 @@ sent, and every failure of the Hub client (no token, refused, offline, no networ
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from mrisegcli import __version__
 from mrisegcli.errors import ConfigError, MrisegError
-from mrisegcli.hub import IGNORE_PATTERNS, RUN_PATTERNS, model_card, parse_hub_id
+from mrisegcli.hub import IGNORE_PATTERNS, RUN_PATTERNS, hub_offline, model_card, parse_hub_id
 from mrisegcli.io.atomic import atomic_write_text
 from mrisegcli.runinfo import read_config
 from mrisegcli.workflow.bundle import FILES, TEXT_FILE, needed_tokenizers
@@ -24,12 +23,6 @@ from mrisegcli.workflow.segmenter import MODEL_FILE
 
 CARD = "README.md"
 METRICS = "metrics.json"
-_TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` is set to a true value (as the Hub client reads it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE
 
 
 def check_run(run_dir: Path) -> dict[str, Any]:
