@@ -73,7 +73,9 @@ def _cpu() -> RunConfig:
         transformer=get_preset("cpu"),
         strategies=StrategyConfig(image_input="pixels"),
         fit=FitConfig(mask_steps=800, image_steps=600, multiscale_steps=800),
-        train=TrainConfig(steps=800, batch_size=32, lr=3e-3, warmup_steps=50, eval_every=200, ckpt_every=200),
+        # validation Dice levels off by about 300 steps (0.53-0.58 at 200-800 steps measured on
+        # the built-in data), so 400 steps keep the quickstart near 15 minutes on two cores
+        train=TrainConfig(steps=400, batch_size=32, lr=3e-3, warmup_steps=50, eval_every=100, ckpt_every=100),
     )
     return with_image_size(cfg, 64)
 
