@@ -134,5 +134,10 @@ def test_evaluate_with_samples_reports_uncertainty(trained, synth_data):
     r = invoke(["evaluate", "--model", str(run), "--data", str(synth_data), "--samples", "2",
                 "--limit", "3", "--json", "--device", "cpu"])
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["n"] == 3 and summary["samples"] == 2
+    assert summary["n"] == 3 and summary["samples"] == 2 and summary["temperature"] == 1.0
     assert 0.0 <= summary["uncertainty"] <= 1.0
+    # one sample drawn at temperature 1 is a sample, not the greedy mask: same seed, same result
+    args = ["evaluate", "--model", str(run), "--data", str(synth_data), "--temperature", "1",
+            "--limit", "3", "--json", "--device", "cpu", "--seed", "3"]
+    a, b = (json.loads(invoke(args).stdout.strip().splitlines()[-1]) for _ in range(2))
+    assert a["temperature"] == 1.0 and a["dice"] == b["dice"] and "uncertainty" not in a

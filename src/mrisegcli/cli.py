@@ -421,6 +421,9 @@ def evaluate(
     pred: Annotated[Path | None, typer.Option(help="Folder of predicted masks.")] = None,
     gt: Annotated[Path | None, typer.Option(help="Folder of ground-truth masks.")] = None,
     samples: Annotated[int, typer.Option(min=1, help="Masks drawn per case, fused by consensus.")] = 1,
+    temperature: Annotated[
+        float | None, typer.Option(min=0.0, help="Sampling temperature (default 0, or 1 with --samples > 1).")
+    ] = None,
     text_ablation: Annotated[list[str] | None, typer.Option(help="Also score with 'empty' or 'shuffle' text.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N cases.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -451,7 +454,8 @@ def evaluate(
 
         seg = load_segmenter(resolve_run(model), _device(device))
         mreport = evaluate_model(
-            seg, data, split=split, layout=layout, samples=samples, ablations=tuple(text_ablation or ()),
+            seg, data, split=split, layout=layout, samples=samples, temperature=temperature,
+            ablations=tuple(text_ablation or ()),
             limit=limit, workers=workers, seed=seed, stage=_stage(quiet=json_out),
         )
         report = EvalReport(mreport.cases, mreport.summary, [], [])
