@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+# what kill -9 inside an atomic checkpoint write leaves (shared with the loop tests)
+from test_training_loop import killed_mid_write
 from typer.testing import CliRunner
 
 from mrisegcli.cli import app
@@ -84,28 +87,6 @@ def _start_and_signal(p: dict[str, Path], run: Path, sig: int, after_step: int) 
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-KILLED_WRITER = """
-import os, signal, sys
-from mrisegcli.io.atomic import atomic_path
-writing = atomic_path(sys.argv[1], overwrite=True)
-tmp = writing.__enter__()
-tmp.write_bytes(b"half a checkpoint")
-os.kill(os.getpid(), signal.SIGKILL)
-"""
-
-
-def _killed_mid_checkpoint_write(target: Path) -> Path:
-    """What ``kill -9`` during the atomic write of checkpoint ``target`` leaves: its temp file.
-
-    (The real kill above lands between writes nearly always; this one lands inside one.)
-    """
-    before = set(target.parent.iterdir())
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    (left,) = set(target.parent.iterdir()) - before
-    return left
-
-
 def _log(run: Path) -> dict[tuple[int, str], dict]:
     """The train log, one record per (step, split): the last one written wins."""
     path = run / "train_log.jsonl"
@@ -149,7 +130,7 @@ def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(prepared):
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
     assert ckpts and all(p.startswith("step_") for p in ckpts)
     assert f"step_{STEPS:08d}.safetensors" not in ckpts  # it really died before the end
-    stale = _killed_mid_checkpoint_write(run / "checkpoints" / "step_00000099.safetensors")
+    stale = killed_mid_write(run / "checkpoints" / "step_00000099.safetensors")
     (run / "checkpoints" / "notes.tmp").write_text("not mriseg's")
     invoke(_train_cmd(prepared, run, "--resume"))
     _assert_same_run(run, prepared["ref"])
