@@ -141,3 +141,30 @@ def test_evaluate_with_samples_reports_uncertainty(trained, synth_data):
             "--limit", "3", "--json", "--device", "cpu", "--seed", "3"]
     a, b = (json.loads(invoke(args).stdout.strip().splitlines()[-1]) for _ in range(2))
     assert a["temperature"] == 1.0 and a["dice"] == b["dice"] and "uncertainty" not in a
+
+
+def test_no_text_trains_an_image_only_baseline(synth_data, tmp_path):
+    import torch
+
+    from mrisegcli.workflow.segmenter import load_segmenter
+
+    run = tmp_path / "image_only"
+    invoke(["train", "--data", str(synth_data), "--out", str(run), "--no-text", *TINY])
+    config = json.loads((run / "config.json").read_text())
+    assert config["run"]["use_text"] is False
+    seg = load_segmenter(run, torch.device("cpu"))
+    img = np.asarray(Image.open(sorted((synth_data / "Test_Folder" / "img").iterdir())[0]), np.float32) / 255
+    texts = ["Unilateral pulmonary infection, one infected area, all right lung.",
+             "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."]
+    a, b = (seg.predict(img[None], [t]).prob for t in texts)
+    assert torch.equal(a, b)  # the prompt never reaches the model
+    # ... although the same weights would read it if it were shown
+    ids, tm = seg.encode_text(texts)
+    x = torch.from_numpy(img)[None, None].repeat(2, 1, 1, 1)
+    seg.model.setup_caches(2)
+    shown = seg.model.prefill(seg._image_input(x), ids, tm)
+    assert not torch.allclose(shown[0], shown[1])
+    r = invoke(["evaluate", "--model", str(run), "--data", str(synth_data), "--json", "--text-ablation", "shuffle",
+                "--device", "cpu"])
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["uses_text"] is False and summary["text_shuffle_dice_drop"] == 0.0

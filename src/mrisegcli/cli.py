@@ -301,6 +301,7 @@ def train(
     lambda_tcl: Annotated[float | None, typer.Option(help="Token contrastive loss weight (0 = off).")] = None,
     het_alpha: Annotated[float | None, typer.Option(help="Hard-error-token weight (0 = off).")] = None,
     image_input: Annotated[str | None, typer.Option(help="next-token image tokens: codes or pixels.")] = None,
+    no_text: Annotated[bool, typer.Option("--no-text", help="Image-only baseline: the model never sees the prompt.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
@@ -317,6 +318,10 @@ def train(
         eval_every=eval_every, ckpt_every=ckpt_every, mask_steps=mask_steps, image_steps=image_steps, multiscale_steps=multiscale_steps,
         nktp_k=nktp_k, lambda_tcl=lambda_tcl, het_alpha=het_alpha, image_input=image_input,
     )
+    if no_text:
+        from dataclasses import replace
+
+        cfg = replace(cfg, use_text=False)
     dev = _device(device)
     info = init_distributed(dev.type)
     if info.enabled and dev.type == "cuda":

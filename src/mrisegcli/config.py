@@ -55,6 +55,9 @@ class RunConfig:
     preset: str = "tiny"
     image_size: int = 128
     text_len: int = 32
+    # False: the image-only baseline -- the prompt is hidden from the model in training and at
+    # inference (every text position is padding), so it segments from the image alone
+    use_text: bool = True
     seed: int = 0
     fit: FitConfig = field(default_factory=FitConfig)
     mask_vq: MaskVQConfig = field(default_factory=MaskVQConfig)

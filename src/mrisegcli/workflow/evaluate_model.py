@@ -113,6 +113,7 @@ def evaluate_model(
         ]
         report.summary["uncertainty"] = float(np.mean(report.uncertainty))
     report.summary["samples"] = samples
+    report.summary["uses_text"] = seg.cfg.use_text
     report.summary["temperature"] = temperature if temperature is not None else (1.0 if samples > 1 else 0.0)
     if ceiling:
         report.ceiling = summarize(tokenizer_ceiling(seg, masks, gts, cases))

@@ -134,6 +134,10 @@ class Segmenter:
         ids, mask = encode_texts(self.bundle.text, texts, self.cfg.text_len)
         return ids.to(self.device), mask.to(self.device)
 
+    def hide_text(self, text_mask: torch.Tensor) -> torch.Tensor:
+        """The text mask the model is given: all padding for an image-only model."""
+        return text_mask if self.cfg.use_text else torch.zeros_like(text_mask)
+
     def _image_input(self, image_B1SS: torch.Tensor) -> torch.Tensor:
         if self.paradigm == "next-token" and self.model.config.image_input == "codes":
             return self.bundle.image_vq.encode(image_B1SS)
@@ -151,6 +155,7 @@ class Segmenter:
 
         temp = (1.0 if samples > 1 else 0.0) if temperature is None else temperature
         B = image_B1SS.shape[0]
+        text_mask = self.hide_text(text_mask)
         step_probs = None
         if self.paradigm == "next-token":
             from mrisegcli.decode.next_token import MaskGenerator

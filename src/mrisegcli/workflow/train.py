@@ -143,6 +143,8 @@ def train_run(
     mcfg = model_config(cfg, bundle, n_train=len(train_codes.ids))
     model = build_model(cfg.paradigm, mcfg, bundle)
     data = training_tensors(cfg.paradigm, train_codes, mcfg)
+    if not cfg.use_text:  # image-only baseline: every text position is padding
+        data["text_mask"] = torch.zeros_like(data["text_mask"])
     full = {
         "paradigm": cfg.paradigm, "preset": cfg.preset, "seed": cfg.seed,
         "data": {"root": str(data_root), "layout": ds.layout, "image_size": cfg.image_size,
