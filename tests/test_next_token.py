@@ -9,14 +9,16 @@ import torch
 
 from mrisegcli.decode.next_token import MaskGenerator, generate_masks, generate_masks_uncached
 from mrisegcli.decode.sampling import logits_to_probs, sample
+from mrisegcli.errors import ConfigError
 from mrisegcli.models.image_encoder import ImageEncoderConfig
 from mrisegcli.models.next_token import (
     NextTokenConfig,
     NextTokenSegmenter,
     SequenceLayout,
+    sequence_mask,
     sequence_positions,
 )
-from mrisegcli.models.transformer import TransformerConfig
+from mrisegcli.models.transformer import TransformerConfig, causal_mask
 
 GI, GM, KI, KM, VT, L = 4, 4, 16, 8, 20, 6
 
@@ -103,9 +105,10 @@ def test_config_round_trip_and_validation():
 # ----------------------------------------------------------------------------- decoding
 
 
+@pytest.mark.parametrize("prefix", ["causal", "bidirectional"])
 @pytest.mark.parametrize("keys", ["whole_cache", "filled_prefix"])
-def test_cached_logits_match_full_forward(keys):
-    model = _model()
+def test_cached_logits_match_full_forward(keys, prefix):
+    model = _model(prefix_attention=prefix)
     image, text, tmask, codes = _inputs()
     codes_BN = codes.flatten(1)
     P = model.layout.prefix_len
@@ -124,6 +127,29 @@ def test_cached_logits_match_full_forward(keys):
     cached = torch.stack(steps, 1)
     assert cached.shape == full.shape == (3, GM * GM, KM)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_lm_mask_opens_only_the_prefix():
+    m = sequence_mask(6, 3, bidirectional=True)
+    expected = torch.tensor([
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(m, expected)
+    assert torch.equal(sequence_mask(6, 3, bidirectional=False), causal_mask(6))
+    # in a prefix LM the image tokens read the text: the first mask token's logits then depend
+    # on the text through the image states too, so the two modes give different models
+    image, text, tmask, codes = _inputs()
+    with torch.no_grad():
+        a = _model(prefix_attention="causal").mask_logits(image, text, tmask, codes.flatten(1)[:, :-1])
+        b = _model(prefix_attention="bidirectional").mask_logits(image, text, tmask, codes.flatten(1)[:, :-1])
+    assert not torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(ConfigError):
+        _cfg(prefix_attention="full")
 
 
 def test_fixed_shape_decoding_gives_the_same_codes():

@@ -47,6 +47,7 @@ class StrategyConfig:
     het_alpha: float = 1.0
     het_decay: float = 0.5
     image_input: Literal["codes", "pixels"] = "codes"
+    prefix_attention: Literal["causal", "bidirectional"] = "bidirectional"
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ class NextTokenConfig:
     image_size: int = 256  # pixel side for image_input == "pixels"
     # pixels mode: conv encoder with patch = image_size / image_grid
     encoder: ImageEncoderConfig = field(default_factory=lambda: ImageEncoderConfig(patch=16))
+    # attention inside BOS..BOM: "causal" (one left-to-right sequence) or "bidirectional"
+    # (prefix LM: image and text tokens read each other; mask tokens stay causal)
+    prefix_attention: Literal["causal", "bidirectional"] = "causal"
     # NkTP: extra heads for tokens t+2..t+k, weight gamma^(j-1). nktp_k = 1 switches it off.
     nktp_k: int = 3
     nktp_gamma: float = 0.5
@@ -75,6 +78,8 @@ class NextTokenConfig:
     def __post_init__(self) -> None:
         if self.image_input not in ("codes", "pixels"):
             raise ConfigError(f"image_input must be 'codes' or 'pixels', got {self.image_input!r}")
+        if self.prefix_attention not in ("causal", "bidirectional"):
+            raise ConfigError(f"prefix_attention must be 'causal' or 'bidirectional', got {self.prefix_attention!r}")
         if self.image_input == "pixels" and self.encoder.grid(self.image_size) != self.image_grid:
             raise ConfigError(
                 f"encoder patch {self.encoder.patch} turns image_size {self.image_size} into a "
@@ -165,6 +170,19 @@ def sequence_positions(cfg: NextTokenConfig) -> torch.Tensor:
     return pos
 
 
+def sequence_mask(n: int, prefix_len: int, bidirectional: bool, device: torch.device | None = None) -> torch.Tensor:
+    """(n, n) bool structural mask of the first ``n`` sequence tokens (True = may attend).
+
+    Causal everywhere, except that with ``bidirectional`` every token also sees the whole
+    prefix (BOS..BOM, the first ``prefix_len`` tokens): a prefix LM. Mask tokens never see
+    later mask tokens either way, so cached decoding is unchanged.
+    """
+    mask = causal_mask(n, device=device)
+    if bidirectional:
+        mask = mask | (torch.arange(n, device=device) < prefix_len)[None, :]
+    return mask
+
+
 def _check_range(name: str, t: torch.Tensor, n: int) -> None:
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
         raise ValueError(f"{name} must lie in [0, {n}), got range [{int(t.min())}, {int(t.max())}]")
@@ -203,6 +221,10 @@ class NextTokenSegmenter(nn.Module):
         nn.init.normal_(self.mask_head.weight, std=0.02)
 
     # -- sequence building ------------------------------------------------------------------
+
+    def _structure(self, n: int, device: torch.device) -> torch.Tensor:
+        bidirectional = self.config.prefix_attention == "bidirectional"
+        return sequence_mask(n, self.layout.prefix_len, bidirectional, device)
 
     def _pad_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, L = text_ids.shape
@@ -255,7 +277,7 @@ class NextTokenSegmenter(nn.Module):
         x_BTC = torch.cat([x_BPC, m_BNC], 1)
         T = x_BTC.shape[1]
         valid_BT = torch.cat([valid_BP, valid_BP.new_ones(valid_BP.shape[0], N)], 1)
-        mask = causal_mask(T, device=x_BTC.device)[None, None] & valid_BT[:, None, None, :]  # (B, 1, T, T)
+        mask = self._structure(T, x_BTC.device)[None, None] & valid_BT[:, None, None, :]  # (B, 1, T, T)
         h_BTC = self.transformer(x_BTC, self.pos_T2[:T], mask)
         return h_BTC[:, lay.prefix_len - 1:]
 
@@ -333,7 +355,7 @@ class NextTokenSegmenter(nn.Module):
         B, P, _ = x_BPC.shape
         tf = self.transformer
         tf.start_sequences(valid_BP)
-        mask = causal_mask(P, device=x_BPC.device)[None, None] & tf.key_padding(B, P)  # (B, 1, P, P)
+        mask = self._structure(P, x_BPC.device)[None, None] & tf.key_padding(B, P)  # (B, 1, P, P)
         h_BPC = tf.forward_cached(x_BPC, self.pos_T2[:P], tf.slots_S[:P], mask)
         return self.mask_head(h_BPC[:, -1])
 

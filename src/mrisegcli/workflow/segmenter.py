@@ -46,7 +46,7 @@ def model_config(cfg: RunConfig, bundle: TokenizerBundle, n_train: int = 4096) -
             image_grid=bundle.image_vq.grid if use_codes else mask.grid,
             text_vocab_size=vocab, text_len=cfg.text_len,
             mask_codebook_size=mask.codebook_size, mask_grid=mask.grid,
-            image_input=s.image_input, image_size=cfg.image_size,
+            image_input=s.image_input, image_size=cfg.image_size, prefix_attention=s.prefix_attention,
             encoder=ImageEncoderConfig(patch=max(2, cfg.image_size // mask.grid)),
             nktp_k=s.nktp_k, nktp_gamma=s.nktp_gamma, lambda_nktp=s.lambda_nktp,
             lambda_tcl=s.lambda_tcl, het_alpha=s.het_alpha, het_decay=s.het_decay,
