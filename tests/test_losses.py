@@ -258,3 +258,28 @@ def test_bad_codes_are_rejected():
     batch["text_ids"] = batch["text_ids"] + 20
     with pytest.raises(ValueError, match="text ids"):
         _model(**OFF)(batch)
+
+
+def test_dense_prefix_head_folds_patches_in_raster_order():
+    from mrisegcli.losses.dense import DensePrefixHead
+
+    torch.manual_seed(0)
+    head = DensePrefixHead(dim=16, grid=2, patch=3)
+    h = torch.randn(2, 4, 16)
+    logits = head.logits(h)  # (2, 1, 6, 6)
+    per_token = head.proj(h).view(2, 4, 3, 3)
+    for n, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        torch.testing.assert_close(logits[:, 0, 3 * r:3 * r + 3, 3 * c:3 * c + 3], per_token[:, n])
+    mask = torch.zeros(2, 6, 6, dtype=torch.uint8)
+    mask[:, :3, 3:] = 1  # the patch of token 1
+    loss = head(h, mask)
+    assert loss.ndim == 0 and loss > 0
+    # the loss is minimised by logits that match the mask: gradient steps reduce it
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        head(h, mask).backward()
+        opt.step()
+    assert head(h, mask) < 0.5 * loss
+    with pytest.raises(ValueError):
+        head(h, torch.zeros(2, 5, 5))

@@ -303,3 +303,21 @@ def test_config_switches_build_only_what_is_used():
     assert "het_memory.scores" in full.state_dict() and "tcl.code_counts" in full.state_dict()
     assert not any(k.startswith("transformer.layers.0.attn.kv_cache") for k in full.state_dict())
     assert dataclasses.asdict(full.config)["transformer"]["dim"] == 32
+
+
+def test_dense_prefix_loss_is_switchable_and_trains_the_image_states():
+    with pytest.raises(ConfigError):  # image tokens must read the text
+        _cfg(lambda_dense=1.0, image_size=8)
+    model = _model(lambda_dense=1.0, prefix_attention="bidirectional", image_size=8).train()
+    assert model.dense is not None and _model().dense is None
+    image, text, tmask, codes = _inputs()
+    batch = {"image_codes": image, "text_ids": text, "text_mask": tmask, "mask_codes": codes,
+             "sample_ids": torch.arange(3), "mask": (torch.rand(3, 8, 8) > 0.5).to(torch.uint8)}
+    out = model(batch)
+    assert out["dense"] > 0
+    off = _model(prefix_attention="bidirectional", image_size=8).train()(batch)
+    torch.testing.assert_close(out["loss"] - out["dense"], off["loss"], atol=1e-5, rtol=1e-5)
+    out["loss"].backward()
+    assert model.dense.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(KeyError):
+        model({k: v for k, v in batch.items() if k != "mask"})

@@ -48,6 +48,7 @@ class StrategyConfig:
     het_decay: float = 0.5
     image_input: Literal["codes", "pixels"] = "codes"
     prefix_attention: Literal["causal", "bidirectional"] = "bidirectional"
+    lambda_dense: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrisegcli.errors import ConfigError
+from mrisegcli.losses.dense import DensePrefixHead
 from mrisegcli.losses.het import HardTokenMemory, weighted_ce
 from mrisegcli.losses.nktp import NextKHeads
 from mrisegcli.losses.tcl import TokenContrastive
@@ -74,6 +75,9 @@ class NextTokenConfig:
     het_alpha: float = 1.0
     het_decay: float = 0.5
     het_buckets: int = 4096
+    # dense prefix supervision: image-token states predict their patch's mask pixels (needs the
+    # bidirectional prefix, so that image tokens read the text). lambda_dense = 0 switches it off.
+    lambda_dense: float = 0.0
 
     def __post_init__(self) -> None:
         if self.image_input not in ("codes", "pixels"):
@@ -89,8 +93,13 @@ class NextTokenConfig:
                      "mask_codebook_size", "mask_grid", "nktp_k", "het_buckets"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.lambda_tcl < 0 or self.het_alpha < 0 or self.lambda_nktp < 0:
+        if self.lambda_tcl < 0 or self.het_alpha < 0 or self.lambda_nktp < 0 or self.lambda_dense < 0:
             raise ConfigError("loss weights must be >= 0")
+        if self.lambda_dense > 0:
+            if self.prefix_attention != "bidirectional":
+                raise ConfigError("lambda_dense > 0 needs prefix_attention 'bidirectional' (image tokens must read the text)")
+            if self.image_size % self.image_grid:
+                raise ConfigError(f"image_size {self.image_size} is not a multiple of image_grid {self.image_grid}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NextTokenConfig:
@@ -219,6 +228,10 @@ class NextTokenSegmenter(nn.Module):
         self.register_buffer("pos_T2", sequence_positions(cfg), persistent=False)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.mask_head.weight, std=0.02)
+        # built last, so switching it on leaves every other initial weight as it was
+        self.dense = (
+            DensePrefixHead(dim, cfg.image_grid, cfg.image_size // cfg.image_grid) if cfg.lambda_dense > 0 else None
+        )
 
     # -- sequence building ------------------------------------------------------------------
 
@@ -264,10 +277,10 @@ class NextTokenSegmenter(nn.Module):
         valid_BP = torch.cat([ones, text_mask, ones[:, :1]], 1)
         return x_BPC, valid_BP
 
-    def _mask_hidden(
+    def _hidden(
         self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, mask_codes_BN: torch.Tensor
     ) -> torch.Tensor:
-        """Teacher-forced pass -> (B, N+1, C) hidden states that predict mask tokens 0..N."""
+        """Teacher-forced pass -> (B, P+N, C) hidden states of the prefix and N mask codes."""
         lay = self.layout
         N = mask_codes_BN.shape[1]
         if N >= lay.n_mask:
@@ -278,8 +291,13 @@ class NextTokenSegmenter(nn.Module):
         T = x_BTC.shape[1]
         valid_BT = torch.cat([valid_BP, valid_BP.new_ones(valid_BP.shape[0], N)], 1)
         mask = self._structure(T, x_BTC.device)[None, None] & valid_BT[:, None, None, :]  # (B, 1, T, T)
-        h_BTC = self.transformer(x_BTC, self.pos_T2[:T], mask)
-        return h_BTC[:, lay.prefix_len - 1:]
+        return self.transformer(x_BTC, self.pos_T2[:T], mask)
+
+    def _mask_hidden(
+        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, mask_codes_BN: torch.Tensor
+    ) -> torch.Tensor:
+        """Teacher-forced pass -> (B, N+1, C) hidden states that predict mask tokens 0..N."""
+        return self._hidden(image, text_ids, text_mask, mask_codes_BN)[:, self.layout.prefix_len - 1:]
 
     # -- training ---------------------------------------------------------------------------
 
@@ -305,7 +323,8 @@ class NextTokenSegmenter(nn.Module):
             raise ValueError(f"expected mask codes (B, {cfg.mask_grid}, {cfg.mask_grid}), got {tuple(codes_BHW.shape)}")
         _check_range("mask codes", codes_BHW, cfg.mask_codebook_size)
         codes_BN = codes_BHW.flatten(1)
-        h_BNC = self._mask_hidden(image, batch["text_ids"], batch["text_mask"], codes_BN[:, :-1])
+        h_BTC = self._hidden(image, batch["text_ids"], batch["text_mask"], codes_BN[:, :-1])
+        h_BNC = h_BTC[:, lay.prefix_len - 1:]
         logits_BNK = self.mask_head(h_BNC)
         ce_plain = F.cross_entropy(logits_BNK.flatten(0, 1).float(), codes_BN.flatten())
         zero = ce_plain.new_zeros(())
@@ -326,14 +345,22 @@ class NextTokenSegmenter(nn.Module):
             tcl = self.tcl(h_BNC, code_emb_KC, codes_BHW)
         else:
             tcl = zero
+        if self.dense is not None:
+            if "mask" not in batch:
+                raise KeyError("dense supervision is on: the batch needs 'mask' (B, S, S)")
+            dense = self.dense(h_BTC[:, 1:1 + lay.n_image], batch["mask"])
+        else:
+            dense = zero
         loss = ce
+        if self.dense is not None:
+            loss = loss + cfg.lambda_dense * dense
         if self.nktp is not None:
             loss = loss + cfg.lambda_nktp * nktp
         if self.tcl is not None:
             loss = loss + cfg.lambda_tcl * tcl
         with torch.no_grad():
             acc = (logits_BNK.argmax(-1) == codes_BN).float().mean()
-        return {"loss": loss, "ce": ce, "ce_plain": ce_plain, "nktp": nktp, "tcl": tcl,
+        return {"loss": loss, "ce": ce, "ce_plain": ce_plain, "nktp": nktp, "tcl": tcl, "dense": dense,
                 "het_weight": het_weight, "acc": acc, "logits": logits_BNK}
 
     # -- inference --------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def model_config(cfg: RunConfig, bundle: TokenizerBundle, n_train: int = 4096) -
             image_input=s.image_input, image_size=cfg.image_size, prefix_attention=s.prefix_attention,
             encoder=ImageEncoderConfig(patch=max(2, cfg.image_size // mask.grid)),
             nktp_k=s.nktp_k, nktp_gamma=s.nktp_gamma, lambda_nktp=s.lambda_nktp,
-            lambda_tcl=s.lambda_tcl, het_alpha=s.het_alpha, het_decay=s.het_decay,
+            lambda_tcl=s.lambda_tcl, het_alpha=s.het_alpha, het_decay=s.het_decay, lambda_dense=s.lambda_dense,
             het_buckets=max(1, n_train),
         )
         return replace(mc, transformer=_seq_room(mc.transformer, SequenceLayout.from_config(mc).input_len))
@@ -102,6 +102,8 @@ def training_tensors(paradigm: str, codes: Any, mcfg: Any) -> dict[str, torch.Te
         if mcfg.image_input == "codes":
             data["image_codes"] = f["image_codes"].long()
         data["mask_codes"] = f["mask_codes"].long()
+        if mcfg.lambda_dense > 0:
+            data["mask"] = f["mask"]  # (N, S, S) uint8 0/1, the dense prefix target
         data["sample_ids"] = torch.arange(len(codes.ids)) % mcfg.het_buckets
     else:
         data["ms_codes"] = f["ms_codes"].long()
