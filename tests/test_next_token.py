@@ -321,3 +321,19 @@ def test_dense_prefix_loss_is_switchable_and_trains_the_image_states():
     assert model.dense.proj.weight.grad.abs().sum() > 0
     with pytest.raises(KeyError):
         model({k: v for k, v in batch.items() if k != "mask"})
+
+
+def test_input_noise_corrupts_teacher_inputs_only_in_training():
+    with pytest.raises(ConfigError):
+        _cfg(input_noise=1.0)
+    model = _model(input_noise=0.5, het_alpha=0.0)
+    image, text, tmask, codes = _inputs()
+    batch = {"image_codes": image, "text_ids": text, "text_mask": tmask, "mask_codes": codes}
+    with torch.no_grad():
+        clean = model.mask_logits(image, text, tmask, codes.flatten(1)[:, :-1])
+        torch.testing.assert_close(model.eval()(batch)["logits"], clean)  # eval: teacher inputs as given
+        torch.manual_seed(3)
+        noisy = model.train()(batch)["logits"]
+    assert not torch.allclose(noisy, clean, atol=1e-4)
+    # the first mask token is predicted from the prefix alone: no input of it can be corrupted
+    torch.testing.assert_close(noisy[:, 0], clean[:, 0], atol=1e-5, rtol=1e-5)

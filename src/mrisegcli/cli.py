@@ -210,7 +210,7 @@ def _run_config(preset: str, paradigm: str, size: int | None, seed: int, **overr
         cfg = with_image_size(cfg, size)
     train_keys = ("steps", "epochs", "batch_size", "lr", "ckpt_every", "eval_every")
     train_fields = {k: v for k, v in overrides.items() if v is not None and k in train_keys}
-    strat_fields = {k: v for k, v in overrides.items() if v is not None and k in ("nktp_k", "lambda_tcl", "het_alpha", "image_input", "prefix_attention", "lambda_dense")}
+    strat_fields = {k: v for k, v in overrides.items() if v is not None and k in ("nktp_k", "lambda_tcl", "het_alpha", "image_input", "prefix_attention", "lambda_dense", "input_noise")}
     fit_fields = {k: v for k, v in overrides.items() if v is not None and k.endswith("_steps") and k != "steps"}
     if train_fields:
         tf = dict(train_fields, seed=seed)
@@ -305,6 +305,7 @@ def train(
     lambda_tcl: Annotated[float | None, typer.Option(help="Token contrastive loss weight (0 = off).")] = None,
     het_alpha: Annotated[float | None, typer.Option(help="Hard-error-token weight (0 = off).")] = None,
     image_input: Annotated[str | None, typer.Option(help="next-token image tokens: codes or pixels.")] = None,
+    input_noise: Annotated[float | None, typer.Option(help="Share of teacher-forced mask tokens replaced by random codes (0 = off).")] = None,
     lambda_dense: Annotated[float | None, typer.Option(help="Dense prefix supervision weight (0 = off).")] = None,
     prefix_attention: Annotated[str | None, typer.Option(help="next-token image+text attention: bidirectional or causal.")] = None,
     no_text: Annotated[bool, typer.Option("--no-text", help="Image-only baseline: the model never sees the prompt.")] = False,
@@ -323,7 +324,7 @@ def train(
         preset, paradigm, size, seed, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
         eval_every=eval_every, ckpt_every=ckpt_every, mask_steps=mask_steps, image_steps=image_steps, multiscale_steps=multiscale_steps,
         nktp_k=nktp_k, lambda_tcl=lambda_tcl, het_alpha=het_alpha, image_input=image_input,
-        prefix_attention=prefix_attention, lambda_dense=lambda_dense,
+        prefix_attention=prefix_attention, lambda_dense=lambda_dense, input_noise=input_noise,
     )
     if no_text:
         from dataclasses import replace

@@ -49,6 +49,7 @@ class StrategyConfig:
     image_input: Literal["codes", "pixels"] = "codes"
     prefix_attention: Literal["causal", "bidirectional"] = "bidirectional"
     lambda_dense: float = 0.0
+    input_noise: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,10 @@ class NextTokenConfig:
     # dense prefix supervision: image-token states predict their patch's mask pixels (needs the
     # bidirectional prefix, so that image tokens read the text). lambda_dense = 0 switches it off.
     lambda_dense: float = 0.0
+    # exposure bias: in training each teacher-forced input mask token is replaced by a random
+    # code with this probability (targets unchanged), so that a state cannot just copy its
+    # neighbours' codes and must read the image. 0 switches it off.
+    input_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.image_input not in ("codes", "pixels"):
@@ -95,6 +99,8 @@ class NextTokenConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lambda_tcl < 0 or self.het_alpha < 0 or self.lambda_nktp < 0 or self.lambda_dense < 0:
             raise ConfigError("loss weights must be >= 0")
+        if not 0.0 <= self.input_noise < 1.0:
+            raise ConfigError(f"input_noise must lie in [0, 1), got {self.input_noise}")
         if self.lambda_dense > 0:
             if self.prefix_attention != "bidirectional":
                 raise ConfigError("lambda_dense > 0 needs prefix_attention 'bidirectional' (image tokens must read the text)")
@@ -323,7 +329,12 @@ class NextTokenSegmenter(nn.Module):
             raise ValueError(f"expected mask codes (B, {cfg.mask_grid}, {cfg.mask_grid}), got {tuple(codes_BHW.shape)}")
         _check_range("mask codes", codes_BHW, cfg.mask_codebook_size)
         codes_BN = codes_BHW.flatten(1)
-        h_BTC = self._hidden(image, batch["text_ids"], batch["text_mask"], codes_BN[:, :-1])
+        inputs_BN = codes_BN[:, :-1]
+        if self.training and cfg.input_noise > 0:
+            noisy = torch.rand(inputs_BN.shape, device=inputs_BN.device) < cfg.input_noise
+            random_BN = torch.randint_like(inputs_BN, cfg.mask_codebook_size)
+            inputs_BN = torch.where(noisy, random_BN, inputs_BN)
+        h_BTC = self._hidden(image, batch["text_ids"], batch["text_mask"], inputs_BN)
         h_BNC = h_BTC[:, lay.prefix_len - 1:]
         logits_BNK = self.mask_head(h_BNC)
         ce_plain = F.cross_entropy(logits_BNK.flatten(0, 1).float(), codes_BN.flatten())

@@ -50,6 +50,7 @@ def model_config(cfg: RunConfig, bundle: TokenizerBundle, n_train: int = 4096) -
             encoder=ImageEncoderConfig(patch=max(2, cfg.image_size // mask.grid)),
             nktp_k=s.nktp_k, nktp_gamma=s.nktp_gamma, lambda_nktp=s.lambda_nktp,
             lambda_tcl=s.lambda_tcl, het_alpha=s.het_alpha, het_decay=s.het_decay, lambda_dense=s.lambda_dense,
+            input_noise=s.input_noise,
             het_buckets=max(1, n_train),
         )
         return replace(mc, transformer=_seq_room(mc.transformer, SequenceLayout.from_config(mc).input_len))
