@@ -313,3 +313,27 @@ def test_tiny_model_overfits_a_few_cases():
     # greedy decoding from scratch (its own samples fed back) reproduces each case's codes
     got = flatten_scales(generate_scales(model, q, images, text_ids, text_mask))
     assert (got == codes).float().mean(1).min() > 0.9
+
+
+def test_dense_condition_loss_adds_to_ce_and_leaves_decoding_alone():
+    with pytest.raises(ConfigError):
+        make_config(lambda_dense=-1.0)
+    model, q = make_model(seed=8, lambda_dense=0.5)
+    plain, _ = make_model(seed=8)
+    assert model.dense is not None and plain.dense is None
+    assert "dense.proj.weight" in model.state_dict() and not any(k.startswith("dense") for k in plain.state_dict())
+    image, text_ids, text_mask = make_inputs(2)
+    mask = (torch.rand(2, S, S) > 0.5).to(torch.uint8)
+    codes = flatten_scales(q.encode(mask[:, None].float()))
+    batch = {"image": image, "text_ids": text_ids, "text_mask": text_mask, "ms_codes": codes, "mask": mask}
+    out, ref = model(batch), plain(batch)
+    # same initial weights apart from the head: same CE, plus the weighted dense term
+    torch.testing.assert_close(out["ce"], ref["loss"])
+    torch.testing.assert_close(out["loss"], ref["loss"] + 0.5 * out["dense"])
+    out["loss"].backward()
+    assert model.encoder.net[0].weight.grad is not None and model.dense.proj.weight.grad.abs().sum() > 0
+    a = generate_scales(model, q, image, text_ids, text_mask)
+    b = generate_scales(plain, q, image, text_ids, text_mask)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(KeyError):
+        model({k: v for k, v in batch.items() if k != "mask"})

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrisegcli.errors import ConfigError
+from mrisegcli.losses.dense import DensePrefixHead
 from mrisegcli.models.image_encoder import ConvImageEncoder, ImageEncoder, ImageEncoderConfig
 from mrisegcli.models.transformer import Transformer, TransformerConfig, block_causal_mask
 from mrisegcli.tokenizers.multiscale import MultiScaleMaskQuantizer
@@ -61,8 +62,13 @@ class NextScaleConfig:
     # False: CE averaged over all scale tokens (fine scales dominate, as in VAR);
     # True: every scale weighs the same (CE averaged per scale, then over scales).
     balance_scales: bool = False
+    # dense condition supervision (losses/dense.py): image-token states predict their patch's
+    # mask pixels. 0 switches it off.
+    lambda_dense: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.lambda_dense < 0:
+            raise ConfigError(f"lambda_dense must be >= 0, got {self.lambda_dense}")
         for name in ("image_size", "text_vocab_size", "text_len", "mask_codebook_size", "code_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -216,6 +222,9 @@ class NextScaleSegmenter(nn.Module):
         self.register_buffer("pos_T2", sequence_positions(lay, self.encoder.grid), persistent=False)
         self.register_buffer("seg_T", segment_ids(lay), persistent=False)
         self.register_buffer("mask_TT", next_scale_mask(lay), persistent=False)
+        # built last, so switching it on leaves every other initial weight as it was
+        g = self.encoder.grid
+        self.dense = DensePrefixHead(dim, g, cfg.image_size // g) if cfg.lambda_dense > 0 else None
 
     @property
     def quantizer(self) -> MultiScaleMaskQuantizer:
@@ -282,6 +291,12 @@ class NextScaleSegmenter(nn.Module):
         ``x_BnCv``: f_hat inputs of scales 2..k (n = sum_{j=2..k} p_j**2, may be 0), as built by
         the quantiser's ``idx_to_teacher_inputs`` / ``next_input``.
         """
+        return self.head(self._hidden(image, text_ids, text_mask, x_BnCv)[:, self.layout.n_cond :])
+
+    def _hidden(
+        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, x_BnCv: torch.Tensor
+    ) -> torch.Tensor:
+        """Full block-causal pass -> (B, T, C) hidden states of the condition and scales 1..k."""
         lay = self.layout
         n = x_BnCv.shape[1]
         if n not in {lay.scale_begin(k) - lay.scale_lengths[0] for k in range(1, len(lay.scales) + 1)}:
@@ -292,8 +307,7 @@ class NextScaleSegmenter(nn.Module):
         T = x_BTC.shape[1]
         valid_BT = torch.cat([valid_BP, valid_BP.new_ones(B, T - lay.n_cond)], 1)
         mask = self.mask_TT[:T, :T][None, None] & valid_BT[:, None, None, :]  # (B, 1, T, T)
-        h_BTC = self.transformer(x_BTC, self.pos_T2[:T], mask)
-        return self.head(h_BTC[:, lay.n_cond :])
+        return self.transformer(x_BTC, self.pos_T2[:T], mask)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training losses.
@@ -310,15 +324,22 @@ class NextScaleSegmenter(nn.Module):
         if int(codes_BL.min()) < 0 or int(codes_BL.max()) >= self.config.mask_codebook_size:
             raise ValueError(f"ms_codes must lie in [0, {self.config.mask_codebook_size})")
         x_BnCv = self.teacher_inputs(idx_list[:-1])
-        logits_BLK = self.scale_logits(batch["image"], batch["text_ids"], batch["text_mask"], x_BnCv)
+        h_BTC = self._hidden(batch["image"], batch["text_ids"], batch["text_mask"], x_BnCv)
+        logits_BLK = self.head(h_BTC[:, lay.n_cond :])
         ce_BL = F.cross_entropy(logits_BLK.flatten(0, 1).float(), codes_BL.flatten(), reduction="none")
         ce_BL = ce_BL.view_as(codes_BL)
         per_scale = [c.mean() for c in torch.split(ce_BL, lay.scale_lengths, dim=1)]
-        loss = torch.stack(per_scale).mean() if self.config.balance_scales else ce_BL.mean()
+        ce = torch.stack(per_scale).mean() if self.config.balance_scales else ce_BL.mean()
+        dense = ce.new_zeros(())
+        if self.dense is not None:
+            if "mask" not in batch:
+                raise KeyError("dense supervision is on: the batch needs 'mask' (B, S, S)")
+            dense = self.dense(h_BTC[:, : lay.n_image], batch["mask"])
+        loss = ce + self.config.lambda_dense * dense
         with torch.no_grad():
             hit_BL = (logits_BLK.argmax(-1) == codes_BL).float()
             last = lay.scale_lengths[-1]
-        return {"loss": loss, "ce_last": per_scale[-1].detach(), "acc": hit_BL.mean(),
+        return {"loss": loss, "ce": ce.detach(), "dense": dense.detach(), "ce_last": per_scale[-1].detach(), "acc": hit_BL.mean(),
                 "acc_last": hit_BL[:, -last:].mean(), "logits": logits_BLK}
 
     # -- inference --------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def model_config(cfg: RunConfig, bundle: TokenizerBundle, n_train: int = 4096) -
     mc = NextScaleConfig(
         transformer=cfg.transformer, image_size=cfg.image_size, text_vocab_size=vocab,
         text_len=cfg.text_len, mask_codebook_size=q.codebook_size, code_dim=q.cfg.code_dim,
-        scales=tuple(q.scales),
+        scales=tuple(q.scales), lambda_dense=cfg.strategies.lambda_dense,
     )
     grid = mc.encoder.grid(cfg.image_size)
     needed = ScaleLayout(grid * grid, cfg.text_len, tuple(q.scales)).seq_len
@@ -103,11 +103,11 @@ def training_tensors(paradigm: str, codes: Any, mcfg: Any) -> dict[str, torch.Te
         if mcfg.image_input == "codes":
             data["image_codes"] = f["image_codes"].long()
         data["mask_codes"] = f["mask_codes"].long()
-        if mcfg.lambda_dense > 0:
-            data["mask"] = f["mask"]  # (N, S, S) uint8 0/1, the dense prefix target
         data["sample_ids"] = torch.arange(len(codes.ids)) % mcfg.het_buckets
     else:
         data["ms_codes"] = f["ms_codes"].long()
+    if getattr(mcfg, "lambda_dense", 0.0) > 0:
+        data["mask"] = f["mask"]  # (N, S, S) uint8 0/1, the dense condition target
     return data
 
 
