@@ -6,7 +6,7 @@ set -euo pipefail
 WORK=${WORK:-work}
 PRESET=${PRESET:-cpu}
 PARADIGM=${PARADIGM:-next-token}
-mriseg synth "$WORK/data" --n-train 800 --n-val 100 --n-test 200 --seed 0 --overwrite
+mriseg synth "$WORK/data" --n-train 4000 --n-val 200 --n-test 200 --seed 0 --overwrite
 mriseg train --data "$WORK/data" --out "$WORK/run" --preset "$PRESET" --paradigm "$PARADIGM" \
   --device "${DEVICE:-auto}" --seed 0 --overwrite
 mriseg evaluate --model "$WORK/run" --data "$WORK/data" --split test --text-ablation empty \

@@ -38,7 +38,8 @@ class FitConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """The next-token training strategies (docs/method.md); 0 switches a term off."""
+    """Training strategies (docs/method.md); 0 switches a term off. lambda_dense applies to both
+    paradigms, the rest to the next-token model."""
 
     nktp_k: int = 3
     nktp_gamma: float = 0.5
@@ -48,8 +49,8 @@ class StrategyConfig:
     het_decay: float = 0.5
     image_input: Literal["codes", "pixels"] = "codes"
     prefix_attention: Literal["causal", "bidirectional"] = "bidirectional"
-    lambda_dense: float = 0.0
-    input_noise: float = 0.0
+    lambda_dense: float = 1.0
+    input_noise: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,9 @@ def _cpu() -> RunConfig:
         preset="cpu",
         transformer=get_preset("cpu"),
         strategies=StrategyConfig(image_input="pixels"),
-        fit=FitConfig(mask_steps=800, image_steps=600, multiscale_steps=800),
-        # validation Dice levels off by about 300 steps (0.53-0.58 at 200-800 steps measured on
-        # the built-in data), so 400 steps keep the quickstart near 15 minutes on two cores
-        train=TrainConfig(steps=400, batch_size=32, lr=3e-3, warmup_steps=50, eval_every=100, ckpt_every=100),
+        fit=FitConfig(mask_steps=2000, image_steps=600, multiscale_steps=2000),
+        # about 0.3 s a step on two cores: 2500 steps are 12-13 minutes (docs/method.md)
+        train=TrainConfig(steps=2500, batch_size=32, lr=3e-3, warmup_steps=100, eval_every=250, ckpt_every=250),
     )
     return with_image_size(cfg, 64)
 
