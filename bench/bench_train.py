@@ -84,6 +84,9 @@ def random_batch(
         L = model.layout.n_scale_tokens
         out["image"] = torch.rand(batch, 1, cfg.image_size, cfg.image_size, generator=gen)
         out["ms_codes"] = torch.randint(0, mcfg.mask_codebook_size, (batch, L), generator=gen)
+    if mcfg.lambda_dense > 0:  # dense supervision target: a binary mask at the model's input size
+        S = cfg.image_size
+        out["mask"] = (torch.rand(batch, S, S, generator=gen) > 0.5).to(torch.uint8)
     return {k: v.to(device) for k, v in out.items()}
 
 
