@@ -168,3 +168,5 @@ def test_no_text_trains_an_image_only_baseline(synth_data, tmp_path):
                 "--device", "cpu"])
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["uses_text"] is False and summary["text_shuffle_dice_drop"] == 0.0
+    r = invoke(["evaluate", "--model", str(run), "--data", str(synth_data), "--device", "cpu"])
+    assert "image-only model" in r.stdout.strip().splitlines()[-1]

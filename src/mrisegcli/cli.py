@@ -487,6 +487,8 @@ def evaluate(
     out.print(render_table(report))
     if by_model:
         line = f"{split}: Dice {summary['dice']:.4f}  mIoU {summary['miou']:.4f}  (n={summary['n']})"
+        if not summary.get("uses_text", True):
+            line += "  image-only model (trained with --no-text)"
         if "tokenizer_ceiling_dice" in summary:
             line += f"  tokenizer ceiling Dice {summary['tokenizer_ceiling_dice']:.4f}"
         for a in text_ablation or ():
