@@ -170,3 +170,20 @@ def test_no_text_trains_an_image_only_baseline(synth_data, tmp_path):
     assert summary["uses_text"] is False and summary["text_shuffle_dice_drop"] == 0.0
     r = invoke(["evaluate", "--model", str(run), "--data", str(synth_data), "--device", "cpu"])
     assert "image-only model" in r.stdout.strip().splitlines()[-1]
+
+
+def test_resume_rebuilds_the_saved_model_not_todays_defaults(synth_data, tmp_path):
+    """A run written before an option existed resumes with the model it was trained with."""
+    run = tmp_path / "old"
+    invoke(["train", "--data", str(synth_data), "--out", str(run), *TINY, "--steps", "8", "--ckpt-every", "4",
+            "--prefix-attention", "causal", "--lambda-dense", "0", "--input-noise", "0"])
+    path = run / "config.json"
+    config = json.loads(path.read_text())
+    for key in ("prefix_attention", "lambda_dense", "input_noise"):  # what an older mriseg wrote
+        config["run"]["strategies"].pop(key)
+        config["model"].pop(key)
+    path.write_text(json.dumps(config))
+    (run / "checkpoints" / "step_00000008.safetensors").unlink(missing_ok=True)  # resume from step 4
+    invoke(["train", "--data", str(synth_data), "--out", str(run), "--resume", *TINY])
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log if r["split"] == "train") >= 8

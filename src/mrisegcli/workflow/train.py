@@ -34,6 +34,7 @@ from mrisegcli.workflow.segmenter import (
     Segmenter,
     build_model,
     model_config,
+    model_config_from_dict,
     save_model,
     training_tensors,
 )
@@ -140,7 +141,10 @@ def train_run(
     if not train_codes.ids:
         raise MrisegError("no training samples", data_root)
     val_codes = load_cached_split(cache_dir, bundle, cfg, "val")
-    mcfg = model_config(cfg, bundle, n_train=len(train_codes.ids))
+    if resume and "model" in saved:  # the model as it was built, whatever today's defaults are
+        mcfg = model_config_from_dict(cfg.paradigm, saved["model"])
+    else:
+        mcfg = model_config(cfg, bundle, n_train=len(train_codes.ids))
     model = build_model(cfg.paradigm, mcfg, bundle)
     data = training_tensors(cfg.paradigm, train_codes, mcfg)
     if not cfg.use_text:  # image-only baseline: every text position is padding
