@@ -127,6 +127,10 @@ def test_errors_are_one_line(tmp_path):
     assert not (tmp_path / "x_mask.png").exists()
     r = invoke(["evaluate", "--pred", str(tmp_path)], ok=False)
     assert r.exit_code == 2
+    for option, value in (("--prefix-attention", "full"), ("--image-input", "jpeg")):
+        r = invoke(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), option, value], ok=False)
+        assert r.exit_code == 2 and r.output.count("\n") == 1 and f"{option} must be" in r.output
+        assert not (tmp_path / "r").exists()
 
 
 def test_evaluate_with_samples_reports_uncertainty(trained, synth_data):

@@ -34,7 +34,10 @@ class DensePrefixHead(nn.Module):
         x_BNP = self.proj(h_BNC).float()  # (B, g*g, p*p)
         return x_BNP.view(B, g, g, p, p).permute(0, 1, 3, 2, 4).reshape(B, 1, g * p, g * p)
 
-    def forward(self, h_BNC: torch.Tensor, mask_BSS: torch.Tensor) -> torch.Tensor:
+    def forward(self, h_BNC: torch.Tensor, mask_BSS: torch.Tensor | None) -> torch.Tensor:
+        """Loss against ``mask_BSS`` (B, S, S), the batch's ``mask`` (None: it has none)."""
+        if mask_BSS is None:
+            raise KeyError("dense supervision is on: the batch needs 'mask' (B, S, S)")
         logits_B1SS = self.logits(h_BNC)
         S = self.grid * self.patch
         if mask_BSS.shape[-2:] != (S, S):

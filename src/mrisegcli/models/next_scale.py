@@ -332,9 +332,7 @@ class NextScaleSegmenter(nn.Module):
         ce = torch.stack(per_scale).mean() if self.config.balance_scales else ce_BL.mean()
         dense = ce.new_zeros(())
         if self.dense is not None:
-            if "mask" not in batch:
-                raise KeyError("dense supervision is on: the batch needs 'mask' (B, S, S)")
-            dense = self.dense(h_BTC[:, : lay.n_image], batch["mask"])
+            dense = self.dense(h_BTC[:, : lay.n_image], batch.get("mask"))
         loss = ce + self.config.lambda_dense * dense
         with torch.no_grad():
             hit_BL = (logits_BLK.argmax(-1) == codes_BL).float()

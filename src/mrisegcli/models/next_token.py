@@ -356,12 +356,7 @@ class NextTokenSegmenter(nn.Module):
             tcl = self.tcl(h_BNC, code_emb_KC, codes_BHW)
         else:
             tcl = zero
-        if self.dense is not None:
-            if "mask" not in batch:
-                raise KeyError("dense supervision is on: the batch needs 'mask' (B, S, S)")
-            dense = self.dense(h_BTC[:, 1:1 + lay.n_image], batch["mask"])
-        else:
-            dense = zero
+        dense = self.dense(h_BTC[:, 1:1 + lay.n_image], batch.get("mask")) if self.dense is not None else zero
         loss = ce
         if self.dense is not None:
             loss = loss + cfg.lambda_dense * dense
