@@ -245,11 +245,44 @@ def presets() -> None:
     out.print(table)
 
 
+# ------------------------------------------------------------------------------------ models
+@app.command()
+@handled
+def models(
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per model, one per line.")] = False,
+) -> None:
+    """List the models that ship inside the package, with their data, size and test metrics."""
+    from rich.table import Table
+
+    from mrisegcli.shipped import DEFAULT_MODEL, ENV_VAR, shipped_models
+
+    found = shipped_models()
+    if json_out:
+        for m in found:
+            _print_json({"name": m.name, "default": m.name == DEFAULT_MODEL, "path": str(m.path),
+                         "data": m.data, "size_bytes": m.size_bytes, "paradigm": m.config.get("paradigm"),
+                         "preset": m.config.get("preset"), "evaluation": m.evaluation})
+        return
+    if not found:
+        out.print("no models ship with this installation; pass --model RUN")
+        return
+    table = Table("model", "data", "size", "paradigm", "test Dice by kind (canonical wording)")
+    for m in found:
+        kinds = m.evaluation.get("kinds", {})
+        dice = ", ".join(f"{k} {v['dice']:.3f}" for k, v in kinds.items()) or "not evaluated"
+        name = f"{m.name} (default)" if m.name == DEFAULT_MODEL else m.name
+        table.add_row(name, m.data, f"{m.size_bytes / 1e6:.1f} MB",
+                      f"{m.config.get('paradigm')} ({m.config.get('preset')})", dice)
+    out.print(table)
+    out.print(f"--model NAME|RUN|HUB_ID chooses another; {ENV_VAR} sets the default. Model cards: "
+              + ", ".join(str(m.path / "README.md") for m in found), markup=False)
+
+
 # ---------------------------------------------------------------------------------- tokenize
 @app.command()
 @handled
 def tokenize(
-    data: Annotated[Path, typer.Option(help="Dataset folder or manifest.")],
+    data: Annotated[list[Path], typer.Option(help="Dataset folder or manifest; repeat for several.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Cache folder to create or update.")],
     tokenizer: Annotated[Path | None, typer.Option(help="Reuse the tokenizers of a run or tokenize output.")] = None,
     paradigm: Annotated[str, typer.Option(help="next-token or next-scale (which tokenizers to fit).")] = "next-token",
@@ -284,7 +317,7 @@ def tokenize(
 @app.command()
 @handled
 def train(
-    data: Annotated[Path, typer.Option(help="Dataset folder (LViT, QaTa-v2) or manifest CSV/JSONL.")],
+    data: Annotated[list[Path], typer.Option(help="Dataset folder (LViT, QaTa-v2) or manifest CSV/JSONL; repeat to train on several.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder.")],
     paradigm: Annotated[str, typer.Option(help="next-token or next-scale.")] = "next-token",
     preset: Annotated[str, typer.Option(help="tiny, small or base (see `mriseg presets`).")] = "tiny",
@@ -309,6 +342,8 @@ def train(
     lambda_dense: Annotated[float | None, typer.Option(help="Dense prefix supervision weight (0 = off).")] = None,
     prefix_attention: Annotated[str | None, typer.Option(help="next-token image+text attention: bidirectional or causal.")] = None,
     no_text: Annotated[bool, typer.Option("--no-text", help="Image-only baseline: the model never sees the prompt.")] = False,
+    paraphrases: Annotated[int | None, typer.Option(min=0, help="Reworded copies of each training row with a 'target' column (0 = none).")] = None,
+    text_len: Annotated[int | None, typer.Option(min=1, max=512, help="Text context in tokens (lengthened when a training text is longer).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
@@ -326,10 +361,14 @@ def train(
         nktp_k=nktp_k, lambda_tcl=lambda_tcl, het_alpha=het_alpha, image_input=image_input,
         prefix_attention=prefix_attention, lambda_dense=lambda_dense, input_noise=input_noise,
     )
-    if no_text:
-        from dataclasses import replace
+    from dataclasses import replace
 
+    if no_text:
         cfg = replace(cfg, use_text=False)
+    if paraphrases is not None:
+        cfg = replace(cfg, paraphrases=paraphrases)
+    if text_len is not None:
+        cfg = replace(cfg, text_len=text_len)
     dev = _device(device)
     info = init_distributed(dev.type)
     if info.enabled and dev.type == "cuda":
@@ -357,7 +396,10 @@ def train(
 def predict(
     inputs: Annotated[list[str], typer.Argument(help="Files, folders, or - to read paths from stdin.")],
     text: Annotated[str, typer.Option(help="The referring text.")],
-    model: Annotated[str, typer.Option(help="Run folder or Hub id user/repo[@revision].")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="Run folder, Hub id user/repo@revision, or a shipped model's name (default: $MRISEG_MODEL, else the shipped chest-xray model)."),
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: beside each input).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="auto, png, nii or dcm (DICOM SEG).")] = "auto",
     samples: Annotated[int, typer.Option(min=1, help="Masks drawn per input and fused by consensus.")] = 1,
@@ -385,23 +427,49 @@ def predict(
     plans = plan_outputs(paths, out_dir, fmt, overwrite=overwrite, uncertainty=uncertainty,
                          overlay=overlay, steps_png=steps_png, keep_going=keep_going)
     dev = _device(device)
-    seg = load_segmenter(resolve_run(model), dev, batch_size=batch_size, compile=dev.type == "cuda")
+    choice = _chosen_model(model)
+    seg = load_segmenter(resolve_run(choice.spec), dev, batch_size=batch_size, compile=dev.type == "cuda")
     if steps_png and seg.paradigm != "next-scale":
         raise _fail("--steps-png needs a next-scale model", 2)
     adapter = _SliceAdapter(seg, samples, temperature, seed, steps_png)
+    warned: list[bool] = []
 
     def show(result: Any) -> None:
+        if choice.shipped and not result.error and not warned and _not_a_radiograph(result):
+            warned.append(True)
+            what = f"a {result.modality} scan" if result.modality else f"a volume of {result.slices} slices"
+            err.print(f"mriseg: warning: {result.input} is {what}; the default model was trained on "
+                      "chest radiographs and segments it slice by slice", markup=False)
         if json_out:
             _print_json(result.to_json())
         elif result.error:
             err.print(f"mriseg: error: {result.error}", markup=False)
+        elif not result.found:
+            mask = result.outputs.get("mask")
+            out.print(f"{result.input} -> {mask} (no region found; presence {result.presence:.2f})", markup=False)
         else:
             mask = result.outputs.get("mask")
-            out.print(f"{result.input} -> {mask} ({result.foreground_fraction:.1%} foreground)", markup=False)
+            out.print(f"{result.input} -> {mask} ({result.foreground_fraction:.1%} foreground, "
+                      f"presence {result.presence:.2f})", markup=False)
 
     results = run_plans(adapter, plans, text, overwrite=overwrite, keep_going=keep_going, on_result=show)
     if any(r.error for r in results):
         raise typer.Exit(1)
+
+
+def _chosen_model(model: str | None) -> Any:
+    """--model > MRISEG_MODEL > the shipped default; says once on stderr which one runs."""
+    from mrisegcli.shipped import choose_model
+
+    choice = choose_model(model)
+    err.print(choice.describe(), markup=False)
+    return choice
+
+
+def _not_a_radiograph(result: Any) -> bool:
+    from mrisegcli.shipped import RADIOGRAPH_MODALITIES
+
+    return result.slices > 1 or (result.modality or "").upper() not in RADIOGRAPH_MODALITIES
 
 
 class _SliceAdapter:
@@ -427,8 +495,8 @@ class _SliceAdapter:
 @app.command()
 @handled
 def evaluate(
-    model: Annotated[str | None, typer.Option(help="Run folder or Hub id to evaluate on --data.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Dataset to evaluate --model on.")] = None,
+    model: Annotated[str | None, typer.Option(help="Run folder, Hub id or shipped model to evaluate on --data (default: $MRISEG_MODEL, else the shipped chest-xray model).")] = None,
+    data: Annotated[list[Path] | None, typer.Option(help="Dataset to evaluate the model on (repeat for several).")] = None,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     layout: Annotated[str | None, typer.Option(help="Force the layout: lvit, qata-v2, manifest.")] = None,
     pred: Annotated[Path | None, typer.Option(help="Folder of predicted masks.")] = None,
@@ -456,8 +524,8 @@ def evaluate(
 
     by_model = model is not None or data is not None
     by_folder = pred is not None or gt is not None
-    if by_model == by_folder or (by_model and (model is None or data is None)) or (by_folder and (pred is None or gt is None)):
-        raise _fail("give either --model RUN --data DIR, or --pred DIR --gt DIR", 2)
+    if by_model == by_folder or (by_model and data is None) or (by_folder and (pred is None or gt is None)):
+        raise _fail("give either --data DIR [--model RUN], or --pred DIR --gt DIR", 2)
     if csv is not None:
         check_writable(csv, overwrite)
     if by_model:
@@ -465,7 +533,7 @@ def evaluate(
         from mrisegcli.workflow.evaluate_model import evaluate_model, report_dict
         from mrisegcli.workflow.segmenter import load_segmenter
 
-        seg = load_segmenter(resolve_run(model), _device(device))
+        seg = load_segmenter(resolve_run(_chosen_model(model).spec), _device(device))
         mreport = evaluate_model(
             seg, data, split=split, layout=layout, samples=samples, temperature=temperature,
             ablations=tuple(text_ablation or ()),
@@ -496,6 +564,11 @@ def evaluate(
         if "uncertainty" in summary:
             line += f"  mean uncertainty {summary['uncertainty']:.4f}"
         out.print(line)
+        for kind, row in summary.get("kinds", {}).items():
+            extra = ""
+            if "drawn" in row:
+                extra = f"  drew a region on {row['drawn']:.1%} (mean area {row['fp_fraction']:.2%} of the image)"
+            out.print(f"  {kind}: Dice {row['dice']:.4f}  mIoU {row['miou']:.4f}  (n={row['n']}){extra}", markup=False)
 
 
 # -------------------------------------------------------------------------------------- push

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,11 @@ class Sample:
     mask: Path | None
     text: str
     split: str  # "train" | "val" | "test"
+    # optional manifest columns: the row's kind ("describe", "anatomy", ...; per-kind metrics in
+    # ``evaluate``) and its meaning in a fixed grammar ("infection:left", used to generate
+    # other wordings of the same request, see ``data/paraphrase.py``)
+    kind: str = ""
+    target: str = ""
 
 
 @dataclass
@@ -354,10 +360,13 @@ def _load_manifest(root: Path) -> tuple[Path, list[Sample]]:
     if not path.is_file():
         raise InputError("manifest file does not exist", path)
     base = path.parent
-    rows = _read_table(path, ("image", "text"), ("mask", "split", "id"))
+    rows = _read_table(path, ("image", "text"), ("mask", "split", "id", "kind", "target"))
+    is_csv = path.suffix.lower() == ".csv"
+    image_count = Counter(row["image"] for row in rows)
     samples = []
-    for n, row in enumerate(rows, 2 if path.suffix.lower() == ".csv" else 1):
-        where = f"{path.name} {'row' if path.suffix.lower() == '.csv' else 'line'} {n}"
+    image_split: dict[str, tuple[str, str]] = {}
+    for n, row in enumerate(rows, 2 if is_csv else 1):
+        where = f"{path.name} {'row' if is_csv else 'line'} {n}"
         if not row["image"]:
             raise InputError(f"{where}: empty image path", path)
         split = _SPLIT_ALIASES.get(row.get("split", "").lower())
@@ -365,11 +374,64 @@ def _load_manifest(root: Path) -> tuple[Path, list[Sample]]:
             raise InputError(
                 f"{where}: unknown split {row['split']!r} (use train, val or test)", path
             )
+        # splits are by image: one image in two splits would leak test cases into training
+        first = image_split.setdefault(row["image"], (split, where))
+        if first[0] != split:
+            raise InputError(
+                f"{where}: image {row['image']!r} is in split {split!r} but {first[1]} puts it "
+                f"in {first[0]!r} (an image in two splits leaks between them)",
+                path,
+            )
         try:
             image = safe_join(base, row["image"], base, where)
             mask = safe_join(base, row["mask"], base, where) if row.get("mask") else None
         except InputError as err:
             raise InputError(str(err), path) from err
-        sid = row.get("id") or Path(row["image"]).with_suffix("").as_posix()
-        samples.append(Sample(sid, image, mask, row["text"], split))
+        samples.append(
+            Sample(_row_id(row, n, image_count), image, mask, row["text"], split,
+                   kind=row.get("kind", ""), target=row.get("target", ""))
+        )
     return base, samples
+
+
+def _row_id(row: dict[str, str], n: int, image_count: Counter) -> str:
+    """The id column, else the image path without suffix; an image that has several rows (one
+    per text and mask) takes its mask's path instead, or the row number when there is no mask."""
+    if row.get("id"):
+        return row["id"]
+    stem = Path(row["image"]).with_suffix("").as_posix()
+    if image_count[row["image"]] == 1:
+        return stem
+    if row.get("mask"):
+        return Path(row["mask"]).with_suffix("").as_posix()
+    return f"{stem}#{n}"
+
+
+# --------------------------------------------------------------------------- several datasets
+
+
+def merge_datasets(datasets: list[Dataset], names: list[str]) -> Dataset:
+    """One dataset of several (``--data A --data B``): ids are prefixed with each dataset's name
+    so that they stay unique; the root is the folder that holds them all."""
+    import os
+
+    if len(datasets) == 1:
+        return datasets[0]
+    if len(set(names)) != len(names):
+        names = [f"{name}{i}" for i, name in enumerate(names)]
+    samples = [
+        dataclasses.replace(s, id=f"{name}/{s.id}")
+        for ds, name in zip(datasets, names, strict=True)
+        for s in ds.samples
+    ]
+    root = Path(os.path.commonpath([str(Path(ds.root).resolve()) for ds in datasets]))
+    layout = "+".join(ds.layout for ds in datasets)
+    return Dataset(root=root, layout=layout, samples=samples)
+
+
+def dataset_name(root: str | Path) -> str:
+    """A short name for a dataset path: the folder name (a manifest file's folder)."""
+    p = Path(root).absolute()
+    if p.is_file() or p.suffix.lower() in (".csv", ".jsonl"):
+        return p.parent.name if p.stem == "manifest" else p.stem
+    return p.name

@@ -46,19 +46,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _pipeline(vocab: dict[str, int]) -> Tokenizer:
-    """The fixed normaliser / pre-tokenizer / WordPiece model around ``vocab``."""
+def _pipeline(vocab: dict[str, int], synonyms: bool = True) -> Tokenizer:
+    """The fixed normaliser / pre-tokenizer / WordPiece model around ``vocab``.
+
+    ``synonyms``: fold clinical synonyms onto the training words (``data/paraphrase.py``) as the
+    last normalising steps; they are saved in ``tokenizer.json`` with the rest.
+    """
+    from mrisegcli.data.paraphrase import SYNONYM_RULES
+
     tk = Tokenizer(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix=CONTINUE))
-    tk.normalizer = normalizers.Sequence(
-        [
-            normalizers.Replace(Regex(r"\p{Cf}"), ""),
-            normalizers.Replace(Regex(r"\p{Cc}"), " "),
-            normalizers.NFKD(),
-            normalizers.StripAccents(),
-            normalizers.Lowercase(),
-            normalizers.NFC(),
-        ]
-    )
+    steps = [
+        normalizers.Replace(Regex(r"\p{Cf}"), ""),
+        normalizers.Replace(Regex(r"\p{Cc}"), " "),
+        normalizers.NFKD(),
+        normalizers.StripAccents(),
+        normalizers.Lowercase(),
+        normalizers.NFC(),
+    ]
+    if synonyms:
+        steps += [normalizers.Replace(Regex(pattern), repl) for pattern, repl in SYNONYM_RULES]
+    tk.normalizer = normalizers.Sequence(steps)
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
     )
@@ -141,18 +148,19 @@ def _learn_vocab(word_counts: Counter[str], vocab_size: int, min_frequency: int)
 
 
 def train_text_tokenizer(
-    texts: Iterable[str], vocab_size: int = 1000, *, min_frequency: int = 1
+    texts: Iterable[str], vocab_size: int = 1000, *, min_frequency: int = 1, synonyms: bool = True
 ) -> PreTrainedTokenizerFast:
     """Learn a WordPiece tokenizer from ``texts`` (deterministic: same texts -> same tokenizer).
 
     ``vocab_size`` caps the merges; the specials and the alphabet (ASCII letters, digits,
     punctuation plus every character seen, each also in ``##`` form) are always included, so the
     result can be slightly larger than ``vocab_size`` when that is very small. Merges seen fewer
-    than ``min_frequency`` times are not learnt.
+    than ``min_frequency`` times are not learnt. ``synonyms`` builds the synonym rules into the
+    normaliser (see ``_pipeline``).
     """
     if vocab_size < 1 or min_frequency < 1:
         raise ValueError("vocab_size and min_frequency must be >= 1")
-    pipe = _pipeline({t: i for i, t in enumerate(SPECIAL_TOKENS)})
+    pipe = _pipeline({t: i for i, t in enumerate(SPECIAL_TOKENS)}, synonyms)
     counts: Counter[str] = Counter()
     n_texts = 0
     for text in texts:
@@ -162,7 +170,7 @@ def train_text_tokenizer(
     if not counts:
         raise MrisegError(f"no words to train the text tokenizer on ({n_texts} texts, all empty)")
     vocab = _learn_vocab(counts, vocab_size, min_frequency)
-    return _wrap(_pipeline({t: i for i, t in enumerate(vocab)}))
+    return _wrap(_pipeline({t: i for i, t in enumerate(vocab)}, synonyms))
 
 
 def save_text_tokenizer(
@@ -282,6 +290,11 @@ def encode_texts(
     lens_B = torch.tensor([len(row) for row in rows], dtype=torch.int64)
     mask_BL = torch.arange(max_len) < lens_B[:, None]  # (B, L)
     return ids_BL.reshape(len(rows), max_len), mask_BL
+
+
+def longest_text(tok: PreTrainedTokenizerBase, texts: list[str]) -> int:
+    """The largest number of content tokens among ``texts`` (0 for none)."""
+    return max((len(row) for row in _token_ids(tok, list(dict.fromkeys(texts)))), default=0)
 
 
 def count_truncated(tok: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> int:

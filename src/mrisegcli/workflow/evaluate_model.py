@@ -65,7 +65,7 @@ def tokenizer_ceiling(seg: Segmenter, masks_NSS: np.ndarray, gts: list[np.ndarra
 
 def evaluate_model(
     seg: Segmenter,
-    data_root: Path,
+    data_root: Path | list[Path],
     *,
     split: str = "test",
     layout: str | None = None,
@@ -85,7 +85,8 @@ def evaluate_model(
     for a in ablations:
         if a not in ABLATIONS:
             raise MrisegError(f"unknown text ablation {a!r}; choose from {', '.join(ABLATIONS)}")
-    ds = open_dataset(Path(data_root), layout, check=False)
+    roots = [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
+    ds = open_dataset(roots, layout, check=False)
     cases = ds.split(split)
     if not cases:
         raise MrisegError(f"dataset has no {split!r} split (it has {ds.splits()})", data_root)
@@ -105,6 +106,10 @@ def evaluate_model(
         pred = seg.predict(images, texts, samples=samples, temperature=temperature, seed=seed)
     results = _score(cases, gts, pred.prob.numpy())
     report = ModelEvalReport(results, summarize(results))
+    for key in ("kind", "target"):
+        groups = group_summaries(cases, results, key)
+        if groups:
+            report.summary[f"{key}s"] = groups
     if pred.uncertainty is not None:
         unc = pred.uncertainty.numpy()
         report.uncertainty = [
@@ -132,6 +137,30 @@ def evaluate_model(
         report.ablations[a] = {"dice": s["dice"], "miou": s["miou"], "dice_drop": report.summary["dice"] - s["dice"]}
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def group_summaries(cases: list[Sample], results: list[CaseResult], key: str) -> dict[str, dict[str, Any]]:
+    """Dice / mIoU per value of a manifest column (``kind`` or ``target``); {} when it is unset.
+
+    A group whose ground truths are all empty (a finding that is not there) also reports
+    ``drawn``: the share of cases where the model drew anything, and ``fp_fraction``: the mean
+    share of the image it drew.
+    """
+    by: dict[str, list[int]] = {}
+    for i, s in enumerate(cases):
+        value = getattr(s, key, "")
+        if value:
+            by.setdefault(value, []).append(i)
+    out: dict[str, dict[str, Any]] = {}
+    for value, idx in sorted(by.items()):
+        rs = [results[i] for i in idx]
+        summ = summarize(rs)
+        row: dict[str, Any] = {"dice": summ["dice"], "miou": summ["miou"], "n": len(rs)}
+        if all(r.gt_pixels == 0 for r in rs):
+            row["drawn"] = float(np.mean([r.pred_pixels > 0 for r in rs]))
+            row["fp_fraction"] = float(np.mean([r.pred_pixels / max(1, r.n_pixels) for r in rs]))
+        out[value] = row
+    return out
 
 
 def report_dict(report: ModelEvalReport) -> dict[str, Any]:

@@ -95,8 +95,16 @@ class PredictResult:
     slices: int = 0
     foreground_pixels: int = 0
     foreground_fraction: float = 0.0
+    # the highest foreground probability anywhere in the scan: how sure the model is that what
+    # the text names is there at all (an empty mask means "no region found")
+    presence: float = 0.0
+    modality: str | None = None  # DICOM Modality of the input, when it has one
     seconds: float = 0.0
     error: str | None = None
+
+    @property
+    def found(self) -> bool:
+        return self.error is None and self.foreground_pixels > 0
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types only (paths as strings)."""
@@ -107,6 +115,9 @@ class PredictResult:
             "slices": int(self.slices),
             "foreground_pixels": int(self.foreground_pixels),
             "foreground_fraction": float(self.foreground_fraction),
+            "found": self.found,
+            "presence": round(float(self.presence), 4),
+            "modality": self.modality,
             "seconds": round(float(self.seconds), 4),
             "error": self.error,
         }
@@ -549,6 +560,8 @@ def _predict_one(
         slices=scan.num_slices,
         foreground_pixels=fg,
         foreground_fraction=fg / mask.size,
+        presence=float(prob.max()) if prob.size else 0.0,
+        modality=scan.meta.get("modality"),
         seconds=time.perf_counter() - start,
     )
 

@@ -32,18 +32,28 @@ def _no_stage(description: str, total: int | None) -> Any:
     return contextlib.nullcontext(None)
 
 
-def open_dataset(root: Path, layout: str | None, *, seed: int = 0, check: bool = True) -> Dataset:
-    """Load a dataset index and refuse it, listing every problem, when it is not usable."""
+def open_dataset(
+    root: Path | list[Path], layout: str | None, *, seed: int = 0, check: bool = True
+) -> Dataset:
+    """Load a dataset index (or several, merged) and refuse it, listing every problem, when it
+    is not usable."""
+    from mrisegcli.data.layouts import dataset_name, merge_datasets
     from mrisegcli.data.validate import format_problems, validate_dataset
 
-    ds = load_dataset(root, layout, seed=seed)
+    roots = [Path(r) for r in root] if isinstance(root, (list, tuple)) else [Path(root)]
+    if not roots:
+        raise MrisegError("no dataset given")
+    ds = merge_datasets(
+        [load_dataset(r, layout, seed=seed) for r in roots], [dataset_name(r) for r in roots]
+    )
+    where = roots[0] if len(roots) == 1 else ds.root
     if not ds.split("train") and not ds.split("test"):
-        raise MrisegError("dataset has no train or test samples", root)
+        raise MrisegError("dataset has no train or test samples", where)
     if check:
         problems = validate_dataset(ds, check_images=True)
         if problems:
             raise MrisegError(
-                f"dataset has {len(problems)} problem(s):\n{format_problems(problems)}", root
+                f"dataset has {len(problems)} problem(s):\n{format_problems(problems)}", where
             )
     return ds
 

@@ -74,6 +74,22 @@ def _clear_run(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
+def fit_text_len(cfg: RunConfig, bundle: Any, ds: Any, stage: StageFactory = _no_stage) -> RunConfig:
+    """The run's text context, lengthened (to a multiple of 8) when a text of the dataset has
+    more tokens than ``cfg.text_len``: no prompt is ever cut in training."""
+    from dataclasses import replace
+
+    from mrisegcli.tokenizers.text import longest_text
+
+    longest = longest_text(bundle.text, [s.text for s in ds.samples])
+    if longest <= cfg.text_len:
+        return cfg
+    new = -(-longest // 8) * 8
+    with stage(f"text context {cfg.text_len} -> {new} tokens (the longest text has {longest})", None):
+        pass
+    return replace(cfg, text_len=new)
+
+
 def val_dice_fn(segmenter: Segmenter, val: dict[str, torch.Tensor], batch: int = 64):
     """A closure for the loop: greedy decoding of the validation cases, Dice at model size."""
     from mrisegcli.metrics import dice_iou_batch
@@ -122,7 +138,11 @@ def train_run(
     cache_dir = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
     torch.manual_seed(cfg.seed)
 
-    ds = open_dataset(Path(data_root), layout, seed=cfg.seed, check=dist_info.is_main and not resume)
+    from mrisegcli.data.paraphrase import add_paraphrases
+
+    roots = [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
+    ds = open_dataset(roots, layout, seed=cfg.seed, check=dist_info.is_main and not resume)
+    ds = add_paraphrases(ds, cfg.paraphrases, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the data are known to be usable
     reports: dict[str, dict] = {}
     cache_info: dict[str, Any] = {}
@@ -130,12 +150,14 @@ def train_run(
         bundle, reports, _ = obtain_bundle(
             cfg, ds, tokenizer_dir=tokenizer_dir, save_dir=run_dir, device=device, workers=workers, stage=stage
         )
+        cfg = fit_text_len(cfg, bundle, ds, stage)
         rep = build_cache(cache_dir, ds, bundle, cfg, device=device, workers=workers,
                           overwrite=overwrite and not resume, stage=stage)
         cache_info = {"encoded": rep.encoded, "reused": rep.reused, "seconds": rep.seconds}
     barrier(dist_info)
     if not dist_info.is_main:
         bundle = load_bundle(run_dir, need=needed_tokenizers(cfg.paradigm, cfg.strategies.image_input)).to(device)
+        cfg = fit_text_len(cfg, bundle, ds)
 
     train_codes = load_cached_split(cache_dir, bundle, cfg, "train")
     if not train_codes.ids:
@@ -151,7 +173,7 @@ def train_run(
         data["text_mask"] = torch.zeros_like(data["text_mask"])
     full = {
         "paradigm": cfg.paradigm, "preset": cfg.preset, "seed": cfg.seed,
-        "data": {"root": str(data_root), "layout": ds.layout, "image_size": cfg.image_size,
+        "data": {"root": [str(r) for r in roots] if len(roots) > 1 else str(roots[0]), "layout": ds.layout, "image_size": cfg.image_size,
                  "splits": ds.splits()},
         "tokenizers": {"present": bundle.present(), "fingerprint": bundle.fingerprint()},
         "model": to_dict(mcfg), "run": to_dict(cfg), "command": command,
@@ -161,7 +183,9 @@ def train_run(
 
     evaluate = None
     if val_codes.ids and dist_info.is_main:
-        val = {k: v[:MAX_VAL] for k, v in val_codes.fields.items()}
+        n_val = len(val_codes.ids)  # evenly spaced, so that every dataset of a merged set counts
+        pick = torch.linspace(0, n_val - 1, min(n_val, MAX_VAL)).round().long().unique()
+        val = {k: v[pick] for k, v in val_codes.fields.items()}
         seg = Segmenter(cfg.paradigm, model, bundle, cfg, device)
         evaluate = val_dice_fn(seg, val)
     tokens = data["mask_codes"][0].numel() if "mask_codes" in data else data["ms_codes"].shape[1]

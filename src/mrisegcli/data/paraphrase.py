@@ -1,0 +1,192 @@
+"""Other wordings of the same request: synonym rules for the text tokenizer and paraphrases
+generated from a manifest's ``target`` column.
+
+Users do not write the training sentences. Two things make a model answer their wording:
+
+* :data:`SYNONYM_RULES` fold clinical synonyms onto the words the training texts use
+  ("consolidation", "ground-glass opacity", "airspace disease" -> "infection"; "lobe" ->
+  "zone"; "cardiac silhouette" -> "heart"; "RLL" -> "right lower zone"; ...). They run inside
+  the text tokenizer's normaliser (``tokenizers/text.py``), so they are saved in
+  ``tokenizer.json`` with the run and apply alike in training and at inference.
+* :func:`paraphrase` writes other sentences for a ``target`` ("infection:left",
+  "infection:left+right:lower", "lung:both", "heart", "nodule:right:upper", ...): training adds
+  them as extra rows (``--paraphrases N``), so the model sees many sentence shapes per target.
+
+Wordings kept for measuring (``examples/cxr_paraphrase_testset.py``) are never produced here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from mrisegcli.data.layouts import Dataset, Sample
+
+#: (regex, replacement) applied in order to the lower-cased text; word boundaries keep them from
+#: touching other words. Only words that carry no other meaning in the texts we know are folded.
+SYNONYM_RULES: tuple[tuple[str, str], ...] = (
+    # findings -> "infection" (multi-word forms first)
+    (r"\bground[- ]?glass (?:opacit(?:y|ies)|opacifications?|changes?|densit(?:y|ies))\b", "infection"),
+    (r"\bground[- ]?glass\b", "infection"),
+    (r"\bggos?\b", "infection"),
+    (r"\bnodular (?:opacit(?:y|ies)|lesions?|densit(?:y|ies))\b", "nodule"),
+    (r"\bmass(?:es)?\b", "nodule"),
+    (r"\bnodules\b", "nodule"),
+    (r"\bair[- ]?space (?:disease|opacit(?:y|ies)|shadowing)\b", "infection"),
+    (r"\bcovid(?:[- ]?19)? (?:pneumonia|infection)\b", "infection"),
+    (r"\b(?:opacit(?:y|ies)|opacifications?|consolidations?|consolidative changes?|infiltrates?"
+     r"|infiltrations?|pneumonia|pneumonitis|shadowing|haziness|infections|lesions?)\b", "infection"),
+    # anatomy
+    (r"\b(?:cardiac|heart) (?:silhouette|shadow|contour|outline|border)\b", "heart"),
+    (r"\bcardiac\b", "heart"),
+    (r"\bcollar[- ]?bones?\b", "clavicle"),
+    (r"\bclavicular\b", "clavicle"),
+    (r"\b(?:lung|pulmonary) fields\b", "lungs"),
+    (r"\b(?:lung|pulmonary) field\b", "lung"),
+    (r"\bhemithora(?:x|ces)\b", "lung"),
+    # places
+    (r"\brul\b", "right upper zone"),
+    (r"\brml\b", "right middle zone"),
+    (r"\brll\b", "right lower zone"),
+    (r"\blul\b", "left upper zone"),
+    (r"\blll\b", "left lower zone"),
+    (r"\blingula(?:r)?\b", "left middle zone"),
+    (r"\bbi-?bas(?:al|ilar)\b", "both lower zones"),
+    (r"\b(?:basal|basilar|bases|base)\b", "lower zone"),
+    (r"\b(?:apical|apices|apex)\b", "upper zone"),
+    (r"\blobes\b", "zones"),
+    (r"\blobe\b", "zone"),
+    (r"\bmid[- ]?zones\b", "middle zones"),
+    (r"\bmid[- ]?zone\b", "middle zone"),
+    (r"\bmid[- ]", "middle "),
+    (r"\bmid\b", "middle"),
+    (r"\bright[- ]?(?:sided|hand)\b", "right"),
+    (r"\bleft[- ]?(?:sided|hand)\b", "left"),
+    (r"\brt\b", "right"),
+    (r"\blt\b", "left"),
+    (r"\bboth sides\b", "both lungs"),
+    (r"\bbilaterally\b", "bilateral"),
+    # words that ask rather than describe
+    (r"\b(?:please|segment|outline|delineate|highlight|show|find|mark|locate|display)\b", " "),
+    (r"\b(?:patchy|hazy|diffuse|subtle|faint|multifocal|scattered|ill-defined)\b", " "),
+)
+
+_INF = ("infection", "opacity", "opacities", "consolidation", "pulmonary infection",
+        "infiltrates", "airspace disease", "pneumonia")
+_ZONE = {"upper": ("upper", "upper", "apical"), "middle": ("middle", "mid", "middle"),
+         "lower": ("lower", "lower", "basal")}
+
+
+def _side_words(side: str) -> tuple[str, ...]:
+    return (side, f"{side} side", side)
+
+
+def _infection_all(r: random.Random) -> str:
+    f = r.choice(_INF)
+    return r.choice([
+        f"{f}", f"all {f}", f"{f} in the lungs", f"lung {f}", f"all infected areas",
+        f"every area of {f}", f"{f} in either lung", f"segment the {f}", f"pulmonary {f}",
+        f"areas of {f}", f"covid-19 {f}",
+    ])
+
+
+def _infection_sides(r: random.Random, sides: list[str], zone: str) -> str:
+    f = r.choice(_INF)
+    if len(sides) == 2:
+        z = r.choice(_ZONE[zone]) if zone else ""
+        if not z:
+            return r.choice([f"bilateral {f}", f"{f} in both lungs", f"{f} on both sides",
+                             f"{f} bilaterally"])
+        return r.choice([
+            f"bilateral {z} zone {f}", f"{f} in both {z} zones", f"{f} in the {z} zones of both lungs",
+            f"{z} zone {f} bilaterally", f"{f} in the {z} zone on both sides", f"{f} in the {z} zones",
+        ])
+    s = r.choice(_side_words(sides[0]))
+    if not zone:
+        return r.choice([
+            f"{f} in the {sides[0]} lung", f"{s} {f}", f"{f} on the {sides[0]}",
+            f"{sides[0]} lung {f}", f"{f} of the {sides[0]} lung", f"{f}, {sides[0]} lung",
+        ])
+    z = r.choice(_ZONE[zone])
+    return r.choice([
+        f"{f} in the {sides[0]} {z} zone", f"{sides[0]} {z} zone {f}", f"{f}, {sides[0]} {z} zone",
+        f"{f} in the {z} zone of the {sides[0]} lung", f"{f} in the {z} {sides[0]} lung",
+        f"{z} zone {f} on the {sides[0]}",
+    ])
+
+
+def _lung(r: random.Random, which: str) -> str:
+    if which == "both":
+        return r.choice(["both lungs", "lungs", "the lungs", "lung fields", "both lung fields",
+                         "the lung fields", "bilateral lungs"])
+    return r.choice([f"{which} lung", f"the {which} lung", f"{which} lung field",
+                     f"the {which} hemithorax", f"segment the {which} lung", f"{which} lung region"])
+
+
+def _nodule(r: random.Random, side: str, zone: str) -> str:
+    n = r.choice(["nodule", "pulmonary nodule", "lung nodule", "nodular opacity", "mass"])
+    if not side:
+        return n
+    if not zone:
+        return r.choice([f"{n} in the {side} lung", f"{side} lung {n}", f"{n}, {side} lung"])
+    z = r.choice(_ZONE[zone])
+    return r.choice([f"{n} in the {side} {z} zone", f"{n}, {side} {z} zone",
+                     f"{n} in the {z} zone of the {side} lung", f"{side} {z} zone {n}"])
+
+
+def paraphrase(target: str, rng: random.Random) -> str | None:
+    """Another wording of the request ``target`` (the manifest's fixed grammar), or ``None``
+    when the target is not one this module knows. "none" (a finding that is not there) gets any
+    infection request: the answer to it is the empty mask."""
+    t = target.strip().lower()
+    if t == "none":
+        sides = rng.choice([["left"], ["right"], ["left", "right"], []])
+        zone = rng.choice(["", "", "upper", "middle", "lower"])
+        return _infection_sides(rng, sides, zone) if sides else _infection_all(rng)
+    parts = t.split(":")
+    head = parts[0]
+    if head == "infection" and len(parts) >= 2:
+        if parts[1] == "all":
+            return _infection_all(rng)
+        sides = [s for s in parts[1].split("+") if s in ("left", "right")]
+        zone = parts[2] if len(parts) > 2 and parts[2] in _ZONE else ""
+        return _infection_sides(rng, sides, zone) if sides else None
+    if head == "lung" and len(parts) == 2 and parts[1] in ("left", "right", "both"):
+        return _lung(rng, parts[1])
+    if t in ("left_lung", "right_lung"):
+        return _lung(rng, t.split("_")[0])
+    if t == "heart":
+        return rng.choice(["heart", "the heart", "heart contour", "heart shadow", "cardiac shadow",
+                           "segment the heart", "cardiac contour"])
+    if t in ("left_clavicle", "right_clavicle"):
+        side = t.split("_")[0]
+        return rng.choice([f"{side} clavicle", f"the {side} clavicle", f"{side} collarbone",
+                           f"clavicle on the {side}", f"{side} clavicular bone"])
+    if head == "nodule":
+        side = parts[1] if len(parts) > 1 and parts[1] in ("left", "right") else ""
+        zone = parts[2] if len(parts) > 2 and parts[2] in _ZONE else ""
+        return _nodule(rng, side, zone)
+    return None
+
+
+def add_paraphrases(ds: Dataset, n: int, seed: int = 0) -> Dataset:
+    """``ds`` plus ``n`` reworded copies of every training row that has a known ``target``.
+
+    The copies share image and mask with their row; their ids end in ``~p1`` .. ``~pN``. The
+    wording depends only on (seed, row id, copy), so the code cache stays valid between runs.
+    Validation and test rows are never reworded (model selection stays on the real texts).
+    """
+    if n <= 0:
+        return ds
+    extra: list[Sample] = []
+    for s in ds.samples:
+        if s.split != "train" or not s.target:
+            continue
+        for k in range(1, n + 1):
+            text = paraphrase(s.target, random.Random(f"{seed}\0{s.id}\0{k}"))
+            if text:
+                extra.append(dataclasses.replace(s, id=f"{s.id}~p{k}", text=text))
+    return dataclasses.replace(ds, samples=ds.samples + extra)
+
+
+__all__ = ["SYNONYM_RULES", "paraphrase", "add_paraphrases"]

@@ -1,0 +1,153 @@
+"""Manifests with several rows per image, several datasets at once, synonym folding in the text
+tokenizer, training rewordings from the ``target`` column, and the text context never cut."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mrisegcli.data.layouts import load_dataset
+from mrisegcli.data.paraphrase import add_paraphrases, paraphrase
+from mrisegcli.errors import InputError, MrisegError
+from mrisegcli.tokenizers.text import encode_texts, train_text_tokenizer
+from mrisegcli.workflow.prepare import open_dataset
+
+
+def _png(path: Path, box: tuple[int, int] | None = None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.full((16, 16), 90, np.uint8)
+    if box is not None:
+        arr[:] = 0
+        arr[box[0] : box[0] + 4, box[1] : box[1] + 4] = 255
+    Image.fromarray(arr).save(path)
+    return path.name
+
+
+def multi_row_manifest(root: Path, rows: list[tuple[str, str, str, str, str, str]]) -> Path:
+    """rows: (image, mask, text, split, kind, target); files are created."""
+    for image, mask, *_ in rows:
+        _png(root / image)
+        _png(root / mask, box=(len(mask) % 8, 2))
+    path = root / "manifest.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "mask", "text", "split", "kind", "target", "reader"])
+        for r in rows:
+            w.writerow([*r, "dr. x"])  # an extra column: ignored
+    return path
+
+
+ROWS = [
+    ("images/a.png", "masks/a_describe.png", "Bilateral pulmonary infection.", "train", "describe", "infection:all"),
+    ("images/a.png", "masks/a_side.png", "Pulmonary infection in the left lung.", "train", "side", "infection:left"),
+    ("images/a.png", "masks/a_lung.png", "left lung", "train", "anatomy", "lung:left"),
+    ("images/b.png", "masks/b_describe.png", "Unilateral pulmonary infection.", "val", "describe", "infection:all"),
+    ("images/c.png", "masks/c_zone.png", "Infection in the lower zone of the right lung.", "test", "zone", "infection:right:lower"),
+]
+
+
+def test_manifest_with_several_rows_per_image_loads(tmp_path: Path) -> None:
+    path = multi_row_manifest(tmp_path, ROWS)
+    ds = open_dataset(path, None)  # validates: no duplicate ids, every file readable
+    ids = [s.id for s in ds.samples]
+    assert ids == ["masks/a_describe", "masks/a_side", "masks/a_lung", "images/b", "images/c"]
+    assert [s.kind for s in ds.samples][:3] == ["describe", "side", "anatomy"]
+    assert ds.samples[1].target == "infection:left"
+    assert ds.splits() == {"train": 3, "val": 1, "test": 1}
+
+
+def test_rows_without_masks_of_one_image_get_row_numbers(tmp_path: Path) -> None:
+    _png(tmp_path / "x.png")
+    (tmp_path / "m.jsonl").write_text(
+        '{"image": "x.png", "text": "heart"}\n{"image": "x.png", "text": "left lung"}\n'
+    )
+    ds = load_dataset(tmp_path / "m.jsonl")
+    assert [s.id for s in ds.samples] == ["x#1", "x#2"]
+
+
+def test_an_image_in_two_splits_is_a_leak(tmp_path: Path) -> None:
+    rows = [*ROWS[:2], ("images/a.png", "masks/a_other.png", "left lung", "test", "anatomy", "lung:left")]
+    path = multi_row_manifest(tmp_path, rows)
+    with pytest.raises(InputError, match=r"images/a.png.*'test'.*row 2.*'train'.*leaks"):
+        load_dataset(path)
+
+
+def test_several_datasets_merge_with_prefixed_ids(tmp_path: Path) -> None:
+    a = multi_row_manifest(tmp_path / "cxr", ROWS)
+    b = multi_row_manifest(tmp_path / "jsrt", ROWS[:1])
+    ds = open_dataset([a.parent, b], None)
+    ids = [s.id for s in ds.samples]
+    assert len(ids) == len(set(ids)) == 6
+    assert ids[0] == "cxr/masks/a_describe" and ids[-1] == "jsrt/images/a"
+    with pytest.raises(MrisegError, match="does not exist"):
+        open_dataset([a, tmp_path / "nope"], None)
+
+
+@pytest.mark.parametrize("target", [
+    "infection:all", "infection:left", "infection:left+right:lower", "infection:right:middle",
+    "lung:both", "lung:left", "none", "heart", "left_lung", "right_clavicle",
+    "nodule:left:upper", "nodule:right:",
+])
+def test_every_known_target_gets_varied_wordings(target: str) -> None:
+    rng = random.Random(0)
+    texts = {paraphrase(target, rng) for _ in range(60)}
+    assert None not in texts and len(texts) >= 4
+    side = target.split(":")[1] if ":" in target else target.split("_")[0]
+    if side in ("left", "right"):  # the side is never lost or swapped
+        other = "right" if side == "left" else "left"
+        assert all(side in t and other not in t for t in texts), texts
+    assert paraphrase("spleen", rng) is None
+
+
+def test_paraphrases_are_added_to_training_rows_only_and_reproducibly(tmp_path: Path) -> None:
+    ds = load_dataset(multi_row_manifest(tmp_path, ROWS))
+    more = add_paraphrases(ds, 2, seed=3)
+    extra = more.samples[len(ds.samples):]
+    assert len(extra) == 2 * 3  # three training rows with a target, two copies each
+    assert {s.split for s in extra} == {"train"}
+    assert extra[0].id == "masks/a_describe~p1" and extra[0].mask == ds.samples[0].mask
+    again = add_paraphrases(ds, 2, seed=3).samples[len(ds.samples):]
+    assert [s.text for s in again] == [s.text for s in extra]
+    assert add_paraphrases(ds, 0) is ds
+
+
+def test_synonyms_fold_users_wordings_onto_training_words() -> None:
+    tok = train_text_tokenizer([
+        "Infection in the lower zones of both lungs.", "Pulmonary infection in the right lung.",
+        "Infection in the middle zone of the left lung.", "left lung", "heart",
+    ])
+    norm = tok.backend_tokenizer.normalizer.normalize_str
+    assert norm("bilateral lower lobe opacity") == "bilateral lower zone infection"
+    assert norm("right-sided consolidation") == "right infection"
+    assert norm("ground-glass opacity in the left mid zone") == "infection in the left middle zone"
+    assert norm("the left lung field") == "the left lung"
+    assert norm("cardiac silhouette") == "heart"
+    assert norm("GGO in the RLL") == "infection in the right lower zone"
+    # every word of a folded prompt is a whole word of the vocabulary: nothing falls to pieces
+    ids, _ = encode_texts(tok, ["right-sided consolidation", "cardiac silhouette"], 8)
+    vocab = tok.get_vocab()
+    assert ids[0, :2].tolist() == [vocab["right"], vocab["infection"]]
+    assert ids[1, 0] == vocab["heart"]
+    # words of other domains are left alone
+    assert norm("two polyps: small polyp in the upper centre.") == "two polyps: small polyp in the upper centre."
+    plain = train_text_tokenizer(["left lung"], synonyms=False)
+    assert plain.backend_tokenizer.normalizer.normalize_str("cardiac silhouette") == "cardiac silhouette"
+
+
+def test_training_lengthens_the_text_context_instead_of_cutting(tmp_path: Path) -> None:
+    from mrisegcli.config import RunConfig
+    from mrisegcli.workflow.bundle import TokenizerBundle
+    from mrisegcli.workflow.train import fit_text_len
+
+    long_text = " ".join(["upper middle lower left right lung"] * 8)  # 48 words
+    rows = [(*ROWS[0][:2], long_text, *ROWS[0][3:]), *ROWS[1:]]
+    ds = load_dataset(multi_row_manifest(tmp_path, rows))
+    bundle = TokenizerBundle(text=train_text_tokenizer([s.text for s in ds.samples]))
+    cfg = fit_text_len(RunConfig(text_len=32), bundle, ds)
+    assert cfg.text_len == 48
+    assert fit_text_len(RunConfig(text_len=64), bundle, ds).text_len == 64
