@@ -7,6 +7,7 @@
 #
 #   bash examples/train_cxr_model.sh                 # DATA=../shared/data RUN=runs/cxr
 #   RESUME=1 bash examples/train_cxr_model.sh        # continue a stopped run
+#   MINUTES=105 STEPS=6000                           # the wall-clock budget (whole run) and step cap
 #
 # Measured wall time: see docs/cxr_model.md (2-core CPU).
 set -euo pipefail
@@ -16,5 +17,5 @@ EXTRA=()
 if [[ "${RESUME:-0}" == 1 ]]; then EXTRA+=(--resume); fi
 SECONDS=0
 mriseg train --data "$DATA/cxr-infection" --data "$DATA/jsrt" --out "$RUN" --preset cxr --seed 0 \
-  --device cpu "${EXTRA[@]}"
+  --device cpu --max-minutes "${MINUTES:-105}" --steps "${STEPS:-6000}" "${EXTRA[@]}"
 echo "training wall time: ${SECONDS} s"

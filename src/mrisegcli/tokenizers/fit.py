@@ -122,6 +122,14 @@ def _lr_factor(step: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def _lr_factor_time(progress: float, warm: float = 0.05) -> float:
+    """Warm-up then cosine to 5 % over a fraction of a time budget (``progress`` in [0, 1])."""
+    if progress < warm:
+        return max(progress / warm, 0.01)
+    t = min(1.0, (progress - warm) / (1.0 - warm))
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def _fit(
     model: torch.nn.Module,
     data_N1SS: torch.Tensor,
@@ -136,8 +144,14 @@ def _fit(
     align: int,
     focus: bool,
     progress: ProgressFn | None,
+    max_seconds: float | None = None,
 ) -> float:
-    """The shared training loop; returns the mean loss of the last 10 % of steps."""
+    """The shared training loop; returns the mean loss of the last 10 % of steps.
+
+    ``max_seconds``: a wall-clock budget. The loop then ends at ``steps`` or when the budget is
+    spent, whichever comes first, and the learning rate follows the larger of the two fractions
+    done, so that the schedule completes in either case.
+    """
     if steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")
     model.to(device).train()
@@ -151,7 +165,14 @@ def _fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
     tail: list[float] = []
     n = data_N1SS.shape[0]
+    t0 = time.perf_counter()
     for step in range(steps):
+        if max_seconds is not None:
+            done = max(step / steps, (time.perf_counter() - t0) / max(max_seconds, 1e-9))
+            if done >= 1.0:
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr * _lr_factor_time(done)
         rows = torch.randint(0, n, (min(batch_size, n),), generator=gen)
         x_B1SS = data_N1SS[rows]
         if crop:
@@ -161,10 +182,10 @@ def _fit(
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        sched.step()
+        if max_seconds is None:
+            sched.step()
         restarted = model.quantizer.update_usage(out.idx, out.z_NC, generator=gen)
-        if step >= steps - max(1, steps // 10):
-            tail.append(out.metrics["loss"])
+        tail = (tail + [out.metrics["loss"]])[-max(1, steps // 10):]
         if progress is not None:
             progress(step + 1, steps, {**out.metrics, "restarted": float(restarted)})
     model.eval()
@@ -297,6 +318,7 @@ def fit_mask_vq(
     device: str = "cpu",
     progress: ProgressFn | None = None,
     crop: int | None = -1,
+    max_seconds: float | None = None,
 ) -> tuple[MaskVQ, dict]:
     """Fit a :class:`MaskVQ` on (N, S, S) binary masks; returns it (eval mode) and a report.
 
@@ -304,10 +326,11 @@ def fit_mask_vq(
     ``codebook_usage`` / ``perplexity`` (over up to 2048 of the masks), ``seconds``,
     ``n_train``, ``n_heldout`` (0 when fewer than 10 masks: then the training masks are
     measured). ``crop``: side of the random training crops (-1: half the image, None: none).
+    ``max_seconds``: stop at this wall-clock budget if it comes before ``steps``.
     """
     return _fit_and_report(
         _MASK_VQ, masks_NSS, cfg or MaskVQConfig(), crop=crop, seed=seed, steps=steps,
-        batch_size=batch_size, lr=lr, device=device, progress=progress,
+        batch_size=batch_size, lr=lr, device=device, progress=progress, max_seconds=max_seconds,
     )
 
 
@@ -321,6 +344,7 @@ def fit_multiscale(
     seed: int = 0,
     device: str = "cpu",
     progress: ProgressFn | None = None,
+    max_seconds: float | None = None,
 ) -> tuple[MultiScaleMaskQuantizer, dict]:
     """Fit a :class:`MultiScaleMaskQuantizer` on (N, S, S) masks; report as :func:`fit_mask_vq`.
 
@@ -329,7 +353,7 @@ def fit_multiscale(
     """
     return _fit_and_report(
         _MULTISCALE, masks_NSS, cfg or MultiScaleConfig(), crop=None, seed=seed, steps=steps,
-        batch_size=batch_size, lr=lr, device=device, progress=progress,
+        batch_size=batch_size, lr=lr, device=device, progress=progress, max_seconds=max_seconds,
     )
 
 
@@ -344,11 +368,12 @@ def fit_image_vq(
     device: str = "cpu",
     progress: ProgressFn | None = None,
     crop: int | None = -1,
+    max_seconds: float | None = None,
 ) -> tuple[ImageVQ, dict]:
     """Fit an :class:`ImageVQ` on (N, S, S) grey images in [0, 1]; report has ``psnr``."""
     return _fit_and_report(
         _IMAGE_VQ, images_NSS, cfg or ImageVQConfig(), crop=crop, seed=seed, steps=steps,
-        batch_size=batch_size, lr=lr, device=device, progress=progress,
+        batch_size=batch_size, lr=lr, device=device, progress=progress, max_seconds=max_seconds,
     )
 
 

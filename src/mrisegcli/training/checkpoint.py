@@ -39,6 +39,8 @@ class TrainState:
     position: int = 0  # index into the current epoch's permutation
     best_metric: float = float("-inf")
     best_step: int = -1
+    elapsed_s: float = 0.0  # wall-clock seconds of the run so far (preparation included)
+    prep_s: float = 0.0  # seconds spent before the first training step (tokenizers, cache)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

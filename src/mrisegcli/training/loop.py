@@ -53,17 +53,35 @@ class TrainConfig:
     log_every: int = 10
     amp: bool = True  # bf16 autocast, CUDA only
     seed: int = 0
+    # wall-clock budget of the whole run in minutes (tokenizer fitting and code caching
+    # included); the run stops at ``steps`` or at the budget, whichever comes first, and the
+    # learning-rate schedule follows the budget
+    max_minutes: float | None = None
 
 
 class TrainingInterrupted(MrisegError):
     """Raised after a checkpoint was saved because SIGTERM/SIGINT arrived."""
 
 
-def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    """Linear warm-up to ``cfg.lr`` then cosine decay to ``cfg.lr * min_lr_ratio``."""
+#: with a time budget the warm-up lasts at most this share of it
+WARMUP_SHARE = 0.05
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int, done: float | None = None) -> float:
+    """Linear warm-up to ``cfg.lr`` then cosine decay to ``cfg.lr * min_lr_ratio``.
+
+    ``done``: the fraction of a time budget spent; the decay then follows whichever of steps
+    and time is further along, and the warm-up ends at ``warmup_steps`` or at
+    :data:`WARMUP_SHARE` of the time, whichever comes first.
+    """
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        warm = (step + 1) / cfg.warmup_steps
+        if done is None or done < WARMUP_SHARE:
+            return cfg.lr * (warm if done is None else max(warm, done / WARMUP_SHARE))
+        step = cfg.warmup_steps  # a short budget: the warm-up ends with its first share of time
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if done is not None:
+        progress = min(1.0, max(progress, done))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
@@ -164,12 +182,14 @@ def train(
     extra_state: Callable[[], dict[str, torch.Tensor]] | None = None,
     load_extra_state: Callable[[dict[str, torch.Tensor]], None] | None = None,
     tokens_per_sample: int = 0,
+    prep_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data`` for the configured steps; returns a summary dict.
 
     ``evaluate`` (rank 0) returns metrics with a ``dice`` key; the best weights are handed to
     ``on_best``. ``extra_state`` / ``load_extra_state`` carry state outside the model (none
-    today: the hard-token memory is a model buffer) through checkpoints.
+    today: the hard-token memory is a model buffer) through checkpoints. ``prep_seconds``: time
+    this invocation spent before the loop; with ``cfg.max_minutes`` it counts against the budget.
     """
     n = next(iter(data.values())).shape[0]
     total = total_steps(cfg, n)
@@ -195,6 +215,9 @@ def train(
             load_extra_state(extra)
     else:
         torch.manual_seed(cfg.seed)
+        state.prep_s = prep_seconds
+    state.elapsed_s += prep_seconds
+    budget_s = cfg.max_minutes * 60.0 if cfg.max_minutes is not None else None
     # Buffers (e.g. the hard-token memory) stay per rank: each rank sees its own samples.
     net = wrap_ddp(model, dist_info, device) if dist_info.enabled else model
     use_amp = cfg.amp and device.type == "cuda"
@@ -231,14 +254,24 @@ def train(
 
     model.train()
     t0 = time.perf_counter()
+    elapsed0 = state.elapsed_s
+
+    def time_done() -> float | None:
+        """Share of the loop's time budget spent (None without a budget)."""
+        if budget_s is None:
+            return None
+        loop_budget = max(1.0, budget_s - state.prep_s)
+        return (elapsed0 + time.perf_counter() - t0 - state.prep_s) / loop_budget
+
     window_t, window_tokens = time.perf_counter(), 0
     last_metrics: dict[str, float] = {}  # the last logged scalars, means over all ranks
     val_metrics: dict[str, float] = {}
     with _StopFlag() as stop:
-        while state.step < total:
+        finished = state.step >= total or (time_done() or 0.0) >= 1.0
+        while not finished:
             idx = _rank_slice(next_batch_indices(state, n, cfg.batch_size, cfg.seed), dist_info)
             batch = _to_device({k: v[idx] for k, v in data.items()}, device)
-            lr = lr_at(state.step, cfg, total)
+            lr = lr_at(state.step, cfg, total, time_done())
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -251,8 +284,15 @@ def train(
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             state.step += 1
+            state.elapsed_s = elapsed0 + time.perf_counter() - t0
+            spent = time_done()
+            finished = state.step >= total or (spent is not None and spent >= 1.0)
+            # with a time budget the bar's total is the projected number of steps
+            shown_total = total if not spent else min(total, max(state.step, round(state.step / spent)))
+            if finished:
+                shown_total = state.step
             window_tokens += tokens_per_sample * len(idx) * dist_info.world_size
-            if state.step % cfg.log_every == 0 or state.step == total:
+            if state.step % cfg.log_every == 0 or finished:
                 dt = time.perf_counter() - window_t
                 # Each rank saw its own slice: log the means over ranks (one all-reduce).
                 last_metrics = mean_over_ranks(
@@ -271,12 +311,12 @@ def train(
                 # (this step's would be rank 0's alone, and averaging it costs a collective).
                 shown = ({"loss": float(loss.detach())} if not dist_info.enabled
                          else {"loss": last_metrics["loss"]} if "loss" in last_metrics else {})
-                progress(state.step, total, {**shown, **val_metrics})
+                progress(state.step, shown_total, {**shown, **val_metrics})
             # Every rank enters validate() (it ends in a barrier); only rank 0 has ``evaluate``.
-            eval_due = state.step % cfg.eval_every == 0 or state.step == total
+            eval_due = state.step % cfg.eval_every == 0 or finished
             if eval_due and (evaluate is not None or dist_info.enabled):
                 val_metrics = {f"val_{k}": v for k, v in validate().items() if k == "dice"}
-            if state.step % cfg.ckpt_every == 0 or state.step == total:
+            if state.step % cfg.ckpt_every == 0 or finished:
                 checkpoint()
             # Ranks may see a signal at different steps: they stop together or not at all.
             if any_rank(stop.signum is not None, dist_info, device):
@@ -289,6 +329,8 @@ def train(
     return {
         "steps": state.step,
         "seconds": time.perf_counter() - t0,
+        "run_seconds": state.elapsed_s,
+        "stopped_by": "time" if state.step < total else "steps",
         "best_dice": state.best_metric if state.best_step >= 0 else None,
         "best_step": state.best_step,
         "last": last_metrics,

@@ -74,8 +74,12 @@ def fit_bundle(
     *,
     device: torch.device,
     stage: StageFactory = _no_stage,
+    max_seconds: float | None = None,
 ) -> tuple[TokenizerBundle, dict[str, dict]]:
-    """Fit every tokenizer the paradigm needs on the training split; returns their reports."""
+    """Fit every tokenizer the paradigm needs on the training split; returns their reports.
+
+    ``max_seconds``: a wall-clock budget for all of them, shared in proportion to their steps.
+    """
     from mrisegcli.tokenizers.fit import fit_image_vq, fit_mask_vq, fit_multiscale
     from mrisegcli.tokenizers.text import train_text_tokenizer
 
@@ -90,11 +94,12 @@ def fit_bundle(
         ("multiscale", "fitting multi-scale mask tokenizer", fit_multiscale, masks_NSS, cfg.multiscale,
          f.multiscale_steps),
     ]
+    plan = [row for row in plan if row[0] in need]
+    all_steps = sum(row[5] for row in plan)
     for name, title, fit, data, tcfg, steps in plan:
-        if name not in need:
-            continue
+        limit = None if max_seconds is None else max_seconds * steps / max(1, all_steps)
         with stage(title, steps) as progress:
-            tok, report = fit(data, tcfg, steps=steps, progress=progress, **common)
+            tok, report = fit(data, tcfg, steps=steps, progress=progress, max_seconds=limit, **common)
         parts[name] = tok.eval()
         reports[name] = report
     text = train_text_tokenizer([s.text for s in train_samples], vocab_size=f.text_vocab_size)
@@ -110,6 +115,7 @@ def obtain_bundle(
     device: torch.device,
     workers: int = 0,
     stage: StageFactory = _no_stage,
+    max_seconds: float | None = None,
 ) -> tuple[TokenizerBundle, dict[str, dict], tuple[np.ndarray, np.ndarray] | None]:
     """Load the tokenizers from ``tokenizer_dir`` (or ``save_dir`` when it has them), else fit
     them on the train split and save them into ``save_dir``. Also returns the train arrays when
@@ -128,7 +134,7 @@ def obtain_bundle(
     if not train:
         raise MrisegError("no training samples to fit the tokenizers on (give --tokenizer)", ds.root)
     arrays = load_arrays(train, cfg.image_size, workers, stage)
-    bundle, reports = fit_bundle(cfg, train, *arrays, device=device, stage=stage)
+    bundle, reports = fit_bundle(cfg, train, *arrays, device=device, stage=stage, max_seconds=max_seconds)
     save_bundle(bundle, save_dir, overwrite=True)
     return bundle.to(device), reports, arrays
 

@@ -40,6 +40,8 @@ from mrisegcli.workflow.segmenter import (
 )
 
 MAX_VAL = 256  # validation cases decoded at each evaluation
+#: with --max-minutes, the share of the budget the tokenizers may take to fit (together)
+TOKENIZER_SHARE = 0.15
 
 
 @dataclass
@@ -127,6 +129,7 @@ def train_run(
     dist_info: DistInfo = DistInfo(),
     command: str = "",
 ) -> TrainResult:
+    t_start = time.perf_counter()
     run_dir = Path(run_dir)
     if dist_info.is_main:
         check_run_dir(run_dir, resume=resume, overwrite=overwrite)
@@ -147,8 +150,12 @@ def train_run(
     reports: dict[str, dict] = {}
     cache_info: dict[str, Any] = {}
     if dist_info.is_main:
+        fit_budget = None
+        if cfg.train.max_minutes is not None:  # the tokenizers' share of a time-budgeted run
+            fit_budget = TOKENIZER_SHARE * cfg.train.max_minutes * 60.0
         bundle, reports, _ = obtain_bundle(
-            cfg, ds, tokenizer_dir=tokenizer_dir, save_dir=run_dir, device=device, workers=workers, stage=stage
+            cfg, ds, tokenizer_dir=tokenizer_dir, save_dir=run_dir, device=device, workers=workers, stage=stage,
+            max_seconds=fit_budget,
         )
         cfg = fit_text_len(cfg, bundle, ds, stage)
         rep = build_cache(cache_dir, ds, bundle, cfg, device=device, workers=workers,
@@ -193,7 +200,7 @@ def train_run(
     summary = train(
         model, data, cfg.train, run_dir, device=device, dist_info=dist_info, evaluate=evaluate,
         on_best=lambda m, metrics: save_model(m, run_dir), resume=resume, progress=train_progress,
-        config_dict=full, tokens_per_sample=tokens,
+        config_dict=full, tokens_per_sample=tokens, prep_seconds=time.perf_counter() - t_start,
     )
     if dist_info.is_main and evaluate is None:
         save_model(model, run_dir)  # no validation split: keep the last weights
