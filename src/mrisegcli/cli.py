@@ -208,7 +208,7 @@ def _run_config(preset: str, paradigm: str, size: int | None, seed: int, **overr
     cfg = replace(run_preset(preset), paradigm=paradigm, seed=seed)
     if size is not None:
         cfg = with_image_size(cfg, size)
-    train_keys = ("steps", "epochs", "batch_size", "lr", "ckpt_every", "eval_every")
+    train_keys = ("steps", "epochs", "batch_size", "lr", "ckpt_every", "eval_every", "max_minutes")
     train_fields = {k: v for k, v in overrides.items() if v is not None and k in train_keys}
     strat_fields = {k: v for k, v in overrides.items() if v is not None and k in ("nktp_k", "lambda_tcl", "het_alpha", "image_input", "prefix_attention", "lambda_dense", "input_noise")}
     fit_fields = {k: v for k, v in overrides.items() if v is not None and k.endswith("_steps") and k != "steps"}
@@ -344,6 +344,7 @@ def train(
     no_text: Annotated[bool, typer.Option("--no-text", help="Image-only baseline: the model never sees the prompt.")] = False,
     paraphrases: Annotated[int | None, typer.Option(min=0, help="Reworded copies of each training row with a 'target' column (0 = none).")] = None,
     text_len: Annotated[int | None, typer.Option(min=1, max=512, help="Text context in tokens (lengthened when a training text is longer).")] = None,
+    max_minutes: Annotated[float | None, typer.Option(min=0.1, help="Wall-clock budget of the whole run in minutes (tokenizers and cache included); the schedule follows it.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
@@ -357,7 +358,7 @@ def train(
 
     cfg = _run_config(
         preset, paradigm, size, seed, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
-        eval_every=eval_every, ckpt_every=ckpt_every, mask_steps=mask_steps, image_steps=image_steps, multiscale_steps=multiscale_steps,
+        eval_every=eval_every, ckpt_every=ckpt_every, max_minutes=max_minutes, mask_steps=mask_steps, image_steps=image_steps, multiscale_steps=multiscale_steps,
         nktp_k=nktp_k, lambda_tcl=lambda_tcl, het_alpha=het_alpha, image_input=image_input,
         prefix_attention=prefix_attention, lambda_dense=lambda_dense, input_noise=input_noise,
     )
