@@ -1,0 +1,176 @@
+"""The baseline users know: a MONAI BasicUNet that gets the text as bag-of-words channels.
+
+Same data loading, input size, time budget and metrics as ``mriseg train`` / ``mriseg
+evaluate``: samples are read by mriseg's loaders (every layout, several ``--data``), images are
+resized to ``--size``, the prompt is tokenised by mriseg's text tokenizer (synonym folding
+included) into a bag of words, projected by one learnt linear layer to ``--text-channels``
+channels and tiled over the image; the U-Net sees image + text channels. Training: AdamW,
+BCE + soft Dice, warm-up then cosine over the wall-clock budget, validation Dice every
+``--eval-every`` steps with the best weights kept. The test split is scored exactly as
+``mriseg evaluate`` scores it (probabilities resized to each ground truth's resolution,
+thresholded at 0.5; per-kind rows when the manifest has a ``kind`` column).
+
+    pip install "mrisegcli[bench]"        # MONAI
+    python bench/baseline_unet.py --data ../shared/data/kvasir-seg --max-minutes 15 --json
+    python bench/baseline_unet.py --data ../shared/data/kvasir-seg --max-minutes 15 --no-text
+
+The budget counts everything from reading the data to the last validation (as
+``mriseg train --max-minutes`` does); the test scoring after it is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TextUNet(nn.Module):
+    """BasicUNet over [image, tiled projection of the prompt's bag of words]."""
+
+    def __init__(self, vocab: int, text_channels: int, features: tuple[int, ...]) -> None:
+        super().__init__()
+        from monai.networks.nets import BasicUNet
+
+        self.text = nn.Linear(vocab, text_channels) if text_channels > 0 else None
+        self.unet = BasicUNet(spatial_dims=2, in_channels=1 + text_channels, out_channels=1, features=features)
+
+    def forward(self, image_B1SS: torch.Tensor, bow_BV: torch.Tensor) -> torch.Tensor:
+        x = image_B1SS * 2 - 1
+        if self.text is not None:
+            t_BC = self.text(bow_BV)  # (B, C)
+            t_BCSS = t_BC[:, :, None, None].expand(-1, -1, *image_B1SS.shape[-2:])
+            x = torch.cat([x, t_BCSS], 1)
+        return self.unet(x)[:, 0]  # (B, S, S) logits
+
+
+def bag_of_words(tok, texts: list[str], vocab: int) -> torch.Tensor:
+    """(N, V) counts of each token id in each text (0 rows for empty texts), L1-normalised."""
+    from mrisegcli.tokenizers.text import _token_ids
+
+    bow = torch.zeros(len(texts), vocab)
+    for i, ids in enumerate(_token_ids(tok, texts)):
+        for j in ids:
+            bow[i, j] += 1.0
+    return bow / bow.sum(1, keepdim=True).clamp(min=1.0)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
+
+
+@torch.no_grad()
+def predict(model: TextUNet, images: np.ndarray, bow: torch.Tensor, batch: int = 32) -> np.ndarray:
+    model.eval()
+    out = []
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(images[s : s + batch])[:, None]
+        out.append(torch.sigmoid(model(x, bow[s : s + batch])).numpy())
+    model.train()
+    return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:], np.float32)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, action="append", required=True)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--max-minutes", type=float, default=15.0)
+    ap.add_argument("--max-steps", type=int, default=1_000_000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--features", type=int, nargs=6, default=(16, 16, 32, 64, 128, 16))
+    ap.add_argument("--text-channels", type=int, default=8)
+    ap.add_argument("--no-text", action="store_true", help="The image-only U-Net.")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    args = ap.parse_args(argv)
+
+    from mrisegcli.data.loading import load_split_arrays
+    from mrisegcli.io.read import read_mask
+    from mrisegcli.metrics import summarize
+    from mrisegcli.tokenizers.text import text_vocab_size, train_text_tokenizer
+    from mrisegcli.workflow.evaluate_model import _score, group_summaries
+    from mrisegcli.workflow.prepare import open_dataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    budget = args.max_minutes * 60.0
+    ds = open_dataset(args.data, None, seed=args.seed, check=False)
+    train, val, test = ds.split("train"), ds.split("val"), ds.split(args.split)
+    tok = train_text_tokenizer([s.text for s in train])
+    vocab = text_vocab_size(tok)
+    img_tr, msk_tr = load_split_arrays(train, args.size, workers=2)
+    img_va, msk_va = load_split_arrays(val[:256], args.size, workers=2)
+    text_ch = 0 if args.no_text else args.text_channels
+    bow_tr = bag_of_words(tok, [s.text for s in train], vocab)
+    bow_va = bag_of_words(tok, [s.text for s in val[:256]], vocab)
+    model = TextUNet(vocab, text_ch, tuple(args.features))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    x_tr, y_tr = torch.from_numpy(img_tr)[:, None], torch.from_numpy(msk_tr).float()
+    best, best_state, step, log = -1.0, None, 0, []
+    t_loop = time.perf_counter()
+    loop_budget = max(1.0, budget - (t_loop - t0))
+    g = torch.Generator().manual_seed(args.seed)
+    while step < args.max_steps:
+        done = (time.perf_counter() - t_loop) / loop_budget
+        if done >= 1.0:
+            break
+        lr = args.lr * (min(1.0, done / 0.05) if done < 0.05 else 0.5 * (1 + math.cos(math.pi * (done - 0.05) / 0.95)))
+        for group in opt.param_groups:
+            group["lr"] = max(lr, args.lr * 0.01)
+        idx = torch.randint(0, len(train), (args.batch_size,), generator=g)
+        logits = model(x_tr[idx], bow_tr[idx])
+        loss = F.binary_cross_entropy_with_logits(logits, y_tr[idx]) + dice_loss(logits, y_tr[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % args.eval_every == 0 and len(val):
+            prob = predict(model, img_va, bow_va)
+            inter = ((prob > 0.5) & (msk_va > 0)).sum((1, 2))
+            total = (prob > 0.5).sum((1, 2)) + (msk_va > 0).sum((1, 2))
+            val_dice = float(np.mean(np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))))
+            log.append({"step": step, "loss": float(loss), "val_dice": val_dice, "elapsed_s": time.perf_counter() - t0})
+            if val_dice > best:
+                best, best_state = val_dice, {k: v.clone() for k, v in model.state_dict().items()}
+    train_seconds = time.perf_counter() - t0
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    img_te, _ = load_split_arrays(test, args.size, workers=2)
+    gts = [read_mask(s.mask) for s in test]
+    bow_te = bag_of_words(tok, [s.text for s in test], vocab)
+    results = _score(test, gts, predict(model, img_te, bow_te))
+    summary = summarize(results)
+    out = {
+        "model": "unet" if text_ch else "unet-no-text", "data": [str(d) for d in args.data],
+        "size": args.size, "max_minutes": args.max_minutes, "steps": step,
+        "train_seconds": round(train_seconds, 1), "best_val_dice": best, "split": args.split,
+        "dice": summary["dice"], "miou": summary["miou"], "n": summary["n"],
+        "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+        "kinds": group_summaries(test, results, "kind"),
+    }
+    if args.json:
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        print(f"{out['model']}: {step} steps in {train_seconds:.0f} s, best val Dice {best:.4f}; "
+              f"{args.split} Dice {out['dice']:.4f} mIoU {out['miou']:.4f} (n={out['n']})")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""mriseg against a text-conditioned U-Net at the same wall-clock budget, on real data.
+
+Each cell of the grid trains one model with a time budget (everything from reading the data to
+the last validation counts), then scores the test split with ``mriseg evaluate``'s metrics:
+
+* ``unet``: ``bench/baseline_unet.py`` (MONAI BasicUNet, text as bag-of-words channels);
+* ``next-token`` / ``next-scale``: ``mriseg train --max-minutes M`` then ``mriseg evaluate``.
+
+One training at a time (two cores). Results are appended as JSON lines to ``--results``; a cell
+already there is skipped, so the grid can be filled over several sittings (``--only`` picks
+cells). ``--table`` renders the results as the markdown table of ``docs/benchmarks.md``.
+
+    python bench/compare.py --data-root ../shared/data --work /tmp/compare        # the grid
+    python bench/compare.py --only kvasir-seg:unet:15 --only kvasir-seg:next-token:15
+    python bench/compare.py --table                                               # print table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "compare.jsonl"
+#: (dataset, method, minutes): the issue's grid
+GRID = [
+    *[(d, m, b) for d in ("kvasir-seg", "cxr-infection", "jsrt") for b in (5, 15) for m in ("unet", "next-token")],
+    ("kvasir-seg", "unet", 45), ("kvasir-seg", "next-token", 45),
+    *[(d, "next-scale", 15) for d in ("kvasir-seg", "cxr-infection", "jsrt")],
+]
+
+
+def cell_key(dataset: str, method: str, minutes: float) -> str:
+    return f"{dataset}:{method}:{minutes:g}"
+
+
+def done_keys(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    return {json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def run_unet(data: Path, minutes: float, size: int, threads: int) -> dict:
+    cmd = [sys.executable, str(HERE / "baseline_unet.py"), "--data", str(data), "--size", str(size),
+           "--max-minutes", str(minutes), "--json", "--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "command": " ".join(cmd[1:])}
+
+
+def run_mriseg(data: Path, method: str, minutes: float, preset: str, work: Path, threads: int) -> dict:
+    run = work / f"{data.name}-{method}-{minutes:g}"
+    if run.exists():
+        shutil.rmtree(run)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    train = ["mriseg", "train", "--data", str(data), "--out", str(run), "--paradigm", method,
+             "--preset", preset, "--max-minutes", str(minutes), "--steps", "100000", "--device", "cpu"]
+    t0 = time.perf_counter()
+    subprocess.run(train, check=True, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    ev = ["mriseg", "evaluate", "--model", str(run), "--data", str(data), "--json", "--device", "cpu"]
+    summary = json.loads(subprocess.run(ev, check=True, capture_output=True, text=True, env=env).stdout)
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {
+        "model": method, "data": [str(data)], "preset": preset, "max_minutes": minutes,
+        "steps": metrics["steps"], "train_seconds": round(wall, 1), "best_val_dice": metrics["best_val_dice"],
+        "dice": summary["dice"], "miou": summary["miou"], "n": summary["n"],
+        "tokenizer_ceiling_dice": summary.get("tokenizer_ceiling_dice"), "threads": threads,
+        "kinds": summary.get("kinds", {}), "command": " ".join(train[1:]) + " && " + " ".join(ev[1:]),
+    }
+
+
+def table(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    lines = ["| data | budget | U-Net + text Dice | mriseg next-token Dice | mriseg next-scale Dice | lead |",
+             "|---|---|---|---|---|---|"]
+    cells: dict[tuple[str, float], dict[str, dict]] = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["max_minutes"]), {})[r["model"]] = r
+    for (dataset, minutes), by in sorted(cells.items()):
+        def fmt(m: str) -> str:
+            return f"{by[m]['dice']:.3f} ({by[m]['steps']} steps)" if m in by else "-"
+        lead = "-"
+        if "unet" in by and ("next-token" in by or "next-scale" in by):
+            best = max(by[m]["dice"] for m in ("next-token", "next-scale") if m in by)
+            lead = f"{best - by['unet']['dice']:+.3f}"
+        lines.append(f"| {dataset} | {minutes:g} min | {fmt('unet')} | {fmt('next-token')} | {fmt('next-scale')} | {lead} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mriseg-compare"))
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--only", action="append", help="dataset:method:minutes (repeatable)")
+    ap.add_argument("--preset", default="cxr", help="mriseg preset (cxr: 128 px, 8x8 mask tokens)")
+    ap.add_argument("--size", type=int, default=128, help="U-Net input side (mriseg's preset sets its own)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table", action="store_true", help="print the markdown table and exit")
+    args = ap.parse_args()
+    if args.table:
+        print(table(args.results))
+        return
+    todo = [c for c in GRID if cell_key(*c) not in done_keys(args.results)]
+    if args.only:
+        todo = [tuple(o.split(":")[:2]) + (float(o.split(":")[2]),) for o in args.only]
+        todo = [c for c in todo if cell_key(*c) not in done_keys(args.results)]
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    for dataset, method, minutes in todo:
+        data = args.data_root / dataset
+        print(f"> {cell_key(dataset, method, minutes)}", file=sys.stderr, flush=True)
+        if method == "unet":
+            row = run_unet(data, minutes, args.size, args.threads)
+        else:
+            row = run_mriseg(data, method, minutes, args.preset, args.work, args.threads)
+        row.update(key=cell_key(dataset, method, minutes), dataset=dataset,
+                   machine=f"{os.cpu_count()}-core CPU", date=time.strftime("%Y-%m-%d"))
+        with args.results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"  test Dice {row['dice']:.4f} ({row['steps']} steps)", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
