@@ -65,7 +65,7 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         (["train", "--steps", "abc"], ["--steps", "integer", "mriseg train --help"]),
         (["train", "--data", "d", "--out", "o", "--steps", "0"], ["--steps", "mriseg train --help"]),
         (["predict"], ["missing argument", "mriseg predict --help"]),
-        (["predict", "x.png", "--text", "t"], ["missing option", "--model"]),
+        (["train"], ["missing option", "--data", "mriseg train --help"]),
         (["nosuchcommand"], ["no such command", "nosuchcommand", "mriseg --help"]),
         (["tran"], ["no such command", "'train'"]),  # Typer's suggestion is kept
         (["--bogus"], ["no such option", "--bogus"]),

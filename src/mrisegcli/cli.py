@@ -7,8 +7,10 @@ import functools
 import importlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -40,6 +42,7 @@ def usage_error_line(e: Exception) -> str:
     """The reason of a click usage error on one line, naming the help that explains it."""
     message = e.format_message() if hasattr(e, "format_message") else str(e)
     reason = " ".join(message.split()).rstrip(".")
+    reason = reason.replace(": Value error, ", ": ")  # Typer's coercion prefix on a bad choice
     if len(reason) > 1 and reason[0].isupper() and reason[1].islower():
         reason = reason[0].lower() + reason[1:]  # "Missing option" -> "missing option"
     ctx = getattr(e, "ctx", None)
@@ -83,6 +86,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: no rich markup, so that text in square brackets ("[@revision]") shows as written.
+    rich_markup_mode=None,
 )
 
 
@@ -128,8 +133,94 @@ def _root(
 
 
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------ option values
+# Options with a fixed set of values are Enum-typed: ``--help`` lists the values and anything
+# else is a usage error (exit 2). The values are spelled out here so that ``--help`` needs no
+# torch import; tests/test_cli_conventions.py checks them against the library's own lists.
+class _Choice(str, Enum):
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Paradigm(_Choice):
+    next_token = "next-token"
+    next_scale = "next-scale"
+
+
+class Preset(_Choice):  # mrisegcli.config.RUN_PRESETS
+    cpu = "cpu"
+    cxr = "cxr"
+    tiny = "tiny"
+    small = "small"
+    base = "base"
+
+
+class Layout(_Choice):  # mrisegcli.data.layouts.LAYOUTS
+    lvit = "lvit"
+    qata_v2 = "qata-v2"
+    manifest = "manifest"
+
+
+class Split(_Choice):  # mrisegcli.data.layouts.SPLITS
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+class MaskFormat(_Choice):  # mrisegcli.workflow.predict.FORMATS
+    auto = "auto"
+    png = "png"
+    nii = "nii"
+    dcm = "dcm"
+
+
+class SynthMode(_Choice):
+    refer = "refer"
+    describe = "describe"
+
+
+class ImageInput(_Choice):
+    codes = "codes"
+    pixels = "pixels"
+
+
+class PrefixAttention(_Choice):
+    bidirectional = "bidirectional"
+    causal = "causal"
+
+
+class TextAblation(_Choice):  # mrisegcli.workflow.evaluate_model.ABLATIONS
+    empty = "empty"
+    shuffle = "shuffle"
+
+
+def _value(choice: Any) -> Any:
+    """The plain string of an Enum-typed option (None stays None)."""
+    return choice.value if isinstance(choice, Enum) else choice
+
+
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N (GPU index N) or mps"
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def _device_value(value: str) -> str:
+    """``--device`` at parse time: a bad spelling is a usage error; availability is checked later."""
+    name = value.strip().lower()
+    if not _DEVICE_RE.fullmatch(name):
+        raise typer.BadParameter(f"{value!r} is not a device; use {DEVICE_FORMS}")
+    return name
+
+
+DeviceOpt = Annotated[
+    str, typer.Option(callback=_device_value, metavar="<auto|cpu|cuda|cuda:N|mps>", help=f"{DEVICE_FORMS}.")
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress or stage lines on stderr (errors and warnings still print).")
+]
 
 
 # ----------------------------------------------------------------------------------------- synth
@@ -143,16 +234,15 @@ def synth(
     size: Annotated[int, typer.Option(min=32, max=2048, help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
     mode: Annotated[
-        str, typer.Option(help="refer: the text names only some opacities; describe: all of them.")
-    ] = "refer",
+        SynthMode, typer.Option(help="refer: the text names only some opacities; describe: all of them.")
+    ] = SynthMode.refer,
     overwrite: Annotated[bool, typer.Option(help="Replace an OUT folder made by an earlier synth.")] = False,
 ) -> None:
     """Write the built-in referring dataset (chest-radiograph phantoms + QaTa-style texts)."""
     from mrisegcli.data.synth import synthesize
     from mrisegcli.progress import task_progress
 
-    if mode not in ("refer", "describe"):
-        raise _fail(f"--mode must be 'refer' or 'describe', not {mode!r}", 2)
+    mode = _value(mode)
     with task_progress("synthesising", total=n_train + n_val + n_test) as progress:
         report = synthesize(
             out_dir, n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed,
@@ -166,20 +256,28 @@ def synth(
 
 # ---------------------------------------------------------------------------------- helpers
 def _device(name: str) -> Any:
+    """auto, cpu, cuda, cuda:N or mps -> a torch device that exists on this machine."""
     import torch
 
+    name = name.strip().lower()
+    if not _DEVICE_RE.fullmatch(name):
+        raise _fail(f"--device must be {DEVICE_FORMS}, not {name!r}", 2)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MrisegError("--device cuda: no CUDA device is available (use --device cpu)")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MrisegError(f"--device {name}: no CUDA device is available (use --device cpu)")
+        index = int(name.partition(":")[2] or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise MrisegError(f"--device {name}: there is no CUDA device {index}; this machine has {count} "
+                              f"(cuda:0 to cuda:{count - 1})")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise MrisegError("--device mps: MPS is not available (use --device cpu)")
-    if name not in ("cpu", "cuda", "mps"):
-        raise MrisegError(f"--device must be auto, cpu, cuda or mps, not {name!r}")
     return torch.device(name)
 
 
@@ -199,6 +297,8 @@ def _run_config(preset: str, paradigm: str, size: int | None, seed: int, **overr
 
     from mrisegcli.config import run_preset, with_image_size
 
+    preset, paradigm = _value(preset), _value(paradigm)
+    overrides = {k: _value(v) for k, v in overrides.items()}
     if paradigm not in ("next-token", "next-scale"):
         raise MrisegError(f"--paradigm must be next-token or next-scale, not {paradigm!r}")
     choices = {"image_input": ("codes", "pixels"), "prefix_attention": ("bidirectional", "causal")}
@@ -285,12 +385,12 @@ def tokenize(
     data: Annotated[list[Path], typer.Option(help="Dataset folder or manifest; repeat for several.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Cache folder to create or update.")],
     tokenizer: Annotated[Path | None, typer.Option(help="Reuse the tokenizers of a run or tokenize output.")] = None,
-    paradigm: Annotated[str, typer.Option(help="next-token or next-scale (which tokenizers to fit).")] = "next-token",
-    preset: Annotated[str, typer.Option(help="Preset for the tokenizers' fitting budget.")] = "tiny",
+    paradigm: Annotated[Paradigm, typer.Option(help="Which tokenizers to fit.")] = Paradigm.next_token,
+    preset: Annotated[Preset, typer.Option(help="Preset for the tokenizers' fitting budget.")] = Preset.tiny,
     size: Annotated[int | None, typer.Option(help="Model input side in pixels.")] = None,
-    layout: Annotated[str | None, typer.Option(help="Force the layout: lvit, qata-v2, manifest.")] = None,
+    layout: Annotated[Layout | None, typer.Option(help="Force the layout (default: detected).")] = None,
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images.")] = 2,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    device: DeviceOpt = "auto",
     mask_steps: Annotated[int | None, typer.Option(help="Mask tokenizer fitting steps.")] = None,
     image_steps: Annotated[int | None, typer.Option(help="Image tokenizer fitting steps.")] = None,
     multiscale_steps: Annotated[int | None, typer.Option(help="Multi-scale tokenizer fitting steps.")] = None,
@@ -304,7 +404,7 @@ def tokenize(
                       multiscale_steps=multiscale_steps)
     dev = _device(device)
     stage = _stage()
-    ds = open_dataset(data, layout, seed=seed)
+    ds = open_dataset(data, _value(layout), seed=seed)
     bundle, reports, _ = obtain_bundle(cfg, ds, tokenizer_dir=tokenizer, save_dir=out_dir, device=dev,
                                        workers=workers, stage=stage)
     for name, rep in reports.items():
@@ -319,8 +419,8 @@ def tokenize(
 def train(
     data: Annotated[list[Path], typer.Option(help="Dataset folder (LViT, QaTa-v2) or manifest CSV/JSONL; repeat to train on several.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder.")],
-    paradigm: Annotated[str, typer.Option(help="next-token or next-scale.")] = "next-token",
-    preset: Annotated[str, typer.Option(help="tiny, small or base (see `mriseg presets`).")] = "tiny",
+    paradigm: Annotated[Paradigm, typer.Option(help="Autoregressive paradigm.")] = Paradigm.next_token,
+    preset: Annotated[Preset, typer.Option(help="Model size and budget (see `mriseg presets`).")] = Preset.tiny,
     steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps (default: the preset's).")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Train for this many epochs instead of --steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Global batch size.")] = None,
@@ -328,7 +428,7 @@ def train(
     eval_every: Annotated[int | None, typer.Option(min=1, help="Validate (and keep the best) every N steps.")] = None,
     ckpt_every: Annotated[int | None, typer.Option(min=1, help="Checkpoint every N steps.")] = None,
     size: Annotated[int | None, typer.Option(help="Model input side in pixels (default 128).")] = None,
-    layout: Annotated[str | None, typer.Option(help="Force the layout: lvit, qata-v2, manifest.")] = None,
+    layout: Annotated[Layout | None, typer.Option(help="Force the layout (default: detected).")] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="Reuse tokenizers from a run or tokenize output.")] = None,
     cache: Annotated[Path | None, typer.Option(help="Code cache folder (default RUN/cache).")] = None,
     mask_steps: Annotated[int | None, typer.Option(help="Mask tokenizer fitting steps.")] = None,
@@ -337,15 +437,15 @@ def train(
     nktp_k: Annotated[int | None, typer.Option(help="Next-k token prediction: k (1 = off).")] = None,
     lambda_tcl: Annotated[float | None, typer.Option(help="Token contrastive loss weight (0 = off).")] = None,
     het_alpha: Annotated[float | None, typer.Option(help="Hard-error-token weight (0 = off).")] = None,
-    image_input: Annotated[str | None, typer.Option(help="next-token image tokens: codes or pixels.")] = None,
+    image_input: Annotated[ImageInput | None, typer.Option(help="next-token image tokens.")] = None,
     input_noise: Annotated[float | None, typer.Option(help="Share of teacher-forced mask tokens replaced by random codes (0 = off).")] = None,
     lambda_dense: Annotated[float | None, typer.Option(help="Dense prefix supervision weight (0 = off).")] = None,
-    prefix_attention: Annotated[str | None, typer.Option(help="next-token image+text attention: bidirectional or causal.")] = None,
+    prefix_attention: Annotated[PrefixAttention | None, typer.Option(help="next-token image+text attention.")] = None,
     no_text: Annotated[bool, typer.Option("--no-text", help="Image-only baseline: the model never sees the prompt.")] = False,
     paraphrases: Annotated[int | None, typer.Option(min=0, help="Reworded copies of each training row with a 'target' column (0 = none).")] = None,
     text_len: Annotated[int | None, typer.Option(min=1, max=512, help="Text context in tokens (lengthened when a training text is longer).")] = None,
     max_minutes: Annotated[float | None, typer.Option(min=0.1, help="Wall-clock budget of the whole run in minutes (tokenizers and cache included); the schedule follows it.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    device: DeviceOpt = "auto",
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start over in a non-empty run folder.")] = False,
@@ -380,7 +480,7 @@ def train(
     try:
         with task_progress("training", total=None, quiet=quiet) as progress:
             result = train_run(
-                data, out_dir, cfg, layout=layout, device=dev, resume=resume, overwrite=overwrite,
+                data, out_dir, cfg, layout=_value(layout), device=dev, resume=resume, overwrite=overwrite,
                 tokenizer_dir=tokenizer, cache_dir=cache, workers=workers, stage=_stage(quiet),
                 train_progress=progress, dist_info=info, command=" ".join(sys.argv),
             )
@@ -402,14 +502,16 @@ def predict(
         typer.Option(help="Run folder, Hub id user/repo@revision, or a shipped model's name (default: $MRISEG_MODEL, else the shipped chest-xray model)."),
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: beside each input).")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto, png, nii or dcm (DICOM SEG).")] = "auto",
+    fmt: Annotated[
+        MaskFormat, typer.Option("--format", case_sensitive=False, help="Mask format; dcm is DICOM SEG (default: png for 2-D images, nii for volumes, dcm for DICOM).")
+    ] = MaskFormat.auto,
     samples: Annotated[int, typer.Option(min=1, help="Masks drawn per input and fused by consensus.")] = 1,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default 0, or 1 with --samples > 1).")] = None,
     uncertainty: Annotated[bool, typer.Option(help="Also write the uncertainty map (needs --samples > 1).")] = False,
     overlay: Annotated[bool, typer.Option(help="Also write a PNG of the mask over the image.")] = False,
     steps_png: Annotated[bool, typer.Option("--steps-png", help="Next-scale: write the mask after each scale.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON line per input.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Slices decoded together.")] = 32,
     keep_going: Annotated[bool, typer.Option(help="Continue after a bad input (exit 1 at the end).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
@@ -425,7 +527,7 @@ def predict(
     # Everything about inputs and outputs is checked before the (slow) model load.
     text = validate_text(text)
     paths = expand_inputs(inputs)
-    plans = plan_outputs(paths, out_dir, fmt, overwrite=overwrite, uncertainty=uncertainty,
+    plans = plan_outputs(paths, out_dir, _value(fmt), overwrite=overwrite, uncertainty=uncertainty,
                          overlay=overlay, steps_png=steps_png, keep_going=keep_going)
     dev = _device(device)
     choice = _chosen_model(model)
@@ -498,27 +600,29 @@ class _SliceAdapter:
 def evaluate(
     model: Annotated[str | None, typer.Option(help="Run folder, Hub id or shipped model to evaluate on --data (default: $MRISEG_MODEL, else the shipped chest-xray model).")] = None,
     data: Annotated[list[Path] | None, typer.Option(help="Dataset to evaluate the model on (repeat for several).")] = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
-    layout: Annotated[str | None, typer.Option(help="Force the layout: lvit, qata-v2, manifest.")] = None,
+    split: Annotated[Split, typer.Option(help="Dataset split to evaluate on.")] = Split.test,
+    layout: Annotated[Layout | None, typer.Option(help="Force the layout (default: detected).")] = None,
     pred: Annotated[Path | None, typer.Option(help="Folder of predicted masks.")] = None,
     gt: Annotated[Path | None, typer.Option(help="Folder of ground-truth masks.")] = None,
     samples: Annotated[int, typer.Option(min=1, help="Masks drawn per case, fused by consensus.")] = 1,
     temperature: Annotated[
         float | None, typer.Option(min=0.0, help="Sampling temperature (default 0, or 1 with --samples > 1).")
     ] = None,
-    text_ablation: Annotated[list[str] | None, typer.Option(help="Also score with 'empty' or 'shuffle' text.")] = None,
+    text_ablation: Annotated[list[TextAblation] | None, typer.Option(help="Also score with empty or shuffled text (repeatable).")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N cases.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Write per-case rows to this CSV file.")] = None,
     allow_missing: Annotated[
         bool, typer.Option(help="Count ground truths without a prediction as empty predictions.")
     ] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    device: DeviceOpt = "auto",
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images.")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, shuffled text).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --csv file.")] = False,
 ) -> None:
     """Dice and mIoU: of a model on a dataset split, or of a folder of predicted masks."""
+    split, layout = _value(split), _value(layout)
+    text_ablation = [_value(a) for a in text_ablation or ()]
     from mrisegcli.evaluation import EvalReport, render_table, report_json, write_cases_csv
     from mrisegcli.io.atomic import check_writable
     from mrisegcli.progress import task_progress
