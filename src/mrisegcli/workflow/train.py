@@ -53,6 +53,7 @@ class TrainResult:
     train_seconds: float
     tokenizer_reports: dict[str, dict]
     cache: dict[str, Any]
+    curves: Path | None = None  # RUN/progress.png: training loss and validation Dice over steps
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -220,4 +221,7 @@ def train_run(
             prev = json.loads(old.read_text())
             metrics["tokenizers"] = metrics["tokenizers"] or prev.get("tokenizers", {})
         atomic_write_text(old, json.dumps(metrics, indent=2, default=float) + "\n", overwrite=True)
+        from mrisegcli.training.curves import write_progress_png
+
+        result.curves = write_progress_png(run_dir)
     return result
