@@ -250,6 +250,15 @@ def report_json(report: EvalReport, *, cases: bool = False) -> dict:
     return out
 
 
+def _is_missing(case: CaseResult, missing: set[str]) -> bool:
+    """Whether the case had no prediction file (counted as empty with ``allow_missing``).
+
+    A prediction that exists but is empty is not missing (it shows 0 pixels), and neither is a
+    case scored from a model's output, which has no prediction file at all.
+    """
+    return case.pred_path is None and case.gt_path is not None and case.gt_path.name in missing
+
+
 def render_table(report: EvalReport, *, max_rows: int = 20) -> Table:
     """Rich table in percent: one row per case when there are at most ``max_rows``, then the
     mean, median and global (micro) rows."""
@@ -263,9 +272,10 @@ def render_table(report: EvalReport, *, max_rows: int = 20) -> Table:
         ("GT px", "right"),
     ):
         table.add_column(col, justify=justify)
+    missing = set(report.missing_predictions)  # ground-truth file names without a prediction
     if len(report.cases) <= max_rows:
         for c in report.cases:
-            pred = "missing" if c.pred_path is None else str(c.pred_pixels)
+            pred = "missing" if _is_missing(c, missing) else str(c.pred_pixels)
             table.add_row(
                 c.name, f"{100 * c.dice:.2f}", f"{100 * c.iou:.2f}", pred, str(c.gt_pixels)
             )
