@@ -495,8 +495,14 @@ def train(
 @app.command()
 @handled
 def predict(
-    inputs: Annotated[list[str], typer.Argument(help="Files, folders, or - to read paths from stdin.")],
-    text: Annotated[str, typer.Option(help="The referring text.")],
+    inputs: Annotated[
+        list[str] | None, typer.Argument(show_default=False, help="Files, folders, or - to read paths from stdin.")
+    ] = None,
+    text: Annotated[str | None, typer.Option(help="The referring text (for every input).")] = None,
+    prompts: Annotated[
+        str | None,
+        typer.Option(metavar="FILE", help="A text per input instead of --text and INPUTS: CSV with a header path,text, or JSON lines {\"path\": ..., \"text\": ...}; - reads stdin. Paths are relative to the current folder."),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="Run folder, Hub id user/repo@revision, or a shipped model's name (default: $MRISEG_MODEL, else the shipped chest-xray model)."),
@@ -513,24 +519,46 @@ def predict(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON line per input.")] = False,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Slices decoded together.")] = 32,
-    keep_going: Annotated[bool, typer.Option(help="Continue after a bad input (exit 1 at the end).")] = False,
+    keep_going: Annotated[bool, typer.Option(help="Continue after a bad or missing input (exit 1 at the end).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Segment what the text describes in each input; one output line per input."""
     from mrisegcli.hub import resolve_run
-    from mrisegcli.workflow.predict import expand_inputs, plan_outputs, run_plans, validate_text
+    from mrisegcli.workflow.predict import (
+        expand_inputs,
+        plan_outputs,
+        prompt_inputs,
+        read_prompts,
+        run_plans,
+        validate_text,
+    )
     from mrisegcli.workflow.segmenter import load_segmenter
 
+    see = " (see 'mriseg predict --help')"
+    if prompts is not None and (text is not None or inputs):
+        raise _fail("--prompts gives the inputs and their texts: use it without --text and without input paths" + see, 2)
+    if prompts is None and not inputs:
+        raise _fail("missing argument 'INPUTS...' (files, folders or -), or give --prompts FILE" + see, 2)
+    if prompts is None and text is None:
+        raise _fail("missing option '--text' (or give --prompts FILE with a text per input)" + see, 2)
     if uncertainty and samples < 2:
         raise _fail("--uncertainty needs --samples 2 or more", 2)
     # Everything about inputs and outputs is checked before the (slow) model load.
-    text = validate_text(text)
-    paths = expand_inputs(inputs)
+    input_errors: dict[Path, str] | None = {} if keep_going else None
+    texts: str | list[str]
+    if prompts is not None:
+        rows = read_prompts(prompts)
+        texts = [row.text for row in rows]
+        paths = prompt_inputs(rows, input_errors)
+    else:
+        texts = validate_text(text or "")
+        paths = expand_inputs(inputs or [], errors=input_errors)
     plans = plan_outputs(paths, out_dir, _value(fmt), overwrite=overwrite, uncertainty=uncertainty,
-                         overlay=overlay, steps_png=steps_png, keep_going=keep_going)
+                         overlay=overlay, steps_png=steps_png, keep_going=keep_going, input_errors=input_errors)
     dev = _device(device)
-    choice = _chosen_model(model)
+    choice = _chosen_model(model, quiet)
     seg = load_segmenter(resolve_run(choice.spec), dev, batch_size=batch_size, compile=dev.type == "cuda")
     if steps_png and seg.paradigm != "next-scale":
         raise _fail("--steps-png needs a next-scale model", 2)
@@ -555,17 +583,18 @@ def predict(
             out.print(f"{result.input} -> {mask} ({result.foreground_fraction:.1%} foreground, "
                       f"presence {result.presence:.2f})", markup=False)
 
-    results = run_plans(adapter, plans, text, overwrite=overwrite, keep_going=keep_going, on_result=show)
+    results = run_plans(adapter, plans, texts, overwrite=overwrite, keep_going=keep_going, on_result=show)
     if any(r.error for r in results):
         raise typer.Exit(1)
 
 
-def _chosen_model(model: str | None) -> Any:
+def _chosen_model(model: str | None, quiet: bool = False) -> Any:
     """--model > MRISEG_MODEL > the shipped default; says once on stderr which one runs."""
     from mrisegcli.shipped import choose_model
 
     choice = choose_model(model)
-    err.print(choice.describe(), markup=False)
+    if not quiet:
+        err.print(choice.describe(), markup=False)
     return choice
 
 

@@ -15,11 +15,14 @@ this module does not depend on the model code. A batch runs in two stages:
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import re
 import sys
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -101,6 +104,8 @@ class PredictResult:
     modality: str | None = None  # DICOM Modality of the input, when it has one
     seconds: float = 0.0
     error: str | None = None
+    text: str | None = None  # the prompt this input was segmented with
+
 
     @property
     def found(self) -> bool:
@@ -120,20 +125,24 @@ class PredictResult:
             "modality": self.modality,
             "seconds": round(float(self.seconds), 4),
             "error": self.error,
+            "text": self.text,
         }
 
 
-def validate_text(text: str) -> str:
-    """The prompt without surrounding whitespace; empty or over 10000 characters is refused."""
+def validate_text(text: str, what: str = "--text") -> str:
+    """The prompt without surrounding whitespace; empty or over 10000 characters is refused.
+
+    ``what`` names the prompt in the messages (``--text``, or a prompts file's row).
+    """
     stripped = (text or "").strip()
     if not stripped:
-        raise MrisegError("--text is empty")
+        raise MrisegError(f"{what} is empty")
     if len(stripped) > MAX_TEXT_CHARS:
         raise MrisegError(
-            f"--text is {len(stripped)} characters long; the limit is {MAX_TEXT_CHARS}"
+            f"{what} is {len(stripped)} characters long; the limit is {MAX_TEXT_CHARS}"
         )
     if not any(unicodedata.category(c)[0] in "LN" for c in stripped):
-        raise MrisegError("--text has no letters or digits")
+        raise MrisegError(f"{what} has no letters or digits")
     return stripped
 
 
@@ -253,37 +262,197 @@ def _expand_one(path: Path) -> list[Path]:
     return found
 
 
-def _stdin_paths(stdin: TextIO | None) -> list[str]:
+def _read_stdin(stdin: TextIO | None, what: str) -> str:
     stream = sys.stdin if stdin is None else stdin
     if stream is None:
-        raise MrisegError("'-' reads input paths from stdin, but there is no stdin")
+        raise MrisegError(f"'-' reads {what} from stdin, but there is no stdin")
     isatty = getattr(stream, "isatty", None)
     if isatty is not None and isatty():
-        raise MrisegError("'-' reads input paths from stdin, but stdin is a terminal")
-    return [line.strip() for line in stream.read().splitlines() if line.strip()]
+        raise MrisegError(f"'-' reads {what} from stdin, but stdin is a terminal")
+    return stream.read()
 
 
-def expand_inputs(inputs: Sequence[str | Path], stdin: TextIO | None = None) -> list[Path]:
+def _stdin_paths(stdin: TextIO | None) -> list[str]:
+    text = _read_stdin(stdin, "input paths")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _expand_or_record(path: Path, errors: dict[Path, str] | None) -> list[Path]:
+    """:func:`_expand_one`, or with ``errors`` the path itself with its message recorded."""
+    try:
+        return _expand_one(path)
+    except InputError as err:
+        if errors is None:
+            raise
+        errors[path] = str(err)
+        return [path]
+
+
+def expand_inputs(
+    inputs: Sequence[str | Path],
+    stdin: TextIO | None = None,
+    *,
+    errors: dict[Path, str] | None = None,
+) -> list[Path]:
     """Files, folders and ``-`` (paths on ``stdin``, default ``sys.stdin``) -> input paths.
 
     A file is an input as given. A folder holding one DICOM series is one input; any other
     folder gives its image files (known extensions, or DICOM by the 'DICM' preamble) and its
     sub-folders that each hold one DICOM series, in natural order. Duplicates (same resolved
     path) are dropped, first occurrence kept.
+
+    A path that does not exist (or a folder without images) raises; given an ``errors`` dict
+    (``--keep-going``), it stays in the list as given and its message goes into ``errors``, for
+    :func:`plan_outputs` (``input_errors``) to record as that input's error.
     """
     found: list[Path] = []
     for raw in inputs:
         if str(raw) == "-":
             for line in _stdin_paths(stdin):
-                found.extend(_expand_one(Path(line)))
+                found.extend(_expand_or_record(Path(line), errors))
         else:
-            found.extend(_expand_one(Path(raw)))
+            found.extend(_expand_or_record(Path(raw), errors))
     unique: dict[Path, Path] = {}
     for p in found:
         unique.setdefault(p.resolve(), p)
     if not unique:
         raise MrisegError("no inputs: give files, folders, or - to read paths from stdin")
     return list(unique.values())
+
+
+# ----------------------------------------------------------------------------- prompts files
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One row of a prompts file: an input path (relative to the current folder) and its text."""
+
+    path: Path
+    text: str
+    line: int  # line of the file the row starts on (1-based), for messages
+
+
+PROMPT_COLUMNS = ("path", "text")
+
+
+def _row_error(name: str, line: int, row: int, problem: str) -> MrisegError:
+    return MrisegError(f"line {line} (row {row}): {problem}", name)
+
+
+def _prompt_row(name: str, line: int, row: int, values: Mapping[str, Any]) -> PromptRow:
+    for column in PROMPT_COLUMNS:
+        value = values.get(column)
+        if value is None:
+            raise _row_error(name, line, row, f"no {column!r} value")
+        if not isinstance(value, str):
+            raise _row_error(name, line, row, f"{column!r} must be a string, not {type(value).__name__}")
+    path = values["path"].strip()
+    if not path:
+        raise _row_error(name, line, row, "the path is empty")
+    try:
+        text = validate_text(values["text"], what="the text")
+    except MrisegError as err:
+        raise _row_error(name, line, row, str(err)) from None
+    return PromptRow(Path(path).expanduser(), text, line)
+
+
+def _csv_rows(name: str, content: str) -> list[PromptRow]:
+    reader = csv.reader(io.StringIO(content))
+    header: list[str] | None = None
+    rows: list[PromptRow] = []
+    start = 1
+    try:
+        for cells in reader:
+            line, start = start, reader.line_num + 1
+            if not any(c.strip() for c in cells):
+                continue  # blank line
+            if header is None:
+                header = [c.strip().lower() for c in cells]
+                lacking = [c for c in PROMPT_COLUMNS if c not in header]
+                if lacking:
+                    raise MrisegError(
+                        f"line {line}: the first line must be a header naming the columns path and "
+                        f"text (found {', '.join(repr(c) for c in cells)})", name)
+                continue
+            if len(cells) > len(header):
+                raise _row_error(name, line, len(rows) + 1,
+                                 f"{len(cells)} values for {len(header)} columns (quote a text with commas)")
+            values = {h: c for h, c in zip(header, cells)}
+            rows.append(_prompt_row(name, line, len(rows) + 1, values))
+    except csv.Error as err:
+        raise MrisegError(f"line {reader.line_num}: not valid CSV ({err})", name) from None
+    if header is None:
+        raise MrisegError("empty prompts file (expected a header path,text and one row per input)", name)
+    return rows
+
+
+def _jsonl_rows(name: str, content: str) -> list[PromptRow]:
+    rows: list[PromptRow] = []
+    for line, raw in enumerate(content.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            values = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise _row_error(name, line, len(rows) + 1, f"not valid JSON ({err.msg})") from None
+        if not isinstance(values, dict):
+            raise _row_error(name, line, len(rows) + 1, 'expected an object {"path": ..., "text": ...}')
+        rows.append(_prompt_row(name, line, len(rows) + 1, values))
+    return rows
+
+
+def read_prompts(source: str | Path, stdin: TextIO | None = None) -> list[PromptRow]:
+    """The rows of a prompts file: CSV with a header naming ``path`` and ``text`` (other
+    columns are ignored), or JSON lines ``{"path": ..., "text": ...}``; ``-`` reads stdin.
+
+    The kind follows the extension (``.csv``, ``.jsonl``/``.ndjson``), else the content (a
+    first line starting with ``{`` is JSON lines). The first bad row (a missing value, an empty
+    or unusable text, bad CSV or JSON) raises a :class:`MrisegError` naming the file and row.
+    """
+    if str(source) == "-":
+        name, content = "<stdin>", _read_stdin(stdin, "the prompts")
+        kind = ""
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise InputError("no such prompts file" if not path.exists() else "is not a file", path)
+        try:
+            content = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"cannot read the prompts file ({err})", path) from err
+        kind = path.suffix.lower()
+    content = content.lstrip("\ufeff")
+    if kind not in (".csv", ".jsonl", ".ndjson"):
+        first = next((x.strip() for x in content.splitlines() if x.strip()), "")
+        kind = ".jsonl" if first.startswith("{") else ".csv"
+    rows = _jsonl_rows(name, content) if kind in (".jsonl", ".ndjson") else _csv_rows(name, content)
+    if not rows:
+        raise MrisegError("the prompts file has no rows", name)
+    return rows
+
+
+def prompt_inputs(rows: Sequence[PromptRow], errors: dict[Path, str] | None = None) -> list[Path]:
+    """One input per row, in order (no de-duplication): a file, or a folder holding one DICOM
+    series. A missing path or a folder of several images raises, or with an ``errors`` dict is
+    recorded there (see :func:`expand_inputs`)."""
+    found = []
+    for row in rows:
+        try:
+            paths = _expand_one(row.path)
+            if len(paths) != 1:
+                raise InputError(
+                    f"is a folder of {len(paths)} inputs; a prompts row names one image, volume "
+                    "or DICOM series folder",
+                    row.path,
+                )
+        except InputError as err:
+            if errors is None:
+                raise
+            errors[row.path] = str(err)
+            paths = [row.path]
+        found.append(paths[0])
+    return found
 
 
 # ----------------------------------------------------------------------------- planning
@@ -407,6 +576,7 @@ def plan_outputs(
     overlay: bool = False,
     steps_png: bool = False,
     keep_going: bool = False,
+    input_errors: Mapping[Path, str] | None = None,
 ) -> list[PlannedOutput]:
     """Every output path of every input, decided and checked before any model work.
 
@@ -414,7 +584,8 @@ def plan_outputs(
     DICOM), "png", "nii" or "dcm". ``out_dir=None`` writes beside each input. An input that
     cannot be planned (unreadable, a volume as PNG, SEG for a non-DICOM source) raises, or with
     ``keep_going`` gets ``error`` set. Name collisions, outputs outside ``out_dir`` and existing
-    outputs (without ``overwrite``; all counted in one message) always raise.
+    outputs (without ``overwrite``; all counted in one message) always raise. An input found
+    in ``input_errors`` (see :func:`expand_inputs`) is planned with that error.
     """
     fmt = _canonical_format(fmt)
     out = Path(out_dir) if out_dir is not None else None
@@ -426,6 +597,9 @@ def plan_outputs(
     plans = []
     for path in inputs:
         path = Path(path)
+        if input_errors and path in input_errors:
+            plans.append(PlannedOutput(path, error=input_errors[path]))
+            continue
         try:
             plans.append(_plan_one(path, out, fmt, keys))
         except MrisegError as err:
@@ -569,24 +743,32 @@ def _predict_one(
 def run_plans(
     segmenter: SliceSegmenter,
     plans: Sequence[PlannedOutput],
-    text: str,
+    text: str | Sequence[str],
     *,
     overwrite: bool = False,
     threshold: float = 0.5,
     keep_going: bool = False,
     on_result: Callable[[PredictResult], None] | None = None,
 ) -> list[PredictResult]:
-    """Segment every planned input (see :func:`predict_files`)."""
-    text = validate_text(text)
+    """Segment every planned input (see :func:`predict_files`).
+
+    ``text`` is one prompt for every input, or a sequence of one prompt per plan (in order).
+    """
+    if isinstance(text, str):
+        texts = [validate_text(text)] * len(plans)
+    else:
+        texts = [validate_text(t) for t in text]
+        if len(texts) != len(plans):
+            raise MrisegError(f"{len(texts)} texts for {len(plans)} inputs: give one text, or one per input")
     if not 0.0 <= threshold <= 1.0:
         raise MrisegError(f"threshold must be in [0, 1], got {threshold}")
     results = []
-    for plan in plans:
+    for plan, prompt in zip(plans, texts):
         start = time.perf_counter()
         try:
             if plan.error is not None:
                 raise MrisegError(plan.error)
-            result = _predict_one(segmenter, plan, text, threshold, overwrite)
+            result = _predict_one(segmenter, plan, prompt, threshold, overwrite)
         except ModelOutputError:
             raise
         except MrisegError as err:
@@ -594,6 +776,7 @@ def run_plans(
                 raise
             result = PredictResult(plan.input, error=str(err),
                                    seconds=time.perf_counter() - start)  # fmt: skip
+        result.text = prompt
         results.append(result)
         if on_result is not None:
             on_result(result)
