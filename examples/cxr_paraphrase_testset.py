@@ -124,6 +124,13 @@ def reword(target: str, rng: random.Random) -> str | None:
     return None
 
 
+def _kind(dataset: str, row: dict) -> str:
+    """The row's kind; jsrt rows are named by organ ("jsrt heart") or "jsrt nodule"."""
+    if dataset != "jsrt":
+        return row["kind"]
+    return "jsrt nodule" if row["kind"] == "nodule" else f"jsrt {row['target'].replace('_', ' ')}"
+
+
 def training_wordings(rows: list[dict], samples: int = 400) -> set[str]:
     """Every training text plus every rewording the training paraphraser can produce (sampled
     until no new one appears in ``samples`` draws per target)."""
@@ -177,7 +184,7 @@ def main() -> None:
                 if not dst.exists():
                     shutil.copyfile(src / r[col], dst)
             out_rows.append({"image": f"{name}/{r['image']}", "mask": f"{name}/{r['mask']}", "text": text,
-                             "split": "test", "kind": r["kind"] if name != "jsrt" else f"jsrt-{r['kind']}",
+                             "split": "test", "kind": _kind(name, r),
                              "target": r["target"]})
             counts[out_rows[-1]["kind"]] += 1
             folded[out_rows[-1]["kind"]] += " ".join(normalise(text).split()) in seen_norm

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Evaluate the chest-radiograph run on the test splits (canonical texts, text removed) and on the
+# unseen-wording test set, then copy it into the package with its metrics and model card.
+#
+#   bash examples/evaluate_cxr_model.sh               # RUN=runs/cxr EVAL=work/cxr-eval DATA=../shared/data
+set -euo pipefail
+DATA=${DATA:-../shared/data}
+RUN=${RUN:-runs/cxr}
+EVAL=${EVAL:-work/cxr-eval}
+mkdir -p "$EVAL"
+SECONDS=0
+mriseg evaluate --model "$RUN" --data "$DATA/cxr-infection" --split test --text-ablation empty \
+  --device cpu --json --csv "$EVAL/cxr_cases.csv" --overwrite > "$EVAL/cxr.json"
+mriseg evaluate --model "$RUN" --data "$DATA/jsrt" --split test --text-ablation empty \
+  --device cpu --json --csv "$EVAL/jsrt_cases.csv" --overwrite > "$EVAL/jsrt.json"
+python examples/cxr_paraphrase_testset.py --data "$DATA" --out "$EVAL/unseen-wording" --overwrite
+mriseg evaluate --model "$RUN" --data "$EVAL/unseen-wording" --split test --device cpu --json \
+  > "$EVAL/paraphrase.json"
+echo "evaluation wall time: ${SECONDS} s"
+python examples/ship_cxr_model.py --run "$RUN" --eval "$EVAL"

@@ -1,0 +1,194 @@
+"""Copy a trained chest-radiograph run into the package, with its test metrics and model card.
+
+    python examples/ship_cxr_model.py --run runs/cxr --eval work/cxr-eval
+
+``--eval`` is the folder ``examples/evaluate_cxr_model.sh`` wrote: ``cxr.json`` and ``jsrt.json``
+(``mriseg evaluate --json`` on the test splits with canonical texts, text ablation included)
+and ``paraphrase.json`` (the same on the unseen-wording test set). The run's files that predict
+needs are copied into ``src/mrisegcli/shipped/chest-xray/`` (never checkpoints or caches),
+``evaluation.json`` gathers the numbers, and ``README.md`` is the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEST = ROOT / "src" / "mrisegcli" / "shipped" / "chest-xray"
+FILES = ("config.json", "model.safetensors", "mask_vq.safetensors", "image_vq.safetensors",
+         "multiscale.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+         "metrics.json")
+
+
+def _kinds(ev: dict, prefix: str = "") -> dict[str, dict]:
+    return {f"{prefix}{k}": v for k, v in ev.get("kinds", {}).items()}
+
+
+def gather(eval_dir: Path) -> dict:
+    cxr = json.loads((eval_dir / "cxr.json").read_text())
+    jsrt = json.loads((eval_dir / "jsrt.json").read_text())
+    para = json.loads((eval_dir / "paraphrase.json").read_text())
+    kinds = {**_kinds(cxr)}
+    for target in ("heart", "left_lung", "right_lung", "left_clavicle", "right_clavicle"):
+        if target in jsrt.get("targets", {}):
+            kinds[f"jsrt {target.replace('_', ' ')}"] = jsrt["targets"][target]
+    if "nodule" in jsrt.get("kinds", {}):
+        kinds["jsrt nodule"] = jsrt["kinds"]["nodule"]
+    unseen = _kinds(para)
+    return {
+        "kinds": kinds,
+        "unseen_wording": unseen,
+        "cxr_test": {k: cxr[k] for k in ("dice", "miou", "n", "tokenizer_ceiling_dice", "text_empty_dice",
+                                          "text_empty_dice_drop") if k in cxr},
+        "jsrt_test": {k: jsrt[k] for k in ("dice", "miou", "n", "tokenizer_ceiling_dice", "text_empty_dice",
+                                           "text_empty_dice_drop") if k in jsrt},
+        "unseen_wording_test": {k: para[k] for k in ("dice", "miou", "n") if k in para},
+    }
+
+
+def card(config: dict, metrics: dict, ev: dict) -> str:
+    run = config["run"]
+    rows = []
+    for kind, v in ev["kinds"].items():
+        u = ev["unseen_wording"].get(kind)
+        unseen = f"{u['dice']:.3f}" if u else "-"
+        extra = f"drew a region on {v['drawn']:.0%}, mean area {v['fp_fraction']:.2%}" if "drawn" in v else ""
+        rows.append(f"| {kind} | {v['dice']:.3f} | {v['miou']:.3f} | {v['n']} | {unseen} | {extra} |")
+    unseen_rows = [f"| {k} | {v['dice']:.3f} | {v['miou']:.3f} | {v['n']} |" for k, v in ev["unseen_wording"].items()]
+    c, j = ev["cxr_test"], ev["jsrt_test"]
+    ds = run["mask_vq"]["downsample"]
+    grid = run["image_size"] // ds
+    budget = run["train"].get("max_minutes")
+    budget = f" within a {budget:g}-minute budget for the whole run (tokenizer fitting and code caching included)" if budget else ""
+    return f"""---
+library_name: mriseg
+license: cc-by-sa-4.0
+tags: [medical-imaging, chest-x-ray, segmentation, referring-segmentation, mriseg]
+---
+
+# mriseg chest-xray: text-prompted segmentation of chest radiographs
+
+The model that `mriseg predict` uses when no `--model` is given. It segments what a short text
+names on a frontal chest radiograph: infection (opacity, consolidation, ground glass; all of it,
+one side, or some zones), the lungs, the heart, the clavicles and nodules. When the named
+finding is not there it answers with an empty mask ("no region found").
+
+**Intended use: research and method development, not for diagnosis or any clinical decision.**
+
+```bash
+pip install mrisegcli
+mriseg predict chest.dcm --text "bilateral lower lobe opacity"
+mriseg predict chest.png --text "cardiac silhouette" --overlay
+```
+
+## Model
+
+* next-token paradigm, preset `{config.get('preset')}`: {run['image_size']}-px input through a conv
+  encoder, {grid}x{grid} mask tokens of {ds}x{ds} pixels (mask tokenizer with {run['mask_vq']['codebook_size']}
+  codes), a {run['transformer']['n_layers']}-layer transformer of width {run['transformer']['dim']};
+  prompts through a WordPiece text tokenizer with clinical synonym folding (e.g. "consolidation",
+  "ground-glass opacity" -> "infection", "lobe" -> "zone", "cardiac silhouette" -> "heart").
+* Trained {metrics['steps']} steps, {metrics['train_seconds'] / 60:.0f} minutes of training on a 2-core
+  CPU{budget}; best validation Dice {metrics['best_val_dice']:.3f} at step {metrics['best_step']}.
+* Every training row also appeared in {run['paraphrases']} generated rewordings of its `target`
+  (`mrisegcli.data.paraphrase`). No left/right flips (they would swap the meaning of the text).
+
+## Training data
+
+* **COVID-QU-Ex** infection-segmentation subset (Tahir et al., "COVID-19 infection localization and
+  severity grading from chest X-ray images", Computers in Biology and Medicine 2021; Qatar
+  University; the Kaggle release states **CC BY-SA 4.0**): 1,864 COVID-19 radiographs with
+  radiologists' lung and infection masks, QaTa-COV19-style referring rows (describe, side, zone,
+  anatomy), plus normal radiographs asked for an infection that is not there (an empty mask).
+* **JSRT** (Shiraishi et al., AJR 2000; research use) with the SCR organ masks (van Ginneken et
+  al., Medical Image Analysis 2006): 247 radiographs, heart, lungs, clavicles, nodules.
+* Train splits only; model selection on the validation splits; the numbers below are the test
+  splits. Images are 256x256 grey exports; the model reads any size (resized to
+  {run['image_size']} px) and writes the mask at the input's size and geometry.
+
+## Test metrics
+
+Dice and mIoU per kind (`mriseg evaluate`, masks scored at the ground truth's resolution; empty
+prediction on an empty truth counts as Dice 1). "Unseen wording": the same test cases asked with
+wordings no training row used (`examples/cxr_paraphrase_testset.py`, 5-6 templates per kind).
+
+| kind | Dice | mIoU | n | Dice, unseen wording | absent findings |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Unseen-wording test set per kind:
+
+| kind | Dice | mIoU | n |
+|---|---|---|---|
+{chr(10).join(unseen_rows)}
+
+* cxr-infection test, all kinds: Dice {c['dice']:.3f}, mIoU {c['miou']:.3f} (n={c['n']}); with the
+  text removed Dice {c.get('text_empty_dice', float('nan')):.3f} (drop {c.get('text_empty_dice_drop', float('nan')):.3f});
+  mask tokenizer ceiling {c.get('tokenizer_ceiling_dice', float('nan')):.3f}.
+* jsrt test, all targets: Dice {j['dice']:.3f}, mIoU {j['miou']:.3f} (n={j['n']}); empty text
+  Dice {j.get('text_empty_dice', float('nan')):.3f}; tokenizer ceiling {j.get('tokenizer_ceiling_dice', float('nan')):.3f}.
+
+## Limitations
+
+* Frontal (PA/AP) adult chest radiographs only; COVID-19-era infection patterns. A CT or MR
+  input runs slice by slice, with a warning, and is not what the model knows.
+* The mask is decoded from {grid}x{grid} tokens of {ds}x{ds} pixels of the {run['image_size']}-px input: thin structures
+  (clavicles) and small nodules are coarse.
+* Prompts outside the trained vocabulary fall back to sub-word pieces; the synonym rules cover
+  common radiology wording, not every phrasing.
+
+## Reproduce
+
+```bash
+bash examples/train_cxr_model.sh          # RUN=runs/cxr, DATA=../shared/data
+bash examples/evaluate_cxr_model.sh       # test splits, unseen wordings, copies the run here
+```
+"""
+
+
+def strip_training_buffers(src: Path, dst: Path) -> None:
+    """The weights without the hard-token memory (a training-only buffer, a float per training
+    row and mask token: most of the file), which inference never reads."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("het_memory.")}
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--eval", type=Path, required=True)
+    ap.add_argument("--dest", type=Path, default=DEST)
+    args = ap.parse_args()
+    ev = gather(args.eval)
+    config = json.loads((args.run / "config.json").read_text())
+    metrics = json.loads((args.run / "metrics.json").read_text())
+    tmp = args.dest.with_name(args.dest.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in FILES:
+        if name == "model.safetensors":
+            strip_training_buffers(args.run / name, tmp / name)
+        elif (args.run / name).is_file():
+            shutil.copyfile(args.run / name, tmp / name)
+    # the training machine's paths mean nothing elsewhere: keep the datasets' names
+    roots = config["data"]["root"] if isinstance(config["data"]["root"], list) else [config["data"]["root"]]
+    config["data"]["root"] = [Path(r).name for r in roots]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "evaluation.json").write_text(json.dumps(ev, indent=2) + "\n")
+    (tmp / "README.md").write_text(card(config, metrics, ev))
+    shutil.rmtree(args.dest, ignore_errors=True)
+    tmp.rename(args.dest)
+    size = sum(p.stat().st_size for p in args.dest.iterdir())
+    print(f"shipped {args.run} -> {args.dest} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
