@@ -221,6 +221,7 @@ DeviceOpt = Annotated[
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress or stage lines on stderr (errors and warnings still print).")
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 
 
 # ----------------------------------------------------------------------------------------- synth
@@ -237,20 +238,28 @@ def synth(
         SynthMode, typer.Option(help="refer: the text names only some opacities; describe: all of them.")
     ] = SynthMode.refer,
     overwrite: Annotated[bool, typer.Option(help="Replace an OUT folder made by an earlier synth.")] = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Write the built-in referring dataset (chest-radiograph phantoms + QaTa-style texts)."""
     from mrisegcli.data.synth import synthesize
     from mrisegcli.progress import task_progress
 
     mode = _value(mode)
-    with task_progress("synthesising", total=n_train + n_val + n_test) as progress:
+    with task_progress("synthesising", total=n_train + n_val + n_test, quiet=quiet) as progress:
         report = synthesize(
             out_dir, n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed,
             mode=mode, overwrite=overwrite, progress=progress,
         )
+    if json_out:
+        _print_json({"out": str(out_dir), "cases": report.n_total, "train": n_train, "val": n_val,
+                     "test": n_test, "size": size, "mode": mode, "seed": seed,
+                     "seconds": round(report.seconds, 3), "images_per_s": round(report.images_per_s, 1)})
+        return
     out.print(
         f"wrote {report.n_total} cases ({n_train} train / {n_val} val / {n_test} test, {size} px, "
-        f"mode {mode}) to {out_dir} in {report.seconds:.1f} s ({report.images_per_s:.0f} images/s)"
+        f"mode {mode}) to {out_dir} in {report.seconds:.1f} s ({report.images_per_s:.0f} images/s)",
+        markup=False,
     )
 
 
@@ -329,7 +338,9 @@ def _run_config(preset: str, paradigm: str, size: int | None, seed: int, **overr
 # ----------------------------------------------------------------------------------- presets
 @app.command()
 @handled
-def presets() -> None:
+def presets(
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per preset, one per line.")] = False,
+) -> None:
     """List the model presets with their parameter counts."""
     from rich.table import Table
 
@@ -340,9 +351,15 @@ def presets() -> None:
     for info in list_presets():
         cfg = run_preset(info.name)
         t = cfg.transformer
+        if json_out:
+            _print_json({"name": info.name, "params": info.params, "dim": t.dim, "layers": t.n_layers,
+                         "train_steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
+                         "image_size": cfg.image_size})
+            continue
         table.add_row(info.name, f"{info.params / 1e6:.1f} M", f"{t.dim} x {t.n_layers}",
                       str(cfg.train.steps), str(cfg.train.batch_size))
-    out.print(table)
+    if not json_out:
+        out.print(table)
 
 
 # ------------------------------------------------------------------------------------ models
@@ -396,6 +413,8 @@ def tokenize(
     multiscale_steps: Annotated[int | None, typer.Option(help="Multi-scale tokenizer fitting steps.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Rebuild a cache made with other tokenizers.")] = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Fit the tokenizers (unless given) and cache the codes of every sample."""
     from mrisegcli.workflow.prepare import build_cache, obtain_bundle, open_dataset
@@ -403,14 +422,41 @@ def tokenize(
     cfg = _run_config(preset, paradigm, size, seed, mask_steps=mask_steps, image_steps=image_steps,
                       multiscale_steps=multiscale_steps)
     dev = _device(device)
-    stage = _stage()
+    stage = _stage(quiet)
     ds = open_dataset(data, _value(layout), seed=seed)
     bundle, reports, _ = obtain_bundle(cfg, ds, tokenizer_dir=tokenizer, save_dir=out_dir, device=dev,
                                        workers=workers, stage=stage)
-    for name, rep in reports.items():
-        out.print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rep.items()))
+    if not json_out:
+        for name, rep in reports.items():
+            out.print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rep.items()))
+    _warn_weak_tokenizers(reports)
     rep = build_cache(out_dir / "cache", ds, bundle, cfg, device=dev, workers=workers, overwrite=overwrite, stage=stage)
-    out.print(f"cache {out_dir / 'cache'}: {rep.encoded} encoded, {rep.reused} up to date, {rep.seconds:.1f} s")
+    if json_out:
+        _print_json({"out": str(out_dir), "cache": str(out_dir / "cache"), "encoded": rep.encoded,
+                     "reused": rep.reused, "seconds": round(rep.seconds, 3), "tokenizers": reports})
+        return
+    out.print(f"cache {out_dir / 'cache'}: {rep.encoded} encoded, {rep.reused} up to date, {rep.seconds:.1f} s",
+              markup=False)
+
+
+RECON_DICE_WARN = 0.8  # a mask tokenizer below this caps every model trained on its codes
+_MASK_TOKENIZERS = {"mask_vq": ("mask tokenizer", "--mask-steps"),
+                    "multiscale": ("multi-scale mask tokenizer", "--multiscale-steps")}
+
+
+def _warn_weak_tokenizers(reports: dict[str, dict]) -> None:
+    """A loud warning on stderr for a freshly fitted mask tokenizer that reconstructs masks poorly."""
+    for name, report in reports.items():
+        if name not in _MASK_TOKENIZERS or "recon_dice" not in report:
+            continue
+        dice = float(report["recon_dice"])
+        if dice >= RECON_DICE_WARN:
+            continue
+        what, option = _MASK_TOKENIZERS[name]
+        masks = ("held-out masks" if report.get("n_heldout", 1)
+                 else "its training masks (fewer than 10: none held out)")
+        err.print(f"mriseg: warning: the {what} reconstructs {masks} with Dice {dice:.2f} < {RECON_DICE_WARN}; "
+                  f"fit longer with {option}", style="bold yellow", markup=False)
 
 
 # ------------------------------------------------------------------------------------- train
@@ -418,7 +464,9 @@ def tokenize(
 @handled
 def train(
     data: Annotated[list[Path], typer.Option(help="Dataset folder (LViT, QaTa-v2) or manifest CSV/JSONL; repeat to train on several.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Run folder.")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (default: a new runs/<data name>-<date>-<time>).")
+    ] = None,
     paradigm: Annotated[Paradigm, typer.Option(help="Autoregressive paradigm.")] = Paradigm.next_token,
     preset: Annotated[Preset, typer.Option(help="Model size and budget (see `mriseg presets`).")] = Preset.tiny,
     steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps (default: the preset's).")] = None,
@@ -450,12 +498,16 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start over in a non-empty run folder.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    quiet: QuietOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end (run folder, steps, best val Dice, seconds, curves).")] = False,
 ) -> None:
     """Train a model from raw data: tokenizers, code cache, then the transformer."""
     from mrisegcli.progress import task_progress
     from mrisegcli.training.distributed import init_distributed, shutdown
     from mrisegcli.workflow.train import train_run
 
+    if out_dir is None and resume:
+        raise _fail("--resume needs --out RUN, the run folder to continue (see 'mriseg train --help')", 2)
     cfg = _run_config(
         preset, paradigm, size, seed, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
         eval_every=eval_every, ckpt_every=ckpt_every, max_minutes=max_minutes, mask_steps=mask_steps, image_steps=image_steps, multiscale_steps=multiscale_steps,
@@ -476,19 +528,69 @@ def train(
         import torch
 
         dev = torch.device("cuda", info.local_rank)
-    quiet = not info.is_main
+    silent = quiet or not info.is_main
+    made: Path | None = None  # a default run folder made here, removed again if nothing went in
     try:
-        with task_progress("training", total=None, quiet=quiet) as progress:
+        if out_dir is None:
+            out_dir = made = _new_run_dir(data, info, dev)
+            if not silent:
+                err.print(f"run folder: {out_dir}", markup=False)
+        with task_progress("training", total=None, quiet=silent) as progress:
             result = train_run(
                 data, out_dir, cfg, layout=_value(layout), device=dev, resume=resume, overwrite=overwrite,
-                tokenizer_dir=tokenizer, cache_dir=cache, workers=workers, stage=_stage(quiet),
+                tokenizer_dir=tokenizer, cache_dir=cache, workers=workers, stage=_stage(silent),
                 train_progress=progress, dist_info=info, command=" ".join(sys.argv),
             )
+    except BaseException:
+        if made is not None and info.is_main and made.is_dir() and not any(made.iterdir()):
+            made.rmdir()
+        raise
     finally:
         shutdown(info)
+    if not info.is_main:
+        return
+    _warn_weak_tokenizers(result.tokenizer_reports)
+    if json_out:
+        _print_json({"run_dir": str(out_dir), "steps": result.steps, "best_val_dice": result.best_val_dice,
+                     "best_step": result.best_step, "seconds": round(result.train_seconds, 3),
+                     "curves": None if result.curves is None else str(result.curves)})
+        return
+    best = f"{result.best_val_dice:.4f} (step {result.best_step})" if result.best_val_dice is not None else "n/a"
+    out.print(f"trained {result.steps} steps in {result.train_seconds:.0f} s; best val Dice {best}; run {out_dir}",
+              markup=False)
+    if result.curves is not None:
+        out.print(f"training curves: {result.curves}", markup=False)
+
+
+def _new_run_dir(data: list[Path], info: Any, device: Any, root: Path = Path("runs")) -> Path:
+    """A new run folder ``runs/<first dataset's name>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... when
+    taken), made here so that two runs started in the same second never share it. Under
+    torchrun the main rank makes it and tells the others."""
+    from datetime import datetime
+
+    from mrisegcli.data.layouts import dataset_name
+
+    chosen: Path | None = None
     if info.is_main:
-        best = f"{result.best_val_dice:.4f} (step {result.best_step})" if result.best_val_dice is not None else "n/a"
-        out.print(f"trained {result.steps} steps in {result.train_seconds:.0f} s; best val Dice {best}; run {out_dir}")
+        base = f"{dataset_name(data[0])}-{datetime.now():%Y%m%d-%H%M%S}"
+        for n in range(1, 10_000):
+            candidate = root / (base if n == 1 else f"{base}-{n}")
+            try:
+                candidate.mkdir(parents=True)
+            except FileExistsError:
+                continue
+            chosen = candidate
+            break
+        else:
+            raise MrisegError(f"no free run folder name like {root / base}; give --out")
+    if info.enabled:
+        import torch.distributed as dist
+
+        box = [None if chosen is None else str(chosen)]
+        dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+        chosen = Path(box[0])
+    assert chosen is not None
+    return chosen
 
 
 # ----------------------------------------------------------------------------------- predict
@@ -648,6 +750,7 @@ def evaluate(
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images.")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, shuffled text).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --csv file.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Dice and mIoU: of a model on a dataset split, or of a folder of predicted masks."""
     split, layout = _value(split), _value(layout)
@@ -667,18 +770,18 @@ def evaluate(
         from mrisegcli.workflow.evaluate_model import evaluate_model, report_dict
         from mrisegcli.workflow.segmenter import load_segmenter
 
-        seg = load_segmenter(resolve_run(_chosen_model(model).spec), _device(device))
+        seg = load_segmenter(resolve_run(_chosen_model(model, quiet).spec), _device(device))
         mreport = evaluate_model(
             seg, data, split=split, layout=layout, samples=samples, temperature=temperature,
             ablations=tuple(text_ablation or ()),
-            limit=limit, workers=workers, seed=seed, stage=_stage(quiet=json_out),
+            limit=limit, workers=workers, seed=seed, stage=_stage(quiet=quiet or json_out),
         )
         report = EvalReport(mreport.cases, mreport.summary, [], [])
         summary = report_dict(mreport)
     else:
         from mrisegcli.evaluation import evaluate_folders
 
-        with task_progress("evaluating", total=None, quiet=json_out) as progress:
+        with task_progress("evaluating", total=None, quiet=quiet or json_out) as progress:
             report = evaluate_folders(pred, gt, allow_missing=allow_missing, progress=progress)
         summary = report_json(report)
     if csv is not None:
