@@ -399,7 +399,7 @@ def models(
 @app.command()
 @handled
 def tokenize(
-    data: Annotated[list[Path], typer.Option(help="Dataset folder or manifest; repeat for several.")],
+    data: Annotated[list[Path], typer.Option(metavar="<path>", help="Dataset folder or manifest; repeat for several.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Cache folder to create or update.")],
     tokenizer: Annotated[Path | None, typer.Option(help="Reuse the tokenizers of a run or tokenize output.")] = None,
     paradigm: Annotated[Paradigm, typer.Option(help="Which tokenizers to fit.")] = Paradigm.next_token,
@@ -463,7 +463,7 @@ def _warn_weak_tokenizers(reports: dict[str, dict]) -> None:
 @app.command()
 @handled
 def train(
-    data: Annotated[list[Path], typer.Option(help="Dataset folder (LViT, QaTa-v2) or manifest CSV/JSONL; repeat to train on several.")],
+    data: Annotated[list[Path], typer.Option(metavar="<path>", help="Dataset folder (LViT, QaTa-v2) or manifest CSV/JSONL; repeat to train on several.")],
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Run folder (default: a new runs/<data name>-<date>-<time>).")
     ] = None,
@@ -607,7 +607,7 @@ def predict(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(help="Run folder, Hub id user/repo@revision, or a shipped model's name (default: $MRISEG_MODEL, else the shipped chest-xray model)."),
+        typer.Option(help="Run folder, Hub id user/repo[@revision], or a shipped model's name (default: $MRISEG_MODEL, else the shipped chest-xray model)."),
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: beside each input).")] = None,
     fmt: Annotated[
@@ -729,8 +729,8 @@ class _SliceAdapter:
 @app.command()
 @handled
 def evaluate(
-    model: Annotated[str | None, typer.Option(help="Run folder, Hub id or shipped model to evaluate on --data (default: $MRISEG_MODEL, else the shipped chest-xray model).")] = None,
-    data: Annotated[list[Path] | None, typer.Option(help="Dataset to evaluate the model on (repeat for several).")] = None,
+    model: Annotated[str | None, typer.Option(help="Run folder, Hub id user/repo[@revision] or shipped model to evaluate on --data (default: $MRISEG_MODEL, else the shipped chest-xray model).")] = None,
+    data: Annotated[list[Path] | None, typer.Option(metavar="<path>", help="Dataset to evaluate the model on (repeat for several).")] = None,
     split: Annotated[Split, typer.Option(help="Dataset split to evaluate on.")] = Split.test,
     layout: Annotated[Layout | None, typer.Option(help="Force the layout (default: detected).")] = None,
     pred: Annotated[Path | None, typer.Option(help="Folder of predicted masks.")] = None,
@@ -739,7 +739,7 @@ def evaluate(
     temperature: Annotated[
         float | None, typer.Option(min=0.0, help="Sampling temperature (default 0, or 1 with --samples > 1).")
     ] = None,
-    text_ablation: Annotated[list[TextAblation] | None, typer.Option(help="Also score with empty or shuffled text (repeatable).")] = None,
+    text_ablation: Annotated[list[TextAblation] | None, typer.Option(metavar="<empty|shuffle>", help="Also score with empty or shuffled text (repeatable).")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N cases.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Write per-case rows to this CSV file.")] = None,
