@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from huggingface_hub import errors
 
 from mrisegcli.errors import ConfigError, MrisegError
 from mrisegcli.hub import RUN_PATTERNS, hub_offline, model_card, parse_hub_id, resolve_run
@@ -137,3 +138,91 @@ def test_resolve_missing_local_path_is_clear(tmp_path):
 def test_model_card_holds_config_and_metrics():
     card = model_card({**MINIMAL, "data": {"root": "qata"}}, {"dice": 0.8123})
     assert "0.8123" in card and '"paradigm": "next-token"' in card and card.startswith("---")
+    # the PyPI distribution is mrisegcli ("mriseg" on PyPI is another project); the command is mriseg
+    assert "\npip install mrisegcli\n" in card and "pip install mriseg\n" not in card
+    assert "\nmriseg predict " in card
+
+
+# ------------------------------------------------------- a Hub id that cannot be fetched says why
+class _Response:
+    """Just what the Hub client's HTTP errors read from a response."""
+
+    def __init__(self, status: int) -> None:
+        self.status_code, self.headers, self.request = status, {}, None
+
+
+def _http(cls_name: str, status: int):
+    return getattr(errors, cls_name)(f"{status} Client Error", response=_Response(status))
+
+
+def _local_entry_not_found():
+    """What snapshot_download raises when the Hub cannot be reached and the cache lacks the run."""
+    return errors.LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder")
+
+
+class ConnectError(Exception):
+    """Named like httpx's: a transport error that is no OSError."""
+
+
+# newer huggingface_hub raises RemoteEntryNotFoundError, older ones EntryNotFoundError itself
+_REMOTE_ENTRY = "RemoteEntryNotFoundError" if hasattr(errors, "RemoteEntryNotFoundError") else "EntryNotFoundError"
+
+
+def _raising(monkeypatch, error):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def snapshot_download(repo_id, **kwargs):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: _http("RepositoryNotFoundError", 404), ["not found", "no such model repository"]),
+        (lambda: _http("RepositoryNotFoundError", 401), ["not found", "if it is private", "hf auth login"]),
+        (lambda: _http("RevisionNotFoundError", 404), ["not found", "no revision 'v2'"]),
+        (lambda: _http(_REMOTE_ENTRY, 404), ["not found", "file of the run is missing"]),
+        (lambda: _http("GatedRepoError", 403), ["not authorised", "gated", "https://huggingface.co/someone/mriseg-tiny"]),
+        (lambda: _http("HfHubHTTPError", 401), ["not authorised", "HTTP 401", "HF_TOKEN"]),
+        (lambda: _http("HfHubHTTPError", 403), ["not authorised", "HTTP 403"]),
+        (lambda: _http("HfHubHTTPError", 404), ["not found"]),
+        (lambda: _http("HfHubHTTPError", 503), ["HTTP 503"]),
+        (lambda: _local_entry_not_found(), ["offline", "cannot be reached", "not (fully) in the Hub cache"]),
+        (lambda: ConnectError("[Errno -3] Temporary failure in name resolution"), ["offline", "ConnectError"]),
+        (lambda: TimeoutError("timed out"), ["offline", "TimeoutError: timed out"]),
+        (lambda: PermissionError(13, "Permission denied"), ["PermissionError", "Permission denied"]),
+    ],
+    ids=["repo 404", "repo 401", "revision", "entry", "gated", "http 401", "http 403", "http 404",
+         "http 503", "no network", "httpx connect", "timeout", "cache not writable"],
+)
+def test_hub_fetch_failure_says_which(monkeypatch, make, words):
+    _raising(monkeypatch, make())
+    with pytest.raises(MrisegError) as info:
+        resolve_run("someone/mriseg-tiny@v2")
+    message = str(info.value)
+    assert message.startswith("someone/mriseg-tiny@v2: cannot get the model from the Hub: "), message
+    assert "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+    kinds = [k for k in ("offline", "not found", "not authorised") if k in message]
+    assert len(kinds) <= 1, message  # never two verdicts at once
+
+
+def test_hub_fetch_offline_names_hf_hub_offline(monkeypatch):
+    _raising(monkeypatch, _local_entry_not_found())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MrisegError, match=r"offline: HF_HUB_OFFLINE is set .* \(unset HF_HUB_OFFLINE"):
+        resolve_run("someone/mriseg-tiny")
+
+
+def test_hub_fetch_keeps_programming_errors(monkeypatch):
+    _raising(monkeypatch, TypeError("a bug, not the Hub"))
+    with pytest.raises(TypeError, match="a bug"):
+        resolve_run("someone/mriseg-tiny")

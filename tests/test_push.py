@@ -133,6 +133,7 @@ def test_model_card_is_written_from_config_and_metrics_and_refreshed(run, monkey
     metrics = json.loads((run / "metrics.json").read_text())
     assert card.startswith("---\nlibrary_name: mriseg")
     assert "# mriseg next-token model" in card and '"paradigm": "next-token"' in card
+    assert "pip install mrisegcli\n" in card and "pip install mriseg\n" not in card  # the PyPI name
     assert f"| steps | {metrics['steps']} |" in card
     assert "| tokenizers.mask_vq.n_train |" in card  # nested reports are flattened
     assert hub.calls[-1][1]["commit_message"] == "first"

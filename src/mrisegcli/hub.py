@@ -53,21 +53,74 @@ def resolve_run(model: str | Path, *, cache_dir: Path | None = None) -> Path:
     if parsed is None:
         raise MrisegError("no such run folder (and not a Hub id of the form user/repo[@revision])", path)
     repo_id, revision = parsed
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    import huggingface_hub
 
     offline = hub_offline()
     try:
-        folder = snapshot_download(
+        folder = huggingface_hub.snapshot_download(
             repo_id, revision=revision, allow_patterns=RUN_PATTERNS,
             cache_dir=str(cache_dir) if cache_dir else None, local_files_only=offline,
         )
-    except LocalEntryNotFoundError as e:
-        hint = " (HF_HUB_OFFLINE is set and it is not in the cache)" if offline else ""
-        raise MrisegError(f"cannot get model from the Hub{hint}: {type(e).__name__}", repo_id) from e
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise MrisegError(f"cannot get model from the Hub: {e}", repo_id) from e
+    except Exception as e:  # the client's errors vary by version (requests or httpx underneath)
+        if not isinstance(e, (OSError, ValueError)) and not _is_network_error(e):
+            raise
+        raise fetch_error(e, repo_id, revision, offline=offline) from e
     return Path(folder)
+
+
+#: class names (anywhere in the MRO) of the transport errors of requests, httpx and the stdlib
+_NETWORK_ERRORS = frozenset({
+    "ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout", "TimeoutError",
+    "TimeoutException", "NetworkError", "TransportError", "ProxyError", "SSLError",
+    "OfflineModeIsEnabled",
+})
+
+
+def _is_network_error(e: BaseException) -> bool:
+    return any(cls.__name__ in _NETWORK_ERRORS for cls in type(e).__mro__)
+
+
+def fetch_error(e: Exception, repo_id: str, revision: str | None = None, *, offline: bool = False) -> MrisegError:
+    """Why a Hub id could not be fetched, in one line that says which: offline, not found or
+    not authorised (with the fix when there is one); anything else keeps the client's words."""
+    from huggingface_hub import errors as hf
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    # LocalEntryNotFoundError first: in older clients it is also an EntryNotFoundError
+    if isinstance(e, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
+        if offline:
+            reason = ("offline: HF_HUB_OFFLINE is set and the model is not (fully) in the Hub cache "
+                      "(unset HF_HUB_OFFLINE to download it)")
+        else:
+            reason = ("offline: the Hub cannot be reached (no network?) and the model is not "
+                      "(fully) in the Hub cache")
+    elif isinstance(e, hf.GatedRepoError):
+        reason = (f"not authorised: the repository is gated (accept its conditions on "
+                  f"https://huggingface.co/{repo_id}, then {login})")
+    elif isinstance(e, hf.RepositoryNotFoundError):
+        reason = f"not found: no such model repository on the Hub (if it is private, {login})"
+    elif isinstance(e, hf.RevisionNotFoundError):
+        reason = f"not found: the repository has no revision {revision or 'main'!r}"
+    elif isinstance(e, hf.EntryNotFoundError):
+        reason = "not found: a file of the run is missing from the repository"
+    elif isinstance(e, hf.DisabledRepoError):
+        reason = "not authorised: the repository is disabled"
+    elif status in (401, 403):
+        reason = f"not authorised (HTTP {status}): {login} with a token that may read this repository"
+    elif status == 404:
+        reason = "not found: no such model repository or revision on the Hub"
+    elif _is_network_error(e):
+        detail = str(e).splitlines()[0] if str(e) else ""
+        reason = f"offline: the Hub cannot be reached ({type(e).__name__}{': ' + detail if detail else ''})"
+    elif isinstance(e, hf.HFValidationError):
+        reason = f"invalid Hub id or revision ({str(e).splitlines()[0]})"
+    elif status is not None:
+        reason = f"the Hub answered HTTP {status}"
+    else:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    name = f"{repo_id}@{revision}" if revision else repo_id
+    return MrisegError(f"cannot get the model from the Hub: {reason}", name)
 
 
 def model_card(config: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
@@ -85,7 +138,7 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any] | None = None) ->
         "Text-prompted medical image segmentation by autoregressive token prediction.",
         "",
         "```bash",
-        "pip install mriseg",
+        "pip install mrisegcli",
         'mriseg predict scan.png --text "..." --model THIS_REPO_ID',
         "```",
         "",
