@@ -38,6 +38,9 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+_BAD_CHOICE = re.compile(r"invalid value for '(?P<option>-[^']+)': (?P<value>'.*'|\".*\") is not one of (?P<allowed>'.*')")
+
+
 def usage_error_line(e: Exception) -> str:
     """The reason of a click usage error on one line, naming the help that explains it."""
     message = e.format_message() if hasattr(e, "format_message") else str(e)
@@ -45,6 +48,11 @@ def usage_error_line(e: Exception) -> str:
     reason = reason.replace(": Value error, ", ": ")  # Typer's coercion prefix on a bad choice
     if len(reason) > 1 and reason[0].isupper() and reason[1].islower():
         reason = reason[0].lower() + reason[1:]  # "Missing option" -> "missing option"
+    choice = _BAD_CHOICE.fullmatch(reason)
+    if choice:  # "--format must be auto, png, nii or dcm, not 'jpg'"
+        allowed = re.findall(r"'([^']*)'", choice["allowed"])
+        listed = ", ".join(allowed[:-1]) + f" or {allowed[-1]}" if len(allowed) > 1 else "".join(allowed)
+        reason = f"{choice['option']} must be {listed}, not {choice['value']}"
     ctx = getattr(e, "ctx", None)
     if ctx is not None and ctx.command.get_help_option(ctx) is not None:
         reason += f" (see '{ctx.command_path} {ctx.help_option_names[0]}')"
@@ -210,8 +218,8 @@ _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 def _device_value(value: str) -> str:
     """``--device`` at parse time: a bad spelling is a usage error; availability is checked later."""
     name = value.strip().lower()
-    if not _DEVICE_RE.fullmatch(name):
-        raise typer.BadParameter(f"{value!r} is not a device; use {DEVICE_FORMS}")
+    if not _DEVICE_RE.fullmatch(name):  # the message reads like a bad choice's (see usage_error_line)
+        raise typer.BadParameter(f"{value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     return name
 
 
@@ -295,7 +303,9 @@ def _stage(quiet: bool = False) -> Callable[[str, int | None], Any]:
 
     def stage(description: str, total: int | None) -> Any:
         if not quiet:
-            err.print(f"[bold]>[/] {description}")
+            from rich.markup import escape
+
+            err.print(f"[bold]>[/] {escape(description)}")
         return task_progress(description, total, quiet=quiet)
 
     return stage
