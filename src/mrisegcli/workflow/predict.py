@@ -377,7 +377,7 @@ def _csv_rows(name: str, content: str) -> list[PromptRow]:
             if len(cells) > len(header):
                 raise _row_error(name, line, len(rows) + 1,
                                  f"{len(cells)} values for {len(header)} columns (quote a text with commas)")
-            values = {h: c for h, c in zip(header, cells)}
+            values = dict(zip(header, cells, strict=False))  # a short row lacks the last values
             rows.append(_prompt_row(name, line, len(rows) + 1, values))
     except csv.Error as err:
         raise MrisegError(f"line {reader.line_num}: not valid CSV ({err})", name) from None
@@ -763,7 +763,7 @@ def run_plans(
     if not 0.0 <= threshold <= 1.0:
         raise MrisegError(f"threshold must be in [0, 1], got {threshold}")
     results = []
-    for plan, prompt in zip(plans, texts):
+    for plan, prompt in zip(plans, texts, strict=True):
         start = time.perf_counter()
         try:
             if plan.error is not None:
