@@ -116,6 +116,64 @@ class MaskGenerator:
         return codes_BN.view(B, g, g)
 
 
+@torch.no_grad()
+def generate_masks_speculative(
+    model: NextTokenSegmenter,
+    image: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    *,
+    stats: dict[str, float] | None = None,
+) -> torch.Tensor:
+    """Greedy decoding drafted by the model's own NkTP heads -> (B, Gm, Gm), the same codes as
+    greedy :func:`generate_masks`.
+
+    From the state that predicts code n, the main head gives code n (exact) and the k-1 NkTP
+    heads guess codes n+1 .. n+k-1. One cached pass over that block gives the main head's
+    choice after each of its codes; the guesses are kept up to the first one the main head
+    would not have chosen. A batch advances by the shortest run kept by any of its sequences,
+    so every sequence's codes are exactly greedy. Cache slots past the kept codes are stale but
+    never read: the next block overwrites them before any query can see them.
+
+    ``stats``, when given, receives ``passes`` (forward passes after prefill), ``accepted``
+    (guesses the main head agreed with), ``drafted`` (guesses made) and ``uneven`` (passes where
+    the sequences of the batch kept runs of different lengths).
+    """
+    lay = model.layout
+    B, N = text_ids.shape[0], lay.n_mask
+    device = _param(model).device
+    model.setup_caches(B, dtype=_param(model).dtype, device=device)
+    slots = torch.arange(lay.prefix_len, lay.input_len + 1, device=device)  # slot of code n is slots[n]
+    codes_BN = torch.empty(B, N, dtype=torch.long, device=device)
+    h_BC = model.prefill_state(image, text_ids, text_mask)
+    n, passes, accepted, drafted, uneven = 0, 0, 0, 0, 0
+    while n < N:
+        block_BL = model.draft_logits(h_BC).argmax(-1)[:, : N - n]  # (B, L): code n, then guesses
+        L = block_BL.shape[1]
+        L_feed = L - 1 if n + L == N else L  # the mask's last code is never fed back
+        if L_feed == 0:
+            codes_BN[:, n] = block_BL[:, 0]
+            break
+        h_BLC = model.decode_block(block_BL[:, :L_feed], slots[n : n + L_feed], lay.prefix_len + n + L_feed)
+        passes += 1
+        choice_BL = model.mask_head(h_BLC).argmax(-1)  # (B, L_feed): code n+1+t after block[:, :t+1]
+        agree_BL = choice_BL[:, : L - 1] == block_BL[:, 1:]  # guess t+1 matches the main head
+        kept_B = agree_BL.long().cumprod(1).sum(1)  # guesses kept per sequence
+        a = int(kept_B.min())
+        uneven += int(kept_B.max()) != a
+        drafted += (L - 1) * B
+        accepted += int(kept_B.sum())
+        codes_BN[:, n : n + a + 1] = block_BL[:, : a + 1]
+        n += a + 1
+        if n < N:  # then a < L_feed: the state after the kept codes predicts code n
+            h_BC = h_BLC[:, a]
+    if stats is not None:
+        stats.update(passes=float(passes), accepted=float(accepted), drafted=float(drafted),
+                     uneven=float(uneven))
+    g = model.config.mask_grid
+    return codes_BN.view(B, g, g)
+
+
 def generate_masks(
     model: NextTokenSegmenter,
     image: torch.Tensor,

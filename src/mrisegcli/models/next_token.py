@@ -384,13 +384,35 @@ class NextTokenSegmenter(nn.Module):
 
     def prefill(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Run BOS..BOM into the caches -> (B, Km) logits of the first mask token."""
+        return self.mask_head(self.prefill_state(image, text_ids, text_mask))
+
+    def prefill_state(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Run BOS..BOM into the caches -> (B, C) hidden state that predicts mask token 0."""
         x_BPC, valid_BP = self._embed_prefix(image, text_ids, text_mask)
         B, P, _ = x_BPC.shape
         tf = self.transformer
         tf.start_sequences(valid_BP)
         mask = self._structure(P, x_BPC.device)[None, None] & tf.key_padding(B, P)  # (B, 1, P, P)
         h_BPC = tf.forward_cached(x_BPC, self.pos_T2[:P], tf.slots_S[:P], mask)
-        return self.mask_head(h_BPC[:, -1])
+        return h_BPC[:, -1]
+
+    def decode_block(self, tok_BT: torch.Tensor, input_pos_T: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """Feed T consecutive mask codes per sequence at cache slots ``input_pos_T`` (T,), each
+        attending to the filled slots up to its own, -> (B, T, C) hidden states; state t predicts
+        the code after ``tok_BT[:, t]``. Slots [0, ``n_keys``) are read (n_keys > last slot)."""
+        tf = self.transformer
+        B = tok_BT.shape[0]
+        x_BTC = self.tok_emb(tok_BT + self.layout.mask_offset)
+        mask = (tf.slots_S[:n_keys][None, :] <= input_pos_T[:, None])[None, None] & tf.key_padding(B, n_keys)
+        return tf.forward_cached(x_BTC, self.pos_T2[input_pos_T], input_pos_T, mask)  # (B, 1, T, S) mask
+
+    def draft_logits(self, h_BC: torch.Tensor) -> torch.Tensor:
+        """(B, C) state -> (B, k, Km) logits of the next k codes: the main head, then the NkTP
+        heads (k = 1 without them). Only the first is exact; the rest are guesses to verify."""
+        main_B1K = self.mask_head(h_BC)[:, None]
+        if self.nktp is None:
+            return main_B1K
+        return torch.cat([main_B1K, self.nktp.logits(h_BC[:, None], self.mask_head)[:, 0]], 1)
 
     def decode_step(self, tok_B: torch.Tensor, input_pos: torch.Tensor, n_keys: int | None = None) -> torch.Tensor:
         """Feed mask codes ``tok_B`` (B,) at cache slot ``input_pos`` (1,) -> (B, Km) next logits.

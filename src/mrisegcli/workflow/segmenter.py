@@ -123,9 +123,11 @@ class Segmenter:
 
     def __init__(
         self, paradigm: str, model: torch.nn.Module, bundle: TokenizerBundle, cfg: RunConfig,
-        device: torch.device, *, batch_size: int = 32, compile: bool = False,
+        device: torch.device, *, batch_size: int = 32, compile: bool = False, speculative: bool = True,
     ) -> None:
         self.paradigm, self.model, self.bundle, self.cfg = paradigm, model.eval(), bundle, cfg
+        # greedy next-token decoding drafted by the model's own NkTP heads (same codes, fewer passes)
+        self.speculative = speculative
         self.device, self.batch_size, self.compile = device, batch_size, compile
         self.image_size = cfg.image_size
         self._generator = None
@@ -166,6 +168,12 @@ class Segmenter:
             if self._generator is None:
                 self._generator = MaskGenerator(self.model, compile=self.compile, amp_dtype=self.amp_dtype)
             x = self._image_input(image_B1SS)
+            if self.speculative and temp == 0 and samples == 1 and getattr(self.model, "nktp", None) is not None:
+                from mrisegcli.decode.next_token import generate_masks_speculative
+
+                codes = generate_masks_speculative(self.model, x, text_ids, text_mask)
+                prob = torch.sigmoid(self.bundle.mask_vq.decode(codes).float())
+                return Prediction(prob[:, 0])
             if samples > 1:
                 x, text_ids, text_mask = (t.repeat_interleave(samples, 0) for t in (x, text_ids, text_mask))
             codes = self._generator(x, text_ids, text_mask, temperature=temp, top_k=top_k, generator=generator)
@@ -233,7 +241,8 @@ def save_model(model: torch.nn.Module, run_dir: Path) -> Path:
 
 
 def load_segmenter(
-    run_dir: Path, device: torch.device, *, batch_size: int = 32, compile: bool = False
+    run_dir: Path, device: torch.device, *, batch_size: int = 32, compile: bool = False,
+    speculative: bool = True,
 ) -> Segmenter:
     """Rebuild tokenizers, model and config of a run folder (weights from safetensors only)."""
     from safetensors import SafetensorError
@@ -266,7 +275,8 @@ def load_segmenter(
         raise ConfigError(f"weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})", path)
     model.load_state_dict(state, strict=False)
     model.to(device)
-    return Segmenter(paradigm, model, bundle, cfg, device, batch_size=batch_size, compile=compile)
+    return Segmenter(paradigm, model, bundle, cfg, device, batch_size=batch_size, compile=compile,
+                     speculative=speculative)
 
 
 __all__ = ["Segmenter", "Prediction", "build_model", "model_config", "load_segmenter", "save_model",
