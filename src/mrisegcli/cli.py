@@ -634,6 +634,7 @@ def predict(
     keep_going: Annotated[bool, typer.Option(help="Continue after a bad or missing input (exit 1 at the end).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    speculative: Annotated[bool, typer.Option("--speculative/--no-speculative", help="Greedy next-token decoding drafted by the model's NkTP heads (same masks, fewer passes).")] = True,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment what the text describes in each input; one output line per input."""
@@ -671,7 +672,8 @@ def predict(
                          overlay=overlay, steps_png=steps_png, keep_going=keep_going, input_errors=input_errors)
     dev = _device(device)
     choice = _chosen_model(model, quiet)
-    seg = load_segmenter(resolve_run(choice.spec), dev, batch_size=batch_size, compile=dev.type == "cuda")
+    seg = load_segmenter(resolve_run(choice.spec), dev, batch_size=batch_size, compile=dev.type == "cuda",
+                         speculative=speculative)
     if steps_png and seg.paradigm != "next-scale":
         raise _fail("--steps-png needs a next-scale model", 2)
     adapter = _SliceAdapter(seg, samples, temperature, seed, steps_png)
@@ -759,6 +761,7 @@ def evaluate(
     device: DeviceOpt = "auto",
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images.")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, shuffled text).")] = 0,
+    speculative: Annotated[bool, typer.Option("--speculative/--no-speculative", help="Greedy next-token decoding drafted by the model's NkTP heads (same masks, fewer passes).")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --csv file.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -780,7 +783,7 @@ def evaluate(
         from mrisegcli.workflow.evaluate_model import evaluate_model, report_dict
         from mrisegcli.workflow.segmenter import load_segmenter
 
-        seg = load_segmenter(resolve_run(_chosen_model(model, quiet).spec), _device(device))
+        seg = load_segmenter(resolve_run(_chosen_model(model, quiet).spec), _device(device), speculative=speculative)
         mreport = evaluate_model(
             seg, data, split=split, layout=layout, samples=samples, temperature=temperature,
             ablations=tuple(text_ablation or ()),
