@@ -674,6 +674,7 @@ def predict(
     choice = _chosen_model(model, quiet)
     seg = load_segmenter(resolve_run(choice.spec), dev, batch_size=batch_size, compile=dev.type == "cuda",
                          speculative=speculative)
+    seg.warn = lambda message: err.print(f"mriseg: warning: {message}", markup=False)
     if steps_png and seg.paradigm != "next-scale":
         raise _fail("--steps-png needs a next-scale model", 2)
     adapter = _SliceAdapter(seg, samples, temperature, seed, steps_png)

@@ -131,12 +131,25 @@ class Segmenter:
         self.device, self.batch_size, self.compile = device, batch_size, compile
         self.image_size = cfg.image_size
         self._generator = None
+        #: called with a one-line message when a prompt is cut to the text context
+        self.warn: Any = None
+        self._warned: set[str] = set()
         self.amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        from mrisegcli.tokenizers.text import encode_texts
+        """Token ids and mask of the prompts; a prompt longer than the model's text context is
+        cut to it, and :attr:`warn` (when set) is told so once per prompt, naming the count."""
+        from mrisegcli.tokenizers.text import _token_ids, encode_texts
 
-        ids, mask = encode_texts(self.bundle.text, texts, self.cfg.text_len)
+        n = self.cfg.text_len
+        for text in dict.fromkeys(texts):
+            over = len(_token_ids(self.bundle.text, [text])[0]) - n
+            if over > 0 and text not in self._warned:
+                self._warned.add(text)
+                if self.warn is not None:
+                    self.warn(f"the prompt has {n + over} tokens; the model reads the first {n} "
+                              f"and {over} token(s) are dropped: {text[:60]!r}")
+        ids, mask = encode_texts(self.bundle.text, texts, n)
         return ids.to(self.device), mask.to(self.device)
 
     def hide_text(self, text_mask: torch.Tensor) -> torch.Tensor:
