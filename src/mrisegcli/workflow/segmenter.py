@@ -136,6 +136,44 @@ class Segmenter:
         self._warned: set[str] = set()
         self.amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
+    @classmethod
+    def load(cls, model: str | Path | None = None, *, device: str | torch.device = "cpu", **kw: Any) -> Segmenter:
+        """A model ready to segment: a run folder, a Hub id ``user/repo[@revision]``, a shipped
+        model's name, or ``None`` for ``$MRISEG_MODEL`` else the shipped chest-radiograph model."""
+        from mrisegcli.hub import resolve_run
+        from mrisegcli.shipped import choose_model
+
+        spec = choose_model(None if model is None else str(model)).spec
+        return load_segmenter(resolve_run(spec), torch.device(device), **kw)
+
+    def segment(
+        self, images: list[Any], texts: str | list[str], *, threshold: float = 0.5
+    ) -> list[np.ndarray]:
+        """Boolean masks, one per input at the input's own size: ``images`` are 2-D arrays of
+        any size and intensity range, or paths of 2-D images (PNG/JPEG/DICOM/NIfTI slices);
+        ``texts`` one prompt for all or one per image."""
+        from mrisegcli.io.intensity import resize_prob, to_model_input
+        from mrisegcli.io.read import read_scan
+
+        texts = [texts] * len(images) if isinstance(texts, str) else list(texts)
+        if len(texts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        arrays, windows = [], []
+        for im in images:
+            if isinstance(im, (str, Path)):
+                scan = read_scan(Path(im))
+                pixels = scan.pixels[0] if scan.pixels.ndim == 3 and scan.pixels.shape[0] == 1 else scan.pixels
+                if pixels.ndim != 2:
+                    raise MrisegError("is not a 2-D image (use mriseg predict for volumes)", Path(im))
+                arrays.append(pixels)
+                windows.append(scan.meta.get("window"))
+            else:
+                arrays.append(np.asarray(im))
+                windows.append(None)
+        model_in = np.stack([to_model_input(a, self.image_size, window=w) for a, w in zip(arrays, windows, strict=True)])
+        prob = self.predict(model_in, texts).prob.numpy()
+        return [resize_prob(p, a.shape[-2:]) > threshold for p, a in zip(prob, arrays, strict=True)]
+
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and mask of the prompts; a prompt longer than the model's text context is
         cut to it, and :attr:`warn` (when set) is told so once per prompt, naming the count."""
