@@ -17,8 +17,9 @@ def test_line_progress_prints_rate_limited_lines_and_a_final_one() -> None:
     p.close()  # nothing new since the last line: no repeat
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("training: 50/200 (25%) ") and "eta " in lines[0] and lines[0].endswith("loss 1.235")
-    assert lines[1].startswith("training: 100/200 (50%) ")
+    assert lines[0].startswith("training: 50/200 (25%) ") and lines[0].endswith("loss 1.235")
+    assert "eta " not in lines[0]  # no rate before a second update
+    assert lines[1].startswith("training: 100/200 (50%) ") and "eta " in lines[1]
 
     quiet = io.StringIO()
     p = LineProgress("fitting", None, every_s=3600.0, stream=quiet)
@@ -48,3 +49,18 @@ def test_task_progress_in_a_log_and_quiet(capsys: pytest.CaptureFixture[str], mo
         p(1, 3)
         raise RuntimeError("boom")
     assert "failing" not in capsys.readouterr().err  # a failed stage ends with its error only
+
+
+def test_eta_ignores_the_time_before_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bar opened before a 20-minute tokenizer fit must not turn that into hours of eta."""
+    import mrisegcli.progress as progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    p = LineProgress("training", 100, every_s=0.0, stream=out)
+    clock[0] += 1200.0  # preparation before the first step
+    p(1)
+    clock[0] += 10.0  # then 1 s a step
+    p(11)
+    assert out.getvalue().splitlines()[-1].startswith("training: 11/100 (11%) 20m10s elapsed, eta 1m29s")

@@ -46,6 +46,9 @@ class LineProgress:
         self.start = self.last = time.monotonic()
         self.state: tuple[int, str] | None = None  # (done, info) of the last update
         self.printed: tuple[int, str] | None = None
+        # (time, done) of the first update: the rate for the eta starts there, so that time spent
+        # before the stage's first unit of work (loading, a previous stage) does not count
+        self.first: tuple[float, int] | None = None
 
     def __call__(
         self, done: int, total: int | None = None, metrics: dict | None = None, **more: Any
@@ -54,6 +57,8 @@ class LineProgress:
             self.total = total
         self.state = (done, _fmt_metrics({**(metrics or {}), **more}))
         now = time.monotonic()
+        if self.first is None:
+            self.first = (now, done)
         if now - self.last >= self.every_s:
             self.last = now
             self._print(now)
@@ -71,8 +76,9 @@ class LineProgress:
         if self.total:
             where = f"{done}/{self.total} ({100 * done / self.total:.0f}%)"
         line = f"{self.description}: {where} {_fmt_seconds(elapsed)} elapsed"
-        if self.total and 0 < done < self.total:
-            line += f", eta {_fmt_seconds(elapsed * (self.total - done) / done)}"
+        t0, done0 = self.first if self.first is not None else (self.start, 0)
+        if self.total and done0 < done < self.total:
+            line += f", eta {_fmt_seconds((now - t0) * (self.total - done) / (done - done0))}"
         if info:
             line += f"  {info}"
         print(line, file=self.stream, flush=True)
