@@ -41,7 +41,7 @@ from pydicom.uid import (
 
 from mrisegcli.errors import InputError
 from mrisegcli.io.intensity import replace_nonfinite, rgb_to_grey
-from mrisegcli.io.scan import Scan, check_slice_size
+from mrisegcli.io.scan import Scan, check_binary, check_slice_size
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
@@ -551,17 +551,29 @@ def _seg_mask(ds: Dataset, frames: np.ndarray) -> np.ndarray:
     return np.stack([slices[k] for k in sorted(slices)])
 
 
-def read_dicom_mask(path: Path) -> np.ndarray:
-    """A DICOM mask (image > 0, or a DICOM SEG) -> bool (H, W) or (D, H, W)."""
+def _binary_frames(frames: np.ndarray, path: Path, binary: bool) -> np.ndarray:
+    if binary:
+        check_binary(frames, path)
+    return frames
+
+
+def read_dicom_mask(path: Path, binary: bool = False) -> np.ndarray:
+    """A DICOM mask (image > 0, or a DICOM SEG) -> bool (H, W) or (D, H, W).
+
+    ``binary``: refuse stored values of a mask image other than 0/1 or 0/255
+    (:class:`NonBinaryMaskError`); a DICOM SEG is a segmentation by definition.
+    """
     if path.is_dir():
         ordered, _, _, _ = _series(path, allow_seg=True)
         if len(ordered) == 1:
-            return read_dicom_mask(ordered[0][0])
-        mask = np.concatenate([_foreground(decode_frames(ds, p)) for p, ds in ordered])
+            return read_dicom_mask(ordered[0][0], binary)
+        mask = np.concatenate(
+            [_foreground(_binary_frames(decode_frames(ds, p), p, binary)) for p, ds in ordered]
+        )
     else:
         ds = load_dataset(path)
         _check_image(ds, path, allow_seg=True)
         frames = decode_frames(ds, path)
         is_seg = str(ds.get("SOPClassUID", "")) in SEG_SOP_CLASSES
-        mask = _seg_mask(ds, frames) if is_seg else _foreground(frames)
+        mask = _seg_mask(ds, frames) if is_seg else _foreground(_binary_frames(frames, path, binary))
     return mask[0] if len(mask) == 1 else mask

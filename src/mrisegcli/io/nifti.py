@@ -5,9 +5,11 @@ reversed: D = k, H = j, W = i; a 2-D file ``data[i, j]`` becomes ``pixels[j, i]`
 axes is its own inverse, so :func:`dhw_to_nifti` restores the exact voxel grid, and the file's
 affine (which maps ``[i, j, k]``) is kept unchanged as ``scan.affine``.
 
-4-D files are refused unless a ``frame`` (volume index along the 4th axis) is chosen; a 4-D file
-with a single volume reads as 3-D. NaN/Inf voxels are replaced (see
-:func:`mrisegcli.io.intensity.replace_nonfinite`) and counted in ``meta["nonfinite"]``.
+4-D files are refused unless a ``frame`` (volume index along the 4th axis) is chosen (a library
+argument; the command line has no such option: the message says how to extract one volume); a
+4-D file with a single volume reads as 3-D. Files with an empty axis are refused. NaN/Inf
+voxels are replaced (see :func:`mrisegcli.io.intensity.replace_nonfinite`) and counted in
+``meta["nonfinite"]``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from nibabel.spatialimages import HeaderDataError
 
 from mrisegcli.errors import InputError
 from mrisegcli.io.intensity import replace_nonfinite, rgb_to_grey
-from mrisegcli.io.scan import Scan, check_slice_size
+from mrisegcli.io.scan import Scan, check_binary, check_slice_size
 
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, OverflowError, zlib.error)
 
@@ -59,6 +61,8 @@ def _shape(img: nib.Nifti1Image, path: Path) -> tuple[int, ...]:
         shape = shape[:-1]
     if not 2 <= len(shape) <= 4:
         raise InputError(f"unsupported NIfTI shape {img.shape} (need 2-D, 3-D or 4-D)", path)
+    if any(s <= 0 for s in shape):
+        raise InputError(f"NIfTI image has no voxels (shape {tuple(img.shape)})", path)
     check_slice_size(shape[1], shape[0], path)
     return shape
 
@@ -88,7 +92,9 @@ def read_nifti(path: Path, frame: int | None = None) -> Scan:
     if len(shape) == 4:
         if frame is None:
             raise InputError(
-                f"is 4-D with {shape[3]} volumes; choose one with --frame (0..{shape[3] - 1})",
+                f"is 4-D with {shape[3]} volumes; mriseg segments one 2-D or 3-D image at a "
+                "time: save the volume you want as its own NIfTI file (e.g. fslroi IN OUT N 1, "
+                "or nibabel's img.slicer[..., N])",
                 path,
             )
         if not 0 <= frame < shape[3]:
@@ -118,8 +124,11 @@ def read_nifti(path: Path, frame: int | None = None) -> Scan:
     return Scan(pixels, path, "nifti", tuple(reversed(zooms)), affine, [], img.header.copy(), meta)
 
 
-def read_nifti_mask(path: Path) -> np.ndarray:
-    """Stored (unscaled) voxel values > 0 -> bool (H, W) or (D, H, W); RGB: any channel > 0."""
+def read_nifti_mask(path: Path, binary: bool = False) -> np.ndarray:
+    """Stored (unscaled) voxel values > 0 -> bool (H, W) or (D, H, W); RGB: any channel > 0.
+
+    ``binary``: refuse stored values other than 0/1 or 0/255 (:class:`NonBinaryMaskError`).
+    """
     img = _load(path)
     shape = _shape(img, path)
     if len(shape) == 4:
@@ -129,8 +138,13 @@ def read_nifti_mask(path: Path) -> np.ndarray:
     except _READ_ERRORS as err:
         raise InputError(f"truncated or corrupt NIfTI data ({_why(err)})", path) from err
     if data.dtype.names:
-        fg = np.stack([data[c] > 0 for c in data.dtype.names[:3]], axis=-1).any(axis=-1)
+        channels = np.stack([data[c] for c in data.dtype.names[:3]], axis=-1)
+        if binary:
+            check_binary(channels, path)
+        fg = (channels > 0).any(axis=-1)
     else:
+        if binary:
+            check_binary(data, path)
         fg = data > 0
     return np.ascontiguousarray(nifti_to_dhw(fg.reshape(shape)))
 

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mrisegcli.errors import InputError
 from mrisegcli.io.intensity import replace_nonfinite, rgb_to_grey
-from mrisegcli.io.scan import Scan, check_slice_size
+from mrisegcli.io.scan import Scan, check_binary, check_slice_size
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _GREY_MODES = ("1", "L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
@@ -78,13 +78,21 @@ def _grey(im: Image.Image) -> np.ndarray:
     return rgb_to_grey(np.asarray(im.convert("RGB")))  # palette, RGB(A), CMYK, YCbCr, ...
 
 
-def _foreground(im: Image.Image) -> np.ndarray:
-    """One decoded frame -> (H, W) bool: stored value > 0, any colour channel > 0."""
+def _foreground(im: Image.Image, path: Path | None = None) -> np.ndarray:
+    """One decoded frame -> (H, W) bool: stored value > 0, any colour channel > 0.
+
+    With ``path`` the stored values must be binary (see :func:`check_binary`).
+    """
     if im.mode in _GREY_MODES:
-        return np.asarray(im) > 0
-    if im.mode in ("LA", "La"):
-        return np.asarray(im.getchannel(0)) > 0
-    return (np.asarray(im.convert("RGB")) > 0).any(axis=-1)
+        values = np.asarray(im)
+    elif im.mode in ("LA", "La"):
+        values = np.asarray(im.getchannel(0))
+    else:
+        values = np.asarray(im.convert("RGB"))
+    if path is not None:
+        check_binary(values, path)
+    fg = values > 0
+    return fg.any(axis=-1) if fg.ndim == 3 else fg
 
 
 def _read(path: Path, per_frame) -> tuple[np.ndarray, dict]:
@@ -109,6 +117,9 @@ def read_raster(path: Path) -> Scan:
     return Scan(pixels, path, "raster", (1.0,) * pixels.ndim, None, [], None, meta)
 
 
-def read_raster_mask(path: Path) -> np.ndarray:
-    """A mask image -> bool (H, W) (or (D, H, W) for a multi-page TIFF)."""
-    return _read(path, _foreground)[0]
+def read_raster_mask(path: Path, binary: bool = False) -> np.ndarray:
+    """A mask image -> bool (H, W) (or (D, H, W) for a multi-page TIFF).
+
+    ``binary``: refuse stored values other than 0/1 or 0/255 (:class:`NonBinaryMaskError`).
+    """
+    return _read(path, lambda im: _foreground(im, path if binary else None))[0]

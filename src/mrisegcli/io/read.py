@@ -9,6 +9,9 @@ file.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,12 +50,42 @@ def is_nifti_name(path: str | Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def check_input_path(path: str | Path) -> bool:
+    """Raise unless ``path`` is a regular file or a folder (following symlinks); returns
+    whether it is a folder.
+
+    Reading a FIFO or a device would block forever or never end, so they are refused from
+    their metadata alone; a symlink loop and a dangling symlink say so.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise InputError(f"dangling symlink (points to {os.readlink(path)}, which does not exist)", path) from None
+        raise InputError("no such file or folder", path) from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise InputError("symlink loop: following the links never reaches a file or folder", path) from None
+        if err.errno == errno.ENOTDIR:
+            raise InputError("no such file or folder (a part of the path is a file)", path) from None
+        raise InputError(f"cannot read ({err.strerror})", path) from err
+    if stat.S_ISDIR(mode):
+        return True
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise InputError(f"is {kind}, not a file: mriseg reads regular files and folders only", path)
+    return False
+
+
 def detect_format(path: str | Path) -> str:
     """Which reader handles ``path``: "dicom", "nifti" or "raster" (raises if none can)."""
     path = Path(path)
-    if not path.exists():
-        raise InputError("no such file or folder", path)
-    if path.is_dir():
+    if check_input_path(path):
         return "dicom"
     try:
         with path.open("rb") as fh:
@@ -89,20 +122,25 @@ def read_scan(path: str | Path, *, frame: int | None = None) -> Scan:
         return _as_dicom(path, read_dicom)
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path, *, binary: bool = False) -> np.ndarray:
     """Read a mask as bool (H, W) or (D, H, W) (same axis convention as :class:`Scan`).
 
     Raw stored values decide (no LUT, no windowing): any value > 0 is foreground; colour
     masks: any channel > 0. A DICOM SEG gives its frames with all segments merged.
+
+    ``binary=True`` (datasets, ``evaluate --pred/--gt``): the stored values must be 0 and 1,
+    or 0 and 255 (any channel of a colour mask); anything else (a label map, a background of
+    3, a JPEG's ringing) raises :class:`~mrisegcli.io.scan.NonBinaryMaskError` naming the file
+    instead of being thresholded at > 0.
     """
     path = Path(path)
     fmt = detect_format(path)
     with _quiet():
         if fmt == "nifti":
-            return read_nifti_mask(path)
+            return read_nifti_mask(path, binary)
         if fmt == "raster":
-            return read_raster_mask(path)
-        return _as_dicom(path, read_dicom_mask)
+            return read_raster_mask(path, binary)
+        return _as_dicom(path, lambda p: read_dicom_mask(p, binary))
 
 
 def _as_dicom(path: Path, reader):

@@ -33,11 +33,44 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def check_slice_size(height: int, width: int, path: str | Path) -> None:
-    """Refuse a slice larger than :data:`MAX_PIXELS` (cheap: call it before decoding)."""
+    """Refuse an empty slice, or one larger than :data:`MAX_PIXELS` (cheap: call it before
+    decoding)."""
+    if int(height) <= 0 or int(width) <= 0:
+        raise InputError(f"image has no pixels ({width}x{height})", path)
     if int(height) * int(width) > MAX_PIXELS:
         raise InputError(
             f"image too large: {width}x{height} pixels per slice, the limit is "
             f"{MAX_SIDE}x{MAX_SIDE} ({MAX_PIXELS} pixels)",
+            path,
+        )
+
+
+class NonBinaryMaskError(InputError):
+    """A mask holds values other than 0/1 or 0/255 (a label map, a grey image, a soft mask)."""
+
+
+BINARY_VALUES = "0 and 1, or 0 and 255"
+
+
+def check_binary(values: np.ndarray, path: str | Path) -> None:
+    """Refuse mask values other than {0, 1} or {0, 255} (a bool array always passes).
+
+    Thresholding anything else at > 0 would silently turn a label map, or a mask whose
+    background is not 0, into something else (a background of 3 becomes all foreground).
+    """
+    values = np.asarray(values)
+    if values.dtype == bool or values.size == 0:
+        return
+    hi = values.max()
+    ok = values.min() >= 0 and hi in (0, 1, 255)
+    if ok and hi != 0:
+        ok = not np.count_nonzero((values != 0) & (values != hi))
+    if not ok:
+        seen = np.unique(values)
+        shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in seen[:6].tolist())
+        more = f" ... ({len(seen)} values)" if len(seen) > 6 else ""
+        raise NonBinaryMaskError(
+            f"not a binary mask: it holds the values {shown}{more}; a mask holds {BINARY_VALUES}",
             path,
         )
 

@@ -184,6 +184,48 @@ def _segment_description(description: str) -> hd.seg.SegmentDescription:
     return item
 
 
+def _check_seg_reference(src, num_slices: int, path: Path) -> None:
+    """Refuse a DICOM source that a SEG could not reference (headers only)."""
+    try:
+        n_frames = int(src.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        n_frames = 1
+    if n_frames > 1 and "SharedFunctionalGroupsSequence" not in src:
+        raise MrisegError(
+            f"DICOM SEG cannot reference this multi-frame {src.get('Modality', '')} image "
+            "(no functional groups); use --format nii",
+            path,
+        )
+    if num_slices > 1 and "FrameOfReferenceUID" not in src:
+        raise MrisegError(
+            "DICOM SEG of several slices needs a FrameOfReferenceUID; use --format nii", path
+        )
+
+
+def check_segmentation_source(path: str | Path) -> None:
+    """Whether a DICOM SEG can be written for the DICOM file or series folder ``path``, from
+    its headers alone (no pixel data decoded): called before the model runs, so that an
+    impossible SEG is refused up front instead of after the work. An unreadable input is left
+    to the reader (it reports why when it reads the file)."""
+    from mrisegcli.errors import InputError
+    from mrisegcli.io.dicom import _series, load_dataset, num_frames
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            ordered = _series(path, allow_seg=False)[0]
+            if not ordered:
+                return
+            src = ordered[0][1]
+            slices = len(ordered) if len(ordered) > 1 else num_frames(src, ordered[0][0])
+        else:
+            src = load_dataset(path)
+            slices = num_frames(src, path)
+    except InputError:
+        return
+    _check_seg_reference(src, slices, path)
+
+
 def build_segmentation(mask: np.ndarray, scan: Scan, description: str = "") -> hd.seg.Segmentation:
     """A BINARY DICOM SEG of ``mask`` (scan.shape) referencing the scan's source datasets.
 
@@ -197,17 +239,7 @@ def build_segmentation(mask: np.ndarray, scan: Scan, description: str = "") -> h
             scan.path,
         )
     src = scan.datasets[0]
-    n_frames = int(src.get("NumberOfFrames", 1) or 1)
-    if n_frames > 1 and "SharedFunctionalGroupsSequence" not in src:
-        raise MrisegError(
-            f"DICOM SEG cannot reference this multi-frame {src.get('Modality', '')} image "
-            "(no functional groups); use --format nii",
-            scan.path,
-        )
-    if scan.num_slices > 1 and "FrameOfReferenceUID" not in src:
-        raise MrisegError(
-            "DICOM SEG of several slices needs a FrameOfReferenceUID; use --format nii", scan.path
-        )
+    _check_seg_reference(src, scan.num_slices, scan.path)
     import highdicom as hd
 
     fg = (np.asarray(mask) > 0).astype(np.uint8)  # (H, W) or (D, H, W)

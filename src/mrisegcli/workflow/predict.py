@@ -40,8 +40,9 @@ from mrisegcli.io import (
     write_overlay,
     write_prob_map,
 )
-from mrisegcli.io.read import detect_format
+from mrisegcli.io.read import check_input_path, detect_format
 from mrisegcli.io.scan import Scan
+from mrisegcli.io.write import check_segmentation_source
 
 MAX_TEXT_CHARS = 10_000
 FORMATS = ("auto", "png", "nii", "dcm")
@@ -244,9 +245,7 @@ def _scan_folder(folder: Path) -> _Folder:
 
 
 def _expand_one(path: Path) -> list[Path]:
-    if not path.exists():
-        raise InputError("no such file or folder", path)
-    if not path.is_dir():
+    if not check_input_path(path):  # missing, a symlink loop, a FIFO or device: refused here
         return [path]
     listing = _scan_folder(path)
     series_subs = [s for s in listing.subfolders if _scan_folder(s).series]
@@ -517,6 +516,8 @@ def _mask_format(path: Path, kind: str, fmt: str) -> str:
 
 def _plan_one(path: Path, out_dir: Path | None, fmt: str, keys: Iterable[str]) -> PlannedOutput:
     mask_fmt = _mask_format(path, detect_format(path), fmt)
+    if mask_fmt == "dcm":
+        check_segmentation_source(path)  # from the headers, before any model work
     outputs = {}
     for key in keys:
         out_fmt = {"mask": mask_fmt, "uncertainty": "png" if mask_fmt == "png" else "nii"}.get(
@@ -608,7 +609,28 @@ def plan_outputs(
             plans.append(PlannedOutput(path, error=str(err)))
     _check_names(plans, out)
     _check_existing(plans, overwrite)
+    _check_folders_writable(plans, keep_going)
     return plans
+
+
+def _check_folders_writable(plans: list[PlannedOutput], keep_going: bool) -> None:
+    """Every output folder must be creatable and writable before the model loads."""
+    from mrisegcli.io.atomic import check_folder_writable
+
+    seen: dict[Path, str | None] = {}
+    for plan in plans:
+        if plan.error is not None or "mask" not in plan.outputs:
+            continue
+        folder = plan.outputs["mask"].parent
+        if folder not in seen:
+            try:
+                check_folder_writable(folder)
+                seen[folder] = None
+            except MrisegError as err:
+                if not keep_going:
+                    raise
+                seen[folder] = str(err)
+        plan.error = seen[folder]
 
 
 # ----------------------------------------------------------------------------- running
