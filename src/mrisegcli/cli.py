@@ -473,6 +473,7 @@ def _warn_weak_tokenizers(reports: dict[str, dict]) -> None:
 @app.command()
 @handled
 def train(
+    ctx: typer.Context,
     data: Annotated[list[Path], typer.Option(metavar="<path>", help="Dataset folder (LViT, QaTa-v2) or manifest CSV/JSONL; repeat to train on several.")],
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Run folder (default: a new runs/<data name>-<date>-<time>).")
@@ -550,6 +551,7 @@ def train(
                 data, out_dir, cfg, layout=_value(layout), device=dev, resume=resume, overwrite=overwrite,
                 tokenizer_dir=tokenizer, cache_dir=cache, workers=workers, stage=_stage(silent),
                 train_progress=progress, dist_info=info, command=" ".join(sys.argv),
+                given=_given_options(ctx),
             )
     except BaseException:
         if made is not None and info.is_main and made.is_dir() and not any(made.iterdir()):
@@ -570,6 +572,16 @@ def train(
               markup=False)
     if result.curves is not None:
         out.print(f"training curves: {result.curves}", markup=False)
+
+
+def _given_options(ctx: Any) -> frozenset[str]:
+    """The options set on the command line (or from the environment), not left at their default."""
+    given = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given.add(name)
+    return frozenset(given)
 
 
 def _new_run_dir(data: list[Path], info: Any, device: Any, root: Path = Path("runs")) -> Path:

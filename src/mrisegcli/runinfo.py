@@ -3,19 +3,34 @@
 ``config.json`` is the one file that says how to rebuild a run's models. It carries a schema
 number; a file from a newer mriseg, a corrupt one, or one that is not ours is refused with a
 clear error instead of being half-understood.
+
+A run folder has one writer at a time: :func:`run_lock` holds ``.mriseg.lock`` (pid, host and
+start time) for the whole of a ``train``; a second writer is refused naming the holder, and a
+lock left by a process that died on this host is taken over with a note. :func:`foreign_entry`
+says whether a folder holds anything ``train`` does not write (``--overwrite`` refuses such a
+folder), and :func:`resume_config` applies the options a ``--resume`` may change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
+import re
+import socket
 import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from mrisegcli import __version__
-from mrisegcli.errors import ConfigError
+from mrisegcli.errors import ConfigError, MrisegError
 from mrisegcli.io.atomic import atomic_write_text
 
 CONFIG_SCHEMA = 1
@@ -45,6 +60,22 @@ def write_config(run_dir: Path, config: dict[str, Any], *, overwrite: bool = Tru
     return atomic_write_text(run_dir / CONFIG_NAME, json.dumps(full, indent=2, default=str) + "\n", overwrite)
 
 
+def check_schema(value: Any, what: str, newest: int, path: Path, written_by: str = "?") -> int:
+    """A format number must be a whole number >= 1 (not a string or a bool) and not newer than
+    this mriseg reads."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"corrupt config ({what} must be a whole number, got {value!r})", path)
+    if value < 1:
+        raise ConfigError(f"corrupt config ({what} {value} does not exist; the first is 1)", path)
+    if value > newest:
+        raise ConfigError(
+            f"written by mriseg {written_by} ({what} {value}); this mriseg {__version__} reads "
+            f"{what} <= {newest}: upgrade mriseg",
+            path,
+        )
+    return value
+
+
 def read_config(run_dir: Path) -> dict[str, Any]:
     """Read and validate a run's ``config.json``."""
     path = run_dir / CONFIG_NAME
@@ -59,12 +90,328 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise ConfigError(f"not a mriseg config (missing {', '.join(missing)})", path)
-    if not isinstance(config["schema"], int) or config["schema"] > CONFIG_SCHEMA:
-        raise ConfigError(
-            f"written by mriseg {config.get('mriseg_version', '?')} (config schema "
-            f"{config['schema']}); this mriseg {__version__} reads schema <= {CONFIG_SCHEMA}: upgrade mriseg",
-            path,
-        )
+    check_schema(config["schema"], "config schema", CONFIG_SCHEMA, path, str(config.get("mriseg_version", "?")))
     if config["paradigm"] not in ("next-token", "next-scale"):
         raise ConfigError(f"unknown paradigm {config['paradigm']!r}", path)
     return config
+
+
+# ----------------------------------------------------------------------------- --resume
+
+#: train options a --resume may change: they set the schedule's length and bookkeeping only
+RESUMABLE = ("steps", "eval_every", "ckpt_every", "max_minutes")
+#: train option (its Python name) -> the RunConfig field it sets
+OPTION_FIELDS = {
+    "steps": "train.steps", "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "lr": "train.lr", "eval_every": "train.eval_every", "ckpt_every": "train.ckpt_every",
+    "max_minutes": "train.max_minutes", "paradigm": "paradigm", "preset": "preset",
+    "size": "image_size", "seed": "seed", "mask_steps": "fit.mask_steps",
+    "image_steps": "fit.image_steps", "multiscale_steps": "fit.multiscale_steps",
+    "nktp_k": "strategies.nktp_k", "lambda_tcl": "strategies.lambda_tcl",
+    "het_alpha": "strategies.het_alpha", "image_input": "strategies.image_input",
+    "input_noise": "strategies.input_noise", "lambda_dense": "strategies.lambda_dense",
+    "prefix_attention": "strategies.prefix_attention", "no_text": "use_text",
+    "paraphrases": "paraphrases", "text_len": "text_len",
+}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _get(cfg: Any, field: str) -> Any:
+    for part in field.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _set(cfg: Any, field: str, value: Any) -> Any:
+    head, _, rest = field.partition(".")
+    if not rest:
+        return replace(cfg, **{head: value})
+    return replace(cfg, **{head: _set(getattr(cfg, head), rest, value)})
+
+
+def resume_config(
+    saved: dict[str, Any], asked: Any, given: Iterable[str], run_dir: Path,
+    *, tokenizer_dir: Path | None = None,
+) -> tuple[Any, dict[str, tuple[Any, Any]]]:
+    """The RunConfig a ``--resume`` continues with: the run's own, with the options of
+    :data:`RESUMABLE` that the user gave (``given``: option names, their values in ``asked``,
+    the config the command line would make) applied. Any other option given with a value that
+    differs from the run's is refused by name. Returns the config and ``{option: (old, new)}``
+    of what changed."""
+    from mrisegcli.config import RunConfig, from_dict
+
+    cfg = from_dict(RunConfig, saved["run"], "config.run")
+    given = set(given)
+    changed: dict[str, tuple[Any, Any]] = {}
+    refused: list[str] = []
+    for name in sorted(given & set(OPTION_FIELDS)):
+        field = OPTION_FIELDS[name]
+        old, new = _get(cfg, field), _get(asked, field)
+        if name == "text_len" and new < old:
+            continue  # the run lengthened its text context to fit its longest text
+        if old == new:
+            continue
+        if name in RESUMABLE:
+            changed[name] = (old, new)
+            continue
+        if name == "no_text":
+            refused.append("--no-text (the run was trained with the text)")
+        else:
+            refused.append(f"{_option(name)} {new} (the run has {old})")
+    if tokenizer_dir is not None and "tokenizer" in given:
+        from mrisegcli.workflow.bundle import file_fingerprints
+
+        mine = {k: v["sha256"] for k, v in file_fingerprints(run_dir).items()}
+        theirs = {k: v["sha256"] for k, v in file_fingerprints(Path(tokenizer_dir)).items()}
+        if any(theirs.get(k) != v for k, v in mine.items()):
+            refused.append(f"--tokenizer {tokenizer_dir} (not the tokenizers of this run)")
+    if refused:
+        allowed = ", ".join(_option(n) for n in RESUMABLE)
+        raise MrisegError(
+            f"--resume continues the run as it was set up; these options differ from it: "
+            f"{', '.join(refused)}. Only {allowed} may change on a resume; start a new run "
+            "(another --out, or --overwrite) to change the others",
+            run_dir,
+        )
+    if "steps" in changed and cfg.train.epochs is not None:
+        cfg = _set(cfg, "train.epochs", None)  # --steps replaces an epoch count
+    for name, (_, new) in changed.items():
+        cfg = _set(cfg, OPTION_FIELDS[name], new)
+    return cfg, changed
+
+
+def record_resumed_config(run_dir: Path, saved: dict[str, Any], cfg: Any) -> None:
+    """Rewrite ``config.json`` with the run section a resume continues with."""
+    from mrisegcli.config import to_dict
+
+    write_config(run_dir, {**saved, "run": to_dict(cfg)})
+
+
+# ----------------------------------------------------------------------------- run folders
+
+LOCK_NAME = ".mriseg.lock"
+#: what ``train`` writes at the top of a run folder (README.md: ``push``'s model card)
+RUN_FILES = frozenset({
+    CONFIG_NAME, "model.safetensors", "metrics.json", "train_log.jsonl", "progress.png",
+    "README.md", "mask_vq.safetensors", "image_vq.safetensors", "multiscale.safetensors",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", LOCK_NAME,
+})
+RUN_FOLDERS = {
+    "checkpoints": re.compile(r"^(step_\d{8}\.safetensors|\.step_\d{8}\.[A-Za-z0-9_]+\.tmp\.safetensors)$"),
+    "cache": re.compile(r"^(index\.json|shard-\d{5,}\.safetensors|\.(shard-\d{5,}|index)\.[A-Za-z0-9_]+\.tmp.*)$"),
+}
+_STEMS = "|".join(re.escape(Path(n).name.split(".")[0]) for n in RUN_FILES if not n.startswith("."))
+_RUN_TEMP = re.compile(rf"^(\.({_STEMS})\.[A-Za-z0-9_]+\.tmp.*|{re.escape(LOCK_NAME)}\..+)$")
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _not_ours(path: Path) -> str | None:
+    """Why a file with one of train's names is not train's (None when it looks like it is)."""
+    if path.name == CONFIG_NAME:
+        c = _json(path)
+        if not (isinstance(c, dict) and "schema" in c and "mriseg_version" in c):
+            return "is not a mriseg config"
+    elif path.name == "metrics.json":
+        m = _json(path)
+        if not (isinstance(m, dict) and "best_val_dice" in m and "steps" in m):
+            return "is not the metrics file of a mriseg run"
+    elif path.name == "train_log.jsonl":
+        try:
+            with path.open(encoding="utf-8") as f:
+                first = f.readline()
+            record = json.loads(first) if first.strip() else {"step": 0}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if not (isinstance(record, dict) and "step" in record):
+            return "is not the training log of a mriseg run"
+    return None
+
+
+def foreign_entry(run_dir: Path) -> str | None:
+    """The first thing in ``run_dir`` that ``train`` would not have written, described for a
+    message (``'notes.txt'``, ``'config.json (it is not a mriseg config)'``); None when the
+    folder holds only a run's own files."""
+    run_dir = Path(run_dir)
+    for p in sorted(run_dir.iterdir()):
+        if p.is_symlink():
+            return f"{p.name} (a symlink)"
+        if p.is_dir() and p.name in RUN_FOLDERS:
+            pattern = RUN_FOLDERS[p.name]
+            for q in sorted(p.iterdir()):
+                if q.is_symlink() or not q.is_file() or not pattern.match(q.name):
+                    return f"{p.name}/{q.name}"
+            continue
+        if p.is_file() and (p.name in RUN_FILES or _RUN_TEMP.match(p.name)):
+            why = _not_ours(p)
+            if why:
+                return f"{p.name} (it {why})"
+            continue
+        return p.name + ("/" if p.is_dir() else "")
+    return None
+
+
+# ----------------------------------------------------------------------------- the run lock
+
+
+class RunLockedError(MrisegError):
+    """Another process holds the run folder's lock."""
+
+
+_HELD: set[str] = set()  # tokens of the locks this process holds
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    """The holder's record; None when the file is gone; {} when it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return {}
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _holder(record: dict[str, Any]) -> str:
+    if not record:
+        return "an unknown holder (the lock file cannot be read)"
+    return (f"pid {record.get('pid', '?')} on host {record.get('host', '?')}, "
+            f"started {record.get('started', '?')}")
+
+
+def _stale(record: dict[str, Any]) -> bool:
+    """A lock of a process of this host that no longer runs (or of a past life of this pid)."""
+    pid = record.get("pid")
+    if not record or not isinstance(pid, int) or record.get("host") != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return record.get("token") not in _HELD
+    return not _pid_alive(pid)
+
+
+def _create(path: Path, record: dict[str, Any]) -> bool:
+    """Create the lock file whole and atomically; False when it exists already."""
+    from mrisegcli.io.atomic import disk_full_error, is_disk_full
+
+    data = json.dumps(record, indent=1) + "\n"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{LOCK_NAME}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(path, err) from err
+        raise MrisegError(f"cannot write here ({err.strerror})", path.parent) from err
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)  # fails if the lock exists: the file appears complete or not at all
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system: exclusive create instead
+            try:
+                fd2 = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd2, "w", encoding="utf-8") as f:
+                f.write(data)
+            return True
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(path, err) from err
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _take_over(path: Path, stale: dict[str, Any]) -> None:
+    """Remove a stale lock, unless another process replaced it in the meantime."""
+    grave = path.with_name(f"{LOCK_NAME}.stale-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, grave)
+    except FileNotFoundError:
+        return
+    moved = _read_lock(grave) or {}
+    if moved.get("token") != stale.get("token"):  # a fresh lock of someone else: put it back
+        with contextlib.suppress(OSError):
+            os.link(grave, path)
+    grave.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, command: str = "train") -> Iterator[Path]:
+    """Hold ``run_dir/.mriseg.lock`` exclusively while the block runs (the folder is created
+    if needed, and removed again if the block left it empty); released on every way out."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MrisegError("exists and is not a folder", run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MrisegError(f"cannot create folder ({err.strerror})", run_dir) from err
+    path = run_dir / LOCK_NAME
+    token = uuid.uuid4().hex
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "command": command, "token": token}
+    try:
+        for _ in range(5):
+            if _create(path, record):
+                break
+            held = _read_lock(path)
+            if held is None:  # released while we looked
+                continue
+            if _stale(held):
+                sys.stderr.write(f"mriseg: note: {run_dir}: taking over the lock of {_holder(held)}, "
+                                 "which is no longer running\n")
+                _take_over(path, held)
+                continue
+            raise RunLockedError(
+                f"another mriseg is writing this run folder ({_holder(held)}); wait for it to "
+                f"finish, or if that process is gone, delete {path}",
+                run_dir,
+            )
+        else:
+            raise RunLockedError("the run folder's lock keeps changing hands; try again", run_dir)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+    _HELD.add(token)
+    try:
+        yield path
+    finally:
+        _HELD.discard(token)
+        if (_read_lock(path) or {}).get("token") == token:
+            path.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only when the run left nothing in it

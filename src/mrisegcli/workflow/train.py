@@ -7,6 +7,8 @@ work that is left. Under torchrun, rank 0 prepares tokenizers and cache while th
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -15,13 +17,13 @@ from typing import Any
 
 import torch
 
-from mrisegcli.config import RunConfig, from_dict, to_dict
+from mrisegcli.config import RunConfig, to_dict
 from mrisegcli.errors import MrisegError
 from mrisegcli.io.atomic import atomic_write_text
-from mrisegcli.runinfo import read_config, write_config
+from mrisegcli.runinfo import read_config, record_resumed_config, resume_config, write_config
 from mrisegcli.training.distributed import DistInfo, barrier
 from mrisegcli.training.loop import train
-from mrisegcli.workflow.bundle import load_bundle, needed_tokenizers
+from mrisegcli.workflow.bundle import file_fingerprints, load_bundle, needed_tokenizers
 from mrisegcli.workflow.prepare import (
     StageFactory,
     _no_stage,
@@ -56,25 +58,81 @@ class TrainResult:
     curves: Path | None = None  # RUN/progress.png: training loss and validation Dice over steps
 
 
+def _has_checkpoint(run_dir: Path) -> bool:
+    from mrisegcli.training.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run_dir / "checkpoints") is not None
+
+
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix a new run into an existing one unless told how."""
-    if resume:
-        if not (run_dir / "config.json").is_file():
-            raise MrisegError("--resume needs an existing run folder with config.json", run_dir)
-        return
+    """Refuse to mix a new run into an existing one unless told how.
+
+    ``--resume`` needs a run with a checkpoint; ``--overwrite`` only a folder that holds
+    nothing but a run's own files (a folder of other files is refused, naming one of them).
+    The lock file of the run's writer does not count.
+    """
+    from mrisegcli.runinfo import LOCK_NAME, foreign_entry
+
     if run_dir.exists() and not run_dir.is_dir():
         raise MrisegError("exists and is not a folder", run_dir)
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise MrisegError("run folder is not empty (use --resume to continue it or --overwrite)", run_dir)
+    entries = [p for p in run_dir.iterdir() if p.name != LOCK_NAME] if run_dir.is_dir() else []
+    again = "start it again with --overwrite"
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            if entries:  # stopped before it wrote its config: nothing to continue
+                raise MrisegError(f"nothing to resume: the run stopped before it wrote config.json; {again}", run_dir)
+            raise MrisegError("--resume needs an existing run folder with config.json", run_dir)
+        if not _has_checkpoint(run_dir):
+            raise MrisegError(f"nothing to resume: the run stopped before its first checkpoint; {again}", run_dir)
+        return
+    if not entries:
+        return
+    if not overwrite:
+        if (run_dir / "config.json").is_file() and _has_checkpoint(run_dir):
+            raise MrisegError("run folder is not empty (use --resume to continue it or --overwrite)", run_dir)
+        raise MrisegError(f"run folder is not empty and has no checkpoint to resume; {again}", run_dir)
+    foreign = foreign_entry(run_dir)
+    if foreign is not None:
+        raise MrisegError(
+            f"not a mriseg run folder: it holds {foreign}, which train does not write; refusing to "
+            "--overwrite it (choose another --out, or move that away)",
+            run_dir,
+        )
 
 
 def _clear_run(run_dir: Path) -> None:
-    """Remove what a previous run left (only mriseg's own files) before a fresh --overwrite run."""
-    import shutil
+    """Remove what a previous run left before a fresh --overwrite run: only the files train
+    writes again (tokenizers and the code cache are reused; check_run_dir has made sure that
+    the folder holds nothing else)."""
+    from mrisegcli.runinfo import RUN_FOLDERS
 
-    for name in ("model.safetensors", "train_log.jsonl", "metrics.json", "config.json"):
+    for name in ("model.safetensors", "train_log.jsonl", "metrics.json", "config.json", "progress.png"):
         (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir() and not ckpts.is_symlink():
+        for p in ckpts.iterdir():
+            if RUN_FOLDERS["checkpoints"].match(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            ckpts.rmdir()
+
+
+def _holding_run_lock(fn: Any) -> Any:
+    """Run ``train_run`` holding the run folder's lock (rank 0; the other ranks of a torchrun
+    follow it): a second ``train`` on the same folder is refused naming the holder. The lock
+    goes on every way out (an error, SIGTERM, Ctrl-C); after a ``kill -9`` the next run on
+    this host takes the dead process's lock over with a note."""
+
+    @functools.wraps(fn)
+    def locked(data_root: Any, run_dir: Path, cfg: RunConfig, **kwargs: Any) -> TrainResult:
+        from mrisegcli.runinfo import run_lock
+
+        if not kwargs.get("dist_info", DistInfo()).is_main:
+            return fn(data_root, run_dir, cfg, **kwargs)
+        with run_lock(Path(run_dir)):
+            return fn(data_root, run_dir, cfg, **kwargs)
+
+    return locked
 
 
 def fit_text_len(cfg: RunConfig, bundle: Any, ds: Any, stage: StageFactory = _no_stage) -> RunConfig:
@@ -113,6 +171,7 @@ def val_dice_fn(segmenter: Segmenter, val: dict[str, torch.Tensor], batch: int =
     return evaluate
 
 
+@_holding_run_lock
 def train_run(
     data_root: Path,
     run_dir: Path,
@@ -129,14 +188,19 @@ def train_run(
     train_progress: Any = None,
     dist_info: DistInfo = DistInfo(),
     command: str = "",
+    given: frozenset[str] = frozenset(),
 ) -> TrainResult:
+    """``given``: the options the user set on the command line (their values are in ``cfg``);
+    with ``resume`` those that may change are applied, the others must match the run."""
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     if dist_info.is_main:
         check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
         saved = read_config(run_dir)
-        cfg = from_dict(RunConfig, saved["run"], "config.run")
+        cfg, changed = resume_config(saved, cfg, given, run_dir, tokenizer_dir=tokenizer_dir)
+        if changed and dist_info.is_main:
+            record_resumed_config(run_dir, saved, cfg)
     elif overwrite and dist_info.is_main and run_dir.is_dir():
         _clear_run(run_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
@@ -183,7 +247,8 @@ def train_run(
         "paradigm": cfg.paradigm, "preset": cfg.preset, "seed": cfg.seed,
         "data": {"root": [str(r) for r in roots] if len(roots) > 1 else str(roots[0]), "layout": ds.layout, "image_size": cfg.image_size,
                  "splits": ds.splits()},
-        "tokenizers": {"present": bundle.present(), "fingerprint": bundle.fingerprint()},
+        "tokenizers": {"present": bundle.present(), "fingerprint": bundle.fingerprint(),
+                       "files": file_fingerprints(run_dir)},
         "model": to_dict(mcfg), "run": to_dict(cfg), "command": command,
     }
     if dist_info.is_main and not resume:
