@@ -4,6 +4,12 @@ A bundle folder (a run folder, or the output of ``mriseg tokenize``) holds
 ``mask_vq.safetensors`` (next-token), ``image_vq.safetensors`` (next-token with image codes),
 ``multiscale.safetensors`` (next-scale) and ``tokenizer.json`` (text). Its fingerprint, a
 hash of every tokenizer's weights and config, ties a code cache to the tokenizers that made it.
+
+A run's ``config.json`` also records each tokenizer file with its role and the sha256 of its
+bytes (:func:`file_fingerprints`); loading a model checks them (:func:`verify_files`), so
+tokenizers swapped or copied in from another run are refused by name instead of producing
+nonsense. Only the tokenizer files are fingerprinted: the model weights and the config itself
+may be rewritten (a shipped model drops training-only buffers and edits its data paths).
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ from mrisegcli.errors import MrisegError
 FILES = {"mask_vq": "mask_vq.safetensors", "image_vq": "image_vq.safetensors",
          "multiscale": "multiscale.safetensors"}
 TEXT_FILE = "tokenizer.json"
+#: file -> role, of every file whose fingerprint a run records
+ROLES = {**{file: role for role, file in FILES.items()}, TEXT_FILE: "text"}
+_ROLE_NAMES = {"mask_vq": "mask tokenizer", "image_vq": "image tokenizer",
+               "multiscale": "multi-scale mask tokenizer", "text": "text tokenizer"}
 
 
 @dataclass
@@ -73,13 +83,71 @@ def copy_bundle(src: Path, dst: Path) -> None:
             atomic_write_bytes(dst / name, (src / name).read_bytes(), overwrite=True)
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_fingerprints(folder: Path) -> dict[str, dict[str, str]]:
+    """``{file: {"role": role, "sha256": hex}}`` of every tokenizer file in ``folder``."""
+    folder = Path(folder)
+    return {
+        name: {"role": role, "sha256": file_sha256(folder / name)}
+        for name, role in ROLES.items()
+        if (folder / name).is_file()
+    }
+
+
+def verify_files(folder: Path, recorded: Any, config_path: Path | None = None) -> None:
+    """Check the tokenizer files of ``folder`` against the entries a run recorded at training
+    time (``config["tokenizers"]["files"]``); None (a run written before they were recorded)
+    checks nothing. A missing, swapped or foreign file is a :class:`ConfigError` naming it."""
+    from mrisegcli.errors import ConfigError
+
+    if recorded is None:
+        return
+    folder = Path(folder)
+    where = config_path if config_path is not None else folder / "config.json"
+    if not isinstance(recorded, dict):
+        raise ConfigError("corrupt config (tokenizers.files is not an object)", where)
+    for name, entry in recorded.items():
+        ok = (isinstance(entry, dict) and isinstance(entry.get("role"), str)
+              and isinstance(entry.get("sha256"), str))
+        if name not in ROLES or not ok or entry["role"] != ROLES[name]:
+            raise ConfigError(f"corrupt config (tokenizers.files has a bad entry for {name!r})", where)
+    by_hash = {entry["sha256"]: name for name, entry in recorded.items()}
+    for name, entry in recorded.items():
+        path = folder / name
+        what = _ROLE_NAMES[entry["role"]]
+        if not path.is_file():
+            raise ConfigError(f"missing: the model was trained with this {what}", path)
+        digest = file_sha256(path)
+        if digest == entry["sha256"]:
+            continue
+        other = by_hash.get(digest)
+        if other is not None:
+            raise ConfigError(
+                f"is the run's {other}, not its {what} (tokenizer files swapped?)", path
+            )
+        raise ConfigError(
+            f"not the {what} this model was trained with (sha256 {digest[:12]}..., config.json "
+            f"records {entry['sha256'][:12]}...): tokenizers from another run? Put back the "
+            "run's own file",
+            path,
+        )
+
+
 def has_bundle(folder: Path) -> bool:
     return (folder / TEXT_FILE).is_file() and any((folder / f).is_file() for f in FILES.values())
 
 
 def load_bundle(folder: Path, *, need: tuple[str, ...] = (), device: str = "cpu") -> TokenizerBundle:
     """Load every tokenizer found in ``folder``; those named in ``need`` must be there."""
-    from mrisegcli.tokenizers.serialize import load_tokenizer
+    from mrisegcli.errors import ConfigError
+    from mrisegcli.tokenizers.serialize import kind_of, load_tokenizer
     from mrisegcli.tokenizers.text import load_text_tokenizer
 
     folder = Path(folder)
@@ -89,7 +157,12 @@ def load_bundle(folder: Path, *, need: tuple[str, ...] = (), device: str = "cpu"
     if missing:
         raise MrisegError(f"tokenizer folder lacks {', '.join(missing)} (needed for this paradigm)", folder)
     parts = {n: load_tokenizer(folder / f, device=device) for n, f in FILES.items() if (folder / f).is_file()}
-    for tok in parts.values():
+    for name, tok in parts.items():
+        if kind_of(tok) != name:  # e.g. mask_vq.safetensors and image_vq.safetensors swapped
+            raise ConfigError(
+                f"holds a {kind_of(tok)} tokenizer, not a {name} one (tokenizer files swapped?)",
+                folder / FILES[name],
+            )
         tok.eval()
     return TokenizerBundle(text=load_text_tokenizer(folder), **parts)
 

@@ -291,39 +291,123 @@ def save_model(model: torch.nn.Module, run_dir: Path) -> Path:
     return path
 
 
+#: Largest sizes a model config may ask for, checked before anything is built: a damaged or
+#: hostile config.json must not make mriseg allocate without bound. Generous for real models
+#: (the presets are far below) and checked again against the weights' own header.
+SIZE_LIMITS = {
+    "dim": 16384, "n_layers": 512, "n_heads": 1024, "mlp_hidden": 65536, "max_seq_len": 16384,
+    "image_codebook_size": 1 << 20, "mask_codebook_size": 1 << 20, "text_vocab_size": 1 << 21,
+    "image_grid": 512, "mask_grid": 512, "text_len": 8192, "image_size": 8192, "code_dim": 16384,
+    "patch": 4096, "channels": 16384, "res_blocks": 256, "out_dim": 16384, "nktp_k": 256,
+    "tcl_proj_dim": 16384, "het_buckets": 10_000_000, "scales": 512,
+}
+MAX_LIST = 256  # entries of a list setting (encoder channels, scales)
+#: memory a model may need beyond its weights file (buffers not stored in it: the hard-token
+#: memory a shipped model leaves out, attention masks)
+MAX_UNSTORED_BYTES = 4 << 30
+
+
+def check_config_sizes(section: Any, where: str, path: Path) -> None:
+    """Refuse any size in a config section above :data:`SIZE_LIMITS`, naming the setting."""
+    if isinstance(section, dict):
+        for key, value in section.items():
+            name = f"{where}.{key}"
+            limit = SIZE_LIMITS.get(key)
+            if isinstance(value, list):
+                if len(value) > MAX_LIST:
+                    raise ConfigError(f"{name} has {len(value)} entries, above the limit {MAX_LIST} "
+                                      "(a damaged config.json?)", path)
+                if limit is not None:
+                    for v in value:
+                        if isinstance(v, int) and not isinstance(v, bool) and v > limit:
+                            raise ConfigError(f"{name} holds {v}, above the limit {limit} "
+                                              "(a damaged config.json?)", path)
+            elif isinstance(value, dict):
+                check_config_sizes(value, name, path)
+            elif limit is not None and isinstance(value, int) and not isinstance(value, bool) and value > limit:
+                raise ConfigError(f"{name} is {value}, above the limit {limit} (a damaged config.json?)", path)
+
+
+def _weights_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header (no tensor data read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorError, OSError, ... for a damaged file
+        raise MrisegError(f"corrupt or truncated weights ({e})", path) from e
+
+
+def _check_weights_fit(paradigm: str, mcfg: Any, bundle: TokenizerBundle, header: dict[str, tuple[int, ...]],
+                       path: Path) -> None:
+    """Build the model on the meta device (no memory) and compare every tensor it expects with
+    the weights file's header: the first mismatch is one error naming the tensor."""
+    with torch.device("meta"):
+        meta = build_model(paradigm, mcfg, bundle)
+    state = meta.state_dict()
+    unstored = 0
+    for name, t in state.items():
+        if name not in header:
+            if name.startswith("het_memory"):  # training-only: a shipped model leaves it out
+                unstored += t.numel() * t.element_size()
+                continue
+            raise ConfigError(f"weights do not match config.json: the model needs tensor {name} "
+                              f"{tuple(t.shape)}, the file has none", path)
+        if tuple(t.shape) != header[name]:
+            raise ConfigError(f"weights do not match config.json: tensor {name} has shape "
+                              f"{header[name]} in the file, the config makes {tuple(t.shape)}", path)
+    for name in header:
+        if name not in state:
+            raise ConfigError(f"weights do not match config.json: the file has tensor {name}, "
+                              "which the model of this config does not have", path)
+    persistent = set(state)
+    unstored += sum(b.numel() * b.element_size() for n, b in meta.named_buffers() if n not in persistent)
+    if unstored > MAX_UNSTORED_BYTES:
+        raise ConfigError(f"config.json asks for {unstored / 2**30:.1f} GiB of buffers beyond the weights "
+                          f"(the limit is {MAX_UNSTORED_BYTES >> 30} GiB; a damaged config.json?)", path)
+
+
 def load_segmenter(
     run_dir: Path, device: torch.device, *, batch_size: int = 32, compile: bool = False,
     speculative: bool = True,
 ) -> Segmenter:
-    """Rebuild tokenizers, model and config of a run folder (weights from safetensors only)."""
+    """Rebuild tokenizers, model and config of a run folder (weights from safetensors only).
+
+    Nothing is built from ``config.json`` until it is known to fit: sizes are bounded, the
+    tokenizer files are checked against the fingerprints the run recorded, and the model the
+    config describes is compared, tensor by tensor, with the weights file's header.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from mrisegcli.runinfo import read_config
-    from mrisegcli.workflow.bundle import load_bundle, needed_tokenizers
+    from mrisegcli.workflow.bundle import load_bundle, needed_tokenizers, verify_files
 
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
     raw = read_config(run_dir)
-    try:
-        cfg = from_dict(RunConfig, raw["run"], "config.run")
-    except KeyError as e:
-        raise ConfigError("config.json has no 'run' section", run_dir / "config.json") from e
+    for key in ("run", "model"):
+        if not isinstance(raw.get(key), dict):
+            raise ConfigError(f"config.json has no '{key}' section", config_path)
+        check_config_sizes(raw[key], f"config.{key}", config_path)
+    cfg = from_dict(RunConfig, raw["run"], "config.run")
     paradigm = raw["paradigm"]
     mcfg = model_config_from_dict(paradigm, raw["model"])
-    bundle = load_bundle(run_dir, need=needed_tokenizers(paradigm, cfg.strategies.image_input))
-    bundle.to(device)
-    model = build_model(paradigm, mcfg, bundle)
     path = run_dir / MODEL_FILE
     if not path.is_file():
         raise MrisegError(f"run has no {MODEL_FILE} (training not finished?)", run_dir)
+    header = _weights_header(path)
+    bundle = load_bundle(run_dir, need=needed_tokenizers(paradigm, cfg.strategies.image_input))
+    tokenizers = raw.get("tokenizers")  # a damaged file was named above; now: the right files?
+    verify_files(run_dir, tokenizers.get("files") if isinstance(tokenizers, dict) else None, config_path)
+    _check_weights_fit(paradigm, mcfg, bundle, header, path)
+    bundle.to(device)
+    model = build_model(paradigm, mcfg, bundle)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise MrisegError(f"corrupt or truncated weights ({e})", path) from e
-    own = model.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    missing = sorted(k for k in own if k not in state and not k.startswith("het_memory"))
-    if missing or unexpected:
-        raise ConfigError(f"weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})", path)
     model.load_state_dict(state, strict=False)
     model.to(device)
     return Segmenter(paradigm, model, bundle, cfg, device, batch_size=batch_size, compile=compile,
