@@ -326,7 +326,9 @@ def synthesize(
     (0/255) and ``<Split>_text.xlsx`` (columns Image = mask file name, Description), numbered
     1..N across the splits. Everything is written into a temporary folder beside ``out`` and
     renamed at the end. An existing non-empty ``out`` is refused unless ``overwrite`` is true,
-    and even then only if it is an earlier synthetic dataset (it holds ``synth.json``).
+    and even then unless it is an earlier synthetic dataset holding nothing but synth's own
+    files (``synth.json``, the split folders, images, masks and xlsx files): anything else in
+    it is named and the folder left alone.
     """
     out = Path(out)
     counts = {"train": n_train, "val": n_val, "test": n_test}
@@ -353,7 +355,45 @@ def synthesize(
     return SynthReport(out, counts, size, seed, mode, seconds, total / max(seconds, 1e-9))
 
 
+_SPLIT_DIR = re.compile(r"^(Train|Val|Test)_Folder$")
+_OWN_FILES = {"img": re.compile(r"^covid_\d+\.png$"), "labelcol": re.compile(r"^mask_covid_\d+\.png$")}
+
+
+def _is_marker(path: Path) -> bool:
+    try:
+        params = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(params, dict) and params.get("generator") == "mriseg synth"
+
+
+def _unknown_entry(out: Path) -> str | None:
+    """The first file or folder under ``out`` that synth does not write (None: all are its own)."""
+    for p in sorted(out.iterdir()):
+        if p.is_symlink():
+            return p.name
+        if p.name == _MARKER and p.is_file():
+            continue
+        match = _SPLIT_DIR.match(p.name)
+        if not (match and p.is_dir()):
+            return p.name + ("/" if p.is_dir() else "")
+        for q in sorted(p.iterdir()):
+            rel = f"{p.name}/{q.name}"
+            if q.is_symlink():
+                return rel
+            if q.is_file() and q.name == f"{match.group(1)}_text.xlsx":
+                continue
+            if not (q.is_dir() and q.name in _OWN_FILES):
+                return rel
+            for f in sorted(q.iterdir()):
+                if f.is_symlink() or not f.is_file() or not _OWN_FILES[q.name].match(f.name):
+                    return f"{rel}/{f.name}"
+    return None
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that is not an empty folder, unless ``overwrite`` and it holds nothing
+    but an earlier synth's files (its ``synth.json``, split folders, images, masks, xlsx)."""
     if out.exists() and not out.is_dir():
         raise MrisegError("exists and is not a folder", out)
     if out.is_dir() and any(out.iterdir()):
@@ -361,9 +401,17 @@ def _check_out(out: Path, overwrite: bool) -> None:
             raise OutputExistsError(
                 "already exists and is not empty (use --overwrite to replace it)", out
             )
-        if not (out / _MARKER).is_file():
+        if not ((out / _MARKER).is_file() and _is_marker(out / _MARKER)):
             raise MrisegError(
-                f"not a synthetic dataset (no {_MARKER}); refusing to replace it", out
+                f"not a synthetic dataset (no {_MARKER} of mriseg synth); refusing to replace it", out
+            )
+        unknown = _unknown_entry(out)
+        if unknown is not None:
+            raise MrisegError(
+                f"holds {unknown}, which synth does not write; refusing to replace the folder "
+                "(--overwrite replaces an earlier synth's files only: move that away, or choose "
+                "another folder)",
+                out,
             )
 
 
