@@ -5,6 +5,11 @@ square). Masks are stretched the same way by AREA resampling then a 0.5 threshol
 pixel is foreground when at least half of the source area it covers is foreground. That keeps
 the mask's area unbiased when shrinking (nearest-neighbour would drop or keep thin parts by the
 luck of the sampling grid) and equals nearest-neighbour when enlarging by an integer factor.
+
+A mask must hold 0 and 1, or 0 and 255 (or be boolean): any other value (a label map, a
+background of 3, JPEG ringing) is a dataset problem. The values are checked here, where the
+masks are decoded anyway (validation reads only headers); :func:`load_split_arrays` lists
+every such mask of the batch, in the format of the validation report.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def load_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
     image = to_model_input(pixels, size).astype(np.float32, copy=False)  # (S, S)
     if sample.mask is None:
         return image, np.zeros((size, size), dtype=np.uint8)
-    mask = _guard(lambda: read_mask(sample.mask), sample.mask)
+    mask = _guard(lambda: read_mask(sample.mask, binary=True), sample.mask)
     if mask.ndim == 3 and mask.shape[0] == 1:
         mask = mask[0]
     if mask.shape != pixels.shape:
@@ -85,12 +90,18 @@ def load_split_arrays(
     ``workers > 0`` reads with that many threads (decoding and resizing release the GIL);
     the result is the same in every case. The first failing sample raises.
     """
+    from mrisegcli.io.scan import NonBinaryMaskError
+
     n = len(samples)
     images_NSS = np.empty((n, size, size), dtype=np.float32)
     masks_NSS = np.empty((n, size, size), dtype=np.uint8)
+    non_binary: dict[int, NonBinaryMaskError] = {}
 
     def one(i: int) -> None:
-        images_NSS[i], masks_NSS[i] = load_sample(samples[i], size)
+        try:
+            images_NSS[i], masks_NSS[i] = load_sample(samples[i], size)
+        except NonBinaryMaskError as err:  # listed together at the end
+            non_binary[i] = err
 
     if workers <= 0:
         for i in range(n):
@@ -108,4 +119,17 @@ def load_split_arrays(
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise
+    if non_binary:
+        raise _non_binary_report(samples, non_binary)
     return images_NSS, masks_NSS
+
+
+def _non_binary_report(samples: list[Sample], found: dict[int, Any]) -> MrisegError:
+    """Every non-binary mask of the batch as dataset problems, one line each."""
+    from mrisegcli.data.validate import NON_BINARY, Problem, format_problems
+
+    problems = [
+        Problem(samples[i].id, samples[i].mask, str(found[i]).removeprefix(f"{samples[i].mask}: "), NON_BINARY)
+        for i in sorted(found)
+    ]
+    return MrisegError(f"dataset has {len(problems)} problem(s):\n{format_problems(problems)}")

@@ -3,6 +3,12 @@
 Raster files (PNG, JPEG, TIFF, BMP) are checked from their headers with Pillow (no pixel
 decoding); other formats (DICOM, NIfTI) are opened with the project's readers. ``deep=True``
 decodes every file through the readers the training loader uses.
+
+Masks must hold 0 and 1, or 0 and 255 (:data:`NON_BINARY` otherwise). A mask read here (a
+DICOM or NIfTI mask, or any mask with ``deep=True``) is checked now; a raster mask checked from
+its header alone is checked when the training loader decodes it
+(:func:`mrisegcli.data.loading.load_split_arrays`), which reports in this module's format.
+Files that are not regular files (a FIFO, a device) are refused without being opened.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ EMPTY_TEXT = "empty text"
 DUPLICATE_ID = "duplicate id"
 ESCAPES_ROOT = "escapes root"
 NO_MASK = "no mask"
+NON_BINARY = "non-binary mask"
+NOT_A_FILE = "not a file"
 
 _RASTER = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -84,16 +92,23 @@ def _check_sample(
             out.append(
                 Problem(s.id, path, f"path leads outside the dataset folder {root}", ESCAPES_ROOT)
             )
-        elif not Path(path).is_file():
+        elif not Path(path).exists():
             out.append(Problem(s.id, path, "file does not exist", MISSING_FILE))
+        elif not Path(path).is_file():
+            what = "a folder" if Path(path).is_dir() else "not a regular file (a FIFO or device?)"
+            out.append(Problem(s.id, path, f"is {what}, expected an image file", NOT_A_FILE))
         else:
             present.append(path)
     if not check_images or not present:
         return out
     shapes: dict[Path, tuple[int, ...]] = {}
+    from mrisegcli.io.scan import NonBinaryMaskError
+
     for path in present:
         try:
             shapes[path] = _shape(path, is_mask=path == s.mask, deep=deep)
+        except NonBinaryMaskError as err:
+            out.append(Problem(s.id, path, _short(err, path), NON_BINARY))
         except Exception as err:  # any reader failure means the file cannot be used
             out.append(Problem(s.id, path, f"cannot read ({_short(err)})", UNREADABLE))
     if s.mask is not None and s.image in shapes and s.mask in shapes:
@@ -122,14 +137,16 @@ def _shape(path: Path, is_mask: bool, deep: bool) -> tuple[int, ...]:
     if is_mask:
         from mrisegcli.io.read import read_mask
 
-        return tuple(read_mask(path).shape)
+        return tuple(read_mask(path, binary=True).shape)
     from mrisegcli.io.read import read_scan
 
     return tuple(read_scan(path).pixels.shape)
 
 
-def _short(err: Exception) -> str:
+def _short(err: Exception, path: Path | None = None) -> str:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if path is not None:
+        text = text.removeprefix(f"{path}: ")
     return text if len(text) <= 120 else text[:117] + "..."
 
 
