@@ -9,6 +9,11 @@ Writes are crash-safe for a single writer: a shard is written to a temporary fil
 into place, then the index is written the same way. The index is the only source of truth: a
 shard it does not name (left by a crash between the two renames) is deleted when the cache is
 next opened for writing, so an interrupted run resumes from the last flush.
+
+The index records each shard's size and content hash (``sums``). Opening a cache for writing
+(``tokenize``, ``train``) checks every shard it would reuse against them, so a damaged shard is
+named at once instead of its entries being counted "up to date"; an index written before the
+hashes existed gets the shards' headers checked.
 """
 
 from __future__ import annotations
@@ -151,6 +156,8 @@ class CodeCache:
         self.flush_every = flush_every
         index = index or {}
         self._shards: dict[str, int] = dict(index.get("shards", {}))  # name -> entries written
+        sums = index.get("sums", {})
+        self._sums: dict[str, str] = dict(sums) if isinstance(sums, dict) else {}  # name -> fingerprint
         self._next_shard = int(index.get("next_shard", 0))
         self._entries: dict[str, Entry] = {}
         for d in index.get("entries", []):
@@ -228,7 +235,7 @@ class CodeCache:
         """
         if not self._pending and not self._removed:
             return
-        saved = (dict(self._entries), dict(self._shards), self._next_shard)
+        saved = (dict(self._entries), dict(self._shards), self._next_shard, dict(self._sums))
         try:
             if self._pending:
                 name = self._new_shard_name()
@@ -244,7 +251,7 @@ class CodeCache:
             self._prune_shard_table()
             self._write_index()
         except BaseException:
-            self._entries, self._shards, self._next_shard = saved
+            self._entries, self._shards, self._next_shard, self._sums = saved
             raise
         self._pending.clear()
         self._removed.clear()
@@ -345,6 +352,37 @@ class CodeCache:
         with atomic_path(self.folder / name, overwrite=True) as tmp:
             save_file(flat, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
             _fsync(tmp)
+            self._sums[name] = file_fingerprint(tmp)
+
+    def verify_shards(self) -> None:
+        """Check every shard the index names: present, a readable safetensors file holding
+        its entries' tensors, and (when recorded) the bytes that were written."""
+        from safetensors import safe_open
+
+        slots: dict[str, set[str]] = {}
+        for e in self._entries.values():
+            slots.setdefault(e.shard, set()).update(f"{e.slot}/{f}" for f in self.fields)
+        for name in self._shards:
+            path = self.folder / name
+            if not path.is_file():
+                raise MrisegError(f"the cache index names this shard but it is missing; {_REDO}", path)
+            expected = self._sums.get(name)
+            if expected is not None:
+                actual = file_fingerprint(path)
+                if actual != expected:
+                    raise MrisegError(
+                        f"corrupt cache shard (its bytes changed since it was written: size-hash "
+                        f"{actual[:24]}, the index records {expected[:24]}); {_REDO}", path
+                    )  # fmt: skip
+                continue
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys = set(f.keys())
+            except Exception as err:  # SafetensorError, OSError, ...
+                raise MrisegError(f"corrupt cache shard ({err}); {_REDO}", path) from err
+            lost = sorted(slots.get(name, set()) - keys)
+            if lost:
+                raise MrisegError(f"corrupt cache shard (no tensor {lost[0]!r}); {_REDO}", path)
 
     def _write_index(self) -> None:
         index = {
@@ -354,6 +392,7 @@ class CodeCache:
             "fields": list(self.fields),
             "next_shard": self._next_shard,
             "shards": self._shards,
+            "sums": {s: self._sums[s] for s in self._shards if s in self._sums},
             "entries": [e.to_json() for e in self._entries.values()],
         }
         with atomic_path(self.folder / INDEX, overwrite=True) as tmp:
@@ -364,6 +403,7 @@ class CodeCache:
         """Forget shards that no entry uses any more (their files go after the index write)."""
         used = {e.shard for e in self._entries.values()}
         self._shards = {s: n for s, n in self._shards.items() if s in used}
+        self._sums = {s: v for s, v in self._sums.items() if s in used}
 
     def _delete_stray_files(self) -> None:
         """Delete shard files the index does not name and temp files of a killed writer."""
@@ -426,7 +466,12 @@ def _read_index(folder: Path) -> dict[str, Any]:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ConfigError(f"not an mriseg code cache index; {_REDO} or choose another --out", path)
     version = index.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ConfigError(
+            f"corrupt cache index (format version must be a whole number >= 1, got {version!r}); {_REDO}",
+            path,
+        )
+    if version > VERSION:
         raise ConfigError(
             f"cache format version {version} is newer than this mriseg reads ({VERSION}); "
             f"upgrade mriseg or {_REDO}", path
@@ -496,6 +541,7 @@ def open_cache(
         )
     cache = CodeCache(folder, have_fp, have_fields, flush_every=flush_every, index=index)
     if create:
+        cache.verify_shards()  # a writer reuses every entry it finds: they must be intact
         cache._delete_stray_files()
     return cache
 
