@@ -84,8 +84,9 @@ def human_bytes(n: float) -> str:
 def disk_full_error(path: str | Path, err: BaseException | None = None) -> DiskFullError:
     """The one-line error for a write to ``path`` that ran out of space."""
     path = Path(path)
-    free = _free_bytes(path.parent)
-    room = "free space unknown" if free is None else f"{human_bytes(free)} free in {path.parent}"
+    where = path if path.is_dir() else path.parent
+    free = _free_bytes(where)
+    room = "free space unknown" if free is None else f"{human_bytes(free)} free in {where}"
     what = "disk quota exceeded" if isinstance(err, OSError) and err.errno == errno.EDQUOT else "no space left on device"
     return DiskFullError(f"cannot write: {what} ({room}); free some space and run again", path)
 

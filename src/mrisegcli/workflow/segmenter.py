@@ -304,7 +304,7 @@ SIZE_LIMITS = {
 MAX_LIST = 256  # entries of a list setting (encoder channels, scales)
 #: memory a model may need beyond its weights file (buffers not stored in it: the hard-token
 #: memory a shipped model leaves out, attention masks)
-MAX_UNSTORED_BYTES = 4 << 30
+MAX_UNSTORED_BYTES = 1 << 30
 
 
 def check_config_sizes(section: Any, where: str, path: Path) -> None:

@@ -121,16 +121,26 @@ def _holding_run_lock(fn: Any) -> Any:
     """Run ``train_run`` holding the run folder's lock (rank 0; the other ranks of a torchrun
     follow it): a second ``train`` on the same folder is refused naming the holder. The lock
     goes on every way out (an error, SIGTERM, Ctrl-C); after a ``kill -9`` the next run on
-    this host takes the dead process's lock over with a note."""
+    this host takes the dead process's lock over with a note. A full disk anywhere in the run
+    (the training log, a tokenizer, a checkpoint) is one error naming the file and the free
+    space."""
 
     @functools.wraps(fn)
     def locked(data_root: Any, run_dir: Path, cfg: RunConfig, **kwargs: Any) -> TrainResult:
+        from mrisegcli.io.atomic import disk_full_error, is_disk_full
         from mrisegcli.runinfo import run_lock
 
-        if not kwargs.get("dist_info", DistInfo()).is_main:
-            return fn(data_root, run_dir, cfg, **kwargs)
-        with run_lock(Path(run_dir)):
-            return fn(data_root, run_dir, cfg, **kwargs)
+        try:
+            if not kwargs.get("dist_info", DistInfo()).is_main:
+                return fn(data_root, run_dir, cfg, **kwargs)
+            with run_lock(Path(run_dir)):
+                return fn(data_root, run_dir, cfg, **kwargs)
+        except MrisegError:
+            raise
+        except Exception as err:
+            if is_disk_full(err):
+                raise disk_full_error(getattr(err, "filename", None) or Path(run_dir), err) from err
+            raise
 
     return locked
 
