@@ -69,7 +69,8 @@ def cli_error(args: list[str], *, code: int = 1, stdin: str | None = None) -> st
     assert r.exception is None or isinstance(r.exception, SystemExit)
     if code == 2:
         return r.stderr
-    lines = [x for x in r.stderr.splitlines() if not x.startswith("> ")]  # "> stage" notes
+    # "> stage" notes and the "model: NAME (from --model)" line predict and evaluate start with
+    lines = [x for x in r.stderr.splitlines() if not x.startswith(("> ", "model: "))]
     assert len(lines) == 1 and lines[0].startswith("mriseg: error: "), r.stderr
     assert r.stdout == ""
     return lines[0]
@@ -141,6 +142,13 @@ def _edit_config(change: Callable[[dict], dict]) -> Callable[[Path], None]:
     return damage
 
 
+def _swap_tokenizers(run: Path) -> None:
+    a, b = run / "mask_vq.safetensors", run / "image_vq.safetensors"
+    a.rename(run / "tmp")
+    b.rename(a)
+    (run / "tmp").rename(b)
+
+
 # ----------------------------------------------------------------------------- predict: inputs
 
 
@@ -160,6 +168,28 @@ def _empty_png(tmp: Path) -> Path:
     return tmp / "empty.png"
 
 
+def _empty_nifti(tmp: Path) -> Path:
+    nib.save(nib.Nifti1Image(np.zeros((4, 0, 3), np.float32), np.eye(4)), tmp / "empty.nii.gz")
+    return tmp / "empty.nii.gz"
+
+
+def _fifo(tmp: Path) -> Path:
+    """A named pipe: reading it would block for ever (the test would hang, not fail)."""
+    os.mkfifo(tmp / "pipe.png")
+    return tmp / "pipe.png"
+
+
+def _symlink_loop(tmp: Path) -> Path:
+    (tmp / "a.png").symlink_to(tmp / "b.png")
+    (tmp / "b.png").symlink_to(tmp / "a.png")
+    return tmp / "a.png"
+
+
+def _dangling_link(tmp: Path) -> Path:
+    (tmp / "gone.png").symlink_to(tmp / "deleted.png")
+    return tmp / "gone.png"
+
+
 def _random_dcm(tmp: Path) -> Path:
     (tmp / "noise.dcm").write_bytes(np.random.default_rng(3).bytes(700))
     return tmp / "noise.dcm"
@@ -170,13 +200,17 @@ BAD_INPUTS = {
     "DICOM without pixel data": (lambda t: Path(shutil.copy(PYDICOM_FILES / "rtplan.dcm", t / "plan.dcm")),
                                  "not an image: a RT Plan Storage"),
     "4-D NIfTI": (lambda t: Path(shutil.copy(NIBABEL_FILES / "example4d.nii.gz", t / "fmri.nii.gz")),
-                  "is 4-D with 2 volumes; choose one with --frame"),
+                  "is 4-D with 2 volumes; mriseg segments one 2-D or 3-D image at a time"),
+    "NIfTI without voxels": (_empty_nifti, "NIfTI image has no voxels (shape (4, 0, 3))"),
     "0x0 PNG": (lambda t: _png_header(t / "zero.png", 0, 0), "not a valid PNG/JPEG/TIFF/BMP image"),
     "30000x30000 PNG": (lambda t: _png_header(t / "huge.png", 30000, 30000), "too large"),
     "text file named .png": (_text_as_png, "not a valid PNG/JPEG/TIFF/BMP image"),
     "empty file": (_empty_png, "file is empty"),
     "random bytes named .dcm": (_random_dcm, "not a DICOM file"),
     "missing file": (lambda t: t / "absent.png", "no such file or folder"),
+    "FIFO": (_fifo, "is a FIFO (named pipe), not a file"),
+    "symlink loop": (_symlink_loop, "symlink loop"),
+    "dangling symlink": (_dangling_link, "dangling symlink (points to"),
 }
 
 
@@ -281,6 +315,13 @@ BAD_RUNS = {
                            "unknown keys"),
     "corrupt config.json": (lambda r: (r / "config.json").write_text("{oops"), "corrupt config"),
     "no model.safetensors": (lambda r: (r / "model.safetensors").unlink(), "training not finished"),
+    "config schema as a string": (_edit_config(lambda c: {**c, "schema": "1"}),
+                                  "corrupt config (config schema must be a whole number, got '1')"),
+    "config not fitting the weights": (_edit_config(lambda c: {**c, "model": {**c["model"], "mask_codebook_size": 600}}),
+                                       "weights do not match config.json: tensor"),
+    "hostile config size": (_edit_config(lambda c: {**c, "model": {**c["model"], "text_vocab_size": 10**12}}),
+                            "config.model.text_vocab_size is 1000000000000, above the limit"),
+    "swapped tokenizer files": (_swap_tokenizers, "tokenizer files swapped?"),
 }
 
 
@@ -297,8 +338,12 @@ def test_damaged_run_folder_is_one_line(case, trained, tmp_path):
 
 def test_model_option_errors(trained, tmp_path, monkeypatch):
     img = _grey_png(tmp_path / "a.png")
-    usage = cli_error(["predict", str(img), "--text", TEXT], code=2)
-    assert "--model" in usage
+    from mrisegcli.shipped import DEFAULT_MODEL, shipped_model
+
+    monkeypatch.delenv("MRISEG_MODEL", raising=False)
+    if shipped_model(DEFAULT_MODEL) is None:  # without --model the shipped model runs, when there is one
+        line = cli_error(["predict", str(img), "--text", TEXT])
+        assert "no model given" in line and "--model" in line
     line = cli_error(["predict", str(img), "--text", TEXT, "--model", str(tmp_path / "no" / "run")])
     assert "no such run folder" in line
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

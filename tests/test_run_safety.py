@@ -166,6 +166,34 @@ def test_second_writer_is_refused_naming_the_holder(trained, tmp_path):
     assert not (run2 / LOCK_NAME).exists()  # released with the block
 
 
+def test_two_train_processes_on_one_folder(trained, tmp_path):
+    """A real second ``mriseg train`` while the first runs: refused naming the first; the first
+    goes on, and its lock goes with it when SIGTERM stops it."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mrisegcli", "train", "--data", str(trained["data"]), "--out", str(run),
+           "--tokenizer", str(trained["run"]), *FAST, "--steps", "100000", "--ckpt-every", "100000"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        limit = time.monotonic() + 120
+        while not (run / "train_log.jsonl").is_file():  # training, not just starting
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < limit, "the first run did not start training within 120 s"
+            time.sleep(0.05)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            line = cli_error(["train", "--data", str(trained["data"]), "--out", str(run), *TRAIN, *extra])
+            assert f"another mriseg is writing this run folder (pid {proc.pid} on host" in line
+        assert proc.poll() is None  # the first run was not disturbed
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1 and "stopped by SIGTERM" in err
+    assert not (run / LOCK_NAME).exists()
+
+
 def test_lock_of_another_host_is_not_taken_over(trained, tmp_path):
     run = _copy_run(trained, tmp_path)
     _write_lock(run, _dead_pid(), host="some-other-host")
@@ -360,6 +388,8 @@ def test_train_overwrite_replaces_a_run(trained, tmp_path):
     run = _copy_run(trained, tmp_path)
     (run / "README.md").write_text("model card")  # push's file: a run's, and left alone
     old_model = (run / "model.safetensors").read_bytes()
+    shard = sorted((run / "cache").glob("shard-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # a damaged cache is rebuilt, not an error
     cli_ok(["train", "--data", str(trained["data"]), "--out", str(run), *TRAIN, "--overwrite", "--seed", "5"])
     assert (run / "model.safetensors").read_bytes() != old_model
     assert read_config(run)["seed"] == 5 and (run / "README.md").read_text() == "model card"
@@ -549,6 +579,18 @@ def test_disk_full_in_train_and_predict_is_one_line(trained, tmp_path, monkeypat
     assert "step_00000002.safetensors: cannot write: no space left on device" in line and "free in" in line
     assert not (run / LOCK_NAME).exists()
     monkeypatch.undo()
+    real_open = Path.open
+
+    def full_log(self, mode="r", *args, **kwargs):  # the training log is appended, not replaced
+        if self.name == "train_log.jsonl" and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full_log)
+    line = cli_error(["train", "--data", str(trained["data"]), "--out", str(tmp_path / "run2"), "--tokenizer",
+                      str(trained["run"]), *TRAIN])
+    assert line.startswith(f"mriseg: error: {tmp_path / 'run2' / 'train_log.jsonl'}: cannot write: no space left")
+    monkeypatch.undo()
     img = _grey_png(tmp_path / "a.png")
     monkeypatch.setattr(Image.Image, "save", _enospc)
     out = tmp_path / "pred"
@@ -721,3 +763,29 @@ def test_schema_as_a_string_is_called_corrupt_not_newer(trained, tmp_path):
     with pytest.raises(ConfigError) as err:
         open_cache(run / "cache", None, None, create=False)
     assert "must be a whole number" in str(err.value) and "newer" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def test_every_row_of_the_robustness_table_names_tests_that_exist():
+    """docs/robustness.md is the list of what is tested: every row names tests, and each named
+    test function (and each ``[case]`` of tests/test_robustness.py) exists."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    table = [x for x in (root / "docs" / "robustness.md").read_text().splitlines() if re.match(r"^\| \d+[a-z]? \|", x)]
+    sources = {p.name: p.read_text() for p in (root / "tests").glob("test_*.py")}
+    defined = {m for text in sources.values() for m in re.findall(r"^def (test_\w+)", text, re.M)}
+    robustness = sources["test_robustness.py"]
+    assert len(table) >= 50
+    for row in table:
+        tests = row.rstrip(" |").rsplit("|", 1)[1]
+        names = re.findall(r"\b(test_\w+)\b", tests)
+        files = re.findall(r"(test_\w+)\.py", tests)
+        cases = re.findall(r"\[([^\]]+)\]", tests.split(";")[0]) if tests.strip().startswith("R") else []
+        assert names or files or cases, row
+        for name in set(names) - set(files):
+            assert name in defined, (name, row[:40])
+        for case in cases:  # a parametrised case of tests/test_robustness.py
+            assert f'"{case}"' in robustness or f"'{case}'" in robustness, (case, row[:40])

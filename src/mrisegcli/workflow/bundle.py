@@ -160,7 +160,7 @@ def load_bundle(folder: Path, *, need: tuple[str, ...] = (), device: str = "cpu"
     for name, tok in parts.items():
         if kind_of(tok) != name:  # e.g. mask_vq.safetensors and image_vq.safetensors swapped
             raise ConfigError(
-                f"holds a {kind_of(tok)} tokenizer, not a {name} one (tokenizer files swapped?)",
+                f"holds the {kind_of(tok)} tokenizer, not the {name} one (tokenizer files swapped?)",
                 folder / FILES[name],
             )
         tok.eval()
