@@ -339,11 +339,28 @@ def _weights_header(path: Path) -> dict[str, tuple[int, ...]]:
         raise MrisegError(f"corrupt or truncated weights ({e})", path) from e
 
 
+def _shapes_only() -> Any:
+    """A mode in which ``torch.empty`` and ``torch.zeros`` (what parameters and large state
+    buffers are made with) give meta tensors, without memory; index tensors (``arange``,
+    ``full``, ``as_tensor``: positions, attention masks, small and bounded by the size limits)
+    stay real, so that the model code that derives them from data still runs."""
+    from torch.overrides import TorchFunctionMode
+
+    class ShapesOnly(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = dict(kwargs or {})
+            if func in (torch.empty, torch.zeros):
+                kwargs["device"] = "meta"
+            return func(*args, **kwargs)
+
+    return ShapesOnly()
+
+
 def _check_weights_fit(paradigm: str, mcfg: Any, bundle: TokenizerBundle, header: dict[str, tuple[int, ...]],
                        path: Path) -> None:
-    """Build the model on the meta device (no memory) and compare every tensor it expects with
-    the weights file's header: the first mismatch is one error naming the tensor."""
-    with torch.device("meta"):
+    """Build the model's parameters on the meta device (no memory) and compare every tensor it
+    expects with the weights file's header: the first mismatch is one error naming the tensor."""
+    with _shapes_only():
         meta = build_model(paradigm, mcfg, bundle)
     state = meta.state_dict()
     unstored = 0
