@@ -123,3 +123,36 @@ def test_predict(outputs):
             parts["read_s"] + parts["inputs_s"] + parts["predict_s"] + parts["write_s"])
         assert e2e["png_size"] == 40
     assert d["process_peak_rss_mb"] > 0
+
+
+def test_unet_baseline_and_comparison_table(tmp_path: Path) -> None:
+    """The U-Net baseline trains within its budget and scores like ``mriseg evaluate``; the
+    comparison grid renders its table from result lines."""
+    pytest.importorskip("monai")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import baseline_unet
+        import compare
+    finally:
+        sys.path.remove(str(BENCH))
+    from typer.testing import CliRunner
+
+    from mrisegcli.cli import app
+
+    data = tmp_path / "data"
+    assert CliRunner().invoke(app, ["synth", str(data), "--n-train", "16", "--n-val", "4", "--n-test", "4",
+                                    "--size", "32", "-q"]).exit_code == 0
+    out = baseline_unet.main(["--data", str(data), "--size", "32", "--max-minutes", "0.05",
+                              "--max-steps", "4", "--eval-every", "2", "--threads", "1",
+                              "--features", "4", "4", "8", "8", "8", "4"])
+    assert out["steps"] == 4 and out["n"] == 4 and 0 <= out["dice"] <= 1 and out["model"] == "unet"
+    assert 0 <= out["best_val_dice"] <= 1
+    results = tmp_path / "r.jsonl"
+    rows = [{"key": "kvasir-seg:unet:5", "dataset": "kvasir-seg", "model": "unet", "max_minutes": 5,
+             "dice": 0.70, "steps": 900},
+            {"key": "kvasir-seg:next-token:5", "dataset": "kvasir-seg", "model": "next-token",
+             "max_minutes": 5, "dice": 0.72, "steps": 300}]
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = compare.table(results)
+    assert "| kvasir-seg | 5 min | 0.700 (900 steps) | 0.720 (300 steps) | - | +0.020 |" in table
+    assert compare.done_keys(results) == {"kvasir-seg:unet:5", "kvasir-seg:next-token:5"}
