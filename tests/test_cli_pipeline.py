@@ -71,11 +71,12 @@ def test_evaluate_model_reports_ceiling_and_ablation(trained, synth_data, tmp_pa
     _, run = trained
     csv = tmp_path / "cases.csv"
     r = invoke(["evaluate", "--model", str(run), "--data", str(synth_data), "--split", "test", "--json",
-                "--text-ablation", "empty", "--csv", str(csv), "--device", "cpu"])
+                "--text-ablation", "empty", "--image-ablation", "--csv", str(csv), "--device", "cpu"])
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["n"] == 6 and 0 <= summary["dice"] <= 1 and 0 <= summary["miou"] <= 1
     assert 0 <= summary["tokenizer_ceiling_dice"] <= 1
-    assert "text_empty_dice_drop" in summary
+    assert summary["text_empty_dice_drop"] == pytest.approx(summary["dice"] - summary["text_empty_dice"])
+    assert summary["image_shuffle_dice_drop"] == pytest.approx(summary["dice"] - summary["image_shuffle_dice"])
     assert len(csv.read_text().splitlines()) == 7
 
 

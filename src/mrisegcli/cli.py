@@ -765,6 +765,7 @@ def evaluate(
         float | None, typer.Option(min=0.0, help="Sampling temperature (default 0, or 1 with --samples > 1).")
     ] = None,
     text_ablation: Annotated[list[TextAblation] | None, typer.Option(metavar="<empty|shuffle>", help="Also score with empty or shuffled text (repeatable).")] = None,
+    image_ablation: Annotated[bool, typer.Option("--image-ablation", help="Also score each case's text on another case's image (does the model read the image?).")] = False,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N cases.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Write per-case rows to this CSV file.")] = None,
@@ -799,7 +800,7 @@ def evaluate(
         seg = load_segmenter(resolve_run(_chosen_model(model, quiet).spec), _device(device), speculative=speculative)
         mreport = evaluate_model(
             seg, data, split=split, layout=layout, samples=samples, temperature=temperature,
-            ablations=tuple(text_ablation or ()),
+            ablations=tuple(text_ablation or ()), image_ablation=image_ablation,
             limit=limit, workers=workers, seed=seed, stage=_stage(quiet=quiet or json_out),
         )
         report = EvalReport(mreport.cases, mreport.summary, [], [])
@@ -824,6 +825,8 @@ def evaluate(
             line += f"  tokenizer ceiling Dice {summary['tokenizer_ceiling_dice']:.4f}"
         for a in text_ablation or ():
             line += f"  {a} text Dice {summary[f'text_{a}_dice']:.4f} (drop {summary[f'text_{a}_dice_drop']:.4f})"
+        if "image_shuffle_dice" in summary:
+            line += f"  shuffled image Dice {summary['image_shuffle_dice']:.4f} (drop {summary['image_shuffle_dice_drop']:.4f})"
         if "uncertainty" in summary:
             line += f"  mean uncertainty {summary['uncertainty']:.4f}"
         out.print(line)

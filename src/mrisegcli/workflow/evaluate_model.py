@@ -72,6 +72,7 @@ def evaluate_model(
     samples: int = 1,
     temperature: float | None = None,
     ablations: tuple[str, ...] = (),
+    image_ablation: bool = False,
     ceiling: bool = True,
     limit: int | None = None,
     workers: int = 0,
@@ -133,8 +134,19 @@ def evaluate_model(
             alt = [texts[i] for i in perm]
         with stage(f"decoding with {a} text", None):
             p = seg.predict(images, alt, samples=samples, temperature=temperature, seed=seed)
+        scored = _score(cases, gts, p.prob.numpy())
+        s = summarize(scored)
+        report.ablations[a] = {"dice": s["dice"], "miou": s["miou"], "dice_drop": report.summary["dice"] - s["dice"],
+                               "kinds": group_summaries(cases, scored, "kind")}
+    if image_ablation:  # each case's own text, another case's image: does the model read the image?
+        perm = rng.permutation(len(texts))
+        if len(texts) > 1:
+            perm = np.where(perm == np.arange(len(texts)), (perm + 1) % len(texts), perm)
+        with stage("decoding with shuffled images", None):
+            p = seg.predict(images[perm], texts, samples=samples, temperature=temperature, seed=seed)
         s = summarize(_score(cases, gts, p.prob.numpy()))
-        report.ablations[a] = {"dice": s["dice"], "miou": s["miou"], "dice_drop": report.summary["dice"] - s["dice"]}
+        report.ablations["image_shuffle"] = {"dice": s["dice"], "miou": s["miou"],
+                                             "dice_drop": report.summary["dice"] - s["dice"]}
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -169,7 +181,10 @@ def report_dict(report: ModelEvalReport) -> dict[str, Any]:
         out["tokenizer_ceiling_dice"] = report.ceiling["dice"]
         out["tokenizer_ceiling_miou"] = report.ceiling["miou"]
     for name, a in report.ablations.items():
-        out[f"text_{name}_dice"] = a["dice"]
-        out[f"text_{name}_dice_drop"] = a["dice_drop"]
+        key = name if name.startswith("image_") else f"text_{name}"
+        out[f"{key}_dice"] = a["dice"]
+        out[f"{key}_dice_drop"] = a["dice_drop"]
+        if a.get("kinds"):
+            out[f"{key}_kinds"] = a["kinds"]
     out["seconds"] = report.seconds
     return out
