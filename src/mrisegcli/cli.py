@@ -354,19 +354,20 @@ def presets(
     """List the model presets with their parameter counts."""
     from rich.table import Table
 
-    from mrisegcli.config import run_preset
-    from mrisegcli.models.presets import list_presets
+    from mrisegcli.config import RUN_PRESETS, run_preset
+    from mrisegcli.models.presets import count_params
 
-    table = Table("preset", "parameters (next-token)", "dim x layers", "train steps", "batch")
-    for info in list_presets():
-        cfg = run_preset(info.name)
+    table = Table("preset", "parameters (next-token)", "dim x layers", "input px", "train steps", "batch")
+    for name in RUN_PRESETS:
+        cfg = run_preset(name)
         t = cfg.transformer
+        params = count_params(t)
         if json_out:
-            _print_json({"name": info.name, "params": info.params, "dim": t.dim, "layers": t.n_layers,
+            _print_json({"name": name, "params": params, "dim": t.dim, "layers": t.n_layers,
                          "train_steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
                          "image_size": cfg.image_size})
             continue
-        table.add_row(info.name, f"{info.params / 1e6:.1f} M", f"{t.dim} x {t.n_layers}",
+        table.add_row(name, f"{params / 1e6:.1f} M", f"{t.dim} x {t.n_layers}", str(cfg.image_size),
                       str(cfg.train.steps), str(cfg.train.batch_size))
     if not json_out:
         out.print(table)
@@ -766,6 +767,7 @@ def evaluate(
     ] = None,
     text_ablation: Annotated[list[TextAblation] | None, typer.Option(metavar="<empty|shuffle>", help="Also score with empty or shuffled text (repeatable).")] = None,
     image_ablation: Annotated[bool, typer.Option("--image-ablation", help="Also score each case's text on another case's image (does the model read the image?).")] = False,
+    teacher_forced: Annotated[bool, typer.Option("--teacher-forced", help="Next-token: also score the codes of one teacher-forced pass (the model without its own mistakes).")] = False,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N cases.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Write per-case rows to this CSV file.")] = None,
@@ -801,6 +803,7 @@ def evaluate(
         mreport = evaluate_model(
             seg, data, split=split, layout=layout, samples=samples, temperature=temperature,
             ablations=tuple(text_ablation or ()), image_ablation=image_ablation,
+            teacher_forced=teacher_forced,
             limit=limit, workers=workers, seed=seed, stage=_stage(quiet=quiet or json_out),
         )
         report = EvalReport(mreport.cases, mreport.summary, [], [])
@@ -825,6 +828,8 @@ def evaluate(
             line += f"  tokenizer ceiling Dice {summary['tokenizer_ceiling_dice']:.4f}"
         for a in text_ablation or ():
             line += f"  {a} text Dice {summary[f'text_{a}_dice']:.4f} (drop {summary[f'text_{a}_dice_drop']:.4f})"
+        if "teacher_forced_dice" in summary:
+            line += f"  teacher-forced Dice {summary['teacher_forced_dice']:.4f}"
         if "image_shuffle_dice" in summary:
             line += f"  shuffled image Dice {summary['image_shuffle_dice']:.4f} (drop {summary['image_shuffle_dice_drop']:.4f})"
         if "uncertainty" in summary:
