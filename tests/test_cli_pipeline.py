@@ -77,6 +77,10 @@ def test_evaluate_model_reports_ceiling_and_ablation(trained, synth_data, tmp_pa
     assert 0 <= summary["tokenizer_ceiling_dice"] <= 1
     assert summary["text_empty_dice_drop"] == pytest.approx(summary["dice"] - summary["text_empty_dice"])
     assert summary["image_shuffle_dice_drop"] == pytest.approx(summary["dice"] - summary["image_shuffle_dice"])
+    if trained[0] == "next-token":
+        r = invoke(["evaluate", "--model", str(run), "--data", str(synth_data), "--json", "--teacher-forced",
+                    "--device", "cpu"])
+        assert 0 <= json.loads(r.stdout.strip().splitlines()[-1])["teacher_forced_dice"] <= 1
     assert len(csv.read_text().splitlines()) == 7
 
 

@@ -73,6 +73,7 @@ def evaluate_model(
     temperature: float | None = None,
     ablations: tuple[str, ...] = (),
     image_ablation: bool = False,
+    teacher_forced: bool = False,
     ceiling: bool = True,
     limit: int | None = None,
     workers: int = 0,
@@ -98,7 +99,7 @@ def evaluate_model(
     t0 = time.perf_counter()
     with stage(f"reading {len(cases)} {split} cases", len(cases)) as progress:
         images, masks = load_split_arrays(cases, seg.image_size, workers=workers, progress=progress)
-    gts = [read_mask(s.mask) for s in cases]
+    gts = [read_mask(s.mask, binary=True) for s in cases]
     for s, g in zip(cases, gts, strict=True):
         if g.ndim != 2:
             raise MrisegError("3-D ground truth masks are evaluated with --pred/--gt", s.mask)
@@ -147,8 +148,33 @@ def evaluate_model(
         s = summarize(_score(cases, gts, p.prob.numpy()))
         report.ablations["image_shuffle"] = {"dice": s["dice"], "miou": s["miou"],
                                              "dice_drop": report.summary["dice"] - s["dice"]}
+    if teacher_forced:  # what the model could do without its own mistakes (next-token only)
+        with stage("teacher-forced pass", None):
+            probs = teacher_forced_probs(seg, images, masks, texts)
+        s = summarize(_score(cases, gts, probs))
+        report.ablations["teacher_forced"] = {"dice": s["dice"], "miou": s["miou"],
+                                              "dice_drop": report.summary["dice"] - s["dice"]}
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@torch.no_grad()
+def teacher_forced_probs(seg: Segmenter, images: np.ndarray, masks: np.ndarray, texts: list[str]) -> np.ndarray:
+    """Probabilities decoded from the argmax codes of one teacher-forced pass: each code is
+    predicted from the ground truth's previous codes, not the model's own."""
+    if seg.paradigm != "next-token":
+        raise MrisegError("the teacher-forced evaluation is for next-token models")
+    out = []
+    for s in range(0, len(images), 32):
+        img = torch.from_numpy(images[s : s + 32])[:, None].to(seg.device)
+        gt = torch.from_numpy(masks[s : s + 32]).float()[:, None].to(seg.device)
+        codes_BN = seg.bundle.mask_vq.encode(gt).flatten(1)
+        ids, tmask = seg.encode_text(texts[s : s + 32])
+        logits = seg.model.mask_logits(seg._image_input(img), ids, seg.hide_text(tmask), codes_BN[:, :-1])
+        g = seg.model.config.mask_grid
+        pred = logits.argmax(-1).view(-1, g, g)
+        out.append(torch.sigmoid(seg.bundle.mask_vq.decode(pred).float())[:, 0].cpu().numpy())
+    return np.concatenate(out)
 
 
 def group_summaries(cases: list[Sample], results: list[CaseResult], key: str) -> dict[str, dict[str, Any]]:
@@ -181,7 +207,7 @@ def report_dict(report: ModelEvalReport) -> dict[str, Any]:
         out["tokenizer_ceiling_dice"] = report.ceiling["dice"]
         out["tokenizer_ceiling_miou"] = report.ceiling["miou"]
     for name, a in report.ablations.items():
-        key = name if name.startswith("image_") else f"text_{name}"
+        key = name if name.startswith(("image_", "teacher_")) else f"text_{name}"
         out[f"{key}_dice"] = a["dice"]
         out[f"{key}_dice_drop"] = a["dice_drop"]
         if a.get("kinds"):
