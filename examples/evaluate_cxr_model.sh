@@ -9,7 +9,7 @@ RUN=${RUN:-runs/cxr}
 EVAL=${EVAL:-work/cxr-eval}
 mkdir -p "$EVAL"
 SECONDS=0
-mriseg evaluate --model "$RUN" --data "$DATA/cxr-infection" --split test --text-ablation empty \
+mriseg evaluate --model "$RUN" --data "$DATA/cxr-infection" --split test --text-ablation empty --image-ablation \
   --device cpu --json --csv "$EVAL/cxr_cases.csv" --overwrite > "$EVAL/cxr.json"
 mriseg evaluate --model "$RUN" --data "$DATA/jsrt" --split test --text-ablation empty \
   --device cpu --json --csv "$EVAL/jsrt_cases.csv" --overwrite > "$EVAL/jsrt.json"
