@@ -82,14 +82,15 @@ def table(path: Path) -> str:
     cells: dict[tuple[str, float], dict[str, dict]] = {}
     for r in rows:
         cells.setdefault((r["dataset"], r["max_minutes"]), {})[r["model"]] = r
+    def fmt(by: dict[str, dict], m: str) -> str:
+        return f"{by[m]['dice']:.3f} ({by[m]['steps']} steps)" if m in by else "-"
+
     for (dataset, minutes), by in sorted(cells.items()):
-        def fmt(m: str) -> str:
-            return f"{by[m]['dice']:.3f} ({by[m]['steps']} steps)" if m in by else "-"
         lead = "-"
         if "unet" in by and ("next-token" in by or "next-scale" in by):
             best = max(by[m]["dice"] for m in ("next-token", "next-scale") if m in by)
             lead = f"{best - by['unet']['dice']:+.3f}"
-        lines.append(f"| {dataset} | {minutes:g} min | {fmt('unet')} | {fmt('next-token')} | {fmt('next-scale')} | {lead} |")
+        lines.append(f"| {dataset} | {minutes:g} min | {fmt(by, 'unet')} | {fmt(by, 'next-token')} | {fmt(by, 'next-scale')} | {lead} |")
     return "\n".join(lines)
 
 

@@ -46,12 +46,7 @@ def _batch(B: int, g: torch.Generator) -> dict[str, torch.Tensor]:
             "mask_codes": codes}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("prefix_attention", ["causal", "bidirectional"])

@@ -84,7 +84,7 @@ def _side_words(side: str) -> tuple[str, ...]:
 def _infection_all(r: random.Random) -> str:
     f = r.choice(_INF)
     return r.choice([
-        f"{f}", f"all {f}", f"{f} in the lungs", f"lung {f}", f"all infected areas",
+        f"{f}", f"all {f}", f"{f} in the lungs", f"lung {f}", "all infected areas",
         f"every area of {f}", f"{f} in either lung", f"segment the {f}", f"pulmonary {f}",
         f"areas of {f}", f"covid-19 {f}",
     ])
