@@ -168,7 +168,7 @@ def test_evaluate_nifti_volumes(tmp_path):
     nib = pytest.importorskip("nibabel")
     rng = np.random.default_rng(3)
     g_XYZ = (rng.random((6, 7, 3)) < 0.4).astype(np.uint8)
-    p_XYZ = (rng.random((6, 7, 3)) < 0.4).astype(np.uint8) * 2  # any value > 0 is foreground
+    p_XYZ = (rng.random((6, 7, 3)) < 0.4).astype(np.uint8) * 255  # masks hold 0/1 or 0/255
     (tmp_path / "gt").mkdir()
     (tmp_path / "pred").mkdir()
     nib.save(nib.Nifti1Image(g_XYZ, np.eye(4)), tmp_path / "gt" / "mask_vol_1.nii.gz")

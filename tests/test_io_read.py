@@ -146,7 +146,7 @@ def test_missing_decoder_plugin_gives_install_hint(name, package, monkeypatch):
     with pytest.raises(InputError) as err:
         read_scan(path)
     msg = str(err.value)
-    assert ts.name in msg and package in msg and 'pip install "mriseg[dicom]"' in msg
+    assert ts.name in msg and package in msg and 'pip install "mrisegcli[dicom]"' in msg
 
 
 def test_compressed_equals_uncompressed():

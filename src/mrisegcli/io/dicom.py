@@ -1,6 +1,6 @@
 """DICOM reading (pydicom 3): single files, multi-frame files and folders of one series.
 
-* Pixels: decoded by pydicom's plugins (compressed syntaxes need ``pip install "mriseg[dicom]"``),
+* Pixels: decoded by pydicom's plugins (compressed syntaxes need ``pip install "mrisegcli[dicom]"``),
   palette colour expanded, YBR converted to RGB, colour turned into grey luma, the modality LUT
   applied (Rescale Slope/Intercept or a Modality LUT table, also from enhanced functional
   groups; RT Dose grids scaled by DoseGridScaling), a VOI LUT *table* applied, MONOCHROME1
@@ -45,7 +45,7 @@ from mrisegcli.io.scan import Scan, check_binary, check_slice_size
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
-INSTALL_HINT = 'pip install "mriseg[dicom]"'
+INSTALL_HINT = 'pip install "mrisegcli[dicom]"'
 _REQUIRED = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
 
 
