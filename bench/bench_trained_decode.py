@@ -92,7 +92,7 @@ def main() -> None:
             fast = generate_masks_speculative(model, x[part], ids[part], tmask[part], stats=stats)
             plain = generate_masks(model, x[part], ids[part], tmask[part])
             same &= bool(torch.equal(fast, plain))
-            passes += stats["passes"] * 1.0
+            passes += stats["passes"]
             accepted += stats["accepted"]
             drafted += stats["drafted"]
     n_batches = -(-len(texts) // args.batch)

@@ -22,6 +22,7 @@ PROMPTS = [
     ("the left lung field", "lung:left"),
     ("cardiac silhouette", "heart"),
 ]
+SAME = {"lung:left": ("lung:left", "left_lung")}
 
 
 def outline(mask: np.ndarray) -> np.ndarray:
@@ -74,9 +75,8 @@ def main() -> None:
         masks = seg.segment([pixels] * len(PROMPTS), [p for p, _ in PROMPTS])
         panels = []
         for (prompt, target), mask in zip(PROMPTS, masks, strict=True):
-            row = by_target.get(target or "") or (by_target.get("right_lung") if target == "lung:right" else None)
-            if target == "lung:left" and row is None:
-                row = by_target.get("left_lung")
+            # the matching request in either manifest grammar (cxr "lung:left", jsrt "left_lung")
+            row = next((by_target[t] for t in SAME.get(target, (target,)) if t in by_target), None)
             gt = np.asarray(Image.open(args.data / name / row["mask"])) > 0 if row else None
             panels.append(panel(pixels, mask, gt, f'"{prompt}"'))
         rows_out.append(panels)

@@ -128,11 +128,8 @@ def evaluate_model(
     for a in ablations:
         if a == "empty":
             alt = [""] * len(texts)
-        else:  # a derangement-ish shuffle: every case gets another case's text where possible
-            perm = rng.permutation(len(texts))
-            if len(texts) > 1:
-                perm = np.where(perm == np.arange(len(texts)), (perm + 1) % len(texts), perm)
-            alt = [texts[i] for i in perm]
+        else:
+            alt = [texts[i] for i in _other_cases(rng, len(texts))]
         with stage(f"decoding with {a} text", None):
             p = seg.predict(images, alt, samples=samples, temperature=temperature, seed=seed)
         scored = _score(cases, gts, p.prob.numpy())
@@ -140,9 +137,7 @@ def evaluate_model(
         report.ablations[a] = {"dice": s["dice"], "miou": s["miou"], "dice_drop": report.summary["dice"] - s["dice"],
                                "kinds": group_summaries(cases, scored, "kind")}
     if image_ablation:  # each case's own text, another case's image: does the model read the image?
-        perm = rng.permutation(len(texts))
-        if len(texts) > 1:
-            perm = np.where(perm == np.arange(len(texts)), (perm + 1) % len(texts), perm)
+        perm = _other_cases(rng, len(texts))
         with stage("decoding with shuffled images", None):
             p = seg.predict(images[perm], texts, samples=samples, temperature=temperature, seed=seed)
         s = summarize(_score(cases, gts, p.prob.numpy()))
@@ -156,6 +151,14 @@ def evaluate_model(
                                               "dice_drop": report.summary["dice"] - s["dice"]}
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _other_cases(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A derangement-ish shuffle of range(n): every case gets another case where possible."""
+    perm = rng.permutation(n)
+    if n > 1:
+        perm = np.where(perm == np.arange(n), (perm + 1) % n, perm)
+    return perm
 
 
 @torch.no_grad()

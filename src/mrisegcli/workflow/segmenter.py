@@ -133,7 +133,7 @@ class Segmenter:
         self._generator = None
         #: called with a one-line message when a prompt is cut to the text context
         self.warn: Any = None
-        self._warned: set[str] = set()
+        self._checked: set[str] = set()  # prompts already checked against the text context
         self.amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     @classmethod
@@ -180,13 +180,12 @@ class Segmenter:
         from mrisegcli.tokenizers.text import _token_ids, encode_texts
 
         n = self.cfg.text_len
-        for text in dict.fromkeys(texts):
-            over = len(_token_ids(self.bundle.text, [text])[0]) - n
-            if over > 0 and text not in self._warned:
-                self._warned.add(text)
-                if self.warn is not None:
-                    self.warn(f"the prompt has {n + over} tokens; the model reads the first {n} "
-                              f"and {over} token(s) are dropped: {text[:60]!r}")
+        new = [t for t in dict.fromkeys(texts) if t not in self._checked]  # each prompt once
+        for text, row in zip(new, _token_ids(self.bundle.text, new), strict=True):
+            self._checked.add(text)
+            if len(row) > n and self.warn is not None:
+                self.warn(f"the prompt has {len(row)} tokens; the model reads the first {n} "
+                          f"and {len(row) - n} token(s) are dropped: {text[:60]!r}")
         ids, mask = encode_texts(self.bundle.text, texts, n)
         return ids.to(self.device), mask.to(self.device)
 
