@@ -151,3 +151,43 @@ def test_training_lengthens_the_text_context_instead_of_cutting(tmp_path: Path) 
     cfg = fit_text_len(RunConfig(text_len=32), bundle, ds)
     assert cfg.text_len == 48
     assert fit_text_len(RunConfig(text_len=64), bundle, ds).text_len == 64
+
+
+def test_train_cli_paraphrases_and_text_len(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from mrisegcli.cli import app
+
+    path = multi_row_manifest(tmp_path / "d", ROWS)
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, [
+        "train", "--data", str(path), "--out", str(run), "--size", "32", "--steps", "2",
+        "--batch-size", "2", "--mask-steps", "5", "--eval-every", "2", "--device", "cpu", "--workers", "0",
+        "--paraphrases", "2", "--text-len", "4", "-q",
+    ])
+    assert r.exit_code == 0, (r.output, r.exception)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["run"]["paraphrases"] == 2
+    assert cfg["run"]["text_len"] >= 8  # 4 asked, lengthened to fit the longest text (a multiple of 8)
+    assert cfg["data"]["splits"]["train"] == 3 + 6  # three rows and two rewordings of each
+    index = json.loads((run / "cache" / "index.json").read_text())
+    assert sum("~p" in key for key in json.dumps(index).split('"')) == 6  # two per training row
+
+
+def test_predict_no_speculative_gives_the_same_mask(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mrisegcli.cli import app
+
+    png = tmp_path / "x.png"
+    Image.fromarray((np.indices((96, 96)).sum(0) % 255).astype(np.uint8)).save(png)
+    masks = []
+    for flag in ("--speculative", "--no-speculative"):
+        out = tmp_path / flag.strip("-")
+        r = CliRunner().invoke(app, ["predict", str(png), "--text", "left lung", "--out", str(out), flag,
+                                     "--device", "cpu", "-q"])
+        assert r.exit_code == 0, r.output
+        masks.append(np.asarray(Image.open(out / "x_mask.png")))
+    assert np.array_equal(*masks)
