@@ -166,6 +166,232 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     }
 
 
+@dataclass
+class _Step:
+    """What one optimiser step leaves for logging and the progress bar."""
+
+    out: dict[str, Any]  # the model's output (``loss`` and other scalars)
+    lr: float
+    grad_norm: float
+    samples: int  # this rank's share of the batch
+
+
+class _Loop:
+    """The moving parts of one training run; :func:`train` calls them in order."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data: dict[str, torch.Tensor],
+        cfg: TrainConfig,
+        run_dir: Path,
+        *,
+        device: torch.device,
+        dist_info: DistInfo,
+        evaluate: Callable[[torch.nn.Module], dict[str, float]] | None,
+        on_best: Callable[[torch.nn.Module, dict[str, float]], None] | None,
+        config_dict: dict | None,
+        extra_state: Callable[[], dict[str, torch.Tensor]] | None,
+        tokens_per_sample: int,
+    ) -> None:
+        self.model, self.data, self.cfg, self.run_dir = model, data, cfg, run_dir
+        self.device, self.dist_info = device, dist_info
+        self.evaluate, self.on_best = evaluate, on_best
+        self.config_dict, self.extra_state = config_dict, extra_state
+        self.tokens_per_sample = tokens_per_sample
+        self.n = next(iter(data.values())).shape[0]
+        self.total = total_steps(cfg, self.n)
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.log_path = run_dir / "train_log.jsonl"
+        if dist_info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        model.to(device)
+        self.optimizer = make_optimizer(model, cfg)
+        self.state = TrainState()
+        self.budget_s = cfg.max_minutes * 60.0 if cfg.max_minutes is not None else None
+        self.use_amp = cfg.amp and device.type == "cuda"
+        self.net: torch.nn.Module = model
+        self.last_metrics: dict[str, float] = {}  # the last logged scalars, means over all ranks
+        self.val_metrics: dict[str, float] = {}
+        self.t0 = self.elapsed0 = 0.0
+        self.window_t, self.window_tokens = 0.0, 0
+
+    # ------------------------------------------------------------------------ start and resume
+    def start(
+        self, resume: bool, prep_seconds: float,
+        load_extra_state: Callable[[dict[str, torch.Tensor]], None] | None,
+    ) -> None:
+        """Restore the last checkpoint (or seed a fresh run), then start the clocks."""
+        if resume:
+            extra = self._resume()
+            if load_extra_state is not None:
+                load_extra_state(extra)
+        else:
+            torch.manual_seed(self.cfg.seed)
+            self.state.prep_s = prep_seconds
+        self.state.elapsed_s += prep_seconds
+        # Buffers (e.g. the hard-token memory) stay per rank: each rank sees its own samples.
+        if self.dist_info.enabled:
+            self.net = wrap_ddp(self.model, self.dist_info, self.device)
+        self.model.train()
+        self.t0 = time.perf_counter()
+        self.elapsed0 = self.state.elapsed_s
+        self.window_t, self.window_tokens = time.perf_counter(), 0
+
+    def _resume(self) -> dict[str, torch.Tensor]:
+        last = latest_checkpoint(self.ckpt_dir)
+        if last is None:
+            raise MrisegError("--resume given but the run has no checkpoint", self.ckpt_dir)
+        self.state, extra, _ = load_checkpoint(last, self.model, self.optimizer)
+        if self.dist_info.is_main:  # a checkpoint write cut by kill -9 leaves its temp file
+            remove_stale_temp_files(self.ckpt_dir)
+            self._truncate_log()
+        return extra
+
+    def _truncate_log(self) -> None:
+        """Drop the log records past the checkpoint the run continues from."""
+        if not self.log_path.is_file():
+            return
+        kept = [line for line in self.log_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.state.step]
+        self.log_path.write_text("".join(f"{line}\n" for line in kept))
+
+    # ------------------------------------------------------------------------ time budget
+    def time_done(self) -> float | None:
+        """Share of the loop's time budget spent (None without a budget)."""
+        if self.budget_s is None:
+            return None
+        loop_budget = max(1.0, self.budget_s - self.state.prep_s)
+        return (self.elapsed0 + time.perf_counter() - self.t0 - self.state.prep_s) / loop_budget
+
+    def done(self, spent: float | None) -> bool:
+        return self.state.step >= self.total or (spent is not None and spent >= 1.0)
+
+    def shown_total(self, spent: float | None, finished: bool) -> int:
+        """The progress bar's total: with a time budget the projected number of steps."""
+        if finished:
+            return self.state.step
+        if not spent:
+            return self.total
+        return min(self.total, max(self.state.step, round(self.state.step / spent)))
+
+    # ------------------------------------------------------------------------ one step
+    def step(self) -> _Step:
+        """One optimiser step on the next batch; advances the data position and the clock."""
+        state, cfg = self.state, self.cfg
+        idx = _rank_slice(next_batch_indices(state, self.n, cfg.batch_size, cfg.seed), self.dist_info)
+        batch = _to_device({k: v[idx] for k, v in self.data.items()}, self.device)
+        lr = lr_at(state.step, cfg, self.total, self.time_done())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            out = self.net(batch)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise MrisegError(f"loss became {loss.item()} at step {state.step}; lower --lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        state.step += 1
+        state.elapsed_s = self.elapsed0 + time.perf_counter() - self.t0
+        return _Step(out, lr, float(gnorm), len(idx))
+
+    # ------------------------------------------------------------------------ logging
+    def log(self, record: dict[str, Any]) -> None:
+        if self.dist_info.is_main:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def log_train(self, step: _Step, finished: bool) -> None:
+        """Count the step's tokens; every ``log_every`` steps (and at the end) log the window."""
+        info = self.dist_info
+        self.window_tokens += self.tokens_per_sample * step.samples * info.world_size
+        if not (self.state.step % self.cfg.log_every == 0 or finished):
+            return
+        dt = time.perf_counter() - self.window_t
+        # Each rank saw its own slice: log the means over ranks (one all-reduce).
+        scalars = {k: float(v.detach()) for k, v in step.out.items() if torch.is_tensor(v) and v.dim() == 0}
+        self.last_metrics = mean_over_ranks(scalars, info, self.device)
+        self.log({
+            "step": self.state.step, "split": "train", "lr": step.lr, "grad_norm": step.grad_norm,
+            "epoch": self.state.epoch, "tokens_per_s": self.window_tokens / max(dt, 1e-9),
+            "elapsed_s": time.perf_counter() - self.t0, **self.last_metrics,
+        })
+        self.window_t, self.window_tokens = time.perf_counter(), 0
+
+    def show(self, progress: Callable[..., None] | None, step: _Step, total: int) -> None:
+        if progress is None or not self.dist_info.is_main:
+            return
+        # One process: this step's loss. Several: the last logged mean over ranks
+        # (this step's would be rank 0's alone, and averaging it costs a collective).
+        if not self.dist_info.enabled:
+            shown = {"loss": float(step.out["loss"].detach())}
+        else:
+            shown = {"loss": self.last_metrics["loss"]} if "loss" in self.last_metrics else {}
+        progress(self.state.step, total, {**shown, **self.val_metrics})
+
+    # ------------------------------------------------------------------------ validate, checkpoint
+    def validate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.evaluate is not None and self.dist_info.is_main:
+            self.model.eval()
+            metrics = self.evaluate(self.model)
+            self.model.train()
+            if metrics.get("dice", float("-inf")) > self.state.best_metric:
+                self.state.best_metric = metrics["dice"]
+                self.state.best_step = self.state.step
+                if self.on_best is not None:
+                    self.on_best(self.model, metrics)
+            self.log({"step": self.state.step, "split": "val", **metrics})
+        barrier(self.dist_info)
+        return metrics
+
+    def checkpoint(self) -> None:
+        if self.dist_info.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(
+                self.ckpt_dir / checkpoint_name(self.state.step), self.model, self.optimizer, self.state,
+                extra_tensors=self.extra_state() if self.extra_state else None, config=self.config_dict,
+            )
+            prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        barrier(self.dist_info)
+
+    def validate_and_checkpoint(self, finished: bool) -> None:
+        """Validation every ``eval_every`` steps and a checkpoint every ``ckpt_every`` (and both
+        at the end)."""
+        step = self.state.step
+        # Every rank enters validate() (it ends in a barrier); only rank 0 has ``evaluate``.
+        eval_due = step % self.cfg.eval_every == 0 or finished
+        if eval_due and (self.evaluate is not None or self.dist_info.enabled):
+            self.val_metrics = {f"val_{k}": v for k, v in self.validate().items() if k == "dice"}
+        if step % self.cfg.ckpt_every == 0 or finished:
+            self.checkpoint()
+
+    def stop_if_signalled(self, signum: int | None) -> None:
+        """Ranks may see a signal at different steps: they stop together or not at all."""
+        if any_rank(signum is not None, self.dist_info, self.device):
+            self.checkpoint()
+            name = signal.Signals(signum or signal.SIGTERM).name
+            raise TrainingInterrupted(
+                f"stopped by {name} at step {self.state.step}; checkpoint saved, continue with --resume",
+                self.run_dir,
+            )
+
+    def summary(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            "steps": state.step,
+            "seconds": time.perf_counter() - self.t0,
+            "run_seconds": state.elapsed_s,
+            "stopped_by": "time" if state.step < self.total else "steps",
+            "best_dice": state.best_metric if state.best_step >= 0 else None,
+            "best_step": state.best_step,
+            "last": self.last_metrics,
+            "config": asdict(self.cfg),
+        }
+
+
 def train(
     model: torch.nn.Module,
     data: dict[str, torch.Tensor],
@@ -191,148 +417,20 @@ def train(
     today: the hard-token memory is a model buffer) through checkpoints. ``prep_seconds``: time
     this invocation spent before the loop; with ``cfg.max_minutes`` it counts against the budget.
     """
-    n = next(iter(data.values())).shape[0]
-    total = total_steps(cfg, n)
-    ckpt_dir = run_dir / "checkpoints"
-    log_path = run_dir / "train_log.jsonl"
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    model.to(device)
-    optimizer = make_optimizer(model, cfg)
-    state = TrainState()
-    if resume:
-        last = latest_checkpoint(ckpt_dir)
-        if last is None:
-            raise MrisegError("--resume given but the run has no checkpoint", ckpt_dir)
-        state, extra, _ = load_checkpoint(last, model, optimizer)
-        if dist_info.is_main:  # a checkpoint write cut by kill -9 leaves its temp file
-            remove_stale_temp_files(ckpt_dir)
-        if dist_info.is_main and log_path.is_file():  # drop records past the checkpoint
-            kept = [line for line in log_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= state.step]
-            log_path.write_text("".join(f"{line}\n" for line in kept))
-        if load_extra_state is not None:
-            load_extra_state(extra)
-    else:
-        torch.manual_seed(cfg.seed)
-        state.prep_s = prep_seconds
-    state.elapsed_s += prep_seconds
-    budget_s = cfg.max_minutes * 60.0 if cfg.max_minutes is not None else None
-    # Buffers (e.g. the hard-token memory) stay per rank: each rank sees its own samples.
-    net = wrap_ddp(model, dist_info, device) if dist_info.enabled else model
-    use_amp = cfg.amp and device.type == "cuda"
-
-    def log(record: dict[str, Any]) -> None:
-        if dist_info.is_main:
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def checkpoint() -> None:
-        if dist_info.is_main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(
-                ckpt_dir / checkpoint_name(state.step), model, optimizer, state,
-                extra_tensors=extra_state() if extra_state else None, config=config_dict,
-            )
-            prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
-        barrier(dist_info)
-
-    def validate() -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if evaluate is not None and dist_info.is_main:
-            model.eval()
-            metrics = evaluate(model)
-            model.train()
-            if metrics.get("dice", float("-inf")) > state.best_metric:
-                state.best_metric = metrics["dice"]
-                state.best_step = state.step
-                if on_best is not None:
-                    on_best(model, metrics)
-            log({"step": state.step, "split": "val", **metrics})
-        barrier(dist_info)
-        return metrics
-
-    model.train()
-    t0 = time.perf_counter()
-    elapsed0 = state.elapsed_s
-
-    def time_done() -> float | None:
-        """Share of the loop's time budget spent (None without a budget)."""
-        if budget_s is None:
-            return None
-        loop_budget = max(1.0, budget_s - state.prep_s)
-        return (elapsed0 + time.perf_counter() - t0 - state.prep_s) / loop_budget
-
-    window_t, window_tokens = time.perf_counter(), 0
-    last_metrics: dict[str, float] = {}  # the last logged scalars, means over all ranks
-    val_metrics: dict[str, float] = {}
+    loop = _Loop(
+        model, data, cfg, run_dir, device=device, dist_info=dist_info, evaluate=evaluate,
+        on_best=on_best, config_dict=config_dict, extra_state=extra_state,
+        tokens_per_sample=tokens_per_sample,
+    )
+    loop.start(resume, prep_seconds, load_extra_state)
     with _StopFlag() as stop:
-        finished = state.step >= total or (time_done() or 0.0) >= 1.0
+        finished = loop.done(loop.time_done())
         while not finished:
-            idx = _rank_slice(next_batch_indices(state, n, cfg.batch_size, cfg.seed), dist_info)
-            batch = _to_device({k: v[idx] for k, v in data.items()}, device)
-            lr = lr_at(state.step, cfg, total, time_done())
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = net(batch)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise MrisegError(f"loss became {loss.item()} at step {state.step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            state.step += 1
-            state.elapsed_s = elapsed0 + time.perf_counter() - t0
-            spent = time_done()
-            finished = state.step >= total or (spent is not None and spent >= 1.0)
-            # with a time budget the bar's total is the projected number of steps
-            shown_total = total if not spent else min(total, max(state.step, round(state.step / spent)))
-            if finished:
-                shown_total = state.step
-            window_tokens += tokens_per_sample * len(idx) * dist_info.world_size
-            if state.step % cfg.log_every == 0 or finished:
-                dt = time.perf_counter() - window_t
-                # Each rank saw its own slice: log the means over ranks (one all-reduce).
-                last_metrics = mean_over_ranks(
-                    {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0},
-                    dist_info, device,
-                )
-                record = {
-                    "step": state.step, "split": "train", "lr": lr, "grad_norm": float(gnorm),
-                    "epoch": state.epoch, "tokens_per_s": window_tokens / max(dt, 1e-9),
-                    "elapsed_s": time.perf_counter() - t0, **last_metrics,
-                }
-                log(record)
-                window_t, window_tokens = time.perf_counter(), 0
-            if progress is not None and dist_info.is_main:
-                # One process: this step's loss. Several: the last logged mean over ranks
-                # (this step's would be rank 0's alone, and averaging it costs a collective).
-                shown = ({"loss": float(loss.detach())} if not dist_info.enabled
-                         else {"loss": last_metrics["loss"]} if "loss" in last_metrics else {})
-                progress(state.step, shown_total, {**shown, **val_metrics})
-            # Every rank enters validate() (it ends in a barrier); only rank 0 has ``evaluate``.
-            eval_due = state.step % cfg.eval_every == 0 or finished
-            if eval_due and (evaluate is not None or dist_info.enabled):
-                val_metrics = {f"val_{k}": v for k, v in validate().items() if k == "dice"}
-            if state.step % cfg.ckpt_every == 0 or finished:
-                checkpoint()
-            # Ranks may see a signal at different steps: they stop together or not at all.
-            if any_rank(stop.signum is not None, dist_info, device):
-                checkpoint()
-                name = signal.Signals(stop.signum or signal.SIGTERM).name
-                raise TrainingInterrupted(
-                    f"stopped by {name} at step {state.step}; checkpoint saved, continue with --resume",
-                    run_dir,
-                )
-    return {
-        "steps": state.step,
-        "seconds": time.perf_counter() - t0,
-        "run_seconds": state.elapsed_s,
-        "stopped_by": "time" if state.step < total else "steps",
-        "best_dice": state.best_metric if state.best_step >= 0 else None,
-        "best_step": state.best_step,
-        "last": last_metrics,
-        "config": asdict(cfg),
-    }
+            step = loop.step()
+            spent = loop.time_done()
+            finished = loop.done(spent)
+            loop.log_train(step, finished)
+            loop.show(progress, step, loop.shown_total(spent, finished))
+            loop.validate_and_checkpoint(finished)
+            loop.stop_if_signalled(stop.signum)
+    return loop.summary()

@@ -181,6 +181,110 @@ def val_dice_fn(segmenter: Segmenter, val: dict[str, torch.Tensor], batch: int =
     return evaluate
 
 
+def _start_run(
+    run_dir: Path, cfg: RunConfig, *, resume: bool, overwrite: bool, tokenizer_dir: Path | None,
+    given: frozenset[str], dist_info: DistInfo,
+) -> tuple[RunConfig, dict | None]:
+    """Check the run folder; with ``resume`` the saved config (changes applied and recorded),
+    with ``overwrite`` the previous run's files removed. Returns the config and the saved one."""
+    if dist_info.is_main:
+        check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    saved = None
+    if resume:
+        saved = read_config(run_dir)
+        cfg, changed = resume_config(saved, cfg, given, run_dir, tokenizer_dir=tokenizer_dir)
+        if changed and dist_info.is_main:
+            record_resumed_config(run_dir, saved, cfg)
+    elif overwrite and dist_info.is_main and run_dir.is_dir():
+        _clear_run(run_dir)
+    return cfg, saved
+
+
+def _roots(data_root: Any) -> list[Path]:
+    return [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
+
+
+@dataclass
+class _Prepared:
+    """Tokenizers and code cache of a run, ready for the model."""
+
+    cfg: RunConfig  # with the text context fitted to the data
+    bundle: Any
+    reports: dict[str, dict]
+    cache_info: dict[str, Any]
+
+
+def _prepare(
+    ds: Any, cfg: RunConfig, run_dir: Path, cache_dir: Path, *, device: torch.device,
+    resume: bool, overwrite: bool, tokenizer_dir: Path | None, workers: int, stage: StageFactory,
+    dist_info: DistInfo,
+) -> _Prepared:
+    """Rank 0 fits (or reuses) the tokenizers and builds the code cache; the others wait and
+    load the tokenizers it saved."""
+    prepared = None
+    if dist_info.is_main:
+        fit_budget = None
+        if cfg.train.max_minutes is not None:  # the tokenizers' share of a time-budgeted run
+            fit_budget = TOKENIZER_SHARE * cfg.train.max_minutes * 60.0
+        bundle, reports, _ = obtain_bundle(
+            cfg, ds, tokenizer_dir=tokenizer_dir, save_dir=run_dir, device=device, workers=workers, stage=stage,
+            max_seconds=fit_budget,
+        )
+        cfg = fit_text_len(cfg, bundle, ds, stage)
+        rep = build_cache(cache_dir, ds, bundle, cfg, device=device, workers=workers,
+                          overwrite=overwrite and not resume, stage=stage)
+        cache_info = {"encoded": rep.encoded, "reused": rep.reused, "seconds": rep.seconds}
+        prepared = _Prepared(cfg, bundle, reports, cache_info)
+    barrier(dist_info)
+    if prepared is None:
+        bundle = load_bundle(run_dir, need=needed_tokenizers(cfg.paradigm, cfg.strategies.image_input)).to(device)
+        prepared = _Prepared(fit_text_len(cfg, bundle, ds), bundle, {}, {})
+    return prepared
+
+
+def _run_record(
+    cfg: RunConfig, mcfg: Any, bundle: Any, ds: Any, roots: list[Path], run_dir: Path, command: str,
+) -> dict[str, Any]:
+    """The run's config.json: paradigm, data, tokenizers (with file fingerprints), model, run."""
+    return {
+        "paradigm": cfg.paradigm, "preset": cfg.preset, "seed": cfg.seed,
+        "data": {"root": [str(r) for r in roots] if len(roots) > 1 else str(roots[0]), "layout": ds.layout, "image_size": cfg.image_size,
+                 "splits": ds.splits()},
+        "tokenizers": {"present": bundle.present(), "fingerprint": bundle.fingerprint(),
+                       "files": file_fingerprints(run_dir)},
+        "model": to_dict(mcfg), "run": to_dict(cfg), "command": command,
+    }
+
+
+def _validation(val_codes: Any, model: torch.nn.Module, bundle: Any, cfg: RunConfig,
+                device: torch.device, dist_info: DistInfo) -> Any:
+    """The loop's ``evaluate`` (rank 0, when the data have a validation split) or None."""
+    if not val_codes.ids or not dist_info.is_main:
+        return None
+    n_val = len(val_codes.ids)  # evenly spaced, so that every dataset of a merged set counts
+    pick = torch.linspace(0, n_val - 1, min(n_val, MAX_VAL)).round().long().unique()
+    val = {k: v[pick] for k, v in val_codes.fields.items()}
+    return val_dice_fn(Segmenter(cfg.paradigm, model, bundle, cfg, device), val)
+
+
+def _write_metrics(result: TrainResult, run_dir: Path, resume: bool) -> None:
+    """RUN/metrics.json (a resumed run keeps the tokenizer reports of its first part) and
+    RUN/progress.png."""
+    metrics = {
+        "best_val_dice": result.best_val_dice, "best_step": result.best_step,
+        "steps": result.steps, "train_seconds": result.train_seconds,
+        "tokenizers": result.tokenizer_reports, "cache": result.cache,
+    }
+    old = run_dir / "metrics.json"
+    if old.is_file() and resume:
+        prev = json.loads(old.read_text())
+        metrics["tokenizers"] = metrics["tokenizers"] or prev.get("tokenizers", {})
+    atomic_write_text(old, json.dumps(metrics, indent=2, default=float) + "\n", overwrite=True)
+    from mrisegcli.training.curves import write_progress_png
+
+    result.curves = write_progress_png(run_dir)
+
+
 @_holding_run_lock
 def train_run(
     data_root: Path,
@@ -202,50 +306,27 @@ def train_run(
 ) -> TrainResult:
     """``given``: the options the user set on the command line (their values are in ``cfg``);
     with ``resume`` those that may change are applied, the others must match the run."""
-    t_start = time.perf_counter()
-    run_dir = Path(run_dir)
-    if dist_info.is_main:
-        check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    if resume:
-        saved = read_config(run_dir)
-        cfg, changed = resume_config(saved, cfg, given, run_dir, tokenizer_dir=tokenizer_dir)
-        if changed and dist_info.is_main:
-            record_resumed_config(run_dir, saved, cfg)
-    elif overwrite and dist_info.is_main and run_dir.is_dir():
-        _clear_run(run_dir)
-    cache_dir = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
-    torch.manual_seed(cfg.seed)
-
     from mrisegcli.data.paraphrase import add_paraphrases
 
-    roots = [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    cfg, saved = _start_run(run_dir, cfg, resume=resume, overwrite=overwrite, tokenizer_dir=tokenizer_dir,
+                            given=given, dist_info=dist_info)
+    cache_dir = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
+    torch.manual_seed(cfg.seed)
+    roots = _roots(data_root)
     ds = open_dataset(roots, layout, seed=cfg.seed, check=dist_info.is_main and not resume)
     ds = add_paraphrases(ds, cfg.paraphrases, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the data are known to be usable
-    reports: dict[str, dict] = {}
-    cache_info: dict[str, Any] = {}
-    if dist_info.is_main:
-        fit_budget = None
-        if cfg.train.max_minutes is not None:  # the tokenizers' share of a time-budgeted run
-            fit_budget = TOKENIZER_SHARE * cfg.train.max_minutes * 60.0
-        bundle, reports, _ = obtain_bundle(
-            cfg, ds, tokenizer_dir=tokenizer_dir, save_dir=run_dir, device=device, workers=workers, stage=stage,
-            max_seconds=fit_budget,
-        )
-        cfg = fit_text_len(cfg, bundle, ds, stage)
-        rep = build_cache(cache_dir, ds, bundle, cfg, device=device, workers=workers,
-                          overwrite=overwrite and not resume, stage=stage)
-        cache_info = {"encoded": rep.encoded, "reused": rep.reused, "seconds": rep.seconds}
-    barrier(dist_info)
-    if not dist_info.is_main:
-        bundle = load_bundle(run_dir, need=needed_tokenizers(cfg.paradigm, cfg.strategies.image_input)).to(device)
-        cfg = fit_text_len(cfg, bundle, ds)
+    prep = _prepare(ds, cfg, run_dir, cache_dir, device=device, resume=resume, overwrite=overwrite,
+                    tokenizer_dir=tokenizer_dir, workers=workers, stage=stage, dist_info=dist_info)
+    cfg, bundle = prep.cfg, prep.bundle
 
     train_codes = load_cached_split(cache_dir, bundle, cfg, "train")
     if not train_codes.ids:
         raise MrisegError("no training samples", data_root)
     val_codes = load_cached_split(cache_dir, bundle, cfg, "val")
-    if resume and "model" in saved:  # the model as it was built, whatever today's defaults are
+    if saved is not None and "model" in saved:  # the model as it was built, whatever today's defaults are
         mcfg = model_config_from_dict(cfg.paradigm, saved["model"])
     else:
         mcfg = model_config(cfg, bundle, n_train=len(train_codes.ids))
@@ -253,24 +334,11 @@ def train_run(
     data = training_tensors(cfg.paradigm, train_codes, mcfg)
     if not cfg.use_text:  # image-only baseline: every text position is padding
         data["text_mask"] = torch.zeros_like(data["text_mask"])
-    full = {
-        "paradigm": cfg.paradigm, "preset": cfg.preset, "seed": cfg.seed,
-        "data": {"root": [str(r) for r in roots] if len(roots) > 1 else str(roots[0]), "layout": ds.layout, "image_size": cfg.image_size,
-                 "splits": ds.splits()},
-        "tokenizers": {"present": bundle.present(), "fingerprint": bundle.fingerprint(),
-                       "files": file_fingerprints(run_dir)},
-        "model": to_dict(mcfg), "run": to_dict(cfg), "command": command,
-    }
+    full = _run_record(cfg, mcfg, bundle, ds, roots, run_dir, command)
     if dist_info.is_main and not resume:
         write_config(run_dir, full)
 
-    evaluate = None
-    if val_codes.ids and dist_info.is_main:
-        n_val = len(val_codes.ids)  # evenly spaced, so that every dataset of a merged set counts
-        pick = torch.linspace(0, n_val - 1, min(n_val, MAX_VAL)).round().long().unique()
-        val = {k: v[pick] for k, v in val_codes.fields.items()}
-        seg = Segmenter(cfg.paradigm, model, bundle, cfg, device)
-        evaluate = val_dice_fn(seg, val)
+    evaluate = _validation(val_codes, model, bundle, cfg, device, dist_info)
     tokens = data["mask_codes"][0].numel() if "mask_codes" in data else data["ms_codes"].shape[1]
     t0 = time.perf_counter()
     summary = train(
@@ -283,20 +351,8 @@ def train_run(
     result = TrainResult(
         run_dir=run_dir, best_val_dice=summary["best_dice"], best_step=summary["best_step"],
         steps=summary["steps"], train_seconds=time.perf_counter() - t0,
-        tokenizer_reports=reports, cache=cache_info,
+        tokenizer_reports=prep.reports, cache=prep.cache_info,
     )
     if dist_info.is_main:
-        metrics = {
-            "best_val_dice": result.best_val_dice, "best_step": result.best_step,
-            "steps": result.steps, "train_seconds": result.train_seconds,
-            "tokenizers": reports, "cache": cache_info,
-        }
-        old = run_dir / "metrics.json"
-        if old.is_file() and resume:
-            prev = json.loads(old.read_text())
-            metrics["tokenizers"] = metrics["tokenizers"] or prev.get("tokenizers", {})
-        atomic_write_text(old, json.dumps(metrics, indent=2, default=float) + "\n", overwrite=True)
-        from mrisegcli.training.curves import write_progress_png
-
-        result.curves = write_progress_png(run_dir)
+        _write_metrics(result, run_dir, resume)
     return result
