@@ -333,9 +333,10 @@ def test_presets_json_lists_every_preset():
 def _spy(monkeypatch) -> tuple[list[str], list[int]]:
     """Record the texts the model sees and how often it is loaded."""
     import mrisegcli.workflow.segmenter as segmenter
+    from mrisegcli.workflow.predict import SegmenterSlices
 
     texts, loads = [], []
-    real_call, real_load = cli._SliceAdapter.__call__, segmenter.load_segmenter
+    real_call, real_load = SegmenterSlices.__call__, segmenter.load_segmenter
 
     def call(self, images, text):
         texts.append(text)
@@ -345,7 +346,7 @@ def _spy(monkeypatch) -> tuple[list[str], list[int]]:
         loads.append(1)
         return real_load(*a, **kw)
 
-    monkeypatch.setattr(cli._SliceAdapter, "__call__", call)
+    monkeypatch.setattr(SegmenterSlices, "__call__", call)
     monkeypatch.setattr(segmenter, "load_segmenter", load)
     return texts, loads
 

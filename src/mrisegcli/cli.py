@@ -526,14 +526,7 @@ def train(
         nktp_k=nktp_k, lambda_tcl=lambda_tcl, het_alpha=het_alpha, image_input=image_input,
         prefix_attention=prefix_attention, lambda_dense=lambda_dense, input_noise=input_noise,
     )
-    from dataclasses import replace
-
-    if no_text:
-        cfg = replace(cfg, use_text=False)
-    if paraphrases is not None:
-        cfg = replace(cfg, paraphrases=paraphrases)
-    if text_len is not None:
-        cfg = replace(cfg, text_len=text_len)
+    cfg = _with_text_options(cfg, no_text, paraphrases, text_len)
     dev = _device(device)
     info = init_distributed(dev.type)
     if info.enabled and dev.type == "cuda":
@@ -560,8 +553,25 @@ def train(
         raise
     finally:
         shutdown(info)
-    if not info.is_main:
-        return
+    if info.is_main:
+        _report_training(result, out_dir, json_out)
+
+
+def _with_text_options(cfg: Any, no_text: bool, paraphrases: int | None, text_len: int | None) -> Any:
+    """``cfg`` with train's text options applied: --no-text, --paraphrases, --text-len."""
+    from dataclasses import replace
+
+    if no_text:
+        cfg = replace(cfg, use_text=False)
+    if paraphrases is not None:
+        cfg = replace(cfg, paraphrases=paraphrases)
+    if text_len is not None:
+        cfg = replace(cfg, text_len=text_len)
+    return cfg
+
+
+def _report_training(result: Any, out_dir: Path, json_out: bool) -> None:
+    """What train prints at the end: one JSON object, or a summary line (and the curves)."""
     _warn_weak_tokenizers(result.tokenizer_reports)
     if json_out:
         _print_json({"run_dir": str(out_dir), "steps": result.steps, "best_val_dice": result.best_val_dice,
@@ -652,15 +662,8 @@ def predict(
 ) -> None:
     """Segment what the text describes in each input; one output line per input."""
     from mrisegcli.hub import resolve_run
-    from mrisegcli.workflow.predict import (
-        expand_inputs,
-        plan_outputs,
-        prompt_inputs,
-        read_prompts,
-        run_plans,
-        validate_text,
-    )
-    from mrisegcli.workflow.segmenter import load_segmenter
+    from mrisegcli.workflow import segmenter
+    from mrisegcli.workflow.predict import ModelOptionError, PredictOptions, predict_batch
 
     see = " (see 'mriseg predict --help')"
     if prompts is not None and (text is not None or inputs):
@@ -671,35 +674,44 @@ def predict(
         raise _fail("missing option '--text' (or give --prompts FILE with a text per input)" + see, 2)
     if uncertainty and samples < 2:
         raise _fail("--uncertainty needs --samples 2 or more", 2)
-    # Everything about inputs and outputs is checked before the (slow) model load.
-    input_errors: dict[Path, str] | None = {} if keep_going else None
-    texts: str | list[str]
-    if prompts is not None:
-        rows = read_prompts(prompts)
-        texts = [row.text for row in rows]
-        paths = prompt_inputs(rows, input_errors)
-    else:
-        texts = validate_text(text or "")
-        paths = expand_inputs(inputs or [], errors=input_errors)
-    plans = plan_outputs(paths, out_dir, _value(fmt), overwrite=overwrite, uncertainty=uncertainty,
-                         overlay=overlay, steps_png=steps_png, keep_going=keep_going, input_errors=input_errors)
-    dev = _device(device)
-    choice = _chosen_model(model, quiet)
-    seg = load_segmenter(resolve_run(choice.spec), dev, batch_size=batch_size, compile=dev.type == "cuda",
-                         speculative=speculative)
-    seg.warn = lambda message: err.print(f"mriseg: warning: {message}", markup=False)
-    if steps_png and seg.paradigm != "next-scale":
-        raise _fail("--steps-png needs a next-scale model", 2)
-    adapter = _SliceAdapter(seg, samples, temperature, seed, steps_png)
-    warned: list[bool] = []
+    options = PredictOptions(
+        out_dir=out_dir, fmt=_value(fmt), samples=samples, temperature=temperature, seed=seed,
+        uncertainty=uncertainty, overlay=overlay, steps_png=steps_png, overwrite=overwrite, keep_going=keep_going,
+    )
+    lines = _PredictLines(json_out)
 
-    def show(result: Any) -> None:
-        if choice.shipped and not result.error and not warned and _not_a_radiograph(result):
-            warned.append(True)
+    def load() -> Any:  # called once every input and output has been checked
+        dev = _device(device)
+        choice = _chosen_model(model, quiet)
+        lines.shipped = choice.shipped
+        seg = segmenter.load_segmenter(resolve_run(choice.spec), dev, batch_size=batch_size,
+                                       compile=dev.type == "cuda", speculative=speculative)
+        seg.warn = lambda message: err.print(f"mriseg: warning: {message}", markup=False)
+        return seg
+
+    try:
+        results = predict_batch(load, inputs=inputs or [], text=text, prompts=prompts, options=options,
+                                on_result=lines)
+    except ModelOptionError as e:
+        raise _fail(str(e), 2) from None
+    if any(r.error for r in results):
+        raise typer.Exit(1)
+
+
+class _PredictLines:
+    """Prints each predict result as it comes: one line (or JSON object) per input, and once a
+    warning when the shipped chest-radiograph model is given something else."""
+
+    def __init__(self, json_out: bool) -> None:
+        self.json_out, self.shipped, self.warned = json_out, False, False
+
+    def __call__(self, result: Any) -> None:
+        if self.shipped and not result.error and not self.warned and _not_a_radiograph(result):
+            self.warned = True
             what = f"a {result.modality} scan" if result.modality else f"a volume of {result.slices} slices"
             err.print(f"mriseg: warning: {result.input} is {what}; the default model was trained on "
                       "chest radiographs and segments it slice by slice", markup=False)
-        if json_out:
+        if self.json_out:
             _print_json(result.to_json())
         elif result.error:
             err.print(f"mriseg: error: {result.error}", markup=False)
@@ -710,10 +722,6 @@ def predict(
             mask = result.outputs.get("mask")
             out.print(f"{result.input} -> {mask} ({result.foreground_fraction:.1%} foreground, "
                       f"presence {result.presence:.2f})", markup=False)
-
-    results = run_plans(adapter, plans, texts, overwrite=overwrite, keep_going=keep_going, on_result=show)
-    if any(r.error for r in results):
-        raise typer.Exit(1)
 
 
 def _chosen_model(model: str | None, quiet: bool = False) -> Any:
@@ -730,25 +738,6 @@ def _not_a_radiograph(result: Any) -> bool:
     from mrisegcli.shipped import RADIOGRAPH_MODALITIES
 
     return result.slices > 1 or (result.modality or "").upper() not in RADIOGRAPH_MODALITIES
-
-
-class _SliceAdapter:
-    """The predict workflow's model interface on top of a Segmenter."""
-
-    def __init__(self, seg: Any, samples: int, temperature: float | None, seed: int, steps: bool) -> None:
-        self.seg, self.samples, self.temperature, self.seed, self.steps = seg, samples, temperature, seed, steps
-        self.image_size = seg.image_size
-
-    def __call__(self, images_NSS: Any, text: str) -> Any:
-        from mrisegcli.workflow.predict import SlicePrediction
-
-        p = self.seg.predict(images_NSS, [text] * len(images_NSS), samples=self.samples,
-                             temperature=self.temperature, seed=self.seed, steps=self.steps)
-        return SlicePrediction(
-            prob=p.prob.numpy(),
-            uncertainty=None if p.uncertainty is None else p.uncertainty.numpy(),
-            steps=None if p.steps is None else [s.numpy() for s in p.steps],
-        )
 
 
 # -------------------------------------------------------------------------------------- evaluate

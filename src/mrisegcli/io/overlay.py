@@ -79,3 +79,29 @@ def write_overlay(
     with atomic_path(out_path, overwrite) as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG")
     return Path(out_path)
+
+
+def write_steps_png(
+    masks: list[np.ndarray], out_path: str | Path, *, overwrite: bool = False, gap: int = 2
+) -> Path:
+    """The coarse-to-fine masks of one slice, left to right as one PNG (foreground white).
+
+    Each entry is one boolean (h, w) mask; all are shown at the largest size, nearest-neighbour,
+    separated by a ``gap``-pixel grey bar. Written atomically.
+    """
+    if not masks:
+        raise ValueError("no steps to draw")
+    arrays = [np.asarray(m, dtype=bool) for m in masks]
+    for m in arrays:
+        if m.ndim != 2:
+            raise ValueError(f"each step must be one (H, W) mask, got shape {m.shape}")
+    H = max(m.shape[0] for m in arrays)
+    W = max(m.shape[1] for m in arrays)
+    canvas = np.full((H, len(arrays) * (W + gap) - gap), 128, dtype=np.uint8)
+    for i, m in enumerate(arrays):
+        img = Image.fromarray(m.astype(np.uint8) * 255).resize((W, H), Image.Resampling.NEAREST)
+        canvas[:, i * (W + gap) : i * (W + gap) + W] = np.asarray(img)
+    out_path = Path(out_path)
+    with atomic_path(out_path, overwrite) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
+    return out_path

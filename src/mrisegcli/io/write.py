@@ -44,6 +44,12 @@ def _format(fmt: str) -> str:
     return f
 
 
+#: What one input of ``mriseg predict`` may write: key -> file-name suffix (the extension
+#: follows the format).
+OUTPUT_SUFFIXES = {"mask": "_mask", "uncertainty": "_uncertainty", "overlay": "_overlay",
+                   "steps": "_steps"}  # fmt: skip
+
+
 def output_path_for(
     input_path: str | Path, out_dir: str | Path | None, fmt: str, suffix: str = "_mask"
 ) -> Path:

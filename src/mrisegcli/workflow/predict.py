@@ -1,27 +1,27 @@
 """The file side of ``mriseg predict``: inputs -> planned outputs -> a mask on each scan's grid.
 
 The model is any :class:`SliceSegmenter`: a callable from square slices to probabilities, so
-this module does not depend on the model code. A batch runs in two stages:
+the planning and running here do not depend on the model code (:class:`SegmenterSlices` puts a
+loaded :class:`~mrisegcli.workflow.segmenter.Segmenter` behind that interface). A batch runs in
+two stages:
 
-1. :func:`expand_inputs` turns files, folders and ``-`` (paths on stdin) into a list of inputs
-   (a folder holding one DICOM series is one input), and :func:`plan_outputs` decides every
-   output path up front: name collisions, outputs that already exist and paths outside
-   ``out_dir`` are refused before any model work, so a batch never stops half-written on names.
+1. :func:`~mrisegcli.io.discover.expand_inputs` turns files, folders and ``-`` (paths on stdin)
+   into a list of inputs (a folder holding one DICOM series is one input), and
+   :func:`plan_outputs` decides every output path up front: name collisions, outputs that
+   already exist and paths outside ``out_dir`` are refused before any model work, so a batch
+   never stops half-written on names.
 2. :func:`run_plans` reads each scan, asks the model for every slice, resizes the
    probabilities back to each slice's own (H, W), thresholds them and writes the mask (and
    optionally uncertainty, overlay and coarse-to-fine pictures). Each file is written atomically;
    when one output of an input fails, that input's other outputs are removed again.
+
+:func:`predict_batch` does both for the command line: it checks inputs and outputs, loads the
+model only then, and runs every input with each prompt validated and tokenised once.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import re
-import sys
 import time
-import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,18 +40,22 @@ from mrisegcli.io import (
     write_overlay,
     write_prob_map,
 )
-from mrisegcli.io.read import check_input_path, detect_format
+from mrisegcli.io.discover import (
+    IMAGE_SUFFIXES,
+    dicom_kind,
+    expand_inputs,
+    frames,
+    prompt_inputs,
+    scan_folder,
+)
+from mrisegcli.io.overlay import write_steps_png
+from mrisegcli.io.prompts import MAX_TEXT_CHARS, PromptRow, read_prompts, validate_text
+from mrisegcli.io.read import detect_format
 from mrisegcli.io.scan import Scan
-from mrisegcli.io.write import check_segmentation_source
+from mrisegcli.io.write import OUTPUT_SUFFIXES, check_segmentation_source
 
-MAX_TEXT_CHARS = 10_000
 FORMATS = ("auto", "png", "nii", "dcm")
 _FORMAT_ALIASES = {"nii.gz": "nii", "nifti": "nii", "dicom": "dcm", "seg": "dcm"}
-_NAMED_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii", ".nii.gz")
-IMAGE_SUFFIXES = (*_NAMED_SUFFIXES, ".dcm")  # inputs found in folders (plus DICOM by preamble)
-# What one input may write: key -> file-name suffix (the extension follows the format).
-OUTPUT_SUFFIXES = {"mask": "_mask", "uncertainty": "_uncertainty", "overlay": "_overlay",
-                   "steps": "_steps"}  # fmt: skip
 _SHOWN = 3  # existing outputs named in the refusal
 
 
@@ -130,330 +134,6 @@ class PredictResult:
         }
 
 
-def validate_text(text: str, what: str = "--text") -> str:
-    """The prompt without surrounding whitespace; empty or over 10000 characters is refused.
-
-    ``what`` names the prompt in the messages (``--text``, or a prompts file's row).
-    """
-    stripped = (text or "").strip()
-    if not stripped:
-        raise MrisegError(f"{what} is empty")
-    if len(stripped) > MAX_TEXT_CHARS:
-        raise MrisegError(
-            f"{what} is {len(stripped)} characters long; the limit is {MAX_TEXT_CHARS}"
-        )
-    if not any(unicodedata.category(c)[0] in "LN" for c in stripped):
-        raise MrisegError(f"{what} has no letters or digits")
-    return stripped
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def _natural_key(name: str) -> list:
-    """'img2' < 'img10': digit runs compare as numbers (split alternates text and digits)."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
-
-
-def _has_dicm(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
-def _known_image_name(path: Path) -> bool:
-    return path.name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def _dicom_kind(path: Path) -> tuple[str, Any]:
-    """("image", dataset) for a DICOM image (pixels deferred), ("other", None) for a DICOM
-    object that is no image to segment (no pixels, or a SEG mask), ("unreadable", None)."""
-    from mrisegcli.io.dicom import PIXEL_KEYWORDS, SEG_SOP_CLASSES, load_dataset
-
-    try:
-        ds = load_dataset(path, strict=False)
-    except MrisegError:
-        ds = None
-    if ds is None:
-        return "unreadable", None
-    if not any(k in ds for k in PIXEL_KEYWORDS):
-        return "other", None
-    if str(ds.get("SOPClassUID", "")) in SEG_SOP_CLASSES:
-        return "other", None
-    return "image", ds
-
-
-def _frames(ds: Any) -> int:
-    try:
-        return int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        return 1
-
-
-@dataclass
-class _Folder:
-    series: bool  # the folder's images are one DICOM series (one input)
-    images: list[Path]  # the image files in natural order (when not a series)
-    subfolders: list[Path]
-
-
-def _scan_folder(folder: Path) -> _Folder:
-    """Classify a folder's entries (one level): image files, DICOM series, sub-folders.
-
-    The folder is one series when it holds at least two DICOM images, all single-frame with a
-    position and of one SeriesInstanceUID, and no other image files. DICOM objects without
-    pixels and DICOM SEGs (masks) are never inputs; neither are files named like this tool's
-    outputs of another entry (``<stem>_mask.png`` beside ``<stem>.png``).
-    """
-    try:
-        entries = sorted(
-            (p for p in folder.iterdir() if not p.name.startswith(".")),
-            key=lambda p: _natural_key(p.name),
-        )
-    except OSError as err:
-        raise InputError(f"cannot list folder ({err.strerror})", folder) from err
-    subfolders = [p for p in entries if p.is_dir()]
-    files = [p for p in entries if p.is_file()]
-    candidates = [p for p in files if _known_image_name(p) or _has_dicm(p)]
-    own = {
-        output_path_for(c, folder, fmt, suffix).name
-        for c in candidates + subfolders
-        for suffix in OUTPUT_SUFFIXES.values()
-        for fmt in ("png", "nii", "dcm")
-    }
-    candidates = [p for p in candidates if p.name not in own]
-    images, dicoms = [], []
-    for p in candidates:
-        if p.name.lower().endswith(_NAMED_SUFFIXES):  # raster or NIfTI by name
-            images.append(p)
-            continue
-        kind, ds = _dicom_kind(p)
-        if kind == "image":
-            images.append(p)
-            dicoms.append(ds)
-        elif kind == "unreadable":
-            images.append(p)  # kept, so that reading it reports why
-    series = (
-        len(dicoms) >= 2
-        and len(dicoms) == len(images)
-        and len({str(ds.get("SeriesInstanceUID", "")) for ds in dicoms}) == 1
-        and all(_frames(ds) == 1 and "ImagePositionPatient" in ds for ds in dicoms)
-    )
-    return _Folder(series, images, subfolders)
-
-
-def _expand_one(path: Path) -> list[Path]:
-    if not check_input_path(path):  # missing, a symlink loop, a FIFO or device: refused here
-        return [path]
-    listing = _scan_folder(path)
-    series_subs = [s for s in listing.subfolders if _scan_folder(s).series]
-    found = [path] + series_subs if listing.series else listing.images + series_subs
-    if not found:
-        raise InputError(
-            "no images in this folder (png jpg jpeg tif tiff bmp nii nii.gz dcm or DICOM "
-            "files; sub-folders count only when each holds one DICOM series)",
-            path,
-        )
-    if not listing.series:
-        found.sort(key=lambda p: _natural_key(p.name))
-    return found
-
-
-def _read_stdin(stdin: TextIO | None, what: str) -> str:
-    stream = sys.stdin if stdin is None else stdin
-    if stream is None:
-        raise MrisegError(f"'-' reads {what} from stdin, but there is no stdin")
-    isatty = getattr(stream, "isatty", None)
-    if isatty is not None and isatty():
-        raise MrisegError(f"'-' reads {what} from stdin, but stdin is a terminal")
-    return stream.read()
-
-
-def _stdin_paths(stdin: TextIO | None) -> list[str]:
-    text = _read_stdin(stdin, "input paths")
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _expand_or_record(path: Path, errors: dict[Path, str] | None) -> list[Path]:
-    """:func:`_expand_one`, or with ``errors`` the path itself with its message recorded."""
-    try:
-        return _expand_one(path)
-    except InputError as err:
-        if errors is None:
-            raise
-        errors[path] = str(err)
-        return [path]
-
-
-def expand_inputs(
-    inputs: Sequence[str | Path],
-    stdin: TextIO | None = None,
-    *,
-    errors: dict[Path, str] | None = None,
-) -> list[Path]:
-    """Files, folders and ``-`` (paths on ``stdin``, default ``sys.stdin``) -> input paths.
-
-    A file is an input as given. A folder holding one DICOM series is one input; any other
-    folder gives its image files (known extensions, or DICOM by the 'DICM' preamble) and its
-    sub-folders that each hold one DICOM series, in natural order. Duplicates (same resolved
-    path) are dropped, first occurrence kept.
-
-    A path that does not exist (or a folder without images) raises; given an ``errors`` dict
-    (``--keep-going``), it stays in the list as given and its message goes into ``errors``, for
-    :func:`plan_outputs` (``input_errors``) to record as that input's error.
-    """
-    found: list[Path] = []
-    for raw in inputs:
-        if str(raw) == "-":
-            for line in _stdin_paths(stdin):
-                found.extend(_expand_or_record(Path(line), errors))
-        else:
-            found.extend(_expand_or_record(Path(raw), errors))
-    unique: dict[Path, Path] = {}
-    for p in found:
-        unique.setdefault(p.resolve(), p)
-    if not unique:
-        raise MrisegError("no inputs: give files, folders, or - to read paths from stdin")
-    return list(unique.values())
-
-
-# ----------------------------------------------------------------------------- prompts files
-
-
-@dataclass(frozen=True)
-class PromptRow:
-    """One row of a prompts file: an input path (relative to the current folder) and its text."""
-
-    path: Path
-    text: str
-    line: int  # line of the file the row starts on (1-based), for messages
-
-
-PROMPT_COLUMNS = ("path", "text")
-
-
-def _row_error(name: str, line: int, row: int, problem: str) -> MrisegError:
-    return MrisegError(f"line {line} (row {row}): {problem}", name)
-
-
-def _prompt_row(name: str, line: int, row: int, values: Mapping[str, Any]) -> PromptRow:
-    for column in PROMPT_COLUMNS:
-        value = values.get(column)
-        if value is None:
-            raise _row_error(name, line, row, f"no {column!r} value")
-        if not isinstance(value, str):
-            raise _row_error(name, line, row, f"{column!r} must be a string, not {type(value).__name__}")
-    path = values["path"].strip()
-    if not path:
-        raise _row_error(name, line, row, "the path is empty")
-    try:
-        text = validate_text(values["text"], what="the text")
-    except MrisegError as err:
-        raise _row_error(name, line, row, str(err)) from None
-    return PromptRow(Path(path).expanduser(), text, line)
-
-
-def _csv_rows(name: str, content: str) -> list[PromptRow]:
-    reader = csv.reader(io.StringIO(content))
-    header: list[str] | None = None
-    rows: list[PromptRow] = []
-    start = 1
-    try:
-        for cells in reader:
-            line, start = start, reader.line_num + 1
-            if not any(c.strip() for c in cells):
-                continue  # blank line
-            if header is None:
-                header = [c.strip().lower() for c in cells]
-                lacking = [c for c in PROMPT_COLUMNS if c not in header]
-                if lacking:
-                    raise MrisegError(
-                        f"line {line}: the first line must be a header naming the columns path and "
-                        f"text (found {', '.join(repr(c) for c in cells)})", name)
-                continue
-            if len(cells) > len(header):
-                raise _row_error(name, line, len(rows) + 1,
-                                 f"{len(cells)} values for {len(header)} columns (quote a text with commas)")
-            values = dict(zip(header, cells, strict=False))  # a short row lacks the last values
-            rows.append(_prompt_row(name, line, len(rows) + 1, values))
-    except csv.Error as err:
-        raise MrisegError(f"line {reader.line_num}: not valid CSV ({err})", name) from None
-    if header is None:
-        raise MrisegError("empty prompts file (expected a header path,text and one row per input)", name)
-    return rows
-
-
-def _jsonl_rows(name: str, content: str) -> list[PromptRow]:
-    rows: list[PromptRow] = []
-    for line, raw in enumerate(content.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            values = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise _row_error(name, line, len(rows) + 1, f"not valid JSON ({err.msg})") from None
-        if not isinstance(values, dict):
-            raise _row_error(name, line, len(rows) + 1, 'expected an object {"path": ..., "text": ...}')
-        rows.append(_prompt_row(name, line, len(rows) + 1, values))
-    return rows
-
-
-def read_prompts(source: str | Path, stdin: TextIO | None = None) -> list[PromptRow]:
-    """The rows of a prompts file: CSV with a header naming ``path`` and ``text`` (other
-    columns are ignored), or JSON lines ``{"path": ..., "text": ...}``; ``-`` reads stdin.
-
-    The kind follows the extension (``.csv``, ``.jsonl``/``.ndjson``), else the content (a
-    first line starting with ``{`` is JSON lines). The first bad row (a missing value, an empty
-    or unusable text, bad CSV or JSON) raises a :class:`MrisegError` naming the file and row.
-    """
-    if str(source) == "-":
-        name, content = "<stdin>", _read_stdin(stdin, "the prompts")
-        kind = ""
-    else:
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise InputError("no such prompts file" if not path.exists() else "is not a file", path)
-        try:
-            content = path.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"cannot read the prompts file ({err})", path) from err
-        kind = path.suffix.lower()
-    content = content.lstrip("\ufeff")
-    if kind not in (".csv", ".jsonl", ".ndjson"):
-        first = next((x.strip() for x in content.splitlines() if x.strip()), "")
-        kind = ".jsonl" if first.startswith("{") else ".csv"
-    rows = _jsonl_rows(name, content) if kind in (".jsonl", ".ndjson") else _csv_rows(name, content)
-    if not rows:
-        raise MrisegError("the prompts file has no rows", name)
-    return rows
-
-
-def prompt_inputs(rows: Sequence[PromptRow], errors: dict[Path, str] | None = None) -> list[Path]:
-    """One input per row, in order (no de-duplication): a file, or a folder holding one DICOM
-    series. A missing path or a folder of several images raises, or with an ``errors`` dict is
-    recorded there (see :func:`expand_inputs`)."""
-    found = []
-    for row in rows:
-        try:
-            paths = _expand_one(row.path)
-            if len(paths) != 1:
-                raise InputError(
-                    f"is a folder of {len(paths)} inputs; a prompts row names one image, volume "
-                    "or DICOM series folder",
-                    row.path,
-                )
-        except InputError as err:
-            if errors is None:
-                raise
-            errors[row.path] = str(err)
-            paths = [row.path]
-        found.append(paths[0])
-    return found
-
-
 # ----------------------------------------------------------------------------- planning
 
 
@@ -469,7 +149,7 @@ def _is_volume(path: Path, kind: str) -> bool:
     """Whether an input has several slices, from its header only (False when unsure)."""
     try:
         if path.is_dir():
-            listing = _scan_folder(path)
+            listing = scan_folder(path)
             if listing.series:
                 return True
             return len(listing.images) == 1 and _is_volume(listing.images[0], "dicom")
@@ -489,8 +169,8 @@ def _is_volume(path: Path, kind: str) -> bool:
 
             shape = tuple(int(s) for s in nib.load(str(path)).shape)
             return len(shape) >= 3 and int(np.prod(shape[2:])) > 1
-        kind, ds = _dicom_kind(path)
-        return kind == "image" and _frames(ds) > 1
+        kind, ds = dicom_kind(path)
+        return kind == "image" and frames(ds) > 1
     except (MrisegError, OSError, ValueError, EOFError):
         return False  # unreadable: reading it later reports the reason
 
@@ -709,18 +389,14 @@ def _write_outputs(
 def _write_steps(
     pred: SlicePrediction, k: int, n: int, out: Path, threshold: float, overwrite: bool
 ) -> Path:
-    """The coarse-to-fine masks of slice ``k`` side by side (steps_picture takes logits)."""
-    import torch
-
-    from mrisegcli.decode.consensus import steps_picture
-
-    logits = []
-    for step in pred.steps:
+    """The coarse-to-fine masks of slice ``k`` side by side."""
+    masks = []
+    for step in pred.steps or []:
         arr = np.asarray(step, dtype=np.float32)
         if arr.ndim != 3 or arr.shape[0] != n:
             raise ValueError(f"a step map has shape {arr.shape}, expected ({n}, s, s)")
-        logits.append(torch.from_numpy(arr[k] - threshold))  # > 0 exactly where prob > threshold
-    return steps_picture(logits, out, overwrite=overwrite)
+        masks.append(arr[k] > threshold)
+    return write_steps_png(masks, out, overwrite=overwrite)
 
 
 def _predict_one(
@@ -780,8 +456,23 @@ def run_plans(
         texts = [validate_text(text)] * len(plans)
     else:
         texts = [validate_text(t) for t in text]
-        if len(texts) != len(plans):
-            raise MrisegError(f"{len(texts)} texts for {len(plans)} inputs: give one text, or one per input")
+    return _run_checked(segmenter, plans, texts, overwrite=overwrite, threshold=threshold,
+                        keep_going=keep_going, on_result=on_result)
+
+
+def _run_checked(
+    segmenter: SliceSegmenter,
+    plans: Sequence[PlannedOutput],
+    texts: Sequence[str],
+    *,
+    overwrite: bool,
+    threshold: float,
+    keep_going: bool,
+    on_result: Callable[[PredictResult], None] | None,
+) -> list[PredictResult]:
+    """:func:`run_plans` with ``texts`` already validated, one per plan."""
+    if len(texts) != len(plans):
+        raise MrisegError(f"{len(texts)} texts for {len(plans)} inputs: give one text, or one per input")
     if not 0.0 <= threshold <= 1.0:
         raise MrisegError(f"threshold must be in [0, 1], got {threshold}")
     results = []
@@ -835,7 +526,140 @@ def predict_files(
         paths, out_dir, fmt, overwrite=overwrite, uncertainty=uncertainty, overlay=overlay,
         steps_png=steps_png, keep_going=keep_going,
     )  # fmt: skip
-    return run_plans(
-        segmenter, plans, text, overwrite=overwrite, threshold=threshold, keep_going=keep_going,
-        on_result=on_result,
+    return _run_checked(
+        segmenter, plans, [text] * len(plans), overwrite=overwrite, threshold=threshold,
+        keep_going=keep_going, on_result=on_result,
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- a loaded model
+
+
+class SegmenterSlices:
+    """A loaded :class:`~mrisegcli.workflow.segmenter.Segmenter` as the :class:`SliceSegmenter`
+    of this module: each prompt is tokenised (and checked against the model's text context) once
+    for the whole batch, an input's slices are decoded in batches of the segmenter's batch size,
+    and the sampling restarts from ``seed`` for every input."""
+
+    def __init__(
+        self, seg: Any, *, samples: int = 1, temperature: float | None = None, seed: int | None = 0,
+        steps: bool = False,
+    ) -> None:
+        self.seg, self.samples, self.temperature, self.seed, self.steps = seg, samples, temperature, seed, steps
+        self.image_size = seg.image_size
+        self._tokens: dict[str, tuple[Any, Any]] = {}
+
+    def tokens(self, text: str) -> tuple[Any, Any]:
+        """Token ids and mask of one prompt, (1, L) on the model's device; tokenised once."""
+        if text not in self._tokens:
+            self._tokens[text] = self.seg.encode_text([text])
+        return self._tokens[text]
+
+    def __call__(self, images_NSS: np.ndarray, text: str) -> SlicePrediction:
+        import torch
+
+        seg = self.seg
+        ids_1L, mask_1L = self.tokens(text)
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=seg.device).manual_seed(self.seed)
+        per = max(1, seg.batch_size // max(1, self.samples))
+        probs, uncs, step_lists = [], [], []
+        for start in range(0, len(images_NSS), per):
+            img = torch.from_numpy(np.ascontiguousarray(images_NSS[start : start + per], np.float32))
+            n = img.shape[0]
+            p = seg.predict_tensors(
+                img[:, None].to(seg.device), ids_1L.repeat(n, 1), mask_1L.repeat(n, 1),
+                samples=self.samples, temperature=self.temperature, generator=generator, steps=self.steps,
+            )
+            probs.append(p.prob.float().cpu().numpy())
+            if p.uncertainty is not None:
+                uncs.append(p.uncertainty.float().cpu().numpy())
+            if p.steps is not None:
+                step_lists.append([s.float().cpu().numpy() for s in p.steps])
+        return SlicePrediction(
+            prob=np.concatenate(probs),
+            uncertainty=np.concatenate(uncs) if uncs else None,
+            steps=[np.concatenate(parts) for parts in zip(*step_lists, strict=True)] if step_lists else None,
+        )
+
+
+class ModelOptionError(MrisegError):
+    """An option the loaded model cannot honour (e.g. coarse-to-fine steps of a next-token model)."""
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How :func:`predict_batch` writes and decodes; the defaults are ``mriseg predict``'s."""
+
+    out_dir: Path | None = None  # None: beside each input
+    fmt: str = "auto"
+    samples: int = 1  # masks drawn per input and fused by consensus
+    temperature: float | None = None  # None: 0 (greedy), or 1 with samples > 1
+    seed: int = 0
+    uncertainty: bool = False
+    overlay: bool = False
+    steps_png: bool = False
+    overwrite: bool = False
+    keep_going: bool = False
+    threshold: float = 0.5
+
+
+def _gather(
+    inputs: Sequence[str | Path], text: str | None, prompts: str | Path | None,
+    stdin: TextIO | None, errors: dict[Path, str] | None,
+) -> tuple[list[Path], list[str]]:
+    """The inputs and one validated prompt per input: from a prompts file, or ``text`` for all."""
+    if prompts is not None:
+        if text is not None or inputs:
+            raise MrisegError("a prompts file gives the inputs and their texts: give no text and no input paths")
+        rows = read_prompts(prompts, stdin)
+        return prompt_inputs(rows, errors), [row.text for row in rows]
+    if text is None:
+        raise MrisegError("no text: give one for every input, or a prompts file with a text per input")
+    prompt = validate_text(text)
+    paths = expand_inputs(inputs, stdin, errors=errors)
+    return paths, [prompt] * len(paths)
+
+
+def predict_batch(
+    load_model: Callable[[], Any],
+    *,
+    inputs: Sequence[str | Path] = (),
+    text: str | None = None,
+    prompts: str | Path | None = None,
+    options: PredictOptions = PredictOptions(),
+    stdin: TextIO | None = None,
+    on_result: Callable[[PredictResult], None] | None = None,
+) -> list[PredictResult]:
+    """``mriseg predict`` as one call: segment ``text`` in every input (files, folders, ``-``),
+    or each row of a ``prompts`` file (CSV or JSON lines of path and text) in its input.
+
+    Inputs, texts and every output path are checked first; only then is the model loaded with
+    ``load_model()`` (a :class:`~mrisegcli.workflow.segmenter.Segmenter`, or any object with
+    ``image_size``, ``paradigm``, ``batch_size``, ``device``, ``encode_text`` and
+    ``predict_tensors``). Each prompt is validated and tokenised once. With
+    ``options.keep_going`` a bad input is recorded in its result's ``error`` and the batch goes
+    on; ``on_result`` sees each result as soon as it is written.
+    """
+    o = options
+    if o.uncertainty and o.samples < 2:
+        raise ModelOptionError("an uncertainty map needs 2 or more samples")
+    errors: dict[Path, str] | None = {} if o.keep_going else None
+    paths, texts = _gather(inputs, text, prompts, stdin, errors)
+    plans = plan_outputs(paths, o.out_dir, o.fmt, overwrite=o.overwrite, uncertainty=o.uncertainty,
+                         overlay=o.overlay, steps_png=o.steps_png, keep_going=o.keep_going, input_errors=errors)
+    seg = load_model()
+    if o.steps_png and seg.paradigm != "next-scale":
+        raise ModelOptionError("coarse-to-fine steps (--steps-png) need a next-scale model")
+    model = SegmenterSlices(seg, samples=o.samples, temperature=o.temperature, seed=o.seed, steps=o.steps_png)
+    return _run_checked(model, plans, texts, overwrite=o.overwrite, threshold=o.threshold,
+                        keep_going=o.keep_going, on_result=on_result)
+
+
+__all__ = [
+    "FORMATS", "IMAGE_SUFFIXES", "MAX_TEXT_CHARS", "OUTPUT_SUFFIXES", "ModelOptionError", "ModelOutputError",
+    "PlannedOutput", "PredictOptions", "PredictResult", "PromptRow", "SegmenterSlices", "SlicePrediction",
+    "SliceSegmenter", "expand_inputs", "plan_outputs", "predict_batch", "predict_files", "prompt_inputs",
+    "read_prompts", "run_plans", "validate_text",
+]
