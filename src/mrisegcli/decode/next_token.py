@@ -106,8 +106,9 @@ class MaskGenerator:
 
         def next_logits(n: int, codes_BN: torch.Tensor) -> torch.Tensor:
             # token n-1 goes to slot prefix_len + n - 1; the filled prefix ends right after it
-            n_keys = n_cache if self.fixed_shapes else lay.prefix_len + n
-            return self.step(model, codes_BN[:, n - 1], slots[n - 1 : n], n_keys)
+            if not self.fixed_shapes:  # eager: nothing built per step (model.decode_next)
+                return model.decode_next(codes_BN[:, n - 1], lay.prefix_len + n)
+            return self.step(model, codes_BN[:, n - 1], slots[n - 1 : n], n_cache)
 
         sampler = Sampler(temperature, top_k, generator)
         with self._autocast():

@@ -374,8 +374,18 @@ class NextTokenSegmenter(nn.Module):
     def setup_caches(
         self, max_batch: int, dtype: torch.dtype | None = None, device: torch.device | None = None
     ) -> None:
-        """Allocate static KV caches for ``max_batch`` sequences (no-op if suitable ones exist)."""
+        """Allocate static KV caches for ``max_batch`` sequences (no-op if suitable ones exist),
+        and the RoPE rotation of every sequence position, so that a decode step computes none."""
         self.transformer.ensure_caches(max_batch, self.layout.input_len, dtype, device)
+        self._rot_table()
+
+    def _rot_table(self) -> torch.Tensor:
+        """RoPE rotation (input_len, D/2, 2) of every position, computed once per device
+        (each row has the bits :meth:`Transformer.rotation` gives for that position alone)."""
+        rot = getattr(self, "_rot_T", None)
+        if rot is None or rot.device != self.pos_T2.device:
+            rot = self._rot_T = self.transformer.rotation(self.pos_T2)
+        return rot
 
     @property
     def cache_batch(self) -> int:
@@ -402,9 +412,29 @@ class NextTokenSegmenter(nn.Module):
         the code after ``tok_BT[:, t]``. Slots [0, ``n_keys``) are read (n_keys > last slot)."""
         tf = self.transformer
         B = tok_BT.shape[0]
-        x_BTC = self.tok_emb(tok_BT + self.layout.mask_offset)
-        mask = (tf.slots_S[:n_keys][None, :] <= input_pos_T[:, None])[None, None] & tf.key_padding(B, n_keys)
-        return tf.forward_cached(x_BTC, self.pos_T2[input_pos_T], input_pos_T, mask)  # (B, 1, T, S) mask
+        x_BTC = self._embed_mask_codes(tok_BT)
+        causal_TS = tf.slots_S[:n_keys][None, :] <= input_pos_T[:, None]
+        bias = tf.key_bias(B, n_keys).masked_fill(~causal_TS, float("-inf"))  # (B, 1, T, S)
+        return tf.forward_step(x_BTC, self._rot_table()[input_pos_T], input_pos_T, bias)
+
+    def _embed_mask_codes(self, tok: torch.Tensor) -> torch.Tensor:
+        """Embeddings of mask codes (any shape) -> (..., C): rows of the mask-code block of
+        ``tok_emb`` (the same values as ``tok_emb(tok + mask_offset)``, one kernel fewer)."""
+        off = self.layout.mask_offset
+        return F.embedding(tok, self.tok_emb.weight[off: off + self.config.mask_codebook_size])
+
+    def decode_next(self, tok_B: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """Feed mask codes ``tok_B`` (B,) at cache slot ``n_keys - 1``, the first free one, so the
+        filled slots [0, n_keys) are exactly the keys -> (B, Km) next logits.
+
+        The fast eager step: the rotation is a row of the table made by :meth:`setup_caches`,
+        the mask a view of the key padding's additive form; nothing is built per step.
+        """
+        tf = self.transformer
+        slot = n_keys - 1
+        h_B1C = tf.forward_step(self._embed_mask_codes(tok_B[:, None]), self._rot_table()[slot: slot + 1],
+                                tf.slots_S[slot: n_keys], tf.key_bias(tok_B.shape[0], n_keys))
+        return F.linear(h_B1C[:, -1], self.mask_head.weight)
 
     def draft_logits(self, h_BC: torch.Tensor) -> torch.Tensor:
         """(B, C) state -> (B, k, Km) logits of the next k codes: the main head, then the NkTP
@@ -424,7 +454,7 @@ class NextTokenSegmenter(nn.Module):
         tf = self.transformer
         B = tok_B.shape[0]
         n_keys = tf.max_len if n_keys is None else n_keys
-        x_B1C = self.tok_emb(tok_B[:, None] + self.layout.mask_offset)
-        mask = (tf.slots_S[:n_keys] <= input_pos)[None, None, None, :] & tf.key_padding(B, n_keys)  # (B, 1, 1, S)
-        h_B1C = tf.forward_cached(x_B1C, self.pos_T2[input_pos], input_pos, mask)
-        return self.mask_head(h_B1C[:, -1])
+        x_B1C = self._embed_mask_codes(tok_B[:, None])
+        bias = tf.key_bias(B, n_keys).masked_fill(tf.slots_S[:n_keys] > input_pos, float("-inf"))  # (B, 1, 1, S)
+        h_B1C = tf.forward_step(x_B1C, self._rot_table()[input_pos], input_pos, bias)
+        return F.linear(h_B1C[:, -1], self.mask_head.weight)

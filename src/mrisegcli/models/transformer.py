@@ -7,7 +7,18 @@ module maps embeddings to normalised hidden states; token embeddings and output 
 to the model that owns the vocabulary.
 
 What every layer of one pass shares (the RoPE rotation of the new tokens, the mask, the cache
-slots) is computed once per pass into an :class:`AttnContext` and handed down the stack.
+slots) is computed once per pass into an :class:`AttnContext` and handed down the stack. The
+boolean mask is turned once per pass into the additive float mask (0 / -inf) that
+``scaled_dot_product_attention`` would otherwise build from it in every layer, with the same
+values, so the result is bit for bit the same.
+
+Cached passes (prefill, decode steps) run :meth:`Block.step`, the inference form of a block:
+the same arithmetic as :meth:`Block.forward` without the submodule calls, with SwiGLU's two
+input projections as one matmul over their concatenated weights (a copy kept next to the
+parameters and refreshed when they change; names and shapes of the parameters stay as they
+are). Decoders that know their positions ahead may hand in the RoPE rotation and the additive
+mask directly (:meth:`Transformer.forward_step`, :meth:`Transformer.key_bias`), so that a step
+builds neither.
 
 Inference uses a static :class:`KVCache` per layer: buffers are allocated once by
 :meth:`Transformer.setup_caches` and written in place at ``input_pos`` (no growth by
@@ -82,6 +93,20 @@ def with_key_padding(mask_TS: torch.Tensor, key_valid_BS: torch.Tensor) -> torch
     return mask_TS[None, None] & key_valid_BS[:, None, None, :]
 
 
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask (True = attend) -> additive float mask in ``dtype``: 0 where True, -inf where
+    False, the values ``scaled_dot_product_attention`` derives from a boolean mask itself."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the attention's queries for input ``x``: the autocast dtype when autocast is on."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 def _as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
     """Accept (T, S), (B, T, S) or (B, 1|H, T, S) boolean masks; return a 4-D view."""
     if attn_mask.dtype != torch.bool:
@@ -149,8 +174,9 @@ class AttnContext:
     """What every layer of one pass shares, computed once per pass.
 
     ``rot``: RoPE (cos, sin) of the T new tokens, (T, D/2, 2) or (B, T, D/2, 2); ``mask``: bool
-    (B|1, 1|H, T, S), True = attend; ``input_pos``: (T,) cache slots of the new tokens, or None
-    for a pass without cache (keys = the new tokens). A cached pass reads cache slots [0, S).
+    (True = attend) or additive float (0 / -inf), (B|1, 1|H, T, S); ``input_pos``: (T,) cache
+    slots of the new tokens, or None for a pass without cache (keys = the new tokens). A cached
+    pass reads cache slots [0, S).
     """
 
     rot: torch.Tensor
@@ -238,6 +264,23 @@ class Attention(nn.Module):
         )  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
 
+    def step(self, x_BTC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """Inference form of :meth:`forward` (no dropout, no submodule calls), cached passes only."""
+        B, T, C = x_BTC.shape
+        qkv = F.linear(x_BTC, self.wqkv.weight).view(B, T, 3, self.n_heads, self.head_dim)
+        qk = apply_rope(qkv[:, :, :2], ctx.rot)  # (B, T, 2, H, D)
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+        k, v = self.kv_cache.update(ctx.input_pos, k, qkv[:, :, 2].transpose(1, 2), ctx.n_keys)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)  # (B, H, T, D)
+        return F.linear(y.transpose(1, 2).reshape(B, T, C), self.wo.weight)
+
+
+def _rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    """:meth:`RMSNorm.forward` as one kernel where that gives the same bits (float32)."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    return norm(x)
+
 
 class SwiGLU(nn.Module):
     """Gated MLP: w2(silu(w1 x) * w3 x)."""
@@ -248,8 +291,27 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)
         self.w2 = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=False)
 
+        self._w13: torch.Tensor | None = None  # cat([w1, w3]) for inference, see fused_w13
+        self._w13_key: tuple = ()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def refresh_fused(self) -> None:
+        """Rebuild the concatenated [w1; w3] weight if either parameter changed since (a new
+        tensor, an in-place update: its version counter moves, or another dtype/device)."""
+        w1, w3 = self.w1.weight, self.w3.weight
+        key = (w1.data_ptr(), w3.data_ptr(), w1._version, w3._version, w1.dtype, w1.device)
+        if key != self._w13_key:
+            with torch.no_grad():
+                self._w13 = torch.cat([w1, w3]).detach()
+            self._w13_key = key
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference form of :meth:`forward`: one matmul for w1 and w3 (same values, bit for bit).
+        Needs :meth:`refresh_fused` after any change of the weights (the transformer calls it)."""
+        a, b = F.linear(x, self._w13).chunk(2, -1)
+        return F.linear(F.silu(a) * b, self.w2.weight)
 
 
 class Block(nn.Module):
@@ -267,6 +329,11 @@ class Block(nn.Module):
         x_BTC = x_BTC + self.drop(self.attn(self.attn_norm(x_BTC), ctx))
         return x_BTC + self.drop(self.mlp(self.mlp_norm(x_BTC)))
 
+    def step(self, x_BTC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """Inference form of :meth:`forward` for cached passes: same arithmetic, fewer calls."""
+        x_BTC = x_BTC + self.attn.step(_rms_norm(x_BTC, self.attn_norm), ctx)
+        return x_BTC + self.mlp.step(_rms_norm(x_BTC, self.mlp_norm))
+
 
 class Transformer(nn.Module):
     """A stack of blocks plus the final norm: embeddings (B, T, C) -> hidden states (B, T, C)."""
@@ -279,6 +346,7 @@ class Transformer(nn.Module):
         self.max_batch = 0
         self.max_len = 0
         self.register_buffer("key_valid_BS", None, persistent=False)
+        self.register_buffer("key_bias_BS", None, persistent=False)  # 0 / -inf of key_valid_BS
         self.register_buffer("slots_S", None, persistent=False)
         self.reset_parameters()
 
@@ -302,6 +370,20 @@ class Transformer(nn.Module):
             x_BTC = layer(x_BTC, ctx)
         return self.norm(x_BTC)
 
+    def _run_cached(self, x_BTC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        if self.training and self.config.dropout > 0:
+            return self._run(x_BTC, ctx)  # dropout lives in the module path only
+        if not torch.compiler.is_compiling():
+            self.refresh_fused()
+        for layer in self.layers:
+            x_BTC = layer.step(x_BTC, ctx)
+        return self.norm(x_BTC)  # a module call: one per pass (hooks count passes here)
+
+    def refresh_fused(self) -> None:
+        """Bring the inference copies of concatenated weights up to date (cheap when current)."""
+        for layer in self.layers:
+            layer.mlp.refresh_fused()
+
     # -- training ---------------------------------------------------------------------------
 
     def forward(self, x_BTC: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
@@ -310,7 +392,9 @@ class Transformer(nn.Module):
         ``pos``: (T, 2) or (B, T, 2) (row, col) positions; ``attn_mask``: boolean (T, T),
         (B, T, T) or (B, 1, T, T), True where a query may attend to a key.
         """
-        return self._run(x_BTC, AttnContext(self.rotation(pos), _as_4d(attn_mask)))
+        mask = _as_4d(attn_mask)
+        bias = attention_bias(mask, _compute_dtype(x_BTC))  # once, not in every layer
+        return self._run(x_BTC, AttnContext(self.rotation(pos), bias))
 
     # -- inference --------------------------------------------------------------------------
 
@@ -324,7 +408,9 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(max_batch, cfg.n_heads, max_len, cfg.head_dim, dtype, device)
         self.key_valid_BS = torch.ones(max_batch, max_len, dtype=torch.bool, device=device)
+        self.key_bias_BS = torch.zeros(max_batch, max_len, dtype=dtype, device=device)
         self.slots_S = torch.arange(max_len, device=device)
+        self.refresh_fused()
         self.max_batch, self.max_len = max_batch, max_len
 
     def ensure_caches(
@@ -350,7 +436,7 @@ class Transformer(nn.Module):
         """Drop the KV caches (frees their memory)."""
         for layer in self.layers:
             layer.attn.kv_cache = None
-        self.key_valid_BS = self.slots_S = None
+        self.key_valid_BS = self.key_bias_BS = self.slots_S = None
         self.max_batch = self.max_len = 0
 
     def start_sequences(self, valid_BP: torch.Tensor) -> None:
@@ -360,6 +446,7 @@ class Transformer(nn.Module):
             raise RuntimeError(f"caches hold {self.max_batch} sequences, got {B}: call setup_caches")
         self.key_valid_BS[:B].fill_(True)
         self.key_valid_BS[:B, :P].copy_(valid_BP)
+        self.key_bias_BS[:B].copy_(attention_bias(self.key_valid_BS[:B], self.key_bias_BS.dtype))
 
     def repeat_rows(self, batch: int, samples: int, n_slots: int) -> None:
         """Copy the caches of rows [0, batch) to rows b*samples .. b*samples+samples-1.
@@ -373,10 +460,25 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache.repeat_rows(batch, samples, n_slots)
         self.key_valid_BS[:n].copy_(self.key_valid_BS[:batch].repeat_interleave(samples, 0))
+        self.key_bias_BS[:n].copy_(self.key_bias_BS[:batch].repeat_interleave(samples, 0))
 
     def key_padding(self, batch: int, n_keys: int) -> torch.Tensor:
         """(B, 1, 1, n_keys) bool view of the key validity of cache slots [0, n_keys)."""
         return self.key_valid_BS[:batch, None, None, :n_keys]
+
+    def key_bias(self, batch: int, n_keys: int) -> torch.Tensor:
+        """(B, 1, 1, n_keys) additive float view (0 / -inf) of the key validity of slots [0, n_keys).
+
+        A step whose keys are exactly the filled prefix needs no other mask: this view is it."""
+        return self.key_bias_BS[:batch, None, None, :n_keys]
+
+    def forward_step(
+        self, x_BTC: torch.Tensor, rot: torch.Tensor, input_pos: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward_cached` for decoders that prepared the pass themselves: ``rot`` the
+        RoPE rotation of the new tokens (:meth:`rotation`), ``bias`` the additive float mask
+        (B|1, 1, T, S) (e.g. :meth:`key_bias`), in the dtype of the queries. No checks."""
+        return self._run_cached(x_BTC, AttnContext(rot, bias, input_pos))
 
     def forward_cached(
         self,
@@ -397,4 +499,5 @@ class Transformer(nn.Module):
         mask = _as_4d(attn_mask)
         if mask.shape[-1] > self.max_len:
             raise ValueError(f"mask covers {mask.shape[-1]} cache slots, the caches hold {self.max_len}")
-        return self._run(x_BTC, AttnContext(self.rotation(pos), mask, input_pos))
+        bias = attention_bias(mask, _compute_dtype(x_BTC))
+        return self._run_cached(x_BTC, AttnContext(self.rotation(pos), bias, input_pos))
