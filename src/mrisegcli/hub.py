@@ -11,12 +11,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mrisegcli import runfolder
 from mrisegcli.errors import MrisegError
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 #: what a run needs to predict; checkpoints and caches stay local
-RUN_PATTERNS = ["config.json", "*.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "README.md", "metrics.json", "train_log.jsonl"]
+RUN_PATTERNS = [runfolder.CONFIG, "*.safetensors", *runfolder.TEXT_TOKENIZER_FILES, runfolder.SPECIAL_TOKENS_MAP,
+                runfolder.CARD, runfolder.METRICS, runfolder.TRAIN_LOG]
 IGNORE_PATTERNS = ["checkpoints/*", "cache/*", "*.tmp*"]
 
 
@@ -80,45 +81,55 @@ def _is_network_error(e: BaseException) -> bool:
     return any(cls.__name__ in _NETWORK_ERRORS for cls in type(e).__mro__)
 
 
-def fetch_error(e: Exception, repo_id: str, revision: str | None = None, *, offline: bool = False) -> MrisegError:
-    """Why a Hub id could not be fetched, in one line that says which: offline, not found or
-    not authorised (with the fix when there is one); anything else keeps the client's words."""
+def _client_reason(e: Exception, repo_id: str, revision: str | None, offline: bool, login: str) -> str | None:
+    """The reason for one of the Hub client's own error classes (None for any other error)."""
     from huggingface_hub import errors as hf
 
-    status = getattr(getattr(e, "response", None), "status_code", None)
-    login = "log in with `hf auth login` or set HF_TOKEN"
     # LocalEntryNotFoundError first: in older clients it is also an EntryNotFoundError
     if isinstance(e, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
         if offline:
-            reason = ("offline: HF_HUB_OFFLINE is set and the model is not (fully) in the Hub cache "
-                      "(unset HF_HUB_OFFLINE to download it)")
-        else:
-            reason = ("offline: the Hub cannot be reached (no network?) and the model is not "
-                      "(fully) in the Hub cache")
-    elif isinstance(e, hf.GatedRepoError):
-        reason = (f"not authorised: the repository is gated (accept its conditions on "
-                  f"https://huggingface.co/{repo_id}, then {login})")
-    elif isinstance(e, hf.RepositoryNotFoundError):
-        reason = f"not found: no such model repository on the Hub (if it is private, {login})"
-    elif isinstance(e, hf.RevisionNotFoundError):
-        reason = f"not found: the repository has no revision {revision or 'main'!r}"
-    elif isinstance(e, hf.EntryNotFoundError):
-        reason = "not found: a file of the run is missing from the repository"
-    elif isinstance(e, hf.DisabledRepoError):
-        reason = "not authorised: the repository is disabled"
-    elif status in (401, 403):
-        reason = f"not authorised (HTTP {status}): {login} with a token that may read this repository"
-    elif status == 404:
-        reason = "not found: no such model repository or revision on the Hub"
-    elif _is_network_error(e):
+            return ("offline: HF_HUB_OFFLINE is set and the model is not (fully) in the Hub cache "
+                    "(unset HF_HUB_OFFLINE to download it)")
+        return ("offline: the Hub cannot be reached (no network?) and the model is not "
+                "(fully) in the Hub cache")
+    if isinstance(e, hf.GatedRepoError):
+        return (f"not authorised: the repository is gated (accept its conditions on "
+                f"https://huggingface.co/{repo_id}, then {login})")
+    if isinstance(e, hf.RepositoryNotFoundError):
+        return f"not found: no such model repository on the Hub (if it is private, {login})"
+    if isinstance(e, hf.RevisionNotFoundError):
+        return f"not found: the repository has no revision {revision or 'main'!r}"
+    if isinstance(e, hf.EntryNotFoundError):
+        return "not found: a file of the run is missing from the repository"
+    if isinstance(e, hf.DisabledRepoError):
+        return "not authorised: the repository is disabled"
+    return None
+
+
+def _other_reason(e: Exception, status: int | None, login: str) -> str:
+    """The reason for an error the client does not classify: by HTTP status, network, id."""
+    from huggingface_hub import errors as hf
+
+    if status in (401, 403):
+        return f"not authorised (HTTP {status}): {login} with a token that may read this repository"
+    if status == 404:
+        return "not found: no such model repository or revision on the Hub"
+    if _is_network_error(e):
         detail = str(e).splitlines()[0] if str(e) else ""
-        reason = f"offline: the Hub cannot be reached ({type(e).__name__}{': ' + detail if detail else ''})"
-    elif isinstance(e, hf.HFValidationError):
-        reason = f"invalid Hub id or revision ({str(e).splitlines()[0]})"
-    elif status is not None:
-        reason = f"the Hub answered HTTP {status}"
-    else:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        return f"offline: the Hub cannot be reached ({type(e).__name__}{': ' + detail if detail else ''})"
+    if isinstance(e, hf.HFValidationError):
+        return f"invalid Hub id or revision ({str(e).splitlines()[0]})"
+    if status is not None:
+        return f"the Hub answered HTTP {status}"
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+
+
+def fetch_error(e: Exception, repo_id: str, revision: str | None = None, *, offline: bool = False) -> MrisegError:
+    """Why a Hub id could not be fetched, in one line that says which: offline, not found or
+    not authorised (with the fix when there is one); anything else keeps the client's words."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    reason = _client_reason(e, repo_id, revision, offline, login) or _other_reason(e, status, login)
     name = f"{repo_id}@{revision}" if revision else repo_id
     return MrisegError(f"cannot get the model from the Hub: {reason}", name)
 

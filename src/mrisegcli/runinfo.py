@@ -29,12 +29,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mrisegcli import __version__
+from mrisegcli import __version__, runfolder
 from mrisegcli.errors import ConfigError, MrisegError
 from mrisegcli.io.atomic import atomic_write_text
 
 CONFIG_SCHEMA = 1
-CONFIG_NAME = "config.json"
+CONFIG_NAME = runfolder.CONFIG
 _PACKAGES = (
     "torch", "numpy", "safetensors", "transformers", "tokenizers", "huggingface_hub",
     "pydicom", "highdicom", "nibabel", "Pillow", "typer", "rich",
@@ -192,16 +192,16 @@ def record_resumed_config(run_dir: Path, saved: dict[str, Any], cfg: Any) -> Non
 
 # ----------------------------------------------------------------------------- run folders
 
-LOCK_NAME = ".mriseg.lock"
+LOCK_NAME = runfolder.LOCK
 #: what ``train`` writes at the top of a run folder (README.md: ``push``'s model card)
 RUN_FILES = frozenset({
-    CONFIG_NAME, "model.safetensors", "metrics.json", "train_log.jsonl", "progress.png",
-    "README.md", "mask_vq.safetensors", "image_vq.safetensors", "multiscale.safetensors",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", LOCK_NAME,
+    CONFIG_NAME, runfolder.MODEL, runfolder.METRICS, runfolder.TRAIN_LOG, runfolder.PROGRESS,
+    runfolder.CARD, *runfolder.TOKENIZERS.values(), *runfolder.TEXT_TOKENIZER_FILES,
+    runfolder.SPECIAL_TOKENS_MAP, LOCK_NAME,
 })
 RUN_FOLDERS = {
-    "checkpoints": re.compile(r"^(step_\d{8}\.safetensors|\.step_\d{8}\.[A-Za-z0-9_]+\.tmp\.safetensors)$"),
-    "cache": re.compile(r"^(index\.json|shard-\d{5,}\.safetensors|\.(shard-\d{5,}|index)\.[A-Za-z0-9_]+\.tmp.*)$"),
+    runfolder.CHECKPOINTS: re.compile(r"^(step_\d{8}\.safetensors|\.step_\d{8}\.[A-Za-z0-9_]+\.tmp\.safetensors)$"),
+    runfolder.CACHE: re.compile(r"^(index\.json|shard-\d{5,}\.safetensors|\.(shard-\d{5,}|index)\.[A-Za-z0-9_]+\.tmp.*)$"),
 }
 _STEMS = "|".join(re.escape(Path(n).name.split(".")[0]) for n in RUN_FILES if not n.startswith("."))
 _RUN_TEMP = re.compile(rf"^(\.({_STEMS})\.[A-Za-z0-9_]+\.tmp.*|{re.escape(LOCK_NAME)}\..+)$")
@@ -220,11 +220,11 @@ def _not_ours(path: Path) -> str | None:
         c = _json(path)
         if not (isinstance(c, dict) and "schema" in c and "mriseg_version" in c):
             return "is not a mriseg config"
-    elif path.name == "metrics.json":
+    elif path.name == runfolder.METRICS:
         m = _json(path)
         if not (isinstance(m, dict) and "best_val_dice" in m and "steps" in m):
             return "is not the metrics file of a mriseg run"
-    elif path.name == "train_log.jsonl":
+    elif path.name == runfolder.TRAIN_LOG:
         try:
             with path.open(encoding="utf-8") as f:
                 first = f.readline()

@@ -84,26 +84,32 @@ def _check_sample(
         out.append(Problem(s.id, None, "the text is empty", EMPTY_TEXT))
     if s.mask is None and require_masks:
         out.append(Problem(s.id, None, "no mask given", NO_MASK))
-    present: list[Path] = []
-    for path in (s.image, s.mask):
-        if path is None:
-            continue
-        if not Path(path).resolve().is_relative_to(root):
-            out.append(
-                Problem(s.id, path, f"path leads outside the dataset folder {root}", ESCAPES_ROOT)
-            )
-        elif not Path(path).exists():
-            out.append(Problem(s.id, path, "file does not exist", MISSING_FILE))
-        elif not Path(path).is_file():
-            what = "a folder" if Path(path).is_dir() else "not a regular file (a FIFO or device?)"
-            out.append(Problem(s.id, path, f"is {what}, expected an image file", NOT_A_FILE))
-        else:
-            present.append(path)
-    if not check_images or not present:
-        return out
-    shapes: dict[Path, tuple[int, ...]] = {}
+    present = [path for path in (s.image, s.mask) if path is not None and _check_path(s, path, root, out)]
+    if check_images and present:
+        _check_contents(s, present, deep, out)
+    return out
+
+
+def _check_path(s: Sample, path: Path, root: Path, out: list[Problem]) -> bool:
+    """Whether ``path`` is a file inside ``root``; otherwise a problem is added to ``out``."""
+    if not Path(path).resolve().is_relative_to(root):
+        out.append(Problem(s.id, path, f"path leads outside the dataset folder {root}", ESCAPES_ROOT))
+    elif not Path(path).exists():
+        out.append(Problem(s.id, path, "file does not exist", MISSING_FILE))
+    elif not Path(path).is_file():
+        what = "a folder" if Path(path).is_dir() else "not a regular file (a FIFO or device?)"
+        out.append(Problem(s.id, path, f"is {what}, expected an image file", NOT_A_FILE))
+    else:
+        return True
+    return False
+
+
+def _check_contents(s: Sample, present: list[Path], deep: bool, out: list[Problem]) -> None:
+    """Read the files present (headers only unless ``deep``): unreadable files, a non-binary
+    mask and a mask of another size than its image are added to ``out``."""
     from mrisegcli.io.scan import NonBinaryMaskError
 
+    shapes: dict[Path, tuple[int, ...]] = {}
     for path in present:
         try:
             shapes[path] = _shape(path, is_mask=path == s.mask, deep=deep)
@@ -122,7 +128,6 @@ def _check_sample(
                     SIZE_MISMATCH,
                 )
             )
-    return out
 
 
 def _shape(path: Path, is_mask: bool, deep: bool) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mrisegcli import runfolder
 from mrisegcli.errors import MrisegError
 
 SHIPPED_DIR = Path(__file__).resolve().parent
@@ -48,7 +49,7 @@ def shipped_models() -> list[ShippedModel]:
     """Every model folder in the package, the default first."""
     found = []
     for folder in sorted(SHIPPED_DIR.iterdir()):
-        cfg_file = folder / "config.json"
+        cfg_file = folder / runfolder.CONFIG
         if not folder.is_dir() or not cfg_file.is_file():
             continue
         config = json.loads(cfg_file.read_text(encoding="utf-8"))

@@ -34,6 +34,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from mrisegcli import runfolder
 from mrisegcli.errors import InputError, MrisegError
 from mrisegcli.io.atomic import atomic_path, check_writable
 
@@ -42,7 +43,7 @@ SPECIAL_TOKENS = (PAD, UNK, CLS, SEP)  # ids 0, 1, 2, 3
 CONTINUE = "##"
 #: always in the vocabulary (word-initial and ``##`` forms), so any ASCII word splits into pieces
 BASE_ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = runfolder.TEXT_TOKENIZER_FILES
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -88,6 +89,40 @@ def _merge(left: str, right: str) -> str:
     return left + right[len(CONTINUE) :]
 
 
+def _merged(syms: list[str], pair: tuple[str, str], new: str) -> list[str]:
+    """``syms`` with every occurrence of ``pair`` (left to right) replaced by ``new``."""
+    merged, j = [], 0
+    while j < len(syms):
+        if j + 1 < len(syms) and (syms[j], syms[j + 1]) == pair:
+            merged.append(new)
+            j += 2
+        else:
+            merged.append(syms[j])
+            j += 1
+    return merged
+
+
+def _apply_merge(
+    pair: tuple[str, str], new: str, symbols: list[list[str]], freqs: list[int],
+    pair_counts: Counter[tuple[str, str]], pair_words: dict[tuple[str, str], set[int]],
+) -> set[tuple[str, str]]:
+    """Merge ``pair`` into ``new`` in every word that holds it, updating the pair counts and
+    the word index in place; returns the pairs whose counts changed."""
+    touched: set[tuple[str, str]] = set()
+    for i in sorted(pair_words.pop(pair, ())):
+        syms, f = symbols[i], freqs[i]
+        for p in pairwise(syms):
+            pair_counts[p] -= f
+            touched.add(p)
+        merged = _merged(syms, pair, new)
+        symbols[i] = merged
+        for p in pairwise(merged):
+            pair_counts[p] += f
+            pair_words.setdefault(p, set()).add(i)
+            touched.add(p)
+    return touched
+
+
 def _learn_vocab(word_counts: Counter[str], vocab_size: int, min_frequency: int) -> list[str]:
     """Deterministic WordPiece vocabulary: specials, alphabet, then most-frequent-pair merges."""
     alphabet = set(BASE_ALPHABET)
@@ -119,25 +154,7 @@ def _learn_vocab(word_counts: Counter[str], vocab_size: int, min_frequency: int)
         if new not in known:
             known.add(new)
             vocab.append(new)
-        touched: set[tuple[str, str]] = set()
-        for i in sorted(pair_words.pop(pair, ())):
-            syms, f = symbols[i], freqs[i]
-            for p in pairwise(syms):
-                pair_counts[p] -= f
-                touched.add(p)
-            merged, j = [], 0
-            while j < len(syms):
-                if j + 1 < len(syms) and (syms[j], syms[j + 1]) == pair:
-                    merged.append(new)
-                    j += 2
-                else:
-                    merged.append(syms[j])
-                    j += 1
-            symbols[i] = merged
-            for p in pairwise(merged):
-                pair_counts[p] += f
-                pair_words.setdefault(p, set()).add(i)
-                touched.add(p)
+        touched = _apply_merge(pair, new, symbols, freqs, pair_counts, pair_words)
         for p in touched:
             n = pair_counts.get(p, 0)
             if n > 0:
@@ -195,7 +212,7 @@ def save_text_tokenizer(
                     src.replace(tmp)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return folder / "tokenizer.json"
+    return folder / runfolder.TEXT_TOKENIZER
 
 
 def _first_line(err: BaseException) -> str:
@@ -227,10 +244,10 @@ def load_text_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
     if path.is_file():
         return _load_json(path)
     if path.is_dir():
-        file = path / "tokenizer.json"
+        file = path / runfolder.TEXT_TOKENIZER
         if not file.is_file():
             raise InputError("no tokenizer.json in this folder", path)
-        if not (path / "tokenizer_config.json").is_file():
+        if not (path / runfolder.TEXT_TOKENIZER_CONFIG).is_file():
             return _load_json(file)
         try:
             return PreTrainedTokenizerFast.from_pretrained(str(path))

@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mrisegcli import runfolder
 from mrisegcli.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
-PICTURE_NAME = "progress.png"
+PICTURE_NAME = runfolder.PROGRESS
 LOSS_COLOUR = (31, 119, 180)
 DICE_COLOUR = (214, 39, 40)
 _W, _H = 960, 540
@@ -81,17 +83,30 @@ def _label(value: float) -> str:
     return f"{value:.4g}"
 
 
-def draw_curves(
-    loss: list[tuple[int, float]], dice: list[tuple[int, float]], out: str | Path, *,
-    title: str = "training progress", overwrite: bool = True,
-) -> Path:
-    """Draw the two curves into a PNG at ``out`` (written atomically) and return its path."""
-    from PIL import Image, ImageDraw
+@dataclass(frozen=True)
+class _Axes:
+    """The plot box (pixels; y grows downwards) and the value ranges it shows."""
 
-    img = Image.new("RGB", (_W, _H), "white")
-    d = ImageDraw.Draw(img)
-    font, small = _font(16), _font(13)
-    x0, x1, y0, y1 = _LEFT, _W - _RIGHT, _TOP, _H - _BOTTOM  # plot box; y grows downwards
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+    s_lo: float
+    s_hi: float
+    l_lo: float
+    l_hi: float
+
+    def px(self, step: float) -> float:
+        return self.x0 + (step - self.s_lo) / (self.s_hi - self.s_lo) * (self.x1 - self.x0)
+
+    def py_loss(self, v: float) -> float:
+        return self.y1 - (v - self.l_lo) / (self.l_hi - self.l_lo) * (self.y1 - self.y0)
+
+    def py_dice(self, v: float) -> float:
+        return self.y1 - v * (self.y1 - self.y0)
+
+
+def _axes(loss: list[tuple[int, float]], dice: list[tuple[int, float]]) -> _Axes:
     steps = [s for s, _ in loss] + [s for s, _ in dice]
     s_lo, s_hi = (min(steps), max(steps)) if steps else (0, 1)
     if s_hi == s_lo:
@@ -102,46 +117,49 @@ def draw_curves(
     l_lo, l_hi = l_lo - pad, l_hi + pad
     if l_lo < 0 <= min(values, default=0.0):
         l_lo = 0.0  # a loss is not negative: keep 0 as the floor
+    return _Axes(_LEFT, _W - _RIGHT, _TOP, _H - _BOTTOM, s_lo, s_hi, l_lo, l_hi)
 
-    def px(step: float) -> float:
-        return x0 + (step - s_lo) / (s_hi - s_lo) * (x1 - x0)
 
-    def py_loss(v: float) -> float:
-        return y1 - (v - l_lo) / (l_hi - l_lo) * (y1 - y0)
-
-    def py_dice(v: float) -> float:
-        return y1 - v * (y1 - y0)
-
-    # grid and ticks: steps below, loss on the left, Dice on the right
-    for t in _nice_ticks(s_lo, s_hi, 8, least=1):
-        if s_lo <= t <= s_hi:
-            x = px(t)
+def _draw_grid(d: Any, ax: _Axes, small: Any) -> None:
+    """Grid and ticks: steps below, loss on the left, Dice on the right."""
+    x0, x1, y0, y1 = ax.x0, ax.x1, ax.y0, ax.y1
+    for t in _nice_ticks(ax.s_lo, ax.s_hi, 8, least=1):
+        if ax.s_lo <= t <= ax.s_hi:
+            x = ax.px(t)
             d.line([(x, y0), (x, y1)], fill=(232, 232, 232))
             d.line([(x, y1), (x, y1 + 5)], fill="black")
             d.text((x, y1 + 8), _label(t), fill="black", font=small, anchor="mt")
-    for t in _nice_ticks(l_lo, l_hi, 6):
-        if l_lo <= t <= l_hi:
-            y = py_loss(t)
+    for t in _nice_ticks(ax.l_lo, ax.l_hi, 6):
+        if ax.l_lo <= t <= ax.l_hi:
+            y = ax.py_loss(t)
             d.line([(x0 - 5, y), (x0, y)], fill=LOSS_COLOUR)
             d.text((x0 - 8, y), _label(t), fill=LOSS_COLOUR, font=small, anchor="rm")
     for i in range(6):
         t = i / 5
-        y = py_dice(t)
+        y = ax.py_dice(t)
         d.line([(x0, y), (x1, y)], fill=(232, 232, 232))
         d.line([(x1, y), (x1 + 5, y)], fill=DICE_COLOUR)
         d.text((x1 + 8, y), f"{t:.1f}", fill=DICE_COLOUR, font=small, anchor="lm")
     d.rectangle([x0, y0, x1, y1], outline="black")
 
-    # the curves: a polyline each, with dots so that one or two points still show
-    for points, py, colour in ((loss, py_loss, LOSS_COLOUR), (dice, py_dice, DICE_COLOUR)):
-        xy = [(px(s), py(v)) for s, v in points]
+
+def _draw_lines(d: Any, ax: _Axes, loss: list[tuple[int, float]], dice: list[tuple[int, float]]) -> None:
+    """The curves: a polyline each, with dots so that one or two points still show."""
+    for points, py, colour in ((loss, ax.py_loss, LOSS_COLOUR), (dice, ax.py_dice, DICE_COLOUR)):
+        xy = [(ax.px(s), py(v)) for s, v in points]
         if len(xy) > 1:
             d.line(xy, fill=colour, width=2, joint="curve")
         if len(xy) <= 60:
             for x, y in xy:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
 
-    # labels and legend
+
+def _draw_labels(
+    d: Any, ax: _Axes, loss: list[tuple[int, float]], dice: list[tuple[int, float]], title: str
+) -> None:
+    """Title, axis names, legend and the best validation Dice."""
+    font, small = _font(16), _font(13)
+    x0, x1, y0, y1 = ax.x0, ax.x1, ax.y0, ax.y1
     d.text((_W / 2, 16), title, fill="black", font=font, anchor="mt")
     d.text(((x0 + x1) / 2, _H - 22), "step", fill="black", font=font, anchor="mm")
     d.text((16, (y0 + y1) / 2), "loss", fill=LOSS_COLOUR, font=font, anchor="lm")
@@ -156,6 +174,20 @@ def draw_curves(
         d.text((x1, y0 - 6), f"best val Dice {best[1]:.4f} (step {best[0]})", fill=DICE_COLOUR,
                font=small, anchor="rb")
 
+
+def draw_curves(
+    loss: list[tuple[int, float]], dice: list[tuple[int, float]], out: str | Path, *,
+    title: str = "training progress", overwrite: bool = True,
+) -> Path:
+    """Draw the two curves into a PNG at ``out`` (written atomically) and return its path."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (_W, _H), "white")
+    d = ImageDraw.Draw(img)
+    ax = _axes(loss, dice)
+    _draw_grid(d, ax, _font(13))
+    _draw_lines(d, ax, loss, dice)
+    _draw_labels(d, ax, loss, dice, title)
     out = Path(out)
     with atomic_path(out, overwrite) as tmp:
         img.save(tmp, format="PNG")
@@ -166,7 +198,7 @@ def write_progress_png(run_dir: str | Path) -> Path | None:
     """``RUN/progress.png`` from ``RUN/train_log.jsonl``; None (and a logged warning) when the log
     is missing or the picture cannot be written: a finished training never fails on its picture."""
     run_dir = Path(run_dir)
-    log = run_dir / "train_log.jsonl"
+    log = run_dir / runfolder.TRAIN_LOG
     try:
         loss, dice = read_curves(log)
         return draw_curves(loss, dice, run_dir / PICTURE_NAME, title=f"training progress: {run_dir.name}")

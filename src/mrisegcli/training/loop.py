@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mrisegcli import runfolder
 from mrisegcli.errors import MrisegError
 from mrisegcli.training.checkpoint import (
     TrainState,
@@ -191,18 +192,17 @@ class _Loop:
         evaluate: Callable[[torch.nn.Module], dict[str, float]] | None,
         on_best: Callable[[torch.nn.Module, dict[str, float]], None] | None,
         config_dict: dict | None,
-        extra_state: Callable[[], dict[str, torch.Tensor]] | None,
         tokens_per_sample: int,
     ) -> None:
         self.model, self.data, self.cfg, self.run_dir = model, data, cfg, run_dir
         self.device, self.dist_info = device, dist_info
         self.evaluate, self.on_best = evaluate, on_best
-        self.config_dict, self.extra_state = config_dict, extra_state
+        self.config_dict = config_dict
         self.tokens_per_sample = tokens_per_sample
         self.n = next(iter(data.values())).shape[0]
         self.total = total_steps(cfg, self.n)
-        self.ckpt_dir = run_dir / "checkpoints"
-        self.log_path = run_dir / "train_log.jsonl"
+        self.ckpt_dir = run_dir / runfolder.CHECKPOINTS
+        self.log_path = run_dir / runfolder.TRAIN_LOG
         if dist_info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         model.to(device)
@@ -217,15 +217,10 @@ class _Loop:
         self.window_t, self.window_tokens = 0.0, 0
 
     # ------------------------------------------------------------------------ start and resume
-    def start(
-        self, resume: bool, prep_seconds: float,
-        load_extra_state: Callable[[dict[str, torch.Tensor]], None] | None,
-    ) -> None:
+    def start(self, resume: bool, prep_seconds: float) -> None:
         """Restore the last checkpoint (or seed a fresh run), then start the clocks."""
         if resume:
-            extra = self._resume()
-            if load_extra_state is not None:
-                load_extra_state(extra)
+            self._resume()
         else:
             torch.manual_seed(self.cfg.seed)
             self.state.prep_s = prep_seconds
@@ -238,15 +233,14 @@ class _Loop:
         self.elapsed0 = self.state.elapsed_s
         self.window_t, self.window_tokens = time.perf_counter(), 0
 
-    def _resume(self) -> dict[str, torch.Tensor]:
+    def _resume(self) -> None:
         last = latest_checkpoint(self.ckpt_dir)
         if last is None:
             raise MrisegError("--resume given but the run has no checkpoint", self.ckpt_dir)
-        self.state, extra, _ = load_checkpoint(last, self.model, self.optimizer)
+        self.state, _, _ = load_checkpoint(last, self.model, self.optimizer)
         if self.dist_info.is_main:  # a checkpoint write cut by kill -9 leaves its temp file
             remove_stale_temp_files(self.ckpt_dir)
             self._truncate_log()
-        return extra
 
     def _truncate_log(self) -> None:
         """Drop the log records past the checkpoint the run continues from."""
@@ -352,7 +346,7 @@ class _Loop:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             save_checkpoint(
                 self.ckpt_dir / checkpoint_name(self.state.step), self.model, self.optimizer, self.state,
-                extra_tensors=self.extra_state() if self.extra_state else None, config=self.config_dict,
+                config=self.config_dict,
             )
             prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
         barrier(self.dist_info)
@@ -405,24 +399,21 @@ def train(
     resume: bool = False,
     progress: Callable[..., None] | None = None,
     config_dict: dict | None = None,
-    extra_state: Callable[[], dict[str, torch.Tensor]] | None = None,
-    load_extra_state: Callable[[dict[str, torch.Tensor]], None] | None = None,
     tokens_per_sample: int = 0,
     prep_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data`` for the configured steps; returns a summary dict.
 
     ``evaluate`` (rank 0) returns metrics with a ``dice`` key; the best weights are handed to
-    ``on_best``. ``extra_state`` / ``load_extra_state`` carry state outside the model (none
-    today: the hard-token memory is a model buffer) through checkpoints. ``prep_seconds``: time
-    this invocation spent before the loop; with ``cfg.max_minutes`` it counts against the budget.
+    ``on_best``; state outside the weights (the hard-token memory) lives in model buffers and
+    travels with them. ``prep_seconds``: time this invocation spent before the loop; with
+    ``cfg.max_minutes`` it counts against the budget.
     """
     loop = _Loop(
         model, data, cfg, run_dir, device=device, dist_info=dist_info, evaluate=evaluate,
-        on_best=on_best, config_dict=config_dict, extra_state=extra_state,
-        tokens_per_sample=tokens_per_sample,
+        on_best=on_best, config_dict=config_dict, tokens_per_sample=tokens_per_sample,
     )
-    loop.start(resume, prep_seconds, load_extra_state)
+    loop.start(resume, prep_seconds)
     with _StopFlag() as stop:
         finished = loop.done(loop.time_done())
         while not finished:

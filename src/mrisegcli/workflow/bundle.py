@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mrisegcli import runfolder
 from mrisegcli.errors import MrisegError
 
-FILES = {"mask_vq": "mask_vq.safetensors", "image_vq": "image_vq.safetensors",
-         "multiscale": "multiscale.safetensors"}
-TEXT_FILE = "tokenizer.json"
+FILES = runfolder.TOKENIZERS
+TEXT_FILE = runfolder.TEXT_TOKENIZER
 #: file -> role, of every file whose fingerprint a run records
 ROLES = {**{file: role for role, file in FILES.items()}, TEXT_FILE: "text"}
 _ROLE_NAMES = {"mask_vq": "mask tokenizer", "image_vq": "image tokenizer",
@@ -77,7 +77,7 @@ def copy_bundle(src: Path, dst: Path) -> None:
     """Copy a bundle's files byte for byte (the run records exactly the tokenizers it used)."""
     from mrisegcli.io.atomic import atomic_write_bytes
 
-    names = [*FILES.values(), TEXT_FILE, "tokenizer_config.json", "special_tokens_map.json"]
+    names = [*FILES.values(), *runfolder.TEXT_TOKENIZER_FILES, runfolder.SPECIAL_TOKENS_MAP]
     for name in names:
         if (src / name).is_file():
             atomic_write_bytes(dst / name, (src / name).read_bytes(), overwrite=True)
@@ -110,7 +110,7 @@ def verify_files(folder: Path, recorded: Any, config_path: Path | None = None) -
     if recorded is None:
         return
     folder = Path(folder)
-    where = config_path if config_path is not None else folder / "config.json"
+    where = config_path if config_path is not None else folder / runfolder.CONFIG
     if not isinstance(recorded, dict):
         raise ConfigError("corrupt config (tokenizers.files is not an object)", where)
     for name, entry in recorded.items():

@@ -13,16 +13,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mrisegcli import __version__
+from mrisegcli import __version__, runfolder
 from mrisegcli.errors import ConfigError, MrisegError
 from mrisegcli.hub import IGNORE_PATTERNS, RUN_PATTERNS, hub_offline, model_card, parse_hub_id
 from mrisegcli.io.atomic import atomic_write_text
 from mrisegcli.runinfo import read_config
 from mrisegcli.workflow.bundle import FILES, TEXT_FILE, needed_tokenizers
-from mrisegcli.workflow.segmenter import MODEL_FILE
 
-CARD = "README.md"
-METRICS = "metrics.json"
+MODEL_FILE = runfolder.MODEL
+CARD = runfolder.CARD
+METRICS = runfolder.METRICS
 
 
 def check_run(run_dir: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from mrisegcli import runfolder
 from mrisegcli.config import RunConfig, to_dict
 from mrisegcli.errors import MrisegError
 from mrisegcli.io.atomic import atomic_write_text
@@ -61,7 +62,7 @@ class TrainResult:
 def _has_checkpoint(run_dir: Path) -> bool:
     from mrisegcli.training.checkpoint import latest_checkpoint
 
-    return latest_checkpoint(run_dir / "checkpoints") is not None
+    return latest_checkpoint(run_dir / runfolder.CHECKPOINTS) is not None
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -78,7 +79,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     entries = [p for p in run_dir.iterdir() if p.name != LOCK_NAME] if run_dir.is_dir() else []
     again = "start it again with --overwrite"
     if resume:
-        if not (run_dir / "config.json").is_file():
+        if not (run_dir / runfolder.CONFIG).is_file():
             if entries:  # stopped before it wrote its config: nothing to continue
                 raise MrisegError(f"nothing to resume: the run stopped before it wrote config.json; {again}", run_dir)
             raise MrisegError("--resume needs an existing run folder with config.json", run_dir)
@@ -88,7 +89,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     if not entries:
         return
     if not overwrite:
-        if (run_dir / "config.json").is_file() and _has_checkpoint(run_dir):
+        if (run_dir / runfolder.CONFIG).is_file() and _has_checkpoint(run_dir):
             raise MrisegError("run folder is not empty (use --resume to continue it or --overwrite)", run_dir)
         raise MrisegError(f"run folder is not empty and has no checkpoint to resume; {again}", run_dir)
     foreign = foreign_entry(run_dir)
@@ -106,12 +107,12 @@ def _clear_run(run_dir: Path) -> None:
     the folder holds nothing else)."""
     from mrisegcli.runinfo import RUN_FOLDERS
 
-    for name in ("model.safetensors", "train_log.jsonl", "metrics.json", "config.json", "progress.png"):
+    for name in (runfolder.MODEL, runfolder.TRAIN_LOG, runfolder.METRICS, runfolder.CONFIG, runfolder.PROGRESS):
         (run_dir / name).unlink(missing_ok=True)
-    ckpts = run_dir / "checkpoints"
+    ckpts = run_dir / runfolder.CHECKPOINTS
     if ckpts.is_dir() and not ckpts.is_symlink():
         for p in ckpts.iterdir():
-            if RUN_FOLDERS["checkpoints"].match(p.name) and p.is_file() and not p.is_symlink():
+            if RUN_FOLDERS[runfolder.CHECKPOINTS].match(p.name) and p.is_file() and not p.is_symlink():
                 p.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             ckpts.rmdir()
@@ -275,7 +276,7 @@ def _write_metrics(result: TrainResult, run_dir: Path, resume: bool) -> None:
         "steps": result.steps, "train_seconds": result.train_seconds,
         "tokenizers": result.tokenizer_reports, "cache": result.cache,
     }
-    old = run_dir / "metrics.json"
+    old = run_dir / runfolder.METRICS
     if old.is_file() and resume:
         prev = json.loads(old.read_text())
         metrics["tokenizers"] = metrics["tokenizers"] or prev.get("tokenizers", {})
@@ -312,7 +313,7 @@ def train_run(
     run_dir = Path(run_dir)
     cfg, saved = _start_run(run_dir, cfg, resume=resume, overwrite=overwrite, tokenizer_dir=tokenizer_dir,
                             given=given, dist_info=dist_info)
-    cache_dir = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
+    cache_dir = Path(cache_dir) if cache_dir is not None else run_dir / runfolder.CACHE
     torch.manual_seed(cfg.seed)
     roots = _roots(data_root)
     ds = open_dataset(roots, layout, seed=cfg.seed, check=dist_info.is_main and not resume)
