@@ -196,3 +196,26 @@ def test_resume_rebuilds_the_saved_model_not_todays_defaults(synth_data, tmp_pat
     invoke(["train", "--data", str(synth_data), "--out", str(run), "--resume", *TINY])
     log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in log if r["split"] == "train") >= 8
+
+
+@pytest.mark.slow
+def test_trained_model_beats_trivial_masks(tmp_path):
+    """A model that learnt something: on held-out synthetic cases its Dice clears a floor well
+    above what an empty mask (0) or an all-foreground mask scores. A model that ignores its
+    input, a decoder that returns the wrong codes or masks written on the wrong grid fail here;
+    the tiny runs above only show that the pipeline runs. Measured: Dice 0.23 (the mask
+    tokenizer's ceiling at these settings), all-foreground 0.05."""
+    data = tmp_path / "data"
+    invoke(["synth", str(data), "--n-train", "48", "--n-val", "8", "--n-test", "8", "--size", "32"])
+    run = tmp_path / "run"
+    invoke(["train", "--data", str(data), "--out", str(run), "--size", "32", "--batch-size", "8",
+            "--mask-steps", "300", "--steps", "80", "--image-input", "pixels", "--device", "cpu",
+            "--workers", "0", "-q"])
+    r = invoke(["evaluate", "--model", str(run), "--data", str(data), "--split", "test", "--json",
+                "--device", "cpu", "-q"])
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    masks = [np.asarray(Image.open(p)) > 0 for p in sorted((data / "Test_Folder" / "labelcol").iterdir())]
+    assert len(masks) == summary["n"] == 8 and all(m.any() for m in masks)
+    all_foreground = float(np.mean([2 * m.sum() / (m.sum() + m.size) for m in masks]))
+    assert summary["dice"] > max(0.1, 2 * all_foreground), (summary["dice"], all_foreground)
+    assert summary["n_empty_pred"] < summary["n"]  # not the empty mask everywhere
