@@ -3,6 +3,7 @@
     python bench/bench_decode.py                                  # tiny preset, 128 px (16x16 grid)
     python bench/bench_decode.py --batch 8 --threads 1 --uncached-tokens 32
     python bench/bench_decode.py --device cuda --preset base --batch 64   # + compile and bf16
+    python bench/bench_decode.py --paradigm next-token --batch 1 --threads 2 --uncached-tokens 256 --compile
 
 Models and tokenizers are randomly initialised at the preset (speed does not depend on the
 weights); image codes / pixels and text ids are random. Decoding is greedy, so the cached and
@@ -12,7 +13,10 @@ The uncached next-token decoder runs one full forward pass per mask token, which
 on a CPU. ``--uncached-tokens N`` times only N of the Gm*Gm steps (evenly spaced over the mask,
 each fed the cached decoder's codes as its prefix, exactly the work the uncached decoder does at
 that step) and estimates the whole decode by linear interpolation between them. Default: all
-steps on CUDA, 32 on a CPU; 0 skips the uncached next-token decode.
+steps on CUDA, 32 on a CPU; 0 skips the uncached next-token decode (``identical`` and the
+summary's ``greedy_identical`` are then null: not checked). ``ms_per_step`` is the cached
+decode's time less its prefill (timed alone), over the Gm*Gm - 1 steps. ``--compile`` also times
+the compiled step on a CPU (``MaskGenerator(compile=True)``; CUDA always does).
 
 Ratios that matter are timed in turns (a, b, a, b, ...) in one process, so that a change of the
 machine's load hits both sides: the cached next-scale vs next-token decode (``head_to_head``,
@@ -76,8 +80,9 @@ def time_interleaved(
 
 
 def count_passes(model: torch.nn.Module, fn: Any) -> int:
-    """Forward passes of the transformer during ``fn()`` (calls of its first block)."""
-    counter = CallCounter(model.transformer.layers[0])
+    """Forward passes of the transformer during ``fn()`` (calls of its final norm, one per pass
+    in training and cached passes alike)."""
+    counter = CallCounter(model.transformer.norm)
     try:
         fn()
     finally:
@@ -148,14 +153,23 @@ def bench_next_token(args: argparse.Namespace, device: torch.device, rep: Report
         cached = time_it(lambda: decode(image, ids, tmask), device, warmup=args.warmup, repeats=args.repeats)
     codes = decode(image, ids, tmask)
     passes = count_passes(model, lambda: decode(image, ids, tmask))
+
+    def prefill_only() -> None:
+        with torch.no_grad():
+            model.prefill(image, ids, tmask)
+
+    pre = time_it(prefill_only, device, warmup=args.warmup, repeats=args.repeats)
+    ms_step = 1e3 * max(cached.median - pre.median, 0.0) / (lay.n_mask - 1)
     out: dict[str, Any] = {
         "mask_grid": mcfg.mask_grid, "n_mask_tokens": lay.n_mask, "prefix_len": lay.prefix_len,
         "forward_passes": passes, "forward_passes_formula": f"1 prefill + {lay.n_mask - 1} steps",
         "cached": {**cached.to_json(), "ms_per_mask": 1e3 * cached.median / B,
-                   "masks_per_s": B / cached.median, "memory": mem.to_json()},
+                   "masks_per_s": B / cached.median, "memory": mem.to_json(),
+                   "prefill_ms": 1e3 * pre.median, "ms_per_step": ms_step},
     }
     rep.line(f"  cached   : {B / cached.median:9.2f} masks/s  ({1e3 * cached.median / B:.2f} ms/mask, "
              f"{passes} forward passes, {mem.describe()})")
+    rep.line(f"  cached step: {ms_step:.3f} ms per step of the batch (prefill {1e3 * pre.median:.1f} ms)")
     fixed = MaskGenerator(model, fixed_shapes=True)  # every step reads the whole cache
     pair = time_interleaved({"filled_prefix": lambda: decode(image, ids, tmask),
                              "whole_cache": lambda: fixed(image, ids, tmask)},
@@ -191,6 +205,10 @@ def bench_next_token(args: argparse.Namespace, device: torch.device, rep: Report
                if unc["estimated"] else "all steps timed")
         rep.line(f"  uncached : {unc['masks_per_s']:9.2f} masks/s  ({unc['ms_per_mask']:.2f} ms/mask; {how})")
         rep.line(f"  KV cache speed-up: {unc['kv_speedup']:.1f}x   greedy codes identical: {unc['identical']}")
+    else:
+        rep.line("  uncached : skipped (--uncached-tokens 0); greedy identity vs uncached not checked")
+    if device.type == "cpu" and args.compile:
+        out["cpu_compile"] = cpu_compile(model, image, ids, tmask, codes, decode, unc, args, device, rep)
     if device.type == "cuda":
         out["cuda_variants"] = cuda_variants(model, image, ids, tmask, codes, cached.median, args, device, rep)
     return out, lambda: decode(image, ids, tmask)
@@ -217,6 +235,36 @@ def cuda_variants(
                      "codes_agree_with_fp32": agree}
         rep.line(f"  {name:<13}: {B / t.median:9.2f} masks/s  ({eager_s / t.median:.2f}x eager fp32, "
                  f"{100 * agree:.1f}% codes as fp32)")
+    return res
+
+
+def cpu_compile(
+    model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor, tmask: torch.Tensor, codes: torch.Tensor,
+    eager: Callable[..., Any], unc: dict[str, Any] | None, args: argparse.Namespace, device: torch.device,
+    rep: Reporter,
+) -> dict[str, Any]:
+    """The compiled decode step on a CPU (Inductor C++ kernels, whole cache read), timed in turns
+    with the eager decode; compile time reported apart."""
+    B = args.batch
+    try:
+        compiled = MaskGenerator(model, compile=True)
+        t0 = time.perf_counter()
+        first = compiled(image, ids, tmask)
+        compile_s = time.perf_counter() - t0
+    except Exception as e:  # e.g. no C++ compiler: report and go on
+        err = f"{type(e).__name__}: {e}".splitlines()[0]
+        rep.line(f"  compiled step: failed ({err})")
+        return {"error": err}
+    pair = time_interleaved({"eager": lambda: eager(image, ids, tmask), "compiled": lambda: compiled(image, ids, tmask)},
+                            device, warmup=args.warmup, repeats=args.repeats)
+    res = {**{name: {**t.to_json(), "ms_per_mask": 1e3 * t.median / B} for name, t in pair.items()},
+           "compile_s": compile_s, "speedup_vs_eager": pair["eager"].median / pair["compiled"].median,
+           "codes_agree_with_eager": (first == codes).float().mean().item()}
+    if unc is not None:
+        res["kv_speedup"] = unc["seconds"] / pair["compiled"].median
+    rep.line(f"  compiled step (CPU): {res['compiled']['ms_per_mask']:.2f} ms/mask vs eager "
+             f"{res['eager']['ms_per_mask']:.2f} in turns ({res['speedup_vs_eager']:.2f}x; compile {compile_s:.0f} s; "
+             f"{100 * res['codes_agree_with_eager']:.1f}% codes as eager)")
     return res
 
 
@@ -291,38 +339,53 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(p, batch=16, warmup=1, repeats=3)
     p.add_argument("--uncached-tokens", type=int, default=None,
                    help="uncached next-token steps to time (default: all on CUDA, 32 on CPU; 0: skip)")
+    p.add_argument("--paradigm", default="both", choices=["next-token", "next-scale", "both"],
+                   help="decoders to time (the head-to-head ratio needs both)")
+    p.add_argument("--compile", action="store_true", help="also time the compiled next-token step on a CPU")
     args = p.parse_args(argv)
     device = setup(args)
     rep = Reporter(args)
     rep.line(f"decode benchmark: preset {args.preset}, {args.size} px, batch {args.batch}, {device}, "
              f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up")
-    nt, nt_decode = bench_next_token(args, device, rep)
-    ns, ns_decode = bench_next_scale(args, device, rep)
-    # the headline ratio: both cached decoders timed in turns, same batch, same transformer
-    pair = time_interleaved({"next_token": nt_decode, "next_scale": ns_decode},
-                            device, warmup=args.warmup, repeats=args.repeats)
-    ratio = pair["next_scale"].median / pair["next_token"].median
-    head_to_head = {name: {**t.to_json(), "ms_per_mask": 1e3 * t.median / args.batch} for name, t in pair.items()}
-    rep.line(f"head to head, timed in turns: next-token {head_to_head['next_token']['ms_per_mask']:.2f} ms/mask, "
-             f"next-scale {head_to_head['next_scale']['ms_per_mask']:.2f} ms/mask")
-    rep.line(f"next-scale / next-token cached decode time: {ratio:.3f} "
-             f"(next-scale {1 / ratio:.2f}x faster; {ns['forward_passes']} vs {nt['forward_passes']} forward passes)")
+    nt = ns = head_to_head = None
+    ratio: float | None = None
+    if args.paradigm in ("next-token", "both"):
+        nt, nt_decode = bench_next_token(args, device, rep)
+    if args.paradigm in ("next-scale", "both"):
+        ns, ns_decode = bench_next_scale(args, device, rep)
+    if nt is not None and ns is not None:
+        # the headline ratio: both cached decoders timed in turns, same batch, same transformer
+        pair = time_interleaved({"next_token": nt_decode, "next_scale": ns_decode},
+                                device, warmup=args.warmup, repeats=args.repeats)
+        ratio = pair["next_scale"].median / pair["next_token"].median
+        head_to_head = {name: {**t.to_json(), "ms_per_mask": 1e3 * t.median / args.batch} for name, t in pair.items()}
+        rep.line(f"head to head, timed in turns: next-token {head_to_head['next_token']['ms_per_mask']:.2f} ms/mask, "
+                 f"next-scale {head_to_head['next_scale']['ms_per_mask']:.2f} ms/mask")
+        rep.line(f"next-scale / next-token cached decode time: {ratio:.3f} "
+                 f"(next-scale {1 / ratio:.2f}x faster; {ns['forward_passes']} vs {nt['forward_passes']} forward passes)")
+    nt_, ns_ = nt or {}, ns or {}
+    checks = [nt_.get("uncached", {}).get("identical"), nt_.get("keys_read", {}).get("identical"),
+              ns_.get("uncached", {}).get("identical")]
+    done = [c for c in checks if c is not None]
     rep.emit({
         "bench": "decode", "machine": machine_info(device), "args": args_dict(args),
         "next_token": nt, "next_scale": ns, "head_to_head": head_to_head,
         "summary": {
-            "kv_speedup_next_token": nt.get("uncached", {}).get("kv_speedup"),
-            "kv_speedup_next_token_estimated": nt.get("uncached", {}).get("estimated"),
-            "kv_speedup_next_scale": ns["kv_speedup"],
+            "kv_speedup_next_token": nt_.get("uncached", {}).get("kv_speedup"),
+            "kv_speedup_next_token_estimated": nt_.get("uncached", {}).get("estimated"),
+            "kv_speedup_next_token_compiled": nt_.get("cpu_compile", {}).get("kv_speedup"),
+            "ms_per_step_next_token_cached": nt_.get("cached", {}).get("ms_per_step"),
+            "kv_speedup_next_scale": ns_.get("kv_speedup"),
             "next_scale_over_next_token_time": ratio,
-            "next_scale_speedup_over_next_token": 1 / ratio,
-            "next_token_prefix_speedup": nt["keys_read"]["prefix_speedup"],
-            "forward_passes_next_token": nt["forward_passes"],
-            "forward_passes_next_scale": ns["forward_passes"],
-            "masks_per_s_next_token_cached": nt["cached"]["masks_per_s"],
-            "masks_per_s_next_scale_cached": ns["cached"]["masks_per_s"],
-            "greedy_identical": bool(nt.get("uncached", {}).get("identical", True) and ns["uncached"]["identical"]
-                                     and nt["keys_read"]["identical"]),
+            "next_scale_speedup_over_next_token": None if ratio is None else 1 / ratio,
+            "next_token_prefix_speedup": nt_.get("keys_read", {}).get("prefix_speedup"),
+            "forward_passes_next_token": nt_.get("forward_passes"),
+            "forward_passes_next_scale": ns_.get("forward_passes"),
+            "masks_per_s_next_token_cached": nt_.get("cached", {}).get("masks_per_s"),
+            "masks_per_s_next_scale_cached": ns_.get("cached", {}).get("masks_per_s"),
+            # null when the uncached next-token check was skipped (--uncached-tokens 0): not checked
+            "greedy_identical": None if (nt is not None and "uncached" not in nt) or not done else all(done),
+            "greedy_checks_done": len(done),
         },
     })
     return 0

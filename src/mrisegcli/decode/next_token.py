@@ -2,10 +2,13 @@
 
 The decode step reads and writes the model's static KV cache, so its tensors keep their
 addresses from step to step; :func:`decode_one_token` is the small pure function that is
-compiled (``torch.compile(mode="reduce-overhead")``, i.e. CUDA graphs) when asked on CUDA.
-Eager steps attend only to the filled prefix of the cache (slots [0, slot + 1)), which halves
-the keys read on average; the compiled step reads the whole cache so that every step has the
-same shapes and one CUDA graph serves them all.
+compiled when asked: ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) on CUDA, plain
+``torch.compile`` (Inductor's C++ kernels; it takes about a minute the first time) on a CPU.
+Eager steps (:meth:`NextTokenSegmenter.decode_next`) attend only to the filled prefix of the
+cache (slots [0, slot + 1)), which halves the keys read on average, and build nothing per step
+(the RoPE rotation is a table row, the mask a view of the key padding); the compiled step
+reads the whole cache so that every step has the same shapes and one compiled graph serves
+them all.
 
 :func:`generate_masks_uncached` recomputes the whole sequence at every step; it is the
 reference for tests and the baseline for the speed benchmark. Both draw tokens through the same
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mrisegcli.decode.sampling import Sampler
+from mrisegcli.decode.sampling import Sampler, logits_to_probs
 from mrisegcli.models.next_token import NextTokenSegmenter
 
 DecodeFn = Callable[[NextTokenSegmenter, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -61,9 +64,9 @@ def _draw_tokens(logits_BK: torch.Tensor, next_logits: NextLogits, n_mask: int, 
 class MaskGenerator:
     """Batched cached decoding; holds the (optionally compiled) decode step across calls.
 
-    ``compile`` and ``amp_dtype`` (e.g. ``torch.bfloat16`` autocast, with the KV cache in that
-    dtype) take effect only when the model is on CUDA; elsewhere decoding runs eagerly in the
-    model's dtype. Each step attends to the filled prefix of the cache, unless ``fixed_shapes``
+    ``compile`` compiles the decode step (CUDA graphs on CUDA, C++ kernels on a CPU);
+    ``amp_dtype`` (e.g. ``torch.bfloat16`` autocast, with the KV cache in that dtype) takes
+    effect only when the model is on CUDA; elsewhere decoding runs in the model's dtype. Each step attends to the filled prefix of the cache, unless ``fixed_shapes``
     (implied by a compiled step): then it reads the whole cache, so that every step has the same
     shapes and one CUDA graph serves all of them (same codes, more keys read per step).
     """
@@ -76,9 +79,11 @@ class MaskGenerator:
         on_cuda = _param(model).device.type == "cuda"
         self.amp_dtype = amp_dtype if on_cuda else None
         self.step: DecodeFn = decode_one_token
-        self.fixed_shapes = fixed_shapes or (compile and on_cuda)
+        self.fixed_shapes = fixed_shapes or compile
         if compile and on_cuda:
             self.step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+        elif compile:
+            self.step = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -125,9 +130,13 @@ def generate_masks_speculative(
     text_mask: torch.Tensor,
     *,
     stats: dict[str, float] | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Greedy decoding drafted by the model's own NkTP heads -> (B, Gm, Gm), the same codes as
-    greedy :func:`generate_masks`.
+    """Decoding drafted by the model's own NkTP heads -> (B, Gm, Gm): greedy by default, the
+    same codes as greedy :func:`generate_masks`; with ``temperature > 0`` speculative sampling
+    (:func:`_speculative_sampling`), whose codes have the distribution of plain sampling.
 
     From the state that predicts code n, the main head gives code n (exact) and the k-1 NkTP
     heads guess codes n+1 .. n+k-1. One cached pass over that block gives the main head's
@@ -140,6 +149,8 @@ def generate_masks_speculative(
     (guesses the main head agreed with), ``drafted`` (guesses made) and ``uneven`` (passes where
     the sequences of the batch kept runs of different lengths).
     """
+    if temperature > 0:
+        return _speculative_sampling(model, image, text_ids, text_mask, Sampler(temperature, top_k, generator), stats)
     lay = model.layout
     B, N = text_ids.shape[0], lay.n_mask
     device = _param(model).device
@@ -168,6 +179,83 @@ def generate_masks_speculative(
         n += a + 1
         if n < N:  # then a < L_feed: the state after the kept codes predicts code n
             h_BC = h_BLC[:, a]
+    if stats is not None:
+        stats.update(passes=float(passes), accepted=float(accepted), drafted=float(drafted),
+                     uneven=float(uneven))
+    g = model.config.mask_grid
+    return codes_BN.view(B, g, g)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(..., K) probabilities -> (...) indices (the exponential race of :func:`sample`)."""
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+def _speculative_sampling(
+    model: NextTokenSegmenter, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+    sampler: Sampler, stats: dict[str, float] | None,
+) -> torch.Tensor:
+    """Speculative sampling with the NkTP heads as the draft: codes distributed as plain sampling.
+
+    The target p of every code is the main head's distribution after ``sampler``'s temperature
+    and top-k (what plain sampling draws from); the draft q_j of the code j places ahead is the
+    NkTP head j's, under the same transform. From the state that predicts code n: code n is
+    drawn from p (or was decided by the previous pass), guesses g_j ~ q_j for codes n+j; one
+    cached pass over the block gives p at each guess. Guess j is accepted with probability
+    min(1, p(g_j) / q_j(g_j)); at the first rejection the code is drawn from the residual
+    max(0, p - q_j) renormalised, which makes each emitted code distributed exactly as p
+    (Leviathan et al. 2023, Chen et al. 2023). A batch advances by the shortest accepted run a;
+    every sequence's code after the kept ones (its accepted guess a+1, or its residual draw) is
+    carried to the next pass as that pass's first code, so stopping early for another sequence's
+    sake changes no distribution.
+    """
+    lay = model.layout
+    B, N = text_ids.shape[0], lay.n_mask
+    device = _param(model).device
+    model.setup_caches(B, dtype=_param(model).dtype, device=device)
+    slots = torch.arange(lay.prefix_len, lay.input_len + 1, device=device)
+    codes_BN = torch.empty(B, N, dtype=torch.long, device=device)
+    h_BC = model.prefill_state(image, text_ids, text_mask)
+    gen, T, top_k = sampler.generator, sampler.temperature, sampler.top_k
+    first_B: torch.Tensor | None = None  # code n when the previous pass decided it
+    n, passes, accepted, drafted, uneven = 0, 0, 0, 0, 0
+    while n < N:
+        probs_BLK = logits_to_probs(model.draft_logits(h_BC)[:, : N - n], T, top_k)  # p, then q_1 .. q_{L-1}
+        L = probs_BLK.shape[1]
+        block_BL = _draw(probs_BLK, gen)
+        if first_B is not None:
+            block_BL[:, 0] = first_B
+        L_feed = L - 1 if n + L == N else L
+        if L_feed == 0:
+            codes_BN[:, n] = block_BL[:, 0]
+            break
+        h_BLC = model.decode_block(block_BL[:, :L_feed], slots[n : n + L_feed], lay.prefix_len + n + L_feed)
+        passes += 1
+        p_BLK = logits_to_probs(model.mask_head(h_BLC), T, top_k)  # p of code n+1+t after block[:, :t+1]
+        g_BG = block_BL[:, 1:]  # guesses (B, L-1), verified by p_BLK[:, : L-1]
+        q_BGK = probs_BLK[:, 1:]
+        p_g = p_BLK[:, : L - 1].gather(-1, g_BG[..., None])[..., 0]
+        q_g = q_BGK.gather(-1, g_BG[..., None])[..., 0]
+        u_BG = torch.rand(g_BG.shape, generator=gen, device=device)
+        ok_BG = u_BG * q_g < p_g  # u < p/q without dividing (q(g) > 0: g was drawn from q)
+        kept_B = ok_BG.long().cumprod(1).sum(1)
+        a = int(kept_B.min())
+        uneven += int(kept_B.max()) != a
+        drafted += (L - 1) * B
+        accepted += int(kept_B.sum())
+        codes_BN[:, n : n + a + 1] = block_BL[:, : a + 1]
+        n += a + 1
+        if n >= N:
+            break
+        h_BC = h_BLC[:, a]  # predicts code n
+        if a + 1 < L:  # guess a+1 exists: the accepted guess, or a draw from the residual
+            residual_BK = (p_BLK[:, a] - q_BGK[:, a]).clamp_min(0)
+            norm_B1 = residual_BK.sum(-1, keepdim=True)
+            residual_BK = torch.where(norm_B1 > 0, residual_BK / norm_B1.clamp_min(1e-30), p_BLK[:, a])
+            first_B = torch.where(ok_BG[:, a], g_BG[:, a], _draw(residual_BK, gen))
+        else:  # every guess kept and the block used up: code n is drawn from p next pass
+            first_B = None
     if stats is not None:
         stats.update(passes=float(passes), accepted=float(accepted), drafted=float(drafted),
                      uneven=float(uneven))
