@@ -382,3 +382,74 @@ def test_threshold_moves_the_mask(tmp_path):
         assert mask[0, -1] and not mask[0, 0]
     np.testing.assert_allclose(fractions, [0.75, 0.5, 0.25], atol=0.05)
     assert read_scan(tmp_path / "ramp.png").shape == (20, 64)
+
+
+# ----------------------------------------------------------------------------- one library call
+
+
+class FakeLoaded:
+    """What predict_batch uses of a loaded Segmenter: foreground = image > 0.5."""
+
+    paradigm = "next-token"
+
+    def __init__(self, size: int = 32, batch_size: int = 2) -> None:
+        import torch
+
+        self.image_size, self.batch_size, self.device = size, batch_size, torch.device("cpu")
+        self.encoded: list[list[str]] = []
+        self.batches: list[int] = []
+
+    def encode_text(self, texts):
+        import torch
+
+        self.encoded.append(list(texts))
+        return torch.ones(len(texts), 4, dtype=torch.long), torch.ones(len(texts), 4, dtype=torch.bool)
+
+    def predict_tensors(self, image_B1SS, ids, mask, *, samples=1, temperature=None, generator=None, steps=False):
+        from mrisegcli.workflow.segmenter import Prediction
+
+        assert ids.shape == (image_B1SS.shape[0], 4) and mask.shape == ids.shape
+        self.batches.append(image_B1SS.shape[0])
+        return Prediction((image_B1SS[:, 0] > 0.5).float())
+
+
+def test_predict_batch_checks_first_then_tokenises_each_prompt_once(tmp_path):
+    from mrisegcli.workflow.predict import PredictOptions, predict_batch
+
+    truth = _box_png(tmp_path / "in" / "a.png")
+    _box_png(tmp_path / "in" / "b.png")
+    vol = np.zeros((5, 20, 24), np.int16)  # (z, y, x): 5 slices, decoded in batches of 2
+    vol[:, 5:15, 6:18] = 1000
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), np.eye(4)), tmp_path / "in" / "c.nii.gz")
+    loaded = FakeLoaded()
+    results = predict_batch(lambda: loaded, inputs=[tmp_path / "in"], text=TEXT,
+                            options=PredictOptions(out_dir=tmp_path / "out"))
+    assert [r.error for r in results] == [None, None, None]
+    assert loaded.encoded == [[TEXT.strip()]]  # one prompt, tokenised once for 3 inputs, 4 batches
+    assert loaded.batches == [1, 1, 2, 2, 1]
+    assert _iou(read_mask(tmp_path / "out" / "a_mask.png"), truth) > 0.85
+    assert results[2].slices == 5 and results[2].foreground_pixels > 0
+    # outputs that exist are refused before the model is loaded
+    never = []
+    with pytest.raises(OutputExistsError):
+        predict_batch(lambda: never.append(1), inputs=[tmp_path / "in"], text=TEXT,
+                      options=PredictOptions(out_dir=tmp_path / "out"))
+    assert never == []
+
+
+def test_predict_batch_prompts_file_and_model_options(tmp_path):
+    from mrisegcli.workflow.predict import ModelOptionError, PredictOptions, predict_batch
+
+    _box_png(tmp_path / "a.png")
+    _box_png(tmp_path / "b.png")
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text("\n".join(json.dumps({"path": str(tmp_path / n), "text": t})
+                              for n, t in (("a.png", "left lung"), ("b.png", "left lung"))) + "\n")
+    loaded = FakeLoaded()
+    results = predict_batch(lambda: loaded, prompts=rows, options=PredictOptions(out_dir=tmp_path / "o"))
+    assert [r.text for r in results] == ["left lung", "left lung"] and loaded.encoded == [["left lung"]]
+    with pytest.raises(ModelOptionError, match="next-scale"):
+        predict_batch(lambda: loaded, inputs=[tmp_path / "a.png"], text="x",
+                      options=PredictOptions(out_dir=tmp_path / "s", steps_png=True))
+    with pytest.raises(MrisegError, match="prompts file"):
+        predict_batch(lambda: loaded, prompts=rows, text="x")

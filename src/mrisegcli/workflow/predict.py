@@ -1,6 +1,6 @@
 """The file side of ``mriseg predict``: inputs -> planned outputs -> a mask on each scan's grid.
 
-The model is any :class:`SliceSegmenter`: a callable from square slices to probabilities, so
+The model is any :class:`SliceModel`: a callable from square slices to probabilities, so
 the planning and running here do not depend on the model code (:class:`SegmenterSlices` puts a
 loaded :class:`~mrisegcli.workflow.segmenter.Segmenter` behind that interface). A batch runs in
 two stages:
@@ -64,14 +64,14 @@ _SHOWN = 3  # existing outputs named in the refusal
 
 @dataclass
 class SlicePrediction:
-    """What a segmenter returns for N slices at its own square resolution S."""
+    """What a slice model returns for N slices at its own square resolution S."""
 
     prob: np.ndarray  # (N, S, S) float32 in [0, 1]
     uncertainty: np.ndarray | None = None  # (N, S, S) float32 in [0, 1]
     steps: list[np.ndarray] | None = None  # coarse-to-fine probabilities, each (N, s, s)
 
 
-class SliceSegmenter(Protocol):
+class SliceModel(Protocol):
     """A model behind ``predict``: (N, S, S) images in [0, 1] and one text -> SlicePrediction."""
 
     image_size: int
@@ -400,7 +400,7 @@ def _write_steps(
 
 
 def _predict_one(
-    segmenter: SliceSegmenter,
+    model: SliceModel,
     plan: PlannedOutput,
     text: str,
     threshold: float,
@@ -413,9 +413,9 @@ def _predict_one(
             f"is a volume of {scan.num_slices} slices; a PNG mask holds one, use --format nii",
             plan.input,
         )
-    size = int(segmenter.image_size)
+    size = int(model.image_size)
     images_NSS = scan_model_inputs(scan, size)  # (N, S, S) in [0, 1]
-    pred = segmenter(images_NSS, text)
+    pred = model(images_NSS, text)
     if "uncertainty" in plan.outputs and pred.uncertainty is None:
         raise ModelOutputError("the model gave no uncertainty map (use --samples 2 or more)")
     if "steps" in plan.outputs and not pred.steps:
@@ -439,7 +439,7 @@ def _predict_one(
 
 
 def run_plans(
-    segmenter: SliceSegmenter,
+    model: SliceModel,
     plans: Sequence[PlannedOutput],
     text: str | Sequence[str],
     *,
@@ -456,12 +456,12 @@ def run_plans(
         texts = [validate_text(text)] * len(plans)
     else:
         texts = [validate_text(t) for t in text]
-    return _run_checked(segmenter, plans, texts, overwrite=overwrite, threshold=threshold,
+    return _run_checked(model, plans, texts, overwrite=overwrite, threshold=threshold,
                         keep_going=keep_going, on_result=on_result)
 
 
 def _run_checked(
-    segmenter: SliceSegmenter,
+    model: SliceModel,
     plans: Sequence[PlannedOutput],
     texts: Sequence[str],
     *,
@@ -481,7 +481,7 @@ def _run_checked(
         try:
             if plan.error is not None:
                 raise MrisegError(plan.error)
-            result = _predict_one(segmenter, plan, prompt, threshold, overwrite)
+            result = _predict_one(model, plan, prompt, threshold, overwrite)
         except ModelOutputError:
             raise
         except MrisegError as err:
@@ -497,7 +497,7 @@ def _run_checked(
 
 
 def predict_files(
-    segmenter: SliceSegmenter,
+    model: SliceModel,
     inputs: Sequence[str | Path],
     text: str,
     *,
@@ -527,7 +527,7 @@ def predict_files(
         steps_png=steps_png, keep_going=keep_going,
     )  # fmt: skip
     return _run_checked(
-        segmenter, plans, [text] * len(plans), overwrite=overwrite, threshold=threshold,
+        model, plans, [text] * len(plans), overwrite=overwrite, threshold=threshold,
         keep_going=keep_going, on_result=on_result,
     )  # fmt: skip
 
@@ -536,7 +536,7 @@ def predict_files(
 
 
 class SegmenterSlices:
-    """A loaded :class:`~mrisegcli.workflow.segmenter.Segmenter` as the :class:`SliceSegmenter`
+    """A loaded :class:`~mrisegcli.workflow.segmenter.Segmenter` as the :class:`SliceModel`
     of this module: each prompt is tokenised (and checked against the model's text context) once
     for the whole batch, an input's slices are decoded in batches of the segmenter's batch size,
     and the sampling restarts from ``seed`` for every input."""
@@ -660,6 +660,6 @@ def predict_batch(
 __all__ = [
     "FORMATS", "IMAGE_SUFFIXES", "MAX_TEXT_CHARS", "OUTPUT_SUFFIXES", "ModelOptionError", "ModelOutputError",
     "PlannedOutput", "PredictOptions", "PredictResult", "PromptRow", "SegmenterSlices", "SlicePrediction",
-    "SliceSegmenter", "expand_inputs", "plan_outputs", "predict_batch", "predict_files", "prompt_inputs",
+    "SliceModel", "expand_inputs", "plan_outputs", "predict_batch", "predict_files", "prompt_inputs",
     "read_prompts", "run_plans", "validate_text",
 ]
