@@ -106,6 +106,9 @@ def bench_paradigm(
     model.train()
     batch = random_batch(paradigm, model, mcfg, cfg, text_vocab_size(bundle.text), args.batch, device, args.seed)
     opt = make_optimizer(model, cfg.train)
+    if args.fused_adamw:  # the same groups and hyper-parameters, one fused kernel per step
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+        opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, fused=True)
     use_amp = cfg.train.amp and device.type == "cuda"
 
     def step() -> None:
@@ -128,6 +131,7 @@ def bench_paradigm(
         "step_s": t.median, "samples_per_s": args.batch / t.median,
         "tokens_per_s": args.batch * predicted / t.median, "seq_tokens_per_s": args.batch * T / t.median,
         "flops_per_step": flops, "flops_per_s": flops / t.median, "memory": mem.to_json(),
+        "optimizer": "AdamW fused" if args.fused_adamw else "AdamW (training.loop.make_optimizer)",
     }
     rep.line(f"{paradigm}: {res['params_total'] / 1e6:.2f}M params ({n_blocks / 1e6:.2f}M in blocks), "
              f"T={T}, {predicted} predicted tokens/sample, batch {args.batch}")
@@ -142,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(p, batch=32, warmup=2, repeats=3)
     p.add_argument("--paradigm", default="both", choices=[*PARADIGMS, "both"])
     p.add_argument("--steps", type=int, default=5, help="timed training steps (after --warmup)")
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="AdamW(fused=True) with make_optimizer's groups instead of make_optimizer's own")
     p.add_argument("--matmul-size", type=int, default=None,
                    help="side of the peak-FLOP/s matmul (default: 2048 on a CPU, 8192 on CUDA)")
     args = p.parse_args(argv)
