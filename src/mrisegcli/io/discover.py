@@ -4,6 +4,7 @@ list of inputs, where a folder holding one DICOM series is one input.
 Folders are listed one level deep in natural order ('img2' before 'img10'); DICOM files are
 recognised by their 'DICM' preamble whatever their names; DICOM objects without pixels and DICOM
 SEGs are never inputs, nor are files named like this tool's outputs of another entry.
+:func:`is_volume` tells from the headers alone whether an input has several slices.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+import numpy as np
 
 from mrisegcli.errors import InputError, MrisegError
 from mrisegcli.io.read import check_input_path
@@ -218,5 +221,35 @@ def prompt_inputs(rows: Sequence[PromptRow], errors: dict[Path, str] | None = No
     return found
 
 
+def is_volume(path: Path, kind: str) -> bool:
+    """Whether an input has several slices, from its header only (False when unsure)."""
+    try:
+        if path.is_dir():
+            listing = scan_folder(path)
+            if listing.series:
+                return True
+            return len(listing.images) == 1 and is_volume(listing.images[0], "dicom")
+        if kind == "raster":
+            from mrisegcli.io.raster import open_image
+
+            with open_image(path) as im:
+                if im.format != "TIFF" or getattr(im, "n_frames", 1) < 2:
+                    return False
+                sizes = set()
+                for i in range(im.n_frames):
+                    im.seek(i)
+                    sizes.add(im.size)
+                return len(sizes) == 1
+        if kind == "nifti":
+            import nibabel as nib
+
+            shape = tuple(int(s) for s in nib.load(str(path)).shape)
+            return len(shape) >= 3 and int(np.prod(shape[2:])) > 1
+        kind, ds = dicom_kind(path)
+        return kind == "image" and frames(ds) > 1
+    except (MrisegError, OSError, ValueError, EOFError):
+        return False  # unreadable: reading it later reports the reason
+
+
 __all__ = ["IMAGE_SUFFIXES", "Folder", "dicom_kind", "expand_inputs", "expand_one", "frames",
-           "prompt_inputs", "read_stdin", "scan_folder"]
+           "is_volume", "prompt_inputs", "read_stdin", "scan_folder"]

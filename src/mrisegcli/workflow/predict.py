@@ -40,14 +40,7 @@ from mrisegcli.io import (
     write_overlay,
     write_prob_map,
 )
-from mrisegcli.io.discover import (
-    IMAGE_SUFFIXES,
-    dicom_kind,
-    expand_inputs,
-    frames,
-    prompt_inputs,
-    scan_folder,
-)
+from mrisegcli.io.discover import IMAGE_SUFFIXES, expand_inputs, is_volume, prompt_inputs
 from mrisegcli.io.overlay import write_steps_png
 from mrisegcli.io.prompts import MAX_TEXT_CHARS, PromptRow, read_prompts, validate_text
 from mrisegcli.io.read import detect_format
@@ -145,44 +138,14 @@ def _canonical_format(fmt: str) -> str:
     return f
 
 
-def _is_volume(path: Path, kind: str) -> bool:
-    """Whether an input has several slices, from its header only (False when unsure)."""
-    try:
-        if path.is_dir():
-            listing = scan_folder(path)
-            if listing.series:
-                return True
-            return len(listing.images) == 1 and _is_volume(listing.images[0], "dicom")
-        if kind == "raster":
-            from mrisegcli.io.raster import open_image
-
-            with open_image(path) as im:
-                if im.format != "TIFF" or getattr(im, "n_frames", 1) < 2:
-                    return False
-                sizes = set()
-                for i in range(im.n_frames):
-                    im.seek(i)
-                    sizes.add(im.size)
-                return len(sizes) == 1
-        if kind == "nifti":
-            import nibabel as nib
-
-            shape = tuple(int(s) for s in nib.load(str(path)).shape)
-            return len(shape) >= 3 and int(np.prod(shape[2:])) > 1
-        kind, ds = dicom_kind(path)
-        return kind == "image" and frames(ds) > 1
-    except (MrisegError, OSError, ValueError, EOFError):
-        return False  # unreadable: reading it later reports the reason
-
-
 def _mask_format(path: Path, kind: str, fmt: str) -> str:
     if fmt == "auto":
         if kind == "dicom":
             return "dcm"
         if kind == "nifti":
             return "nii"
-        return "nii" if _is_volume(path, kind) else "png"
-    if fmt == "png" and _is_volume(path, kind):
+        return "nii" if is_volume(path, kind) else "png"
+    if fmt == "png" and is_volume(path, kind):
         alt = "nii or dcm" if kind == "dicom" else "nii"
         raise InputError(f"is a volume; a PNG mask holds one slice, use --format {alt}", path)
     if fmt == "dcm" and kind != "dicom":
