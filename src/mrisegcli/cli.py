@@ -312,37 +312,49 @@ def _stage(quiet: bool = False) -> Callable[[str, int | None], Any]:
 
 
 def _run_config(preset: str, paradigm: str, size: int | None, seed: int, **overrides: Any) -> Any:
+    """The preset's RunConfig with the command line's settings applied. Each setting goes to the
+    config section that declares it (training first: ``batch_size`` and ``lr`` are the
+    transformer's, not the tokenizers'); allowed values come from the configs' own types."""
+    import typing
     from dataclasses import replace
 
-    from mrisegcli.config import run_preset, with_image_size
+    from mrisegcli.config import Paradigm, StrategyConfig, run_preset, with_image_size
 
     preset, paradigm = _value(preset), _value(paradigm)
-    overrides = {k: _value(v) for k, v in overrides.items()}
-    if paradigm not in ("next-token", "next-scale"):
-        raise MrisegError(f"--paradigm must be next-token or next-scale, not {paradigm!r}")
-    choices = {"image_input": ("codes", "pixels"), "prefix_attention": ("bidirectional", "causal")}
-    for key, allowed in choices.items():
-        if overrides.get(key) is not None and overrides[key] not in allowed:
-            raise _fail(f"--{key.replace('_', '-')} must be {' or '.join(allowed)}, not {overrides[key]!r}", 2)
+    overrides = {k: _value(v) for k, v in overrides.items() if v is not None}
+    paradigms = typing.get_args(Paradigm)
+    if paradigm not in paradigms:
+        raise MrisegError(f"--paradigm must be {' or '.join(paradigms)}, not {paradigm!r}")
+    hints = typing.get_type_hints(StrategyConfig)
+    for key, value in overrides.items():
+        allowed = typing.get_args(hints[key]) if typing.get_origin(hints.get(key)) is typing.Literal else None
+        if allowed and value not in allowed:
+            raise _fail(f"--{key.replace('_', '-')} must be {' or '.join(sorted(allowed))}, not {value!r}", 2)
     cfg = replace(run_preset(preset), paradigm=paradigm, seed=seed)
     if size is not None:
         cfg = with_image_size(cfg, size)
-    train_keys = ("steps", "epochs", "batch_size", "lr", "ckpt_every", "eval_every", "max_minutes")
-    train_fields = {k: v for k, v in overrides.items() if v is not None and k in train_keys}
-    strat_fields = {k: v for k, v in overrides.items() if v is not None and k in ("nktp_k", "lambda_tcl", "het_alpha", "image_input", "prefix_attention", "lambda_dense", "input_noise")}
-    fit_fields = {k: v for k, v in overrides.items() if v is not None and k.endswith("_steps") and k != "steps"}
-    if train_fields:
-        tf = dict(train_fields, seed=seed)
-        if "epochs" in train_fields:
-            tf["steps"] = 0
-        cfg = replace(cfg, train=replace(cfg.train, **tf))
-    else:
-        cfg = replace(cfg, train=replace(cfg.train, seed=seed))
-    if strat_fields:
-        cfg = replace(cfg, strategies=replace(cfg.strategies, **strat_fields))
-    if fit_fields:
-        cfg = replace(cfg, fit=replace(cfg.fit, **fit_fields))
-    return cfg
+    sections = _route_settings(cfg, overrides)
+    train = dict(sections["train"], seed=seed)
+    if "epochs" in train:
+        train["steps"] = 0
+    return replace(cfg, train=replace(cfg.train, **train),
+                   strategies=replace(cfg.strategies, **sections["strategies"]),
+                   fit=replace(cfg.fit, **sections["fit"]))
+
+
+def _route_settings(cfg: Any, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``settings`` split by the RunConfig section whose dataclass declares each of them."""
+    from dataclasses import fields
+
+    order = ("train", "strategies", "fit")
+    names = {section: {f.name for f in fields(getattr(cfg, section))} for section in order}
+    routed: dict[str, dict[str, Any]] = {section: {} for section in order}
+    for key, value in settings.items():
+        section = next((s for s in order if key in names[s]), None)
+        if section is None:
+            raise MrisegError(f"internal error: no config section declares the setting {key!r}")
+        routed[section][key] = value
+    return routed
 
 
 # ----------------------------------------------------------------------------------- presets
