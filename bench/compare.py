@@ -6,12 +6,17 @@ the last validation counts), then scores the test split with ``mriseg evaluate``
 * ``unet``: ``bench/baseline_unet.py`` (MONAI BasicUNet, text as bag-of-words channels);
 * ``next-token`` / ``next-scale``: ``mriseg train --max-minutes M`` then ``mriseg evaluate``.
 
+A method may name a variant after ``@`` (``next-token@refine``: the same run with the
+settings of :data:`VARIANTS`), so that levers are measured as cells of their own.
+
 One training at a time (two cores). Results are appended as JSON lines to ``--results``; a cell
 already there is skipped, so the grid can be filled over several sittings (``--only`` picks
-cells). ``--table`` renders the results as the markdown table of ``docs/benchmarks.md``.
+cells). Each row records the machine's load average before and after the cell: other work on
+the machine slows every method and makes a cell take fewer steps. ``--table`` renders the
+results as the markdown table of ``docs/benchmarks.md``.
 
     python bench/compare.py --data-root ../shared/data --work /tmp/compare        # the grid
-    python bench/compare.py --only kvasir-seg:unet:15 --only kvasir-seg:next-token:15
+    python bench/compare.py --only kvasir-seg:unet:15 --only kvasir-seg:next-token@refine:15
     python bench/compare.py --table                                               # print table
 """
 
@@ -28,10 +33,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "compare.jsonl"
-#: (dataset, method, minutes): the issue's grid
+#: extra ``mriseg train`` settings of a method variant (``next-token@refine``)
+VARIANTS: dict[str, list[str]] = {
+    "": [],
+    "refine": ["--lambda-refine", "1"],  # the full-resolution refiner (models/refiner.py)
+}
+#: (dataset, method, minutes): the grid
 GRID = [
-    *[(d, m, b) for d in ("kvasir-seg", "cxr-infection", "jsrt") for b in (5, 15) for m in ("unet", "next-token")],
-    ("kvasir-seg", "unet", 45), ("kvasir-seg", "next-token", 45),
+    *[(d, m, b) for d in ("kvasir-seg", "cxr-infection", "jsrt") for b in (5, 15) for m in ("unet", "next-token@refine")],
+    ("kvasir-seg", "unet", 45), ("kvasir-seg", "next-token@refine", 45),
     *[(d, "next-scale", 15) for d in ("kvasir-seg", "cxr-infection", "jsrt")],
 ]
 
@@ -54,12 +64,16 @@ def run_unet(data: Path, minutes: float, size: int, threads: int) -> dict:
 
 
 def run_mriseg(data: Path, method: str, minutes: float, preset: str, work: Path, threads: int) -> dict:
-    run = work / f"{data.name}-{method}-{minutes:g}"
+    paradigm, _, variant = method.partition("@")
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r} in {method!r}; choose from {sorted(VARIANTS)}")
+    run = work / f"{data.name}-{method.replace('@', '-')}-{minutes:g}"
     if run.exists():
         shutil.rmtree(run)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    train = ["mriseg", "train", "--data", str(data), "--out", str(run), "--paradigm", method,
-             "--preset", preset, "--max-minutes", str(minutes), "--steps", "100000", "--device", "cpu"]
+    train = ["mriseg", "train", "--data", str(data), "--out", str(run), "--paradigm", paradigm,
+             "--preset", preset, "--max-minutes", str(minutes), "--steps", "100000", "--device", "cpu",
+             *VARIANTS[variant]]
     t0 = time.perf_counter()
     subprocess.run(train, check=True, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -71,26 +85,38 @@ def run_mriseg(data: Path, method: str, minutes: float, preset: str, work: Path,
         "steps": metrics["steps"], "train_seconds": round(wall, 1), "best_val_dice": metrics["best_val_dice"],
         "dice": summary["dice"], "miou": summary["miou"], "n": summary["n"],
         "tokenizer_ceiling_dice": summary.get("tokenizer_ceiling_dice"), "threads": threads,
-        "kinds": summary.get("kinds", {}), "command": " ".join(train[1:]) + " && " + " ".join(ev[1:]),
+        "kinds": summary.get("kinds", {}), "parts": summary.get("parts", {}),
+        "command": " ".join(train[1:]) + " && " + " ".join(ev[1:]),
     }
 
 
 def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    lines = ["| data | budget | U-Net + text Dice | mriseg next-token Dice | mriseg next-scale Dice | lead |",
-             "|---|---|---|---|---|---|"]
+    for r in rows:
+        r.setdefault("method", r["model"])  # rows written before variants existed
+    methods = ["unet", *sorted({r["method"] for r in rows} - {"unet"})]
+    names = {"unet": "U-Net + text"}
+    lines = ["| data | budget | " + " | ".join(f"{names.get(m, 'mriseg ' + m)} Dice" for m in methods)
+             + " | mriseg lead | load |", "|---|---|" + "---|" * (len(methods) + 2)]
     cells: dict[tuple[str, float], dict[str, dict]] = {}
     for r in rows:
-        cells.setdefault((r["dataset"], r["max_minutes"]), {})[r["model"]] = r
-    def fmt(by: dict[str, dict], m: str) -> str:
-        return f"{by[m]['dice']:.3f} ({by[m]['steps']} steps)" if m in by else "-"
+        cells.setdefault((r["dataset"], r["max_minutes"]), {})[r["method"]] = r
+
+    def fmt(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        text = f"{r['dice']:.3f} ({r['steps']} steps)"
+        if r.get("parts", {}).get("tokens"):
+            text += f", tokens only {r['parts']['tokens']['dice']:.3f}"
+        return text
 
     for (dataset, minutes), by in sorted(cells.items()):
-        lead = "-"
-        if "unet" in by and ("next-token" in by or "next-scale" in by):
-            best = max(by[m]["dice"] for m in ("next-token", "next-scale") if m in by)
-            lead = f"{best - by['unet']['dice']:+.3f}"
-        lines.append(f"| {dataset} | {minutes:g} min | {fmt(by, 'unet')} | {fmt(by, 'next-token')} | {fmt(by, 'next-scale')} | {lead} |")
+        ours = [by[m]["dice"] for m in methods[1:] if m in by]
+        lead = f"{max(ours) - by['unet']['dice']:+.3f}" if "unet" in by and ours else "-"
+        loads = [x for r in by.values() for x in r.get("load", [])]
+        load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
+        cols = " | ".join(fmt(by.get(m)) for m in methods)
+        lines.append(f"| {dataset} | {minutes:g} min | {cols} | {lead} | {load} |")
     return "\n".join(lines)
 
 
@@ -117,11 +143,13 @@ def main() -> None:
     for dataset, method, minutes in todo:
         data = args.data_root / dataset
         print(f"> {cell_key(dataset, method, minutes)}", file=sys.stderr, flush=True)
+        load_before = os.getloadavg()[1]  # 5-minute average
         if method == "unet":
             row = run_unet(data, minutes, args.size, args.threads)
         else:
             row = run_mriseg(data, method, minutes, args.preset, args.work, args.threads)
-        row.update(key=cell_key(dataset, method, minutes), dataset=dataset,
+        row.update(key=cell_key(dataset, method, minutes), dataset=dataset, method=method,
+                   load=[round(load_before, 2), round(os.getloadavg()[1], 2)],
                    machine=f"{os.cpu_count()}-core CPU", date=time.strftime("%Y-%m-%d"))
         with args.results.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -512,6 +512,7 @@ def train(
     image_input: Annotated[ImageInput | None, typer.Option(help="next-token image tokens.")] = None,
     input_noise: Annotated[float | None, typer.Option(help="Share of teacher-forced mask tokens replaced by random codes (0 = off).")] = None,
     lambda_dense: Annotated[float | None, typer.Option(help="Dense prefix supervision weight (0 = off).")] = None,
+    lambda_refine: Annotated[float | None, typer.Option(help="Full-resolution refiner weight (0 = off; next-token, pixels).")] = None,
     prefix_attention: Annotated[PrefixAttention | None, typer.Option(help="next-token image+text attention.")] = None,
     no_text: Annotated[bool, typer.Option("--no-text", help="Image-only baseline: the model never sees the prompt.")] = False,
     paraphrases: Annotated[int | None, typer.Option(min=0, help="Reworded copies of each training row with a 'target' column (0 = none).")] = None,
@@ -537,6 +538,7 @@ def train(
         eval_every=eval_every, ckpt_every=ckpt_every, max_minutes=max_minutes, mask_steps=mask_steps, image_steps=image_steps, multiscale_steps=multiscale_steps,
         nktp_k=nktp_k, lambda_tcl=lambda_tcl, het_alpha=het_alpha, image_input=image_input,
         prefix_attention=prefix_attention, lambda_dense=lambda_dense, input_noise=input_noise,
+        lambda_refine=lambda_refine,
     )
     cfg = _with_text_options(cfg, no_text, paraphrases, text_len)
     dev = _device(device)
@@ -836,11 +838,17 @@ def evaluate(
         if "uncertainty" in summary:
             line += f"  mean uncertainty {summary['uncertainty']:.4f}"
         out.print(line)
+        if summary.get("parts"):  # the same codes drawn by each part of the model
+            out.print("  mask drawn from the same codes by: " + ", ".join(
+                f"{_PART_NAMES.get(k, k)} Dice {v['dice']:.4f}" for k, v in summary["parts"].items()))
         for kind, row in summary.get("kinds", {}).items():
             extra = ""
             if "drawn" in row:
                 extra = f"  drew a region on {row['drawn']:.1%} (mean area {row['fp_fraction']:.2%} of the image)"
             out.print(f"  {kind}: Dice {row['dice']:.4f}  mIoU {row['miou']:.4f}  (n={row['n']}){extra}", markup=False)
+
+
+_PART_NAMES = {"tokens": "mask tokenizer (tokens only)", "refined": "refiner", "dense": "dense head (no codes)"}
 
 
 # -------------------------------------------------------------------------------------- push

@@ -51,6 +51,8 @@ class StrategyConfig:
     prefix_attention: Literal["causal", "bidirectional"] = "bidirectional"
     lambda_dense: float = 1.0
     input_noise: float = 0.3
+    # full-resolution refiner of the next-token model (models/refiner.py; pixels input only)
+    lambda_refine: float = 0.0
 
 
 @dataclass(frozen=True)

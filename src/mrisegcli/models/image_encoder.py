@@ -113,8 +113,26 @@ class ConvImageEncoder(nn.Module):
         self.norm = RMSNorm(cfg.out_dim)
 
     def forward(self, image_B1SS: torch.Tensor) -> torch.Tensor:
+        return self.pyramid(image_B1SS)[0]
+
+    def skip_channels(self) -> list[int]:
+        """Widths of :meth:`pyramid`'s feature maps, finest (S/2) to coarsest (S/patch)."""
+        return [m.out_channels for m in self.net if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+
+    def pyramid(self, image_B1SS: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> (B, g*g, D) tokens and the conv feature maps after every stride-2 stage, finest
+        (S/2) to coarsest (S/patch, after the residual blocks): the skip connections of a
+        full-resolution mask decoder (:class:`mrisegcli.models.refiner.MaskRefiner`)."""
         S = self.image_size
         if image_B1SS.dim() != 4 or image_B1SS.shape[1:] != (1, S, S):
             raise ValueError(f"expected image (B, 1, {S}, {S}), got {tuple(image_B1SS.shape)}")
-        f_BDgg = self.net(image_B1SS * 2.0 - 1.0)  # [0, 1] -> [-1, 1]
-        return self.norm(f_BDgg.flatten(2).transpose(1, 2))  # (B, g*g, D)
+        x = image_B1SS * 2.0 - 1.0  # [0, 1] -> [-1, 1]
+        n_down = 2 * int(math.log2(self.config.patch))  # (conv, SiLU) per stride-2 stage
+        skips: list[torch.Tensor] = []
+        for i, layer in enumerate(self.net):
+            x = layer(x)
+            if i < n_down and i % 2 == 1:
+                skips.append(x)
+            elif i == len(self.net) - 3:  # after the residual blocks, before the projection
+                skips[-1] = x
+        return self.norm(x.flatten(2).transpose(1, 2)), skips  # (B, g*g, D)

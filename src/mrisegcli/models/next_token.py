@@ -36,6 +36,7 @@ from mrisegcli.losses.het import HardTokenMemory, weighted_ce
 from mrisegcli.losses.nktp import NextKHeads
 from mrisegcli.losses.tcl import TokenContrastive
 from mrisegcli.models.image_encoder import ConvImageEncoder, ImageEncoderConfig
+from mrisegcli.models.refiner import MaskRefiner
 from mrisegcli.models.transformer import Transformer, TransformerConfig, causal_mask
 
 BOS, BOT, BOM = 0, 1, 2
@@ -82,6 +83,10 @@ class NextTokenConfig:
     # code with this probability (targets unchanged), so that a state cannot just copy its
     # neighbours' codes and must read the image. 0 switches it off.
     input_noise: float = 0.0
+    # full-resolution refiner (models/refiner.py): a U-Net decoder from the decided codes, the
+    # image-token states and the encoder's feature maps (pixels mode only). 0 switches it off.
+    lambda_refine: float = 0.0
+    refine_width: int = 16
 
     def __post_init__(self) -> None:
         if self.image_input not in ("codes", "pixels"):
@@ -97,8 +102,15 @@ class NextTokenConfig:
                      "mask_codebook_size", "mask_grid", "nktp_k", "het_buckets"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.lambda_tcl < 0 or self.het_alpha < 0 or self.lambda_nktp < 0 or self.lambda_dense < 0:
+        if min(self.lambda_tcl, self.het_alpha, self.lambda_nktp, self.lambda_dense, self.lambda_refine) < 0:
             raise ConfigError("loss weights must be >= 0")
+        if self.lambda_refine > 0:
+            if self.image_input != "pixels":
+                raise ConfigError("lambda_refine > 0 needs image_input 'pixels' (the refiner reads the encoder's feature maps)")
+            if self.image_grid != self.mask_grid:
+                raise ConfigError(f"the refiner needs image_grid == mask_grid, got {self.image_grid} and {self.mask_grid}")
+            if self.refine_width < 1:
+                raise ConfigError(f"refine_width must be positive, got {self.refine_width}")
         if not 0.0 <= self.input_noise < 1.0:
             raise ConfigError(f"input_noise must lie in [0, 1), got {self.input_noise}")
         if self.lambda_dense > 0:
@@ -238,6 +250,10 @@ class NextTokenSegmenter(nn.Module):
         self.dense = (
             DensePrefixHead(dim, cfg.image_grid, cfg.image_size // cfg.image_grid) if cfg.lambda_dense > 0 else None
         )
+        self.refiner = (
+            MaskRefiner(cfg.mask_codebook_size, cfg.mask_grid, dim, self.encoder.skip_channels(), cfg.refine_width)
+            if cfg.lambda_refine > 0 and self.encoder is not None else None
+        )
 
     # -- sequence building ------------------------------------------------------------------
 
@@ -258,15 +274,20 @@ class NextTokenSegmenter(nn.Module):
         return text_ids, text_mask.bool()
 
     def _embed_prefix(
-        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+        skips: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (B, P, C) prefix embeddings and (B, P) key validity (False at text padding)."""
+        """-> (B, P, C) prefix embeddings and (B, P) key validity (False at text padding).
+        ``skips``, when given a list, receives the image encoder's feature maps."""
         lay, cfg = self.layout, self.config
         text_ids, text_mask = self._pad_text(text_ids, text_mask)
         B = text_ids.shape[0]
         _check_range("text ids", text_ids, cfg.text_vocab_size)
         if self.encoder is not None:
-            img_BNC = self.image_proj(self.encoder(image))  # (B, Gi*Gi, C)
+            tokens_BND, maps = self.encoder.pyramid(image)
+            if skips is not None:
+                skips.extend(maps)
+            img_BNC = self.image_proj(tokens_BND)  # (B, Gi*Gi, C)
         else:
             if image.shape[1:] != (cfg.image_grid, cfg.image_grid):
                 raise ValueError(f"expected image codes (B, {cfg.image_grid}, {cfg.image_grid}), got {tuple(image.shape)}")
@@ -284,14 +305,15 @@ class NextTokenSegmenter(nn.Module):
         return x_BPC, valid_BP
 
     def _hidden(
-        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, mask_codes_BN: torch.Tensor
+        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, mask_codes_BN: torch.Tensor,
+        skips: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Teacher-forced pass -> (B, P+N, C) hidden states of the prefix and N mask codes."""
         lay = self.layout
         N = mask_codes_BN.shape[1]
         if N >= lay.n_mask:
             raise ValueError(f"at most {lay.n_mask - 1} mask tokens can be fed, got {N}")
-        x_BPC, valid_BP = self._embed_prefix(image, text_ids, text_mask)
+        x_BPC, valid_BP = self._embed_prefix(image, text_ids, text_mask, skips)
         m_BNC = self.tok_emb(mask_codes_BN + lay.mask_offset)
         x_BTC = torch.cat([x_BPC, m_BNC], 1)
         T = x_BTC.shape[1]
@@ -319,7 +341,8 @@ class NextTokenSegmenter(nn.Module):
         Keys: ``image_codes`` (B, Gi, Gi) int64 or ``image`` (B, 1, S, S) float (pixels mode);
         ``text_ids`` (B, L) int64 and ``text_mask`` (B, L) bool (L <= text_len); ``mask_codes``
         (B, Gm, Gm) int64; ``sample_ids`` (B,) int64 (needed when HET is on and training).
-        Returns ``loss`` = ce + lambda_nktp * nktp + lambda_tcl * tcl, every term, ``ce_plain``
+        Returns ``loss`` = ce + lambda_nktp * nktp + lambda_tcl * tcl + lambda_dense * dense +
+        lambda_refine * refine (the terms that are on), every term, ``ce_plain``
         (unweighted CE), ``het_weight`` (mean CE weight), ``acc`` and ``logits`` (B, Gm*Gm, Km).
         """
         cfg, lay = self.config, self.layout
@@ -334,7 +357,8 @@ class NextTokenSegmenter(nn.Module):
             noisy = torch.rand(inputs_BN.shape, device=inputs_BN.device) < cfg.input_noise
             random_BN = torch.randint_like(inputs_BN, cfg.mask_codebook_size)
             inputs_BN = torch.where(noisy, random_BN, inputs_BN)
-        h_BTC = self._hidden(image, batch["text_ids"], batch["text_mask"], inputs_BN)
+        skips: list[torch.Tensor] = []
+        h_BTC = self._hidden(image, batch["text_ids"], batch["text_mask"], inputs_BN, skips)
         h_BNC = h_BTC[:, lay.prefix_len - 1:]
         logits_BNK = self.mask_head(h_BNC)
         ce_plain = F.cross_entropy(logits_BNK.flatten(0, 1).float(), codes_BN.flatten())
@@ -357,19 +381,42 @@ class NextTokenSegmenter(nn.Module):
         else:
             tcl = zero
         dense = self.dense(h_BTC[:, 1:1 + lay.n_image], batch.get("mask")) if self.dense is not None else zero
+        refine = zero
+        if self.refiner is not None:  # from the codes the model itself predicts (teacher forced)
+            predicted_BHW = logits_BNK.detach().argmax(-1).view_as(codes_BHW)
+            refined = self.refiner(predicted_BHW, h_BTC[:, 1:1 + lay.n_image], skips, image)
+            refine = self.refiner.loss(refined, batch.get("mask"))
         loss = ce
         if self.dense is not None:
             loss = loss + cfg.lambda_dense * dense
+        if self.refiner is not None:
+            loss = loss + cfg.lambda_refine * refine
         if self.nktp is not None:
             loss = loss + cfg.lambda_nktp * nktp
         if self.tcl is not None:
             loss = loss + cfg.lambda_tcl * tcl
         with torch.no_grad():
             acc = (logits_BNK.argmax(-1) == codes_BN).float().mean()
-        return {"loss": loss, "ce": ce, "ce_plain": ce_plain, "nktp": nktp, "tcl": tcl, "dense": dense,
+        return {"loss": loss, "ce": ce, "ce_plain": ce_plain, "nktp": nktp, "tcl": tcl, "dense": dense, "refine": refine,
                 "het_weight": het_weight, "acc": acc, "logits": logits_BNK}
 
     # -- inference --------------------------------------------------------------------------
+
+    def mask_outputs(
+        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, codes_BHW: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One pass over the prefix -> the (B, 1, S, S) logits of the heads that are on:
+        ``refined`` (the refiner on the decided ``codes_BHW``) and ``dense`` (the dense
+        supervision head, which never reads the codes)."""
+        skips: list[torch.Tensor] = []
+        h_BPC = self._hidden(image, text_ids, text_mask, codes_BHW.new_zeros(codes_BHW.shape[0], 0), skips)
+        states_BNC = h_BPC[:, 1:1 + self.layout.n_image]
+        out: dict[str, torch.Tensor] = {}
+        if self.refiner is not None:
+            out["refined"] = self.refiner(codes_BHW, states_BNC, skips, image)
+        if self.dense is not None:
+            out["dense"] = self.dense.logits(states_BNC)
+        return out
 
     def setup_caches(
         self, max_batch: int, dtype: torch.dtype | None = None, device: torch.device | None = None

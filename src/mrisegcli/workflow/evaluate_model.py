@@ -105,9 +105,14 @@ def evaluate_model(
             raise MrisegError("3-D ground truth masks are evaluated with --pred/--gt", s.mask)
     texts = [s.text for s in cases]
     with stage(f"decoding {len(cases)} masks", None):
-        pred = seg.predict(images, texts, samples=samples, temperature=temperature, seed=seed)
+        pred = seg.predict(images, texts, samples=samples, temperature=temperature, seed=seed, parts=True)
     results = _score(cases, gts, pred.prob.numpy())
     report = ModelEvalReport(results, summarize(results))
+    if pred.parts:  # the same decoded codes drawn three ways: what each part contributes
+        report.summary["parts"] = {
+            name: {k: summarize(_score(cases, gts, prob.numpy()))[k] for k in ("dice", "miou")}
+            for name, prob in pred.parts.items()
+        }
     for key in ("kind", "target"):
         groups = group_summaries(cases, results, key)
         if groups:

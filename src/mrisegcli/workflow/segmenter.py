@@ -50,7 +50,7 @@ def model_config(cfg: RunConfig, bundle: TokenizerBundle, n_train: int = 4096) -
             encoder=ImageEncoderConfig(patch=max(2, cfg.image_size // mask.grid)),
             nktp_k=s.nktp_k, nktp_gamma=s.nktp_gamma, lambda_nktp=s.lambda_nktp,
             lambda_tcl=s.lambda_tcl, het_alpha=s.het_alpha, het_decay=s.het_decay, lambda_dense=s.lambda_dense,
-            input_noise=s.input_noise,
+            input_noise=s.input_noise, lambda_refine=s.lambda_refine,
             het_buckets=max(1, n_train),
         )
         return replace(mc, transformer=_seq_room(mc.transformer, SequenceLayout.from_config(mc).input_len))
@@ -106,8 +106,8 @@ def training_tensors(paradigm: str, codes: Any, mcfg: Any) -> dict[str, torch.Te
         data["sample_ids"] = torch.arange(len(codes.ids)) % mcfg.het_buckets
     else:
         data["ms_codes"] = f["ms_codes"].long()
-    if getattr(mcfg, "lambda_dense", 0.0) > 0:
-        data["mask"] = f["mask"]  # (N, S, S) uint8 0/1, the dense condition target
+    if getattr(mcfg, "lambda_dense", 0.0) > 0 or getattr(mcfg, "lambda_refine", 0.0) > 0:
+        data["mask"] = f["mask"]  # (N, S, S) uint8 0/1, the dense and refiner target
     return data
 
 
@@ -116,6 +116,10 @@ class Prediction:
     prob: torch.Tensor  # (B, S, S) float32 mean foreground probability
     uncertainty: torch.Tensor | None = None  # (B, S, S) in [0, 1] when samples > 1
     steps: list[torch.Tensor] | None = None  # next-scale: (B, S, S) probability after each scale
+    # predict(parts=True), next-token: (B, S, S) probability of each way to draw the mask from
+    # the same decoded codes: "tokens" (the mask tokenizer's decoder), "refined" (the
+    # full-resolution refiner) and "dense" (the dense head, which never reads the codes)
+    parts: dict[str, torch.Tensor] | None = None
 
 
 class Segmenter:
@@ -202,16 +206,18 @@ class Segmenter:
     def predict_tensors(
         self, image_B1SS: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, *,
         samples: int = 1, temperature: float | None = None, top_k: int | None = None,
-        generator: torch.Generator | None = None, steps: bool = False,
+        generator: torch.Generator | None = None, steps: bool = False, parts: bool = False,
     ) -> Prediction:
         """One batch already on the device. ``samples`` > 1 draws that many masks per image
-        (temperature defaults to 1 then, 0 = greedy otherwise) and fuses them by consensus."""
+        (temperature defaults to 1 then, 0 = greedy otherwise) and fuses them by consensus.
+        A next-token model with a refiner returns the refined mask; ``parts`` adds every way
+        of drawing it (:attr:`Prediction.parts`)."""
         from mrisegcli.decode.consensus import consensus
 
         temp = (1.0 if samples > 1 else 0.0) if temperature is None else temperature
         B = image_B1SS.shape[0]
         text_mask = self.hide_text(text_mask)
-        step_probs = None
+        step_probs, part_logits = None, {}
         if self.paradigm == "next-token":
             from mrisegcli.decode.next_token import MaskGenerator
 
@@ -220,17 +226,19 @@ class Segmenter:
             x = self._image_input(image_B1SS)
             # drafting pays at batch 1 (bench/bench_trained_decode.py: 1.16x on the shipped model,
             # 2.5x fewer passes); a batch advances by its shortest kept run, which costs more than it saves
+            if samples > 1:
+                x, text_ids, text_mask = (t.repeat_interleave(samples, 0) for t in (x, text_ids, text_mask))
             if (self.speculative and temp == 0 and samples == 1 and B == 1
                     and getattr(self.model, "nktp", None) is not None):
                 from mrisegcli.decode.next_token import generate_masks_speculative
 
                 codes = generate_masks_speculative(self.model, x, text_ids, text_mask)
-                prob = torch.sigmoid(self.bundle.mask_vq.decode(codes).float())
-                return Prediction(prob[:, 0])
-            if samples > 1:
-                x, text_ids, text_mask = (t.repeat_interleave(samples, 0) for t in (x, text_ids, text_mask))
-            codes = self._generator(x, text_ids, text_mask, temperature=temp, top_k=top_k, generator=generator)
+            else:
+                codes = self._generator(x, text_ids, text_mask, temperature=temp, top_k=top_k, generator=generator)
             logits = self.bundle.mask_vq.decode(codes)
+            if getattr(self.model, "refiner", None) is not None or (parts and getattr(self.model, "dense", None) is not None):
+                part_logits = {"tokens": logits, **self.model.mask_outputs(x, text_ids, text_mask, codes)}
+                logits = part_logits.get("refined", logits)
         else:
             from mrisegcli.decode.next_scale import generate_scales
 
@@ -247,14 +255,17 @@ class Segmenter:
                     torch.sigmoid(s.float()).view(B, samples, S, S).mean(1) for s in step_logits
                 ]
         prob_BNSS = torch.sigmoid(logits.float()).view(B, samples, *logits.shape[-2:])
+        part_probs = None
+        if parts and part_logits:
+            part_probs = {k: torch.sigmoid(v.float()).view(B, samples, *v.shape[-2:]).mean(1) for k, v in part_logits.items()}
         if samples == 1:
-            return Prediction(prob_BNSS[:, 0], None, step_probs)
+            return Prediction(prob_BNSS[:, 0], None, step_probs, part_probs)
         fused = consensus(prob_BNSS)
-        return Prediction(fused.mean_prob, fused.uncertainty, step_probs)
+        return Prediction(fused.mean_prob, fused.uncertainty, step_probs, part_probs)
 
     def predict(
         self, images_NSS: np.ndarray, texts: list[str], *, samples: int = 1,
-        temperature: float | None = None, seed: int | None = None, steps: bool = False,
+        temperature: float | None = None, seed: int | None = None, steps: bool = False, parts: bool = False,
     ) -> Prediction:
         """Numpy images (N, S, S) in [0, 1] with one text each -> CPU probabilities, batched."""
         if len(texts) != len(images_NSS):
@@ -262,22 +273,25 @@ class Segmenter:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        probs, uncs, step_lists = [], [], []
+        probs, uncs, step_lists, part_lists = [], [], [], []
         per = max(1, self.batch_size // max(1, samples))
         for start in range(0, len(images_NSS), per):
             img = torch.from_numpy(np.ascontiguousarray(images_NSS[start : start + per], np.float32))
             ids, tmask = self.encode_text(list(texts[start : start + per]))
             p = self.predict_tensors(
                 img[:, None].to(self.device), ids, tmask, samples=samples, temperature=temperature,
-                generator=generator, steps=steps,
+                generator=generator, steps=steps, parts=parts,
             )
             probs.append(p.prob.cpu())
+            if p.parts is not None:
+                part_lists.append({k: v.cpu() for k, v in p.parts.items()})
             if p.uncertainty is not None:
                 uncs.append(p.uncertainty.cpu())
             if p.steps is not None:
                 step_lists.append([s.cpu() for s in p.steps])
         steps_out = [torch.cat(parts) for parts in zip(*step_lists, strict=True)] if step_lists else None
-        return Prediction(torch.cat(probs), torch.cat(uncs) if uncs else None, steps_out)
+        parts_out = {k: torch.cat([d[k] for d in part_lists]) for k in part_lists[0]} if part_lists else None
+        return Prediction(torch.cat(probs), torch.cat(uncs) if uncs else None, steps_out, parts_out)
 
 
 def save_model(model: torch.nn.Module, run_dir: Path) -> Path:
