@@ -95,7 +95,7 @@ def test_refiner_learns_boundaries_the_codes_cannot_carry(one_thread) -> None:
         losses.append(loss.item())
     pred = (logits[:, 0] > 0).float()
     gt = batch["mask"].float()
-    dice = float((2 * (pred * gt).sum() / (pred.sum() + gt.sum())))
+    dice = float(2 * (pred * gt).sum() / (pred.sum() + gt.sum()))
     assert losses[-1] < 0.5 * losses[0]
     assert dice > 0.85
 
