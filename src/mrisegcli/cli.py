@@ -824,31 +824,39 @@ def evaluate(
         return
     out.print(render_table(report))
     if by_model:
-        line = f"{split}: Dice {summary['dice']:.4f}  mIoU {summary['miou']:.4f}  (n={summary['n']})"
-        if not summary.get("uses_text", True):
-            line += "  image-only model (trained with --no-text)"
-        if "tokenizer_ceiling_dice" in summary:
-            line += f"  tokenizer ceiling Dice {summary['tokenizer_ceiling_dice']:.4f}"
-        for a in text_ablation or ():
-            line += f"  {a} text Dice {summary[f'text_{a}_dice']:.4f} (drop {summary[f'text_{a}_dice_drop']:.4f})"
-        if "teacher_forced_dice" in summary:
-            line += f"  teacher-forced Dice {summary['teacher_forced_dice']:.4f}"
-        if "image_shuffle_dice" in summary:
-            line += f"  shuffled image Dice {summary['image_shuffle_dice']:.4f} (drop {summary['image_shuffle_dice_drop']:.4f})"
-        if "uncertainty" in summary:
-            line += f"  mean uncertainty {summary['uncertainty']:.4f}"
-        out.print(line)
-        if summary.get("parts"):  # the same codes drawn by each part of the model
-            out.print("  mask drawn from the same codes by: " + ", ".join(
-                f"{_PART_NAMES.get(k, k)} Dice {v['dice']:.4f}" for k, v in summary["parts"].items()))
-        for kind, row in summary.get("kinds", {}).items():
-            extra = ""
-            if "drawn" in row:
-                extra = f"  drew a region on {row['drawn']:.1%} (mean area {row['fp_fraction']:.2%} of the image)"
-            out.print(f"  {kind}: Dice {row['dice']:.4f}  mIoU {row['miou']:.4f}  (n={row['n']}){extra}", markup=False)
+        _print_model_summary(summary, split, text_ablation)
 
 
 _PART_NAMES = {"tokens": "mask tokenizer (tokens only)", "refined": "refiner", "dense": "dense head (no codes)"}
+#: (summary key, label) of the optional numbers on the summary line, in print order
+_SUMMARY_EXTRAS = (
+    ("tokenizer_ceiling_dice", "tokenizer ceiling Dice"),
+    ("teacher_forced_dice", "teacher-forced Dice"),
+    ("image_shuffle_dice", "shuffled image Dice"),
+    ("uncertainty", "mean uncertainty"),
+)
+
+
+def _print_model_summary(summary: dict[str, Any], split: str, text_ablation: list[str]) -> None:
+    """The lines under ``evaluate``'s table for a model: totals, ablations, parts, kinds."""
+    line = f"{split}: Dice {summary['dice']:.4f}  mIoU {summary['miou']:.4f}  (n={summary['n']})"
+    if not summary.get("uses_text", True):
+        line += "  image-only model (trained with --no-text)"
+    for a in text_ablation:
+        line += f"  {a} text Dice {summary[f'text_{a}_dice']:.4f} (drop {summary[f'text_{a}_dice_drop']:.4f})"
+    for key, label in _SUMMARY_EXTRAS:
+        if key in summary:
+            drop = summary.get(f"{key}_drop")
+            line += f"  {label} {summary[key]:.4f}" + (f" (drop {drop:.4f})" if key.startswith("image_") and drop is not None else "")
+    out.print(line)
+    if summary.get("parts"):  # the same codes drawn by each part of the model
+        out.print("  mask drawn from the same codes by: " + ", ".join(
+            f"{_PART_NAMES.get(k, k)} Dice {v['dice']:.4f}" for k, v in summary["parts"].items()))
+    for kind, row in summary.get("kinds", {}).items():
+        extra = ""
+        if "drawn" in row:
+            extra = f"  drew a region on {row['drawn']:.1%} (mean area {row['fp_fraction']:.2%} of the image)"
+        out.print(f"  {kind}: Dice {row['dice']:.4f}  mIoU {row['miou']:.4f}  (n={row['n']}){extra}", markup=False)
 
 
 # -------------------------------------------------------------------------------------- push

@@ -104,6 +104,12 @@ class NextTokenConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if min(self.lambda_tcl, self.het_alpha, self.lambda_nktp, self.lambda_dense, self.lambda_refine) < 0:
             raise ConfigError("loss weights must be >= 0")
+        if not 0.0 <= self.input_noise < 1.0:
+            raise ConfigError(f"input_noise must lie in [0, 1), got {self.input_noise}")
+        self._check_heads()
+
+    def _check_heads(self) -> None:
+        """What the dense head and the refiner need from the rest of the config."""
         if self.lambda_refine > 0:
             if self.image_input != "pixels":
                 raise ConfigError("lambda_refine > 0 needs image_input 'pixels' (the refiner reads the encoder's feature maps)")
@@ -111,8 +117,6 @@ class NextTokenConfig:
                 raise ConfigError(f"the refiner needs image_grid == mask_grid, got {self.image_grid} and {self.mask_grid}")
             if self.refine_width < 1:
                 raise ConfigError(f"refine_width must be positive, got {self.refine_width}")
-        if not 0.0 <= self.input_noise < 1.0:
-            raise ConfigError(f"input_noise must lie in [0, 1), got {self.input_noise}")
         if self.lambda_dense > 0:
             if self.prefix_attention != "bidirectional":
                 raise ConfigError("lambda_dense > 0 needs prefix_attention 'bidirectional' (image tokens must read the text)")

@@ -80,82 +80,105 @@ def evaluate_model(
     seed: int = 0,
     stage: StageFactory = _no_stage,
 ) -> ModelEvalReport:
-    from mrisegcli.data.loading import load_split_arrays
-    from mrisegcli.decode.consensus import case_uncertainty
-    from mrisegcli.io.read import read_mask
-
     for a in ablations:
         if a not in ABLATIONS:
             raise MrisegError(f"unknown text ablation {a!r}; choose from {', '.join(ABLATIONS)}")
+    t0 = time.perf_counter()
+    split_data = _read_split(seg, data_root, split, layout, limit, workers, stage)
+    cases, images, masks, gts = split_data
+    texts = [s.text for s in cases]
+    with stage(f"decoding {len(cases)} masks", None):
+        pred = seg.predict(images, texts, samples=samples, temperature=temperature, seed=seed, parts=True)
+    results = _score(cases, gts, pred.prob.numpy())
+    report = ModelEvalReport(results, _model_summary(seg, cases, gts, results, pred, samples, temperature))
+    if ceiling:
+        report.ceiling = summarize(tokenizer_ceiling(seg, masks, gts, cases))
+    if pred.uncertainty is not None:
+        report.uncertainty = _uncertainties(pred)
+        report.summary["uncertainty"] = float(np.mean(report.uncertainty))
+    rng = np.random.default_rng(seed)
+    decode = {"samples": samples, "temperature": temperature, "seed": seed}
+    for a in ablations:
+        alt = [""] * len(texts) if a == "empty" else [texts[i] for i in _other_cases(rng, len(texts))]
+        with stage(f"decoding with {a} text", None):
+            p = seg.predict(images, alt, **decode)
+        report.ablations[a] = _ablation_row(report, cases, gts, p.prob.numpy(), kinds=True)
+    if image_ablation:  # each case's own text, another case's image: does the model read the image?
+        perm = _other_cases(rng, len(texts))
+        with stage("decoding with shuffled images", None):
+            p = seg.predict(images[perm], texts, **decode)
+        report.ablations["image_shuffle"] = _ablation_row(report, cases, gts, p.prob.numpy())
+    if teacher_forced:  # what the model could do without its own mistakes (next-token only)
+        with stage("teacher-forced pass", None):
+            probs = teacher_forced_probs(seg, images, masks, texts)
+        report.ablations["teacher_forced"] = _ablation_row(report, cases, gts, probs)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _read_split(
+    seg: Segmenter, data_root: Path | list[Path], split: str, layout: str | None, limit: int | None,
+    workers: int, stage: StageFactory,
+) -> tuple[list[Sample], np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The cases of a split with masks -> (cases, model-size images, model-size masks, ground truths)."""
+    from mrisegcli.data.loading import load_split_arrays
+    from mrisegcli.io.read import read_mask
+
     roots = [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
     ds = open_dataset(roots, layout, check=False)
     cases = ds.split(split)
     if not cases:
         raise MrisegError(f"dataset has no {split!r} split (it has {ds.splits()})", data_root)
-    if limit:
-        cases = cases[:limit]
+    cases = cases[:limit] if limit else cases
     if any(s.mask is None for s in cases):
         raise MrisegError(f"the {split!r} split has samples without masks; cannot evaluate", data_root)
-    t0 = time.perf_counter()
     with stage(f"reading {len(cases)} {split} cases", len(cases)) as progress:
         images, masks = load_split_arrays(cases, seg.image_size, workers=workers, progress=progress)
     gts = [read_mask(s.mask, binary=True) for s in cases]
     for s, g in zip(cases, gts, strict=True):
         if g.ndim != 2:
             raise MrisegError("3-D ground truth masks are evaluated with --pred/--gt", s.mask)
-    texts = [s.text for s in cases]
-    with stage(f"decoding {len(cases)} masks", None):
-        pred = seg.predict(images, texts, samples=samples, temperature=temperature, seed=seed, parts=True)
-    results = _score(cases, gts, pred.prob.numpy())
-    report = ModelEvalReport(results, summarize(results))
-    if pred.parts:  # the same decoded codes drawn three ways: what each part contributes
-        report.summary["parts"] = {
+    return cases, images, masks, gts
+
+
+def _model_summary(
+    seg: Segmenter, cases: list[Sample], gts: list[np.ndarray], results: list[CaseResult], pred: Any,
+    samples: int, temperature: float | None,
+) -> dict[str, Any]:
+    summary = summarize(results)
+    if pred.parts:  # the same decoded codes drawn several ways: what each part contributes
+        summary["parts"] = {
             name: {k: summarize(_score(cases, gts, prob.numpy()))[k] for k in ("dice", "miou")}
             for name, prob in pred.parts.items()
         }
     for key in ("kind", "target"):
         groups = group_summaries(cases, results, key)
         if groups:
-            report.summary[f"{key}s"] = groups
-    if pred.uncertainty is not None:
-        unc = pred.uncertainty.numpy()
-        report.uncertainty = [
-            case_uncertainty(torch.from_numpy(u), torch.from_numpy(p > 0.5))
-            for u, p in zip(unc, pred.prob.numpy(), strict=True)
-        ]
-        report.summary["uncertainty"] = float(np.mean(report.uncertainty))
-    report.summary["samples"] = samples
-    report.summary["uses_text"] = seg.cfg.use_text
-    report.summary["temperature"] = temperature if temperature is not None else (1.0 if samples > 1 else 0.0)
-    if ceiling:
-        report.ceiling = summarize(tokenizer_ceiling(seg, masks, gts, cases))
-    rng = np.random.default_rng(seed)
-    for a in ablations:
-        if a == "empty":
-            alt = [""] * len(texts)
-        else:
-            alt = [texts[i] for i in _other_cases(rng, len(texts))]
-        with stage(f"decoding with {a} text", None):
-            p = seg.predict(images, alt, samples=samples, temperature=temperature, seed=seed)
-        scored = _score(cases, gts, p.prob.numpy())
-        s = summarize(scored)
-        report.ablations[a] = {"dice": s["dice"], "miou": s["miou"], "dice_drop": report.summary["dice"] - s["dice"],
-                               "kinds": group_summaries(cases, scored, "kind")}
-    if image_ablation:  # each case's own text, another case's image: does the model read the image?
-        perm = _other_cases(rng, len(texts))
-        with stage("decoding with shuffled images", None):
-            p = seg.predict(images[perm], texts, samples=samples, temperature=temperature, seed=seed)
-        s = summarize(_score(cases, gts, p.prob.numpy()))
-        report.ablations["image_shuffle"] = {"dice": s["dice"], "miou": s["miou"],
-                                             "dice_drop": report.summary["dice"] - s["dice"]}
-    if teacher_forced:  # what the model could do without its own mistakes (next-token only)
-        with stage("teacher-forced pass", None):
-            probs = teacher_forced_probs(seg, images, masks, texts)
-        s = summarize(_score(cases, gts, probs))
-        report.ablations["teacher_forced"] = {"dice": s["dice"], "miou": s["miou"],
-                                              "dice_drop": report.summary["dice"] - s["dice"]}
-    report.seconds = time.perf_counter() - t0
-    return report
+            summary[f"{key}s"] = groups
+    summary["samples"] = samples
+    summary["uses_text"] = seg.cfg.use_text
+    summary["temperature"] = temperature if temperature is not None else (1.0 if samples > 1 else 0.0)
+    return summary
+
+
+def _uncertainties(pred: Any) -> list[float]:
+    from mrisegcli.decode.consensus import case_uncertainty
+
+    return [
+        case_uncertainty(torch.from_numpy(u), torch.from_numpy(p > 0.5))
+        for u, p in zip(pred.uncertainty.numpy(), pred.prob.numpy(), strict=True)
+    ]
+
+
+def _ablation_row(
+    report: ModelEvalReport, cases: list[Sample], gts: list[np.ndarray], probs: np.ndarray, kinds: bool = False
+) -> dict[str, Any]:
+    scored = _score(cases, gts, probs)
+    s = summarize(scored)
+    row = {"dice": s["dice"], "miou": s["miou"], "dice_drop": report.summary["dice"] - s["dice"]}
+    if kinds:
+        row["kinds"] = group_summaries(cases, scored, "kind")
+    return row
 
 
 def _other_cases(rng: np.random.Generator, n: int) -> np.ndarray:
