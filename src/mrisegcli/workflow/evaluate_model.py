@@ -53,8 +53,11 @@ def _score(samples: list[Sample], gts: list[np.ndarray], probs: np.ndarray) -> l
 
 @torch.no_grad()
 def tokenizer_ceiling(seg: Segmenter, masks_NSS: np.ndarray, gts: list[np.ndarray], samples: list[Sample]) -> list[CaseResult]:
-    """Dice of decode(encode(ground truth)) — the best any model on these tokens can do."""
-    tok = seg.bundle.mask_vq if seg.bundle.mask_vq is not None else seg.bundle.multiscale
+    """Dice of decode(encode(ground truth)) — the best any model on these tokens can do.
+    The paradigm's own tokenizer: a next-scale run may also hold a single-scale one."""
+    tok = seg.bundle.mask_vq if seg.paradigm == "next-token" else seg.bundle.multiscale
+    if tok is None:
+        raise MrisegError(f"the {seg.paradigm} model's mask tokenizer is missing from its run folder")
     probs = []
     for s in range(0, len(masks_NSS), 64):
         m = torch.from_numpy(masks_NSS[s : s + 64]).float()[:, None].to(seg.device)
