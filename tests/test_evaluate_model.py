@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from mrisegcli.cli import app
 from mrisegcli.data.loading import load_split_arrays
 from mrisegcli.metrics import CaseResult
+from mrisegcli.paradigms import get_paradigm
 from mrisegcli.workflow.evaluate_model import evaluate_model, report_dict, tokenizer_ceiling
 from mrisegcli.workflow.prepare import open_dataset
 from mrisegcli.workflow.segmenter import Prediction
@@ -50,6 +51,7 @@ class _Oracle:
 
     def __init__(self, paradigm: str, images: np.ndarray, masks: np.ndarray) -> None:
         self.paradigm, self.image_size, self.device = paradigm, SIZE, torch.device("cpu")
+        self.impl = get_paradigm(paradigm)
         self.cfg = SimpleNamespace(use_text=True)
         self.bundle = SimpleNamespace(mask_vq=_Blank(), multiscale=_Identity())
         self._by_image = {im.tobytes(): m for im, m in zip(images, masks, strict=True)}

@@ -91,7 +91,9 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"not a mriseg config (missing {', '.join(missing)})", path)
     check_schema(config["schema"], "config schema", CONFIG_SCHEMA, path, str(config.get("mriseg_version", "?")))
-    if config["paradigm"] not in ("next-token", "next-scale"):
+    from mrisegcli.paradigms import PARADIGMS
+
+    if config["paradigm"] not in PARADIGMS:
         raise ConfigError(f"unknown paradigm {config['paradigm']!r}", path)
     return config
 

@@ -168,6 +168,6 @@ def load_bundle(folder: Path, *, need: tuple[str, ...] = (), device: str = "cpu"
 
 
 def needed_tokenizers(paradigm: str, image_input: str = "codes") -> tuple[str, ...]:
-    if paradigm == "next-scale":
-        return ("multiscale",)
-    return ("mask_vq", "image_vq") if image_input == "codes" else ("mask_vq",)
+    from mrisegcli.paradigms import get_paradigm
+
+    return get_paradigm(paradigm).tokenizers(image_input)

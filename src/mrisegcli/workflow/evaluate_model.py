@@ -55,7 +55,7 @@ def _score(samples: list[Sample], gts: list[np.ndarray], probs: np.ndarray) -> l
 def tokenizer_ceiling(seg: Segmenter, masks_NSS: np.ndarray, gts: list[np.ndarray], samples: list[Sample]) -> list[CaseResult]:
     """Dice of decode(encode(ground truth)) — the best any model on these tokens can do.
     The paradigm's own tokenizer: a next-scale run may also hold a single-scale one."""
-    tok = seg.bundle.mask_vq if seg.paradigm == "next-token" else seg.bundle.multiscale
+    tok = seg.impl.ceiling_tokenizer(seg.bundle)
     if tok is None:
         raise MrisegError(f"the {seg.paradigm} model's mask tokenizer is missing from its run folder")
     probs = []
@@ -196,8 +196,8 @@ def _other_cases(rng: np.random.Generator, n: int) -> np.ndarray:
 def teacher_forced_probs(seg: Segmenter, images: np.ndarray, masks: np.ndarray, texts: list[str]) -> np.ndarray:
     """Probabilities decoded from the argmax codes of one teacher-forced pass: each code is
     predicted from the ground truth's previous codes, not the model's own."""
-    if seg.paradigm != "next-token":
-        raise MrisegError("the teacher-forced evaluation is for next-token models")
+    if not seg.impl.teacher_forcing:
+        raise MrisegError(f"the teacher-forced evaluation is for next-token models, not {seg.paradigm}")
     out = []
     for s in range(0, len(images), 32):
         img = torch.from_numpy(images[s : s + 32])[:, None].to(seg.device)

@@ -613,7 +613,7 @@ def predict_batch(
     plans = plan_outputs(paths, o.out_dir, o.fmt, overwrite=o.overwrite, uncertainty=o.uncertainty,
                          overlay=o.overlay, steps_png=o.steps_png, keep_going=o.keep_going, input_errors=errors)
     seg = load_model()
-    if o.steps_png and seg.paradigm != "next-scale":
+    if o.steps_png and not seg.impl.has_steps:
         raise ModelOptionError("coarse-to-fine steps (--steps-png) need a next-scale model")
     model = SegmenterSlices(seg, samples=o.samples, temperature=o.temperature, seed=o.seed, steps=o.steps_png)
     return _run_checked(model, plans, texts, overwrite=o.overwrite, threshold=o.threshold,

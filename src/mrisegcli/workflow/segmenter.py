@@ -7,7 +7,7 @@ an uncertainty map) whatever the paradigm; ``load_segmenter`` rebuilds one from 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,99 +16,28 @@ import torch
 
 from mrisegcli.config import RunConfig, from_dict, to_dict
 from mrisegcli.errors import ConfigError, MrisegError
+from mrisegcli.paradigms import DecodeOptions, get_paradigm
 from mrisegcli.workflow.bundle import TokenizerBundle
 
 MODEL_FILE = "model.safetensors"
 
 
-def _seq_room(transformer: Any, needed: int) -> Any:
-    return transformer if transformer.max_seq_len >= needed else replace(transformer, max_seq_len=needed)
-
-
 def model_config(cfg: RunConfig, bundle: TokenizerBundle, n_train: int = 4096) -> Any:
     """The model config of a run: the preset's transformer, sized by the tokenizers."""
-    from mrisegcli.tokenizers.text import text_vocab_size
-
-    vocab = text_vocab_size(bundle.text)
-    if cfg.paradigm == "next-token":
-        from mrisegcli.models.image_encoder import ImageEncoderConfig
-        from mrisegcli.models.next_token import NextTokenConfig, SequenceLayout
-
-        s, mask = cfg.strategies, bundle.mask_vq
-        if mask is None:
-            raise ConfigError("the next-token paradigm needs a mask tokenizer (mask_vq)")
-        use_codes = s.image_input == "codes"
-        if use_codes and bundle.image_vq is None:
-            raise ConfigError("image_input 'codes' needs an image tokenizer (image_vq)")
-        mc = NextTokenConfig(
-            transformer=cfg.transformer,
-            image_codebook_size=bundle.image_vq.codebook_size if use_codes else 1,
-            image_grid=bundle.image_vq.grid if use_codes else mask.grid,
-            text_vocab_size=vocab, text_len=cfg.text_len,
-            mask_codebook_size=mask.codebook_size, mask_grid=mask.grid,
-            image_input=s.image_input, image_size=cfg.image_size, prefix_attention=s.prefix_attention,
-            encoder=ImageEncoderConfig(patch=max(2, cfg.image_size // mask.grid)),
-            nktp_k=s.nktp_k, nktp_gamma=s.nktp_gamma, lambda_nktp=s.lambda_nktp,
-            lambda_tcl=s.lambda_tcl, het_alpha=s.het_alpha, het_decay=s.het_decay, lambda_dense=s.lambda_dense,
-            input_noise=s.input_noise, lambda_refine=s.lambda_refine,
-            het_buckets=max(1, n_train),
-        )
-        return replace(mc, transformer=_seq_room(mc.transformer, SequenceLayout.from_config(mc).input_len))
-    from mrisegcli.models.next_scale import NextScaleConfig, ScaleLayout
-
-    q = bundle.multiscale
-    if q is None:
-        raise ConfigError("the next-scale paradigm needs a multi-scale mask tokenizer")
-    mc = NextScaleConfig(
-        transformer=cfg.transformer, image_size=cfg.image_size, text_vocab_size=vocab,
-        text_len=cfg.text_len, mask_codebook_size=q.codebook_size, code_dim=q.cfg.code_dim,
-        scales=tuple(q.scales), lambda_dense=cfg.strategies.lambda_dense,
-    )
-    grid = mc.encoder.grid(cfg.image_size)
-    needed = ScaleLayout(grid * grid, cfg.text_len, tuple(q.scales)).seq_len
-    return replace(mc, transformer=_seq_room(mc.transformer, needed))
+    return get_paradigm(cfg.paradigm).model_config(cfg, bundle, n_train)
 
 
 def build_model(paradigm: str, mcfg: Any, bundle: TokenizerBundle) -> torch.nn.Module:
-    if paradigm == "next-token":
-        from mrisegcli.models.next_token import NextTokenSegmenter
-
-        return NextTokenSegmenter(mcfg)
-    from mrisegcli.models.next_scale import NextScaleSegmenter
-
-    return NextScaleSegmenter(mcfg, bundle.multiscale)
+    return get_paradigm(paradigm).build(mcfg, bundle)
 
 
 def model_config_from_dict(paradigm: str, d: dict) -> Any:
-    if paradigm == "next-token":
-        from mrisegcli.models.next_token import NextTokenConfig
-
-        return from_dict(NextTokenConfig, d, "config.model")
-    from mrisegcli.models.next_scale import NextScaleConfig
-
-    return from_dict(NextScaleConfig, d, "config.model")
+    return get_paradigm(paradigm).config_from_dict(d)
 
 
 def training_tensors(paradigm: str, codes: Any, mcfg: Any) -> dict[str, torch.Tensor]:
     """Cached codes of a split (``LoadedCodes.fields``) -> the batch dict the model trains on."""
-    f = codes.fields
-    data = {
-        "text_ids": f["text_ids"].long(),
-        "text_mask": f["text_mask"].bool(),
-    }
-    needs_pixels = paradigm == "next-scale" or getattr(mcfg, "image_input", "codes") == "pixels"
-    if needs_pixels:
-        data["image"] = f["image"].float().div(255.0)[:, None]
-    if paradigm == "next-token":
-        if mcfg.image_input == "codes":
-            data["image_codes"] = f["image_codes"].long()
-        data["mask_codes"] = f["mask_codes"].long()
-        data["sample_ids"] = torch.arange(len(codes.ids)) % mcfg.het_buckets
-    else:
-        data["ms_codes"] = f["ms_codes"].long()
-    if getattr(mcfg, "lambda_dense", 0.0) > 0 or getattr(mcfg, "lambda_refine", 0.0) > 0:
-        data["mask"] = f["mask"]  # (N, S, S) uint8 0/1, the dense and refiner target
-    return data
+    return get_paradigm(paradigm).training_tensors(codes, mcfg)
 
 
 @dataclass
@@ -130,11 +59,12 @@ class Segmenter:
         device: torch.device, *, batch_size: int = 32, compile: bool = False, speculative: bool = True,
     ) -> None:
         self.paradigm, self.model, self.bundle, self.cfg = paradigm, model.eval(), bundle, cfg
+        self.impl = get_paradigm(paradigm)
+        self._decode_cache: dict[str, Any] = {}  # the paradigm's reusable decoding state
         # greedy next-token decoding drafted by the model's own NkTP heads (same codes, fewer passes)
         self.speculative = speculative
         self.device, self.batch_size, self.compile = device, batch_size, compile
         self.image_size = cfg.image_size
-        self._generator = None
         #: called with a one-line message when a prompt is cut to the text context
         self.warn: Any = None
         self._checked: set[str] = set()  # prompts already checked against the text context
@@ -198,7 +128,8 @@ class Segmenter:
         return text_mask if self.cfg.use_text else torch.zeros_like(text_mask)
 
     def _image_input(self, image_B1SS: torch.Tensor) -> torch.Tensor:
-        if self.paradigm == "next-token" and self.model.config.image_input == "codes":
+        """What the model reads: the pixels, or the image tokenizer's codes of them."""
+        if getattr(self.model.config, "image_input", "pixels") == "codes":
             return self.bundle.image_vq.encode(image_B1SS)
         return image_B1SS
 
@@ -216,51 +147,21 @@ class Segmenter:
 
         temp = (1.0 if samples > 1 else 0.0) if temperature is None else temperature
         B = image_B1SS.shape[0]
-        text_mask = self.hide_text(text_mask)
-        step_probs, part_logits = None, {}
-        if self.paradigm == "next-token":
-            from mrisegcli.decode.next_token import MaskGenerator
+        opts = DecodeOptions(
+            samples=samples, temperature=temp, top_k=top_k, generator=generator, steps=steps, parts=parts,
+            speculative=self.speculative, compile=self.compile, amp_dtype=self.amp_dtype,
+        )
+        out = self.impl.decode(self.model, self.bundle, image_B1SS, text_ids, self.hide_text(text_mask), opts,
+                               self._decode_cache)
 
-            if self._generator is None:
-                self._generator = MaskGenerator(self.model, compile=self.compile, amp_dtype=self.amp_dtype)
-            x = self._image_input(image_B1SS)
-            # drafting pays at batch 1 (bench/bench_trained_decode.py: 1.16x on the shipped model,
-            # 2.5x fewer passes); a batch advances by its shortest kept run, which costs more than it saves
-            if samples > 1:
-                x, text_ids, text_mask = (t.repeat_interleave(samples, 0) for t in (x, text_ids, text_mask))
-            if (self.speculative and temp == 0 and samples == 1 and B == 1
-                    and getattr(self.model, "nktp", None) is not None):
-                from mrisegcli.decode.next_token import generate_masks_speculative
+        def mean_prob(logits: torch.Tensor) -> torch.Tensor:  # (B * samples, 1, S, S) -> (B, S, S)
+            return torch.sigmoid(logits.float()).view(B, samples, *logits.shape[-2:]).mean(1)
 
-                codes = generate_masks_speculative(self.model, x, text_ids, text_mask)
-            else:
-                codes = self._generator(x, text_ids, text_mask, temperature=temp, top_k=top_k, generator=generator)
-            logits = self.bundle.mask_vq.decode(codes)
-            if getattr(self.model, "refiner", None) is not None or (parts and getattr(self.model, "dense", None) is not None):
-                part_logits = {"tokens": logits, **self.model.mask_outputs(x, text_ids, text_mask, codes)}
-                logits = part_logits.get("refined", logits)
-        else:
-            from mrisegcli.decode.next_scale import generate_scales
-
-            out = generate_scales(
-                self.model, self.bundle.multiscale, image_B1SS, text_ids, text_mask, samples=samples,
-                temperature=temp, top_k=top_k, generator=generator, return_steps=steps,
-                amp_dtype=self.amp_dtype,
-            )
-            idx_list, step_logits = out if steps else (out, None)
-            logits = self.bundle.multiscale.idx_to_logits(idx_list)
-            if step_logits is not None:
-                S = self.image_size
-                step_probs = [
-                    torch.sigmoid(s.float()).view(B, samples, S, S).mean(1) for s in step_logits
-                ]
-        prob_BNSS = torch.sigmoid(logits.float()).view(B, samples, *logits.shape[-2:])
-        part_probs = None
-        if parts and part_logits:
-            part_probs = {k: torch.sigmoid(v.float()).view(B, samples, *v.shape[-2:]).mean(1) for k, v in part_logits.items()}
+        step_probs = [mean_prob(s) for s in out.steps] if out.steps is not None else None
+        part_probs = {k: mean_prob(v) for k, v in out.parts.items()} if out.parts else None
         if samples == 1:
-            return Prediction(prob_BNSS[:, 0], None, step_probs, part_probs)
-        fused = consensus(prob_BNSS)
+            return Prediction(mean_prob(out.logits), None, step_probs, part_probs)
+        fused = consensus(torch.sigmoid(out.logits.float()).view(B, samples, *out.logits.shape[-2:]))
         return Prediction(fused.mean_prob, fused.uncertainty, step_probs, part_probs)
 
     def predict(
