@@ -830,7 +830,6 @@ def evaluate(
 _PART_NAMES = {"tokens": "mask tokenizer (tokens only)", "refined": "refiner", "dense": "dense head (no codes)"}
 #: (summary key, label) of the optional numbers on the summary line, in print order
 _SUMMARY_EXTRAS = (
-    ("tokenizer_ceiling_dice", "tokenizer ceiling Dice"),
     ("teacher_forced_dice", "teacher-forced Dice"),
     ("image_shuffle_dice", "shuffled image Dice"),
     ("uncertainty", "mean uncertainty"),
@@ -842,6 +841,8 @@ def _print_model_summary(summary: dict[str, Any], split: str, text_ablation: lis
     line = f"{split}: Dice {summary['dice']:.4f}  mIoU {summary['miou']:.4f}  (n={summary['n']})"
     if not summary.get("uses_text", True):
         line += "  image-only model (trained with --no-text)"
+    if "tokenizer_ceiling_dice" in summary:
+        line += f"  tokenizer ceiling Dice {summary['tokenizer_ceiling_dice']:.4f}"
     for a in text_ablation:
         line += f"  {a} text Dice {summary[f'text_{a}_dice']:.4f} (drop {summary[f'text_{a}_dice_drop']:.4f})"
     for key, label in _SUMMARY_EXTRAS:
