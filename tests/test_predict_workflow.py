@@ -390,7 +390,8 @@ def test_threshold_moves_the_mask(tmp_path):
 class FakeLoaded:
     """What predict_batch uses of a loaded Segmenter: foreground = image > 0.5."""
 
-    paradigm = "next-token"
+    class impl:  # the paradigm: no coarse-to-fine steps
+        has_steps = False
 
     def __init__(self, size: int = 32, batch_size: int = 2) -> None:
         import torch

@@ -600,7 +600,7 @@ def predict_batch(
 
     Inputs, texts and every output path are checked first; only then is the model loaded with
     ``load_model()`` (a :class:`~mrisegcli.workflow.segmenter.Segmenter`, or any object with
-    ``image_size``, ``paradigm``, ``batch_size``, ``device``, ``encode_text`` and
+    ``image_size``, ``impl`` (its paradigm), ``batch_size``, ``device``, ``encode_text`` and
     ``predict_tensors``). Each prompt is validated and tokenised once. With
     ``options.keep_going`` a bad input is recorded in its result's ``error`` and the batch goes
     on; ``on_result`` sees each result as soon as it is written.
