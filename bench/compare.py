@@ -37,6 +37,8 @@ RESULTS = HERE / "results" / "compare.jsonl"
 VARIANTS: dict[str, list[str]] = {
     "": [],
     "refine": ["--lambda-refine", "1"],  # the full-resolution refiner (models/refiner.py)
+    # the refiner trained on codes of which half are replaced by random ones: it must check them
+    "refine-robust": ["--lambda-refine", "1", "--refine-code-noise", "0.5"],
 }
 #: (dataset, method, minutes): the grid
 GRID = [

@@ -150,3 +150,28 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
     pred = seg.predict(images, ["left lung opacity", "right lung opacity"], parts=True)
     torch.testing.assert_close(pred.prob, pred.parts["refined"])
     assert not torch.allclose(pred.parts["tokens"], pred.parts["refined"])
+
+
+def test_refine_code_noise_replaces_the_codes_the_refiner_reads_in_training_only(one_thread, monkeypatch) -> None:
+    torch.manual_seed(0)
+    seen: list[torch.Tensor] = []
+    model = NextTokenSegmenter(_cfg(refine_code_noise=0.5, mask_codebook_size=512))
+    original = model.refiner.forward
+
+    def spy(codes, *args):
+        seen.append(codes.clone())
+        return original(codes, *args)
+
+    monkeypatch.setattr(model.refiner, "forward", spy)
+    b = _batch(B=8)
+    model(b)
+    out = model(b)
+    predicted = out["logits"].argmax(-1).view(8, 4, 4)
+    changed = (seen[-1] != predicted).float().mean()
+    assert 0.3 < changed < 0.7  # about half replaced (a random code rarely equals the argmax)
+    with pytest.raises(ConfigError, match="refine_code_noise"):
+        _cfg(refine_code_noise=1.0)
+    model.eval()
+    seen.clear()
+    model(b)
+    assert torch.equal(seen[-1], model(b)["logits"].argmax(-1).view(8, 4, 4))  # off in eval mode

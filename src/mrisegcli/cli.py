@@ -513,6 +513,7 @@ def train(
     input_noise: Annotated[float | None, typer.Option(help="Share of teacher-forced mask tokens replaced by random codes (0 = off).")] = None,
     lambda_dense: Annotated[float | None, typer.Option(help="Dense prefix supervision weight (0 = off).")] = None,
     lambda_refine: Annotated[float | None, typer.Option(help="Full-resolution refiner weight (0 = off; next-token, pixels).")] = None,
+    refine_code_noise: Annotated[float | None, typer.Option(min=0.0, max=0.99, help="Share of the refiner's training codes replaced by random ones (0 = off).")] = None,
     prefix_attention: Annotated[PrefixAttention | None, typer.Option(help="next-token image+text attention.")] = None,
     no_text: Annotated[bool, typer.Option("--no-text", help="Image-only baseline: the model never sees the prompt.")] = False,
     paraphrases: Annotated[int | None, typer.Option(min=0, help="Reworded copies of each training row with a 'target' column (0 = none).")] = None,
@@ -538,7 +539,7 @@ def train(
         eval_every=eval_every, ckpt_every=ckpt_every, max_minutes=max_minutes, mask_steps=mask_steps, image_steps=image_steps, multiscale_steps=multiscale_steps,
         nktp_k=nktp_k, lambda_tcl=lambda_tcl, het_alpha=het_alpha, image_input=image_input,
         prefix_attention=prefix_attention, lambda_dense=lambda_dense, input_noise=input_noise,
-        lambda_refine=lambda_refine,
+        lambda_refine=lambda_refine, refine_code_noise=refine_code_noise,
     )
     cfg = _with_text_options(cfg, no_text, paraphrases, text_len)
     dev = _device(device)

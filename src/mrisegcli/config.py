@@ -53,6 +53,7 @@ class StrategyConfig:
     input_noise: float = 0.3
     # full-resolution refiner of the next-token model (models/refiner.py; pixels input only)
     lambda_refine: float = 0.0
+    refine_code_noise: float = 0.0
 
 
 @dataclass(frozen=True)

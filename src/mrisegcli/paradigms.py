@@ -130,7 +130,7 @@ class NextToken(Paradigm):
             encoder=ImageEncoderConfig(patch=max(2, cfg.image_size // mask.grid)),
             nktp_k=s.nktp_k, nktp_gamma=s.nktp_gamma, lambda_nktp=s.lambda_nktp,
             lambda_tcl=s.lambda_tcl, het_alpha=s.het_alpha, het_decay=s.het_decay, lambda_dense=s.lambda_dense,
-            input_noise=s.input_noise, lambda_refine=s.lambda_refine,
+            input_noise=s.input_noise, lambda_refine=s.lambda_refine, refine_code_noise=s.refine_code_noise,
             het_buckets=max(1, n_train),
         )
         return replace(mc, transformer=_seq_room(mc.transformer, SequenceLayout.from_config(mc).input_len))

@@ -87,6 +87,10 @@ class NextTokenConfig:
     # image-token states and the encoder's feature maps (pixels mode only). 0 switches it off.
     lambda_refine: float = 0.0
     refine_width: int = 16
+    # in training, each code the refiner reads is replaced by a random one with this probability,
+    # so that it learns to check the codes against the image (free-running codes are worse than
+    # the teacher-forced ones it is trained on). 0 switches it off.
+    refine_code_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.image_input not in ("codes", "pixels"):
@@ -104,8 +108,9 @@ class NextTokenConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if min(self.lambda_tcl, self.het_alpha, self.lambda_nktp, self.lambda_dense, self.lambda_refine) < 0:
             raise ConfigError("loss weights must be >= 0")
-        if not 0.0 <= self.input_noise < 1.0:
-            raise ConfigError(f"input_noise must lie in [0, 1), got {self.input_noise}")
+        for name in ("input_noise", "refine_code_noise"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         self._check_heads()
 
     def _check_heads(self) -> None:
@@ -388,6 +393,9 @@ class NextTokenSegmenter(nn.Module):
         refine = zero
         if self.refiner is not None:  # from the codes the model itself predicts (teacher forced)
             predicted_BHW = logits_BNK.detach().argmax(-1).view_as(codes_BHW)
+            if self.training and cfg.refine_code_noise > 0:
+                noisy = torch.rand(predicted_BHW.shape, device=predicted_BHW.device) < cfg.refine_code_noise
+                predicted_BHW = torch.where(noisy, torch.randint_like(predicted_BHW, cfg.mask_codebook_size), predicted_BHW)
             refined = self.refiner(predicted_BHW, h_BTC[:, 1:1 + lay.n_image], skips, image)
             refine = self.refiner.loss(refined, batch.get("mask"))
         loss = ce
