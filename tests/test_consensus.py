@@ -14,7 +14,6 @@ from mrisegcli.decode.consensus import (
     consensus,
     consensus_logits,
     foreground_union,
-    steps_picture,
 )
 from mrisegcli.errors import OutputExistsError
 
@@ -76,12 +75,13 @@ def test_case_uncertainty_over_the_foreground_union():
         case_uncertainty(c.uncertainty, union[:2])
 
 
-def test_steps_picture_writes_masks_side_by_side(tmp_path):
-    steps = [torch.full((1, 1, 8, 8), -1.0), torch.full((1, 1, 8, 8), -1.0), torch.full((8, 8), -1.0)]
-    steps[1][0, 0, :4] = 2.0  # top half foreground after step 2
-    steps[2][:, :] = 3.0  # everything foreground after step 3
+def test_steps_png_writes_masks_side_by_side(tmp_path):
+    from mrisegcli.io.overlay import write_steps_png
+
+    steps = [np.zeros((8, 8), bool), np.zeros((8, 8), bool), np.ones((8, 8), bool)]
+    steps[1][:4] = True  # top half foreground after step 2
     out = tmp_path / "steps.png"
-    assert steps_picture(steps, out, gap=2) == out
+    assert write_steps_png(steps, out, gap=2) == out
     arr = np.asarray(Image.open(out))
     assert arr.shape == (8, 3 * 8 + 2 * 2)
     assert (arr[:, :8] == 0).all()
@@ -89,9 +89,9 @@ def test_steps_picture_writes_masks_side_by_side(tmp_path):
     assert (arr[:, 20:] == 255).all()
     assert (arr[:, 8:10] == 128).all()  # separator
     with pytest.raises(OutputExistsError):
-        steps_picture(steps, out)
-    steps_picture(steps[:1], out, overwrite=True)
+        write_steps_png(steps, out)
+    write_steps_png(steps[:1], out, overwrite=True)
     assert np.asarray(Image.open(out)).shape == (8, 8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["steps.png"]  # no temp files left
     with pytest.raises(ValueError):
-        steps_picture([torch.zeros(2, 1, 8, 8)], tmp_path / "bad.png")
+        write_steps_png([np.zeros((2, 8, 8), bool)], tmp_path / "bad.png")

@@ -100,9 +100,11 @@ def test_config_round_trip_and_quantizer_mismatch():
     cfg = make_config(balance_scales=True)
     import json
 
-    assert NextScaleConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    from mrisegcli.config import from_dict, to_dict
+
+    assert from_dict(NextScaleConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
     with pytest.raises(ConfigError):
-        NextScaleConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+        from_dict(NextScaleConfig, {**to_dict(cfg), "bogus": 1})
     with pytest.raises(ConfigError):
         NextScaleSegmenter(make_config(mask_codebook_size=64), make_quantizer())
     with pytest.raises(ConfigError):

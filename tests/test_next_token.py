@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -91,13 +92,15 @@ def test_positions_mask_shares_image_grid():
 
 def test_config_round_trip_and_validation():
     cfg = _cfg(nktp_k=2, het_alpha=0.0)
-    assert NextTokenConfig.from_dict(cfg.to_dict()) == cfg
+    from mrisegcli.config import from_dict, to_dict
     from mrisegcli.errors import ConfigError
+
+    assert from_dict(NextTokenConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
 
     with pytest.raises(ConfigError):
         _cfg(image_input="voxels")
     with pytest.raises(ConfigError):
-        NextTokenConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+        from_dict(NextTokenConfig, {**to_dict(cfg), "bogus": 1})
     with pytest.raises(ConfigError, match="max_seq_len"):
         NextTokenSegmenter(_cfg(text_len=40))
 

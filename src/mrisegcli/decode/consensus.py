@@ -11,20 +11,13 @@ For S samples of one case with foreground probabilities q_s = sigmoid(logits_s):
   finds any foreground): one number per case that does not shrink with the amount of
   background, so small and large lesions are comparable.
 
-:func:`steps_picture` writes the coarse-to-fine mask after each scale side by side.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image
-
-from mrisegcli.io.atomic import atomic_path
 
 THRESHOLD = 0.5
 
@@ -73,34 +66,3 @@ def case_uncertainty(unc_HW: torch.Tensor, region_HW: torch.Tensor) -> float:
     if not bool(region.any()):
         return 0.0
     return float(unc_HW.float()[region].mean())
-
-
-def steps_picture(
-    step_logits: Sequence[torch.Tensor], out_path: str | Path, *, overwrite: bool = False, gap: int = 2
-) -> Path:
-    """Write the mask after each scale (logits > 0 -> white) left to right as one PNG.
-
-    Each entry is one mask's logits, (H, W) or with leading singleton axes ((1, 1, H, W) from
-    a batch of one); entries are shown at the largest size, nearest-neighbour, separated by a
-    ``gap``-pixel grey bar.
-    """
-    if not step_logits:
-        raise ValueError("no steps to draw")
-    masks = []
-    for t in step_logits:
-        t = t.detach()
-        while t.dim() > 2 and t.shape[0] == 1:
-            t = t[0]
-        if t.dim() != 2:
-            raise ValueError(f"each step must be one (H, W) mask, got shape {tuple(t.shape)}")
-        masks.append((t > 0).cpu().numpy())
-    H = max(m.shape[0] for m in masks)
-    W = max(m.shape[1] for m in masks)
-    canvas = np.full((H, len(masks) * (W + gap) - gap), 128, dtype=np.uint8)
-    for i, m in enumerate(masks):
-        img = Image.fromarray(m.astype(np.uint8) * 255).resize((W, H), Image.Resampling.NEAREST)
-        canvas[:, i * (W + gap) : i * (W + gap) + W] = np.asarray(img)
-    out_path = Path(out_path)
-    with atomic_path(out_path, overwrite) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG")
-    return out_path

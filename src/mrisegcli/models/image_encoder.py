@@ -17,9 +17,8 @@ width and places the tokens on the ``grid`` (see ``docs/next_scale.md``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -60,14 +59,6 @@ class ImageEncoderConfig:
             raise ConfigError(f"encoder channels must be positive, got {self.channels}")
         if self.res_blocks < 0 or self.out_dim < 1:
             raise ConfigError(f"invalid encoder sizes: res_blocks={self.res_blocks}, out_dim={self.out_dim}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ImageEncoderConfig:
-        """Inverse of ``dataclasses.asdict`` (a JSON list of channels becomes a tuple)."""
-        d = dict(d)
-        if "channels" in d:
-            d["channels"] = tuple(d["channels"])
-        return cls(**d)
 
     def grid(self, image_size: int) -> int:
         """Token grid side for an S x S input (S must be a multiple of ``patch``)."""

@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -77,23 +76,6 @@ class NextScaleConfig:
             raise ConfigError(f"scales must be >= 2 strictly increasing sides >= 1, got {sc}")
         self.encoder.grid(self.image_size)  # raises if the image does not tile into patches
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> NextScaleConfig:
-        """Inverse of :meth:`to_dict` (JSON lists become tuples; unknown keys are an error)."""
-        d = dict(d)
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown next-scale config keys: {sorted(unknown)}")
-        if isinstance(d.get("transformer"), Mapping):
-            d["transformer"] = TransformerConfig(**d["transformer"])
-        if isinstance(d.get("encoder"), Mapping):
-            d["encoder"] = ImageEncoderConfig.from_dict(d["encoder"])
-        if "scales" in d:
-            d["scales"] = tuple(d["scales"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -347,11 +329,6 @@ class NextScaleSegmenter(nn.Module):
     ) -> None:
         """Allocate static KV caches for ``max_batch`` sequences (no-op if suitable ones exist)."""
         self.transformer.ensure_caches(max_batch, self.layout.seq_len, dtype, device)
-
-    @property
-    def cache_batch(self) -> int:
-        """Batch size the current caches hold (0 when not set up)."""
-        return self.transformer.max_batch
 
     def prefill(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Run the condition and the start tokens into the caches -> (B, p_1**2, Km) scale-1 logits."""

@@ -23,8 +23,8 @@ logits, the uncached reference), :meth:`setup_caches`, :meth:`prefill`, :meth:`d
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -128,22 +128,6 @@ class NextTokenConfig:
             if self.image_size % self.image_grid:
                 raise ConfigError(f"image_size {self.image_size} is not a multiple of image_grid {self.image_grid}")
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> NextTokenConfig:
-        """Inverse of ``dataclasses.asdict`` (unknown keys are an error)."""
-        d = dict(d)
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown next-token config keys: {sorted(unknown)}")
-        if isinstance(d.get("transformer"), Mapping):
-            d["transformer"] = TransformerConfig(**d["transformer"])
-        if isinstance(d.get("encoder"), Mapping):
-            d["encoder"] = ImageEncoderConfig.from_dict(d["encoder"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -445,11 +429,6 @@ class NextTokenSegmenter(nn.Module):
         if rot is None or rot.device != self.pos_T2.device:
             rot = self._rot_T = self.transformer.rotation(self.pos_T2)
         return rot
-
-    @property
-    def cache_batch(self) -> int:
-        """Batch size the current caches hold (0 when not set up)."""
-        return self.transformer.max_batch
 
     def prefill(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Run BOS..BOM into the caches -> (B, Km) logits of the first mask token."""
