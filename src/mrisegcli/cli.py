@@ -440,6 +440,7 @@ def tokenize(
     json_out: JsonOpt = False,
 ) -> None:
     """Fit the tokenizers (unless given) and cache the codes of every sample."""
+    from mrisegcli.runfolder import RunPaths
     from mrisegcli.workflow.prepare import build_cache, obtain_bundle, open_dataset
 
     cfg = _run_config(preset, paradigm, size, seed, mask_steps=mask_steps, image_steps=image_steps,
@@ -453,9 +454,9 @@ def tokenize(
         for name, rep in reports.items():
             out.print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rep.items()))
     _warn_weak_tokenizers(reports)
-    rep = build_cache(out_dir / "cache", ds, bundle, cfg, device=dev, workers=workers, overwrite=overwrite, stage=stage)
+    rep = build_cache(RunPaths(out_dir).cache, ds, bundle, cfg, device=dev, workers=workers, overwrite=overwrite, stage=stage)
     if json_out:
-        _print_json({"out": str(out_dir), "cache": str(out_dir / "cache"), "encoded": rep.encoded,
+        _print_json({"out": str(out_dir), "cache": str(RunPaths(out_dir).cache), "encoded": rep.encoded,
                      "reused": rep.reused, "seconds": round(rep.seconds, 3), "tokenizers": reports})
         return
     out.print(f"cache {out_dir / 'cache'}: {rep.encoded} encoded, {rep.reused} up to date, {rep.seconds:.1f} s",

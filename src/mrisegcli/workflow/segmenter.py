@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrisegcli import runfolder
 from mrisegcli.config import RunConfig, from_dict, to_dict
 from mrisegcli.errors import ConfigError, MrisegError
 from mrisegcli.paradigms import DecodeOptions, get_paradigm
 from mrisegcli.workflow.bundle import TokenizerBundle
 
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = runfolder.MODEL
 
 
 def model_config(cfg: RunConfig, bundle: TokenizerBundle, n_train: int = 4096) -> Any:
@@ -176,9 +177,10 @@ class Segmenter:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         probs, uncs, step_lists, part_lists = [], [], [], []
         per = max(1, self.batch_size // max(1, samples))
+        all_ids, all_tmask = self.encode_text(list(texts))  # every prompt checked and tokenised once
         for start in range(0, len(images_NSS), per):
             img = torch.from_numpy(np.ascontiguousarray(images_NSS[start : start + per], np.float32))
-            ids, tmask = self.encode_text(list(texts[start : start + per]))
+            ids, tmask = all_ids[start : start + per], all_tmask[start : start + per]
             p = self.predict_tensors(
                 img[:, None].to(self.device), ids, tmask, samples=samples, temperature=temperature,
                 generator=generator, steps=steps, parts=parts,
@@ -319,7 +321,7 @@ def load_segmenter(
     from mrisegcli.workflow.bundle import load_bundle, needed_tokenizers, verify_files
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
+    config_path = run_dir / runfolder.CONFIG
     raw = read_config(run_dir)
     for key in ("run", "model"):
         if not isinstance(raw.get(key), dict):
