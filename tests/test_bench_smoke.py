@@ -16,8 +16,23 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-SMALL = ["--preset", "tiny", "--size", "32", "--batch", "2", "--warmup", "0", "--repeats", "1",
-         "--threads", "1", "--device", "cpu", "--json"]
+SMALL = [
+    "--preset",
+    "tiny",
+    "--size",
+    "32",
+    "--batch",
+    "2",
+    "--warmup",
+    "0",
+    "--repeats",
+    "1",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+    "--json",
+]
 RUNS = {
     "decode": ["bench_decode.py", "--uncached-tokens", "4"],
     "train": ["bench_train.py", "--steps", "1", "--matmul-size", "64"],
@@ -54,16 +69,31 @@ print(json.dumps(results), file=real_stdout)
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     tmp = tmp_path_factory.mktemp("bench")
-    jobs = [[name, str(BENCH / script), [*SMALL, *extra, "--out", str(tmp / f"{name}.json")]]
-            for name, (script, *extra) in RUNS.items()]
+    jobs = [
+        [name, str(BENCH / script), [*SMALL, *extra, "--out", str(tmp / f"{name}.json")]]
+        for name, (script, *extra) in RUNS.items()
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(jobs), capture_output=True,
-                          text=True, env=env, cwd=tmp, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER],
+        input=json.dumps(jobs),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = json.loads(proc.stdout)
-    return {name: (subprocess.CompletedProcess(path, runs[name]["code"], runs[name]["stdout"],
-                                               runs[name]["stderr"]), tmp / f"{name}.json")
-            for name, path, _ in jobs}
+    return {
+        name: (
+            subprocess.CompletedProcess(
+                path, runs[name]["code"], runs[name]["stdout"], runs[name]["stderr"]
+            ),
+            tmp / f"{name}.json",
+        )
+        for name, path, _ in jobs
+    }
 
 
 def _result(outputs, name: str) -> dict:
@@ -90,8 +120,13 @@ def test_decode(outputs):
     unc = nt["uncached"]
     assert unc["estimated"] is True and unc["measured_steps"] == [0, 5, 10, 15]
     assert unc["kv_speedup"] == pytest.approx(unc["seconds"] / nt["cached"]["median_s"])
-    for key in ("kv_speedup_next_token", "kv_speedup_next_scale", "next_scale_over_next_token_time",
-                "masks_per_s_next_token_cached", "masks_per_s_next_scale_cached"):
+    for key in (
+        "kv_speedup_next_token",
+        "kv_speedup_next_scale",
+        "next_scale_over_next_token_time",
+        "masks_per_s_next_token_cached",
+        "masks_per_s_next_scale_cached",
+    ):
         assert s[key] > 0, key
     assert nt["cached"]["memory"]["rss_peak_mb"] >= nt["cached"]["memory"]["rss_start_mb"] > 0
 
@@ -102,9 +137,15 @@ def test_train(outputs):
     for name in ("next_token", "next_scale"):
         r = d["results"][name]
         T, B = r["seq_len"], 2
-        assert r["flops_per_step"] == B * (6 * r["params_blocks"] * T + 12 * TINY_LAYERS * T**2 * TINY_DIM)
-        assert r["tokens_per_s"] == pytest.approx(B * r["predicted_tokens_per_sample"] / r["step_s"])
-        assert r["fraction_of_peak"] == pytest.approx(r["flops_per_s"] / d["matmul_peak"]["float32"]["flops_per_s"])
+        assert r["flops_per_step"] == B * (
+            6 * r["params_blocks"] * T + 12 * TINY_LAYERS * T**2 * TINY_DIM
+        )
+        assert r["tokens_per_s"] == pytest.approx(
+            B * r["predicted_tokens_per_sample"] / r["step_s"]
+        )
+        assert r["fraction_of_peak"] == pytest.approx(
+            r["flops_per_s"] / d["matmul_peak"]["float32"]["flops_per_s"]
+        )
         assert 0 < r["params_blocks"] < r["params_total"]
         assert r["memory"]["rss_peak_mb"] > 0
     assert d["results"]["next_token"]["predicted_tokens_per_sample"] == 16
@@ -120,7 +161,8 @@ def test_predict(outputs):
         e2e = r["end_to_end_png"]
         parts = e2e["runs"][0]
         assert parts["total_s"] == pytest.approx(
-            parts["read_s"] + parts["inputs_s"] + parts["predict_s"] + parts["write_s"])
+            parts["read_s"] + parts["inputs_s"] + parts["predict_s"] + parts["write_s"]
+        )
         assert e2e["png_size"] == 40
     assert d["process_peak_rss_mb"] > 0
 
@@ -140,19 +182,98 @@ def test_unet_baseline_and_comparison_table(tmp_path: Path) -> None:
     from mrisegcli.cli import app
 
     data = tmp_path / "data"
-    assert CliRunner().invoke(app, ["synth", str(data), "--n-train", "16", "--n-val", "4", "--n-test", "4",
-                                    "--size", "32", "-q"]).exit_code == 0
-    out = baseline_unet.main(["--data", str(data), "--size", "32", "--max-minutes", "0.05",
-                              "--max-steps", "4", "--eval-every", "2", "--threads", "1",
-                              "--features", "4", "4", "8", "8", "8", "4"])
+    assert (
+        CliRunner()
+        .invoke(
+            app,
+            [
+                "synth",
+                str(data),
+                "--n-train",
+                "16",
+                "--n-val",
+                "4",
+                "--n-test",
+                "4",
+                "--size",
+                "32",
+                "-q",
+            ],
+        )
+        .exit_code
+        == 0
+    )
+    out = baseline_unet.main(
+        [
+            "--data",
+            str(data),
+            "--size",
+            "32",
+            "--max-minutes",
+            "0.05",
+            "--max-steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--threads",
+            "1",
+            "--features",
+            "4",
+            "4",
+            "8",
+            "8",
+            "8",
+            "4",
+        ]
+    )
     assert out["steps"] == 4 and out["n"] == 4 and 0 <= out["dice"] <= 1 and out["model"] == "unet"
     assert 0 <= out["best_val_dice"] <= 1
     results = tmp_path / "r.jsonl"
-    rows = [{"key": "kvasir-seg:unet:5", "dataset": "kvasir-seg", "model": "unet", "max_minutes": 5,
-             "dice": 0.70, "steps": 900},
-            {"key": "kvasir-seg:next-token:5", "dataset": "kvasir-seg", "model": "next-token",
-             "max_minutes": 5, "dice": 0.72, "steps": 300}]
+    rows = [
+        {
+            "key": "kvasir-seg:unet:5",
+            "dataset": "kvasir-seg",
+            "model": "unet",
+            "max_minutes": 5,
+            "dice": 0.70,
+            "steps": 900,
+        },
+        {
+            "key": "kvasir-seg:next-token:5",
+            "dataset": "kvasir-seg",
+            "model": "next-token",
+            "max_minutes": 5,
+            "dice": 0.72,
+            "steps": 300,
+        },
+    ]
+    rows.append(
+        {
+            "key": "kvasir-seg:next-token@refine:5",
+            "dataset": "kvasir-seg",
+            "model": "next-token",
+            "method": "next-token@refine",
+            "max_minutes": 5,
+            "dice": 0.75,
+            "steps": 250,
+            "load": [2.0, 2.5],
+            "parts": {"tokens": {"dice": 0.61}, "refined": {"dice": 0.75}},
+        }
+    )
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = compare.table(results)
-    assert "| kvasir-seg | 5 min | 0.700 (900 steps) | 0.720 (300 steps) | - | +0.020 |" in table
-    assert compare.done_keys(results) == {"kvasir-seg:unet:5", "kvasir-seg:next-token:5"}
+    # one column per method (rows written before variants count as their model), the best
+    # mriseg method's lead over the U-Net, the token-only Dice beside a refined one, the load
+    assert (
+        "| U-Net + text Dice | mriseg next-token Dice | mriseg next-token@refine Dice | mriseg lead | load |"
+        in table
+    )
+    assert (
+        "| kvasir-seg | 5 min | 0.700 (900 steps) | 0.720 (300 steps) "
+        "| 0.750 (250 steps), tokens only 0.610 | +0.050 | 2.0-2.5 |"
+    ) in table
+    assert compare.done_keys(results) == {
+        "kvasir-seg:unet:5",
+        "kvasir-seg:next-token:5",
+        "kvasir-seg:next-token@refine:5",
+    }
