@@ -41,7 +41,9 @@ class TextUNet(nn.Module):
         from monai.networks.nets import BasicUNet
 
         self.text = nn.Linear(vocab, text_channels) if text_channels > 0 else None
-        self.unet = BasicUNet(spatial_dims=2, in_channels=1 + text_channels, out_channels=1, features=features)
+        self.unet = BasicUNet(
+            spatial_dims=2, in_channels=1 + text_channels, out_channels=1, features=features
+        )
 
     def forward(self, image_B1SS: torch.Tensor, bow_BV: torch.Tensor) -> torch.Tensor:
         x = image_B1SS * 2 - 1
@@ -130,7 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
         done = (time.perf_counter() - t_loop) / loop_budget
         if done >= 1.0:
             break
-        lr = args.lr * (min(1.0, done / 0.05) if done < 0.05 else 0.5 * (1 + math.cos(math.pi * (done - 0.05) / 0.95)))
+        lr = args.lr * (
+            min(1.0, done / 0.05)
+            if done < 0.05
+            else 0.5 * (1 + math.cos(math.pi * (done - 0.05) / 0.95))
+        )
         for group in opt.param_groups:
             group["lr"] = max(lr, args.lr * 0.01)
         idx = torch.randint(0, len(train), (args.batch_size,), generator=g)
@@ -145,7 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
             inter = ((prob > 0.5) & (msk_va > 0)).sum((1, 2))
             total = (prob > 0.5).sum((1, 2)) + (msk_va > 0).sum((1, 2))
             val_dice = float(np.mean(np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))))
-            log.append({"step": step, "loss": float(loss), "val_dice": val_dice, "elapsed_s": time.perf_counter() - t0})
+            log.append(
+                {
+                    "step": step,
+                    "loss": float(loss),
+                    "val_dice": val_dice,
+                    "elapsed_s": time.perf_counter() - t0,
+                }
+            )
             if val_dice > best:
                 best, best_state = val_dice, {k: v.clone() for k, v in model.state_dict().items()}
     train_seconds = time.perf_counter() - t0
@@ -157,18 +170,28 @@ def main(argv: list[str] | None = None) -> dict:
     results = _score(test, gts, predict(model, img_te, bow_te))
     summary = summarize(results)
     out = {
-        "model": "unet" if text_ch else "unet-no-text", "data": [str(d) for d in args.data],
-        "size": args.size, "max_minutes": args.max_minutes, "steps": step,
-        "train_seconds": round(train_seconds, 1), "best_val_dice": best, "split": args.split,
-        "dice": summary["dice"], "miou": summary["miou"], "n": summary["n"],
-        "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+        "model": "unet" if text_ch else "unet-no-text",
+        "data": [str(d) for d in args.data],
+        "size": args.size,
+        "max_minutes": args.max_minutes,
+        "steps": step,
+        "train_seconds": round(train_seconds, 1),
+        "best_val_dice": best,
+        "split": args.split,
+        "dice": summary["dice"],
+        "miou": summary["miou"],
+        "n": summary["n"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(),
         "kinds": group_summaries(test, results, "kind"),
     }
     if args.json:
         sys.stdout.write(json.dumps(out) + "\n")
     else:
-        print(f"{out['model']}: {step} steps in {train_seconds:.0f} s, best val Dice {best:.4f}; "
-              f"{args.split} Dice {out['dice']:.4f} mIoU {out['miou']:.4f} (n={out['n']})")
+        print(
+            f"{out['model']}: {step} steps in {train_seconds:.0f} s, best val Dice {best:.4f}; "
+            f"{args.split} Dice {out['dice']:.4f} mIoU {out['miou']:.4f} (n={out['n']})"
+        )
     return out
 
 

@@ -92,8 +92,13 @@ def count_passes(model: torch.nn.Module, fn: Any) -> int:
 
 @torch.no_grad()
 def uncached_steps_estimate(
-    model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor, tmask: torch.Tensor,
-    codes_BN: torch.Tensor, n_steps: int, device: torch.device,
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    ids: torch.Tensor,
+    tmask: torch.Tensor,
+    codes_BN: torch.Tensor,
+    n_steps: int,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Time ``n_steps`` evenly spaced steps of the uncached decoder and interpolate the rest.
 
@@ -118,19 +123,27 @@ def uncached_steps_estimate(
         times.append(time.perf_counter() - t0)
         agree += int(torch.equal(tok_B, codes_BN[:, n]))
     per_step = np.interp(np.arange(n_mask), positions, times)
-    return {"estimated_s": float(per_step.sum()), "measured_steps": positions.tolist(),
-            "measured_step_s": times, "identical": agree == len(positions)}
+    return {
+        "estimated_s": float(per_step.sum()),
+        "measured_steps": positions.tolist(),
+        "measured_step_s": times,
+        "identical": agree == len(positions),
+    }
 
 
 @torch.no_grad()
-def detokenize_ms(fn: Any, batch: int, args: argparse.Namespace, device: torch.device, rep: Reporter) -> float:
+def detokenize_ms(
+    fn: Any, batch: int, args: argparse.Namespace, device: torch.device, rep: Reporter
+) -> float:
     """Milliseconds per mask of codes -> full-size mask logits (not part of the decode times)."""
     ms = 1e3 * time_it(fn, device, warmup=args.warmup, repeats=args.repeats).median / batch
     rep.line(f"  codes -> mask logits: {ms:.3f} ms/mask (not in the decode times)")
     return ms
 
 
-def eval_model(args: argparse.Namespace, paradigm: str, device: torch.device) -> tuple[Any, Any, Any, Any]:
+def eval_model(
+    args: argparse.Namespace, paradigm: str, device: torch.device
+) -> tuple[Any, Any, Any, Any]:
     """(run config, random model in eval mode, model config, tokenizers) at the preset."""
     cfg = run_config(args.preset, args.size, paradigm)
     model, mcfg, bundle = random_model(cfg, device)
@@ -142,15 +155,21 @@ def bench_next_token(args: argparse.Namespace, device: torch.device, rep: Report
     cfg, model, mcfg, bundle = eval_model(args, "next-token", device)
     lay, B = model.layout, args.batch
     gen = torch.Generator().manual_seed(args.seed)
-    image = torch.randint(0, mcfg.image_codebook_size, (B, mcfg.image_grid, mcfg.image_grid), generator=gen)
+    image = torch.randint(
+        0, mcfg.image_codebook_size, (B, mcfg.image_grid, mcfg.image_grid), generator=gen
+    )
     image = image.to(device)
     ids, tmask = random_text(B, cfg.text_len, text_vocab_size(bundle.text), device, gen)
-    rep.line(f"next-token: {mcfg.mask_grid}x{mcfg.mask_grid} mask grid = {lay.n_mask} tokens, "
-             f"prefix {lay.prefix_len} tokens, batch {B}")
+    rep.line(
+        f"next-token: {mcfg.mask_grid}x{mcfg.mask_grid} mask grid = {lay.n_mask} tokens, "
+        f"prefix {lay.prefix_len} tokens, batch {B}"
+    )
 
     decode = MaskGenerator(model)
     with PeakMemory(device) as mem:
-        cached = time_it(lambda: decode(image, ids, tmask), device, warmup=args.warmup, repeats=args.repeats)
+        cached = time_it(
+            lambda: decode(image, ids, tmask), device, warmup=args.warmup, repeats=args.repeats
+        )
     codes = decode(image, ids, tmask)
     passes = count_passes(model, lambda: decode(image, ids, tmask))
 
@@ -161,35 +180,63 @@ def bench_next_token(args: argparse.Namespace, device: torch.device, rep: Report
     pre = time_it(prefill_only, device, warmup=args.warmup, repeats=args.repeats)
     ms_step = 1e3 * max(cached.median - pre.median, 0.0) / (lay.n_mask - 1)
     out: dict[str, Any] = {
-        "mask_grid": mcfg.mask_grid, "n_mask_tokens": lay.n_mask, "prefix_len": lay.prefix_len,
-        "forward_passes": passes, "forward_passes_formula": f"1 prefill + {lay.n_mask - 1} steps",
-        "cached": {**cached.to_json(), "ms_per_mask": 1e3 * cached.median / B,
-                   "masks_per_s": B / cached.median, "memory": mem.to_json(),
-                   "prefill_ms": 1e3 * pre.median, "ms_per_step": ms_step},
+        "mask_grid": mcfg.mask_grid,
+        "n_mask_tokens": lay.n_mask,
+        "prefix_len": lay.prefix_len,
+        "forward_passes": passes,
+        "forward_passes_formula": f"1 prefill + {lay.n_mask - 1} steps",
+        "cached": {
+            **cached.to_json(),
+            "ms_per_mask": 1e3 * cached.median / B,
+            "masks_per_s": B / cached.median,
+            "memory": mem.to_json(),
+            "prefill_ms": 1e3 * pre.median,
+            "ms_per_step": ms_step,
+        },
     }
-    rep.line(f"  cached   : {B / cached.median:9.2f} masks/s  ({1e3 * cached.median / B:.2f} ms/mask, "
-             f"{passes} forward passes, {mem.describe()})")
-    rep.line(f"  cached step: {ms_step:.3f} ms per step of the batch (prefill {1e3 * pre.median:.1f} ms)")
+    rep.line(
+        f"  cached   : {B / cached.median:9.2f} masks/s  ({1e3 * cached.median / B:.2f} ms/mask, "
+        f"{passes} forward passes, {mem.describe()})"
+    )
+    rep.line(
+        f"  cached step: {ms_step:.3f} ms per step of the batch (prefill {1e3 * pre.median:.1f} ms)"
+    )
     fixed = MaskGenerator(model, fixed_shapes=True)  # every step reads the whole cache
-    pair = time_interleaved({"filled_prefix": lambda: decode(image, ids, tmask),
-                             "whole_cache": lambda: fixed(image, ids, tmask)},
-                            device, warmup=args.warmup, repeats=args.repeats)
+    pair = time_interleaved(
+        {
+            "filled_prefix": lambda: decode(image, ids, tmask),
+            "whole_cache": lambda: fixed(image, ids, tmask),
+        },
+        device,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
     speedup = pair["whole_cache"].median / pair["filled_prefix"].median
     out["keys_read"] = {
         **{name: {**t.to_json(), "ms_per_mask": 1e3 * t.median / B} for name, t in pair.items()},
-        "prefix_speedup": speedup, "identical": torch.equal(fixed(image, ids, tmask), codes)}
-    rep.line(f"  keys read per step, timed in turns: filled prefix "
-             f"{1e3 * pair['filled_prefix'].median / B:.2f} ms/mask, whole cache (fixed shapes, as compiled) "
-             f"{1e3 * pair['whole_cache'].median / B:.2f} ms/mask: {speedup:.2f}x, "
-             f"codes identical: {out['keys_read']['identical']}")
-    out["detokenize_ms_per_mask"] = detokenize_ms(lambda: bundle.mask_vq.decode(codes), B, args, device, rep)
+        "prefix_speedup": speedup,
+        "identical": torch.equal(fixed(image, ids, tmask), codes),
+    }
+    rep.line(
+        f"  keys read per step, timed in turns: filled prefix "
+        f"{1e3 * pair['filled_prefix'].median / B:.2f} ms/mask, whole cache (fixed shapes, as compiled) "
+        f"{1e3 * pair['whole_cache'].median / B:.2f} ms/mask: {speedup:.2f}x, "
+        f"codes identical: {out['keys_read']['identical']}"
+    )
+    out["detokenize_ms_per_mask"] = detokenize_ms(
+        lambda: bundle.mask_vq.decode(codes), B, args, device, rep
+    )
 
     n_unc = args.uncached_tokens
     if n_unc is None:
         n_unc = lay.n_mask if device.type == "cuda" else 32
     if n_unc >= lay.n_mask:
-        t = time_it(lambda: generate_masks_uncached(model, image, ids, tmask), device,
-                    warmup=min(args.warmup, 1), repeats=args.repeats)
+        t = time_it(
+            lambda: generate_masks_uncached(model, image, ids, tmask),
+            device,
+            warmup=min(args.warmup, 1),
+            repeats=args.repeats,
+        )
         same = torch.equal(generate_masks_uncached(model, image, ids, tmask), codes)
         unc = {**t.to_json(), "seconds": t.median, "estimated": False, "identical": same}
     elif n_unc > 0:
@@ -198,49 +245,92 @@ def bench_next_token(args: argparse.Namespace, device: torch.device, rep: Report
     else:
         unc = None
     if unc is not None:
-        unc.update(ms_per_mask=1e3 * unc["seconds"] / B, masks_per_s=B / unc["seconds"],
-                   kv_speedup=unc["seconds"] / cached.median)
+        unc.update(
+            ms_per_mask=1e3 * unc["seconds"] / B,
+            masks_per_s=B / unc["seconds"],
+            kv_speedup=unc["seconds"] / cached.median,
+        )
         out["uncached"] = unc
-        how = (f"estimated from {len(unc['measured_steps'])} of {lay.n_mask} steps, linear interpolation"
-               if unc["estimated"] else "all steps timed")
-        rep.line(f"  uncached : {unc['masks_per_s']:9.2f} masks/s  ({unc['ms_per_mask']:.2f} ms/mask; {how})")
-        rep.line(f"  KV cache speed-up: {unc['kv_speedup']:.1f}x   greedy codes identical: {unc['identical']}")
+        how = (
+            f"estimated from {len(unc['measured_steps'])} of {lay.n_mask} steps, linear interpolation"
+            if unc["estimated"]
+            else "all steps timed"
+        )
+        rep.line(
+            f"  uncached : {unc['masks_per_s']:9.2f} masks/s  ({unc['ms_per_mask']:.2f} ms/mask; {how})"
+        )
+        rep.line(
+            f"  KV cache speed-up: {unc['kv_speedup']:.1f}x   greedy codes identical: {unc['identical']}"
+        )
     else:
-        rep.line("  uncached : skipped (--uncached-tokens 0); greedy identity vs uncached not checked")
+        rep.line(
+            "  uncached : skipped (--uncached-tokens 0); greedy identity vs uncached not checked"
+        )
     if device.type == "cpu" and args.compile:
-        out["cpu_compile"] = cpu_compile(model, image, ids, tmask, codes, decode, unc, args, device, rep)
+        out["cpu_compile"] = cpu_compile(
+            model, image, ids, tmask, codes, decode, unc, args, device, rep
+        )
     if device.type == "cuda":
-        out["cuda_variants"] = cuda_variants(model, image, ids, tmask, codes, cached.median, args, device, rep)
+        out["cuda_variants"] = cuda_variants(
+            model, image, ids, tmask, codes, cached.median, args, device, rep
+        )
     return out, lambda: decode(image, ids, tmask)
 
 
 def cuda_variants(
-    model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor, tmask: torch.Tensor,
-    codes: torch.Tensor, eager_s: float, args: argparse.Namespace, device: torch.device, rep: Reporter,
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    ids: torch.Tensor,
+    tmask: torch.Tensor,
+    codes: torch.Tensor,
+    eager_s: float,
+    args: argparse.Namespace,
+    device: torch.device,
+    rep: Reporter,
 ) -> dict[str, Any]:
     """Cached next-token decode with bf16 autocast and/or the compiled (CUDA-graph) step."""
     B, res = args.batch, {}
-    for name, kw in [("bf16", {"amp_dtype": torch.bfloat16}), ("compile", {"compile": True}),
-                     ("compile_bf16", {"compile": True, "amp_dtype": torch.bfloat16})]:
+    for name, kw in [
+        ("bf16", {"amp_dtype": torch.bfloat16}),
+        ("compile", {"compile": True}),
+        ("compile_bf16", {"compile": True, "amp_dtype": torch.bfloat16}),
+    ]:
         try:
             decode = MaskGenerator(model, **kw)
-            t = time_it(lambda d=decode: d(image, ids, tmask), device,
-                        warmup=max(3, args.warmup), repeats=args.repeats)
+            t = time_it(
+                lambda d=decode: d(image, ids, tmask),
+                device,
+                warmup=max(3, args.warmup),
+                repeats=args.repeats,
+            )
             agree = (decode(image, ids, tmask) == codes).float().mean().item()
         except Exception as e:  # e.g. no compiler toolchain: report and go on
             res[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
             rep.line(f"  {name:<13}: failed ({res[name]['error']})")
             continue
-        res[name] = {**t.to_json(), "masks_per_s": B / t.median, "speedup_vs_eager_fp32": eager_s / t.median,
-                     "codes_agree_with_fp32": agree}
-        rep.line(f"  {name:<13}: {B / t.median:9.2f} masks/s  ({eager_s / t.median:.2f}x eager fp32, "
-                 f"{100 * agree:.1f}% codes as fp32)")
+        res[name] = {
+            **t.to_json(),
+            "masks_per_s": B / t.median,
+            "speedup_vs_eager_fp32": eager_s / t.median,
+            "codes_agree_with_fp32": agree,
+        }
+        rep.line(
+            f"  {name:<13}: {B / t.median:9.2f} masks/s  ({eager_s / t.median:.2f}x eager fp32, "
+            f"{100 * agree:.1f}% codes as fp32)"
+        )
     return res
 
 
 def cpu_compile(
-    model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor, tmask: torch.Tensor, codes: torch.Tensor,
-    eager: Callable[..., Any], unc: dict[str, Any] | None, args: argparse.Namespace, device: torch.device,
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    ids: torch.Tensor,
+    tmask: torch.Tensor,
+    codes: torch.Tensor,
+    eager: Callable[..., Any],
+    unc: dict[str, Any] | None,
+    args: argparse.Namespace,
+    device: torch.device,
     rep: Reporter,
 ) -> dict[str, Any]:
     """The compiled decode step on a CPU (Inductor C++ kernels, whole cache read), timed in turns
@@ -255,16 +345,28 @@ def cpu_compile(
         err = f"{type(e).__name__}: {e}".splitlines()[0]
         rep.line(f"  compiled step: failed ({err})")
         return {"error": err}
-    pair = time_interleaved({"eager": lambda: eager(image, ids, tmask), "compiled": lambda: compiled(image, ids, tmask)},
-                            device, warmup=args.warmup, repeats=args.repeats)
-    res = {**{name: {**t.to_json(), "ms_per_mask": 1e3 * t.median / B} for name, t in pair.items()},
-           "compile_s": compile_s, "speedup_vs_eager": pair["eager"].median / pair["compiled"].median,
-           "codes_agree_with_eager": (first == codes).float().mean().item()}
+    pair = time_interleaved(
+        {
+            "eager": lambda: eager(image, ids, tmask),
+            "compiled": lambda: compiled(image, ids, tmask),
+        },
+        device,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+    res = {
+        **{name: {**t.to_json(), "ms_per_mask": 1e3 * t.median / B} for name, t in pair.items()},
+        "compile_s": compile_s,
+        "speedup_vs_eager": pair["eager"].median / pair["compiled"].median,
+        "codes_agree_with_eager": (first == codes).float().mean().item(),
+    }
     if unc is not None:
         res["kv_speedup"] = unc["seconds"] / pair["compiled"].median
-    rep.line(f"  compiled step (CPU): {res['compiled']['ms_per_mask']:.2f} ms/mask vs eager "
-             f"{res['eager']['ms_per_mask']:.2f} in turns ({res['speedup_vs_eager']:.2f}x; compile {compile_s:.0f} s; "
-             f"{100 * res['codes_agree_with_eager']:.1f}% codes as eager)")
+    rep.line(
+        f"  compiled step (CPU): {res['compiled']['ms_per_mask']:.2f} ms/mask vs eager "
+        f"{res['eager']['ms_per_mask']:.2f} in turns ({res['speedup_vs_eager']:.2f}x; compile {compile_s:.0f} s; "
+        f"{100 * res['codes_agree_with_eager']:.1f}% codes as eager)"
+    )
     return res
 
 
@@ -276,8 +378,10 @@ def bench_next_scale(args: argparse.Namespace, device: torch.device, rep: Report
     image = torch.rand(B, 1, cfg.image_size, cfg.image_size, generator=gen).to(device)
     ids, tmask = random_text(B, cfg.text_len, text_vocab_size(bundle.text), device, gen)
     K = len(lay.scales)
-    rep.line(f"next-scale: scales {list(lay.scales)} = {lay.n_scale_tokens} tokens in {K} steps, "
-             f"condition {lay.n_cond} tokens, batch {B}")
+    rep.line(
+        f"next-scale: scales {list(lay.scales)} = {lay.n_scale_tokens} tokens in {K} steps, "
+        f"condition {lay.n_cond} tokens, batch {B}"
+    )
 
     def cached_fn(amp: torch.dtype | None = None) -> list[torch.Tensor]:
         return generate_scales(model, q, image, ids, tmask, amp_dtype=amp)
@@ -286,36 +390,73 @@ def bench_next_scale(args: argparse.Namespace, device: torch.device, rep: Report
         cached = time_it(cached_fn, device, warmup=args.warmup, repeats=args.repeats)
     idx = cached_fn()
     passes = count_passes(model, cached_fn)
-    uncached = time_it(lambda: generate_scales_uncached(model, q, image, ids, tmask), device,
-                       warmup=min(args.warmup, 1), repeats=args.repeats)
+    uncached = time_it(
+        lambda: generate_scales_uncached(model, q, image, ids, tmask),
+        device,
+        warmup=min(args.warmup, 1),
+        repeats=args.repeats,
+    )
     idx_unc = generate_scales_uncached(model, q, image, ids, tmask)
     same = all(torch.equal(a, b) for a, b in zip(idx, idx_unc, strict=True))
     out: dict[str, Any] = {
-        "scales": list(lay.scales), "n_scale_tokens": lay.n_scale_tokens, "cond_len": lay.n_cond,
-        "forward_passes": passes, "forward_passes_formula": f"1 prefill + {K - 1} scale steps",
-        "cached": {**cached.to_json(), "ms_per_mask": 1e3 * cached.median / B,
-                   "masks_per_s": B / cached.median, "memory": mem.to_json()},
-        "uncached": {**uncached.to_json(), "ms_per_mask": 1e3 * uncached.median / B,
-                     "masks_per_s": B / uncached.median, "identical": same},
+        "scales": list(lay.scales),
+        "n_scale_tokens": lay.n_scale_tokens,
+        "cond_len": lay.n_cond,
+        "forward_passes": passes,
+        "forward_passes_formula": f"1 prefill + {K - 1} scale steps",
+        "cached": {
+            **cached.to_json(),
+            "ms_per_mask": 1e3 * cached.median / B,
+            "masks_per_s": B / cached.median,
+            "memory": mem.to_json(),
+        },
+        "uncached": {
+            **uncached.to_json(),
+            "ms_per_mask": 1e3 * uncached.median / B,
+            "masks_per_s": B / uncached.median,
+            "identical": same,
+        },
         "kv_speedup": uncached.median / cached.median,
     }
-    rep.line(f"  cached   : {B / cached.median:9.2f} masks/s  ({1e3 * cached.median / B:.2f} ms/mask, "
-             f"{passes} forward passes, {mem.describe()})")
-    rep.line(f"  uncached : {B / uncached.median:9.2f} masks/s  ({1e3 * uncached.median / B:.2f} ms/mask)")
+    rep.line(
+        f"  cached   : {B / cached.median:9.2f} masks/s  ({1e3 * cached.median / B:.2f} ms/mask, "
+        f"{passes} forward passes, {mem.describe()})"
+    )
+    rep.line(
+        f"  uncached : {B / uncached.median:9.2f} masks/s  ({1e3 * uncached.median / B:.2f} ms/mask)"
+    )
     rep.line(f"  KV cache speed-up: {out['kv_speedup']:.2f}x   greedy codes identical: {same}")
-    out["parts_ms_per_mask"] = next_scale_parts(model, q, image, idx, cached.median, args, device, rep)
-    out["detokenize_ms_per_mask"] = detokenize_ms(lambda: q.idx_to_logits(idx), B, args, device, rep)
+    out["parts_ms_per_mask"] = next_scale_parts(
+        model, q, image, idx, cached.median, args, device, rep
+    )
+    out["detokenize_ms_per_mask"] = detokenize_ms(
+        lambda: q.idx_to_logits(idx), B, args, device, rep
+    )
     if device.type == "cuda":
-        t = time_it(lambda: cached_fn(torch.bfloat16), device, warmup=args.warmup, repeats=args.repeats)
-        out["bf16"] = {**t.to_json(), "masks_per_s": B / t.median, "speedup_vs_fp32": cached.median / t.median}
-        rep.line(f"  bf16     : {B / t.median:9.2f} masks/s  ({cached.median / t.median:.2f}x fp32)")
+        t = time_it(
+            lambda: cached_fn(torch.bfloat16), device, warmup=args.warmup, repeats=args.repeats
+        )
+        out["bf16"] = {
+            **t.to_json(),
+            "masks_per_s": B / t.median,
+            "speedup_vs_fp32": cached.median / t.median,
+        }
+        rep.line(
+            f"  bf16     : {B / t.median:9.2f} masks/s  ({cached.median / t.median:.2f}x fp32)"
+        )
     return out, cached_fn
 
 
 @torch.no_grad()
 def next_scale_parts(
-    model: torch.nn.Module, q: torch.nn.Module, image: torch.Tensor, idx: list[torch.Tensor],
-    total_s: float, args: argparse.Namespace, device: torch.device, rep: Reporter,
+    model: torch.nn.Module,
+    q: torch.nn.Module,
+    image: torch.Tensor,
+    idx: list[torch.Tensor],
+    total_s: float,
+    args: argparse.Namespace,
+    device: torch.device,
+    rep: Reporter,
 ) -> dict[str, float]:
     """Where a cached next-scale decode spends its time (ms/mask): the conv image encoder, the
     quantiser's K f_hat updates (upsampling + refinement conv + next input), the rest (mostly
@@ -327,26 +468,45 @@ def next_scale_parts(
         for k, idx_Bpp in enumerate(idx):
             f_hat, _ = q.next_input(k, f_hat, idx_Bpp)
 
-    ms = {name: 1e3 * time_it(fn, device, warmup=args.warmup, repeats=args.repeats).median / B
-          for name, fn in (("image_encoder", lambda: model.encoder(image)), ("quantiser", quantiser_updates))}
+    ms = {
+        name: 1e3 * time_it(fn, device, warmup=args.warmup, repeats=args.repeats).median / B
+        for name, fn in (
+            ("image_encoder", lambda: model.encoder(image)),
+            ("quantiser", quantiser_updates),
+        )
+    }
     ms["transformer_and_rest"] = 1e3 * total_s / B - ms["image_encoder"] - ms["quantiser"]
     rep.line("  parts: " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()) + " ms/mask")
     return ms
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_common_args(p, batch=16, warmup=1, repeats=3)
-    p.add_argument("--uncached-tokens", type=int, default=None,
-                   help="uncached next-token steps to time (default: all on CUDA, 32 on CPU; 0: skip)")
-    p.add_argument("--paradigm", default="both", choices=["next-token", "next-scale", "both"],
-                   help="decoders to time (the head-to-head ratio needs both)")
-    p.add_argument("--compile", action="store_true", help="also time the compiled next-token step on a CPU")
+    p.add_argument(
+        "--uncached-tokens",
+        type=int,
+        default=None,
+        help="uncached next-token steps to time (default: all on CUDA, 32 on CPU; 0: skip)",
+    )
+    p.add_argument(
+        "--paradigm",
+        default="both",
+        choices=["next-token", "next-scale", "both"],
+        help="decoders to time (the head-to-head ratio needs both)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="also time the compiled next-token step on a CPU"
+    )
     args = p.parse_args(argv)
     device = setup(args)
     rep = Reporter(args)
-    rep.line(f"decode benchmark: preset {args.preset}, {args.size} px, batch {args.batch}, {device}, "
-             f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up")
+    rep.line(
+        f"decode benchmark: preset {args.preset}, {args.size} px, batch {args.batch}, {device}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up"
+    )
     nt = ns = head_to_head = None
     ratio: float | None = None
     if args.paradigm in ("next-token", "both"):
@@ -355,39 +515,61 @@ def main(argv: list[str] | None = None) -> int:
         ns, ns_decode = bench_next_scale(args, device, rep)
     if nt is not None and ns is not None:
         # the headline ratio: both cached decoders timed in turns, same batch, same transformer
-        pair = time_interleaved({"next_token": nt_decode, "next_scale": ns_decode},
-                                device, warmup=args.warmup, repeats=args.repeats)
+        pair = time_interleaved(
+            {"next_token": nt_decode, "next_scale": ns_decode},
+            device,
+            warmup=args.warmup,
+            repeats=args.repeats,
+        )
         ratio = pair["next_scale"].median / pair["next_token"].median
-        head_to_head = {name: {**t.to_json(), "ms_per_mask": 1e3 * t.median / args.batch} for name, t in pair.items()}
-        rep.line(f"head to head, timed in turns: next-token {head_to_head['next_token']['ms_per_mask']:.2f} ms/mask, "
-                 f"next-scale {head_to_head['next_scale']['ms_per_mask']:.2f} ms/mask")
-        rep.line(f"next-scale / next-token cached decode time: {ratio:.3f} "
-                 f"(next-scale {1 / ratio:.2f}x faster; {ns['forward_passes']} vs {nt['forward_passes']} forward passes)")
+        head_to_head = {
+            name: {**t.to_json(), "ms_per_mask": 1e3 * t.median / args.batch}
+            for name, t in pair.items()
+        }
+        rep.line(
+            f"head to head, timed in turns: next-token {head_to_head['next_token']['ms_per_mask']:.2f} ms/mask, "
+            f"next-scale {head_to_head['next_scale']['ms_per_mask']:.2f} ms/mask"
+        )
+        rep.line(
+            f"next-scale / next-token cached decode time: {ratio:.3f} "
+            f"(next-scale {1 / ratio:.2f}x faster; {ns['forward_passes']} vs {nt['forward_passes']} forward passes)"
+        )
     nt_, ns_ = nt or {}, ns or {}
-    checks = [nt_.get("uncached", {}).get("identical"), nt_.get("keys_read", {}).get("identical"),
-              ns_.get("uncached", {}).get("identical")]
+    checks = [
+        nt_.get("uncached", {}).get("identical"),
+        nt_.get("keys_read", {}).get("identical"),
+        ns_.get("uncached", {}).get("identical"),
+    ]
     done = [c for c in checks if c is not None]
-    rep.emit({
-        "bench": "decode", "machine": machine_info(device), "args": args_dict(args),
-        "next_token": nt, "next_scale": ns, "head_to_head": head_to_head,
-        "summary": {
-            "kv_speedup_next_token": nt_.get("uncached", {}).get("kv_speedup"),
-            "kv_speedup_next_token_estimated": nt_.get("uncached", {}).get("estimated"),
-            "kv_speedup_next_token_compiled": nt_.get("cpu_compile", {}).get("kv_speedup"),
-            "ms_per_step_next_token_cached": nt_.get("cached", {}).get("ms_per_step"),
-            "kv_speedup_next_scale": ns_.get("kv_speedup"),
-            "next_scale_over_next_token_time": ratio,
-            "next_scale_speedup_over_next_token": None if ratio is None else 1 / ratio,
-            "next_token_prefix_speedup": nt_.get("keys_read", {}).get("prefix_speedup"),
-            "forward_passes_next_token": nt_.get("forward_passes"),
-            "forward_passes_next_scale": ns_.get("forward_passes"),
-            "masks_per_s_next_token_cached": nt_.get("cached", {}).get("masks_per_s"),
-            "masks_per_s_next_scale_cached": ns_.get("cached", {}).get("masks_per_s"),
-            # null when the uncached next-token check was skipped (--uncached-tokens 0): not checked
-            "greedy_identical": None if (nt is not None and "uncached" not in nt) or not done else all(done),
-            "greedy_checks_done": len(done),
-        },
-    })
+    rep.emit(
+        {
+            "bench": "decode",
+            "machine": machine_info(device),
+            "args": args_dict(args),
+            "next_token": nt,
+            "next_scale": ns,
+            "head_to_head": head_to_head,
+            "summary": {
+                "kv_speedup_next_token": nt_.get("uncached", {}).get("kv_speedup"),
+                "kv_speedup_next_token_estimated": nt_.get("uncached", {}).get("estimated"),
+                "kv_speedup_next_token_compiled": nt_.get("cpu_compile", {}).get("kv_speedup"),
+                "ms_per_step_next_token_cached": nt_.get("cached", {}).get("ms_per_step"),
+                "kv_speedup_next_scale": ns_.get("kv_speedup"),
+                "next_scale_over_next_token_time": ratio,
+                "next_scale_speedup_over_next_token": None if ratio is None else 1 / ratio,
+                "next_token_prefix_speedup": nt_.get("keys_read", {}).get("prefix_speedup"),
+                "forward_passes_next_token": nt_.get("forward_passes"),
+                "forward_passes_next_scale": ns_.get("forward_passes"),
+                "masks_per_s_next_token_cached": nt_.get("cached", {}).get("masks_per_s"),
+                "masks_per_s_next_scale_cached": ns_.get("cached", {}).get("masks_per_s"),
+                # null when the uncached next-token check was skipped (--uncached-tokens 0): not checked
+                "greedy_identical": None
+                if (nt is not None and "uncached" not in nt) or not done
+                else all(done),
+                "greedy_checks_done": len(done),
+            },
+        }
+    )
     return 0
 
 

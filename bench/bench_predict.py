@@ -54,7 +54,9 @@ def write_png(path: Path, size: int, seed: int) -> None:
     Image.fromarray(img.astype(np.uint8)).save(path)
 
 
-def end_to_end(seg: Segmenter, png: Path, out: Path, text: str, device: torch.device) -> dict[str, float]:
+def end_to_end(
+    seg: Segmenter, png: Path, out: Path, text: str, device: torch.device
+) -> dict[str, float]:
     """Seconds of each stage of one input, the way ``mriseg predict`` runs it."""
     t: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -89,9 +91,16 @@ def bench_paradigm(
     rep.line(f"{paradigm}: batch size {args.batch}, {cfg.image_size} px, amp {seg.amp_dtype}")
 
     with PeakMemory(device) as mem1:
-        one = time_it(lambda: seg.predict(images[:1], texts[:1]), device, warmup=args.warmup, repeats=args.repeats)
+        one = time_it(
+            lambda: seg.predict(images[:1], texts[:1]),
+            device,
+            warmup=args.warmup,
+            repeats=args.repeats,
+        )
     with PeakMemory(device) as memb:
-        many = time_it(lambda: seg.predict(images, texts), device, warmup=args.warmup, repeats=args.repeats)
+        many = time_it(
+            lambda: seg.predict(images, texts), device, warmup=args.warmup, repeats=args.repeats
+        )
     png, out = tmp / f"{paradigm}.png", tmp / f"{paradigm}_mask.png"
     write_png(png, args.png_size, args.seed)
     end_to_end(seg, png, out, texts[0], device)  # warm-up
@@ -99,37 +108,59 @@ def bench_paradigm(
     e2e_med = {k: float(np.median([r[k] for r in e2e])) for k in e2e[0]}
     res = {
         "batch1": {**one.to_json(), "ms_per_image": 1e3 * one.median, "memory": mem1.to_json()},
-        "batch_n": {"batch": args.batch, **many.to_json(), "ms_per_image": 1e3 * many.median / args.batch,
-                               "images_per_s": args.batch / many.median, "memory": memb.to_json()},
+        "batch_n": {
+            "batch": args.batch,
+            **many.to_json(),
+            "ms_per_image": 1e3 * many.median / args.batch,
+            "images_per_s": args.batch / many.median,
+            "memory": memb.to_json(),
+        },
         "end_to_end_png": {"png_size": args.png_size, **e2e_med, "runs": e2e},
     }
     rep.line(f"  batch 1       : {1e3 * one.median:8.1f} ms/image   ({mem1.describe()})")
-    rep.line(f"  batch {args.batch:<8}: {1e3 * many.median / args.batch:8.1f} ms/image   "
-             f"{args.batch / many.median:.1f} images/s ({memb.describe()})")
-    rep.line(f"  PNG end to end: {1e3 * e2e_med['total_s']:8.1f} ms = read {1e3 * e2e_med['read_s']:.1f} + inputs "
-             f"{1e3 * e2e_med['inputs_s']:.1f} + predict {1e3 * e2e_med['predict_s']:.1f} + resize/write "
-             f"{1e3 * e2e_med['write_s']:.1f} ms ({args.png_size}x{args.png_size} PNG)")
+    rep.line(
+        f"  batch {args.batch:<8}: {1e3 * many.median / args.batch:8.1f} ms/image   "
+        f"{args.batch / many.median:.1f} images/s ({memb.describe()})"
+    )
+    rep.line(
+        f"  PNG end to end: {1e3 * e2e_med['total_s']:8.1f} ms = read {1e3 * e2e_med['read_s']:.1f} + inputs "
+        f"{1e3 * e2e_med['inputs_s']:.1f} + predict {1e3 * e2e_med['predict_s']:.1f} + resize/write "
+        f"{1e3 * e2e_med['write_s']:.1f} ms ({args.png_size}x{args.png_size} PNG)"
+    )
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_common_args(p, batch=32, warmup=1, repeats=3)
     p.add_argument("--paradigm", default="both", choices=[*PARADIGMS, "both"])
     p.add_argument("--png-size", type=int, default=256, help="side of the end-to-end test PNG")
     args = p.parse_args(argv)
     device = setup(args)
     rep = Reporter(args)
-    rep.line(f"predict benchmark: preset {args.preset}, {args.size} px, {device}, "
-             f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up")
+    rep.line(
+        f"predict benchmark: preset {args.preset}, {args.size} px, {device}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up"
+    )
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mriseg-bench-") as tmp:
         for paradigm in PARADIGMS if args.paradigm == "both" else (args.paradigm,):
-            results[paradigm.replace("-", "_")] = bench_paradigm(paradigm, args, device, rep, Path(tmp))
+            results[paradigm.replace("-", "_")] = bench_paradigm(
+                paradigm, args, device, rep, Path(tmp)
+            )
     peak = process_peak_rss_mb()
     rep.line(f"process peak RSS: {peak:.0f} MB")
-    rep.emit({"bench": "predict", "machine": machine_info(device), "args": args_dict(args),
-              "results": results, "process_peak_rss_mb": peak})
+    rep.emit(
+        {
+            "bench": "predict",
+            "machine": machine_info(device),
+            "args": args_dict(args),
+            "results": results,
+            "process_peak_rss_mb": peak,
+        }
+    )
     return 0
 
 

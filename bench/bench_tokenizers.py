@@ -87,14 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.kvasir:
-        (tr_img, tr_msk), (te_img, te_msk) = (kvasir(a.kvasir, s, a.size) for s in ("train", "test"))
+        (tr_img, tr_msk), (te_img, te_msk) = (
+            kvasir(a.kvasir, s, a.size) for s in ("train", "test")
+        )
         name = "kvasir-seg"
     else:
         tr_img, tr_msk = synthetic("train", a.n_train, a.size, a.seed)
         te_img, te_msk = synthetic("test", a.n_test, a.size, a.seed)
         name = "synthetic"
-    print(f"{name}: {len(tr_msk)} train / {len(te_msk)} test at {a.size}px, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"{name}: {len(tr_msk)} train / {len(te_msk)} test at {a.size}px, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     def log(step: int, total: int, m: dict[str, float]) -> None:
         if step % max(1, total // 10) == 0 or step == total:
@@ -124,8 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         results[kind] = rep
         print("  " + json.dumps({k: round(v, 4) for k, v in rep.items()}), flush=True)
     if a.json:
-        a.json.write_text(json.dumps({"dataset": name, "args": {k: str(v) for k, v in vars(a).items()},
-                                      "results": results}, indent=2))
+        a.json.write_text(
+            json.dumps(
+                {
+                    "dataset": name,
+                    "args": {k: str(v) for k, v in vars(a).items()},
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

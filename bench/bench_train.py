@@ -63,13 +63,24 @@ def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, repeats: int) 
             torch.matmul(a, b)
 
     t = time_it(run, device, warmup=1, repeats=repeats)
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "matmuls_per_call": inner, **t.to_json(),
-            "flops_per_s": inner * 2 * n**3 / t.min}
+    return {
+        "n": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "matmuls_per_call": inner,
+        **t.to_json(),
+        "flops_per_s": inner * 2 * n**3 / t.min,
+    }
 
 
 def random_batch(
-    paradigm: str, model: torch.nn.Module, mcfg: Any, cfg: Any, vocab: int, batch: int,
-    device: torch.device, seed: int,
+    paradigm: str,
+    model: torch.nn.Module,
+    mcfg: Any,
+    cfg: Any,
+    vocab: int,
+    batch: int,
+    device: torch.device,
+    seed: int,
 ) -> dict[str, torch.Tensor]:
     """A training batch of random codes with the shapes the model trains on."""
     gen = torch.Generator().manual_seed(seed)
@@ -77,8 +88,12 @@ def random_batch(
     out = {"text_ids": ids, "text_mask": tmask}
     if paradigm == "next-token":
         gi, gm = mcfg.image_grid, mcfg.mask_grid
-        out["image_codes"] = torch.randint(0, mcfg.image_codebook_size, (batch, gi, gi), generator=gen)
-        out["mask_codes"] = torch.randint(0, mcfg.mask_codebook_size, (batch, gm, gm), generator=gen)
+        out["image_codes"] = torch.randint(
+            0, mcfg.image_codebook_size, (batch, gi, gi), generator=gen
+        )
+        out["mask_codes"] = torch.randint(
+            0, mcfg.mask_codebook_size, (batch, gm, gm), generator=gen
+        )
         out["sample_ids"] = torch.randint(0, mcfg.het_buckets, (batch,), generator=gen)
     else:
         L = model.layout.n_scale_tokens
@@ -104,10 +119,14 @@ def bench_paradigm(
     cfg = run_config(args.preset, args.size, paradigm)
     model, mcfg, bundle = random_model(cfg, device)
     model.train()
-    batch = random_batch(paradigm, model, mcfg, cfg, text_vocab_size(bundle.text), args.batch, device, args.seed)
+    batch = random_batch(
+        paradigm, model, mcfg, cfg, text_vocab_size(bundle.text), args.batch, device, args.seed
+    )
     opt = make_optimizer(model, cfg.train)
     if args.fused_adamw:  # the same groups and hyper-parameters, one fused kernel per step
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+        groups = [
+            {"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups
+        ]
         opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, fused=True)
     use_amp = cfg.train.amp and device.type == "cuda"
 
@@ -126,30 +145,51 @@ def bench_paradigm(
     n_blocks = param_count(model.transformer)
     flops = args.batch * (6 * n_blocks * T + 12 * tc.n_layers * T**2 * tc.dim)
     res = {
-        "params_total": param_count(model), "params_blocks": n_blocks, "seq_len": T,
-        "predicted_tokens_per_sample": predicted, "amp_bf16": use_amp, **t.to_json(),
-        "step_s": t.median, "samples_per_s": args.batch / t.median,
-        "tokens_per_s": args.batch * predicted / t.median, "seq_tokens_per_s": args.batch * T / t.median,
-        "flops_per_step": flops, "flops_per_s": flops / t.median, "memory": mem.to_json(),
+        "params_total": param_count(model),
+        "params_blocks": n_blocks,
+        "seq_len": T,
+        "predicted_tokens_per_sample": predicted,
+        "amp_bf16": use_amp,
+        **t.to_json(),
+        "step_s": t.median,
+        "samples_per_s": args.batch / t.median,
+        "tokens_per_s": args.batch * predicted / t.median,
+        "seq_tokens_per_s": args.batch * T / t.median,
+        "flops_per_step": flops,
+        "flops_per_s": flops / t.median,
+        "memory": mem.to_json(),
         "optimizer": "AdamW fused" if args.fused_adamw else "AdamW (training.loop.make_optimizer)",
     }
-    rep.line(f"{paradigm}: {res['params_total'] / 1e6:.2f}M params ({n_blocks / 1e6:.2f}M in blocks), "
-             f"T={T}, {predicted} predicted tokens/sample, batch {args.batch}")
-    rep.line(f"  step {1e3 * t.median:.0f} ms: {res['tokens_per_s']:.0f} predicted tokens/s, "
-             f"{res['seq_tokens_per_s']:.0f} sequence tokens/s, {res['flops_per_s'] / 1e9:.2f} GFLOP/s; "
-             f"{mem.describe()}")
+    rep.line(
+        f"{paradigm}: {res['params_total'] / 1e6:.2f}M params ({n_blocks / 1e6:.2f}M in blocks), "
+        f"T={T}, {predicted} predicted tokens/sample, batch {args.batch}"
+    )
+    rep.line(
+        f"  step {1e3 * t.median:.0f} ms: {res['tokens_per_s']:.0f} predicted tokens/s, "
+        f"{res['seq_tokens_per_s']:.0f} sequence tokens/s, {res['flops_per_s'] / 1e9:.2f} GFLOP/s; "
+        f"{mem.describe()}"
+    )
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_common_args(p, batch=32, warmup=2, repeats=3)
     p.add_argument("--paradigm", default="both", choices=[*PARADIGMS, "both"])
     p.add_argument("--steps", type=int, default=5, help="timed training steps (after --warmup)")
-    p.add_argument("--fused-adamw", action="store_true",
-                   help="AdamW(fused=True) with make_optimizer's groups instead of make_optimizer's own")
-    p.add_argument("--matmul-size", type=int, default=None,
-                   help="side of the peak-FLOP/s matmul (default: 2048 on a CPU, 8192 on CUDA)")
+    p.add_argument(
+        "--fused-adamw",
+        action="store_true",
+        help="AdamW(fused=True) with make_optimizer's groups instead of make_optimizer's own",
+    )
+    p.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        help="side of the peak-FLOP/s matmul (default: 2048 on a CPU, 8192 on CUDA)",
+    )
     args = p.parse_args(argv)
     device = setup(args)
     if args.steps < 1:
@@ -157,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.matmul_size is None:
         args.matmul_size = 8192 if device.type == "cuda" else 2048
     rep = Reporter(args)
-    rep.line(f"train benchmark: preset {args.preset}, {args.size} px, batch {args.batch}, {device}, "
-             f"{torch.get_num_threads()} threads, median of {args.steps} steps after {args.warmup} warm-up")
+    rep.line(
+        f"train benchmark: preset {args.preset}, {args.size} px, batch {args.batch}, {device}, "
+        f"{torch.get_num_threads()} threads, median of {args.steps} steps after {args.warmup} warm-up"
+    )
     peaks = {"float32": matmul_peak(args.matmul_size, torch.float32, device, args.repeats)}
     if device.type == "cuda":
         peaks["bfloat16"] = matmul_peak(args.matmul_size, torch.bfloat16, device, args.repeats)
@@ -172,11 +214,17 @@ def main(argv: list[str] | None = None) -> int:
         res["fraction_of_peak"] = res["flops_per_s"] / ref["flops_per_s"]
         rep.line(f"  = {100 * res['fraction_of_peak']:.1f}% of the {ref['dtype']} matmul peak")
         results[paradigm.replace("-", "_")] = res
-    rep.emit({
-        "bench": "train", "machine": machine_info(device), "args": args_dict(args),
-        "flops_formula": "B * (6 * N_blocks * T + 12 * n_layers * T^2 * dim) per step",
-        "matmul_peak": peaks, "results": results, "process_peak_rss_mb": process_peak_rss_mb(),
-    })
+    rep.emit(
+        {
+            "bench": "train",
+            "machine": machine_info(device),
+            "args": args_dict(args),
+            "flops_formula": "B * (6 * N_blocks * T + 12 * n_layers * T^2 * dim) per step",
+            "matmul_peak": peaks,
+            "results": results,
+            "process_peak_rss_mb": process_peak_rss_mb(),
+        }
+    )
     return 0
 
 

@@ -41,7 +41,9 @@ def load_inputs(seg, data: list[Path] | None, split: str, n: int) -> tuple[np.nd
         return images, [s.text for s in cases]
     rng = np.random.default_rng(0)
     texts = ["left lung", "heart", "bilateral lower lobe opacity", "right-sided consolidation"]
-    return rng.random((n, seg.image_size, seg.image_size), dtype=np.float32), [texts[i % 4] for i in range(n)]
+    return rng.random((n, seg.image_size, seg.image_size), dtype=np.float32), [
+        texts[i % 4] for i in range(n)
+    ]
 
 
 def timed(fn, repeats: int) -> float:
@@ -56,7 +58,9 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:  # noqa: C901 -- split pending
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="run folder or shipped model (default: the shipped one)")
+    ap.add_argument(
+        "--model", default=None, help="run folder or shipped model (default: the shipped one)"
+    )
     ap.add_argument("--data", type=Path, action="append")
     ap.add_argument("--split", default="test")
     ap.add_argument("--n", type=int, default=32, help="cases decoded")
@@ -100,7 +104,9 @@ def main() -> None:  # noqa: C901 -- split pending
     with torch.no_grad():
         for i in range(len(texts)):
             st: dict[str, float] = {}
-            generate_masks_speculative(model, x[i : i + 1], ids[i : i + 1], tmask[i : i + 1], stats=st)
+            generate_masks_speculative(
+                model, x[i : i + 1], ids[i : i + 1], tmask[i : i + 1], stats=st
+            )
             for k, v in st.items():
                 single[k] = single.get(k, 0.0) + v
 
@@ -118,13 +124,20 @@ def main() -> None:  # noqa: C901 -- split pending
 
     def spec_b():
         with torch.no_grad():
-            generate_masks_speculative(model, x[: args.batch], ids[: args.batch], tmask[: args.batch])
+            generate_masks_speculative(
+                model, x[: args.batch], ids[: args.batch], tmask[: args.batch]
+            )
 
     for fn in (plain_1, spec_1, plain_b, spec_b):  # warm-up
         fn()
     t = {"plain_1": [], "spec_1": [], "plain_b": [], "spec_b": []}
     for _ in range(args.repeats):  # in turns
-        for name, fn in (("plain_1", plain_1), ("spec_1", spec_1), ("plain_b", plain_b), ("spec_b", spec_b)):
+        for name, fn in (
+            ("plain_1", plain_1),
+            ("spec_1", spec_1),
+            ("plain_b", plain_b),
+            ("spec_b", spec_b),
+        ):
             t[name].append(timed(fn, 1))
     med = {k: statistics.median(v) for k, v in t.items()}
     b = min(args.batch, len(texts))
@@ -132,18 +145,30 @@ def main() -> None:  # noqa: C901 -- split pending
     predict_s = timed(lambda: seg.predict(images[:1], texts[:1]), args.repeats + 2)
     n_mask = model.layout.n_mask
     out = {
-        "model": choice.shipped or choice.spec, "cases": len(texts), "batch": b,
-        "threads": torch.get_num_threads(), "identical": same,
+        "model": choice.shipped or choice.spec,
+        "cases": len(texts),
+        "batch": b,
+        "threads": torch.get_num_threads(),
+        "identical": same,
         "acceptance": accepted / max(1.0, drafted),
-        "passes_per_mask": {"plain": n_mask - 1, "speculative_batch1": single.get("passes", 0) / len(texts),
-                            f"speculative_batch{b}": passes / n_batches},
-        "ms_per_mask": {"plain_batch1": 1e3 * med["plain_1"], "speculative_batch1": 1e3 * med["spec_1"],
-                        f"plain_batch{b}": 1e3 * med["plain_b"] / b, f"speculative_batch{b}": 1e3 * med["spec_b"] / b},
+        "passes_per_mask": {
+            "plain": n_mask - 1,
+            "speculative_batch1": single.get("passes", 0) / len(texts),
+            f"speculative_batch{b}": passes / n_batches,
+        },
+        "ms_per_mask": {
+            "plain_batch1": 1e3 * med["plain_1"],
+            "speculative_batch1": 1e3 * med["spec_1"],
+            f"plain_batch{b}": 1e3 * med["plain_b"] / b,
+            f"speculative_batch{b}": 1e3 * med["spec_b"] / b,
+        },
         "speedup_batch1": med["plain_1"] / med["spec_1"],
         f"speedup_batch{b}": med["plain_b"] / med["spec_b"],
         "predict_ms": 1e3 * predict_s,
     }
-    out["fewer_passes_batch1"] = out["passes_per_mask"]["plain"] / max(1e-9, out["passes_per_mask"]["speculative_batch1"])
+    out["fewer_passes_batch1"] = out["passes_per_mask"]["plain"] / max(
+        1e-9, out["passes_per_mask"]["speculative_batch1"]
+    )
     if args.json:
         sys.stdout.write(json.dumps(out) + "\n")
     else:

@@ -30,18 +30,29 @@ from mrisegcli.workflow.bundle import TokenizerBundle
 # ----------------------------------------------------------------------------- options
 
 
-def add_common_args(p: argparse.ArgumentParser, *, batch: int, warmup: int = 1, repeats: int = 3) -> None:
+def add_common_args(
+    p: argparse.ArgumentParser, *, batch: int, warmup: int = 1, repeats: int = 3
+) -> None:
     """The options every benchmark shares; ``batch``/``warmup``/``repeats`` set the defaults."""
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (mask grid = size / 8)")
+    p.add_argument(
+        "--size", type=int, default=128, help="image side in pixels (mask grid = size / 8)"
+    )
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--warmup", type=int, default=warmup, help="untimed calls before timing")
-    p.add_argument("--repeats", type=int, default=repeats, help="timed calls (the median is reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    p.add_argument(
+        "--repeats", type=int, default=repeats, help="timed calls (the median is reported)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: leave the default)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true",
-                   help="stdout holds only the JSON line (the readable lines go to stderr)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="stdout holds only the JSON line (the readable lines go to stderr)",
+    )
     p.add_argument("--out", type=Path, help="also write the JSON object to this file")
 
 
@@ -93,8 +104,11 @@ def _json_default(obj: Any) -> Any:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }
     if device.type == "cuda":
@@ -216,8 +230,11 @@ class PeakMemory:
             self.cuda_peak_mb = torch.cuda.max_memory_allocated(self.device) / _MB
 
     def to_json(self) -> dict[str, Any]:
-        return {"rss_start_mb": self.rss_start_mb, "rss_peak_mb": self.rss_peak_mb,
-                "cuda_max_allocated_mb": self.cuda_peak_mb}
+        return {
+            "rss_start_mb": self.rss_start_mb,
+            "rss_peak_mb": self.rss_peak_mb,
+            "cuda_max_allocated_mb": self.cuda_peak_mb,
+        }
 
     def describe(self) -> str:
         if self.cuda_peak_mb is not None:
@@ -260,7 +277,9 @@ def random_bundle(cfg: RunConfig) -> TokenizerBundle:
     return TokenizerBundle(text=text, **{k: v.eval() for k, v in parts.items() if v is not None})
 
 
-def random_model(cfg: RunConfig, device: torch.device) -> tuple[torch.nn.Module, Any, TokenizerBundle]:
+def random_model(
+    cfg: RunConfig, device: torch.device
+) -> tuple[torch.nn.Module, Any, TokenizerBundle]:
     """(model, model config, tokenizers), randomly initialised at the preset, on ``device``."""
     from mrisegcli.workflow.segmenter import build_model, model_config
 

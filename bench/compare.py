@@ -42,8 +42,14 @@ VARIANTS: dict[str, list[str]] = {
 }
 #: (dataset, method, minutes): the grid
 GRID = [
-    *[(d, m, b) for d in ("kvasir-seg", "cxr-infection", "jsrt") for b in (5, 15) for m in ("unet", "next-token@refine")],
-    ("kvasir-seg", "unet", 45), ("kvasir-seg", "next-token@refine", 45),
+    *[
+        (d, m, b)
+        for d in ("kvasir-seg", "cxr-infection", "jsrt")
+        for b in (5, 15)
+        for m in ("unet", "next-token@refine")
+    ],
+    ("kvasir-seg", "unet", 45),
+    ("kvasir-seg", "next-token@refine", 45),
     *[(d, "next-scale", 15) for d in ("kvasir-seg", "cxr-infection", "jsrt")],
 ]
 
@@ -59,47 +65,107 @@ def done_keys(path: Path) -> set[str]:
 
 
 def run_unet(data: Path, minutes: float, size: int, threads: int) -> dict:
-    cmd = [sys.executable, str(HERE / "baseline_unet.py"), "--data", str(data), "--size", str(size),
-           "--max-minutes", str(minutes), "--json", "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        str(HERE / "baseline_unet.py"),
+        "--data",
+        str(data),
+        "--size",
+        str(size),
+        "--max-minutes",
+        str(minutes),
+        "--json",
+        "--threads",
+        str(threads),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "command": " ".join(cmd[1:])}
 
 
-def run_mriseg(data: Path, method: str, minutes: float, preset: str, work: Path, threads: int) -> dict:
+def run_mriseg(
+    data: Path, method: str, minutes: float, preset: str, work: Path, threads: int
+) -> dict:
     paradigm, _, variant = method.partition("@")
     if variant not in VARIANTS:
-        raise SystemExit(f"unknown variant {variant!r} in {method!r}; choose from {sorted(VARIANTS)}")
+        raise SystemExit(
+            f"unknown variant {variant!r} in {method!r}; choose from {sorted(VARIANTS)}"
+        )
     run = work / f"{data.name}-{method.replace('@', '-')}-{minutes:g}"
     if run.exists():
         shutil.rmtree(run)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    train = ["mriseg", "train", "--data", str(data), "--out", str(run), "--paradigm", paradigm,
-             "--preset", preset, "--max-minutes", str(minutes), "--steps", "100000", "--device", "cpu",
-             *VARIANTS[variant]]
+    train = [
+        "mriseg",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--paradigm",
+        paradigm,
+        "--preset",
+        preset,
+        "--max-minutes",
+        str(minutes),
+        "--steps",
+        "100000",
+        "--device",
+        "cpu",
+        *VARIANTS[variant],
+    ]
     t0 = time.perf_counter()
     subprocess.run(train, check=True, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    ev = ["mriseg", "evaluate", "--model", str(run), "--data", str(data), "--json", "--device", "cpu"]
-    summary = json.loads(subprocess.run(ev, check=True, capture_output=True, text=True, env=env).stdout)
+    ev = [
+        "mriseg",
+        "evaluate",
+        "--model",
+        str(run),
+        "--data",
+        str(data),
+        "--json",
+        "--device",
+        "cpu",
+    ]
+    summary = json.loads(
+        subprocess.run(ev, check=True, capture_output=True, text=True, env=env).stdout
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     return {
-        "model": method, "data": [str(data)], "preset": preset, "max_minutes": minutes,
-        "steps": metrics["steps"], "train_seconds": round(wall, 1), "best_val_dice": metrics["best_val_dice"],
-        "dice": summary["dice"], "miou": summary["miou"], "n": summary["n"],
-        "tokenizer_ceiling_dice": summary.get("tokenizer_ceiling_dice"), "threads": threads,
-        "kinds": summary.get("kinds", {}), "parts": summary.get("parts", {}),
+        "model": method,
+        "data": [str(data)],
+        "preset": preset,
+        "max_minutes": minutes,
+        "steps": metrics["steps"],
+        "train_seconds": round(wall, 1),
+        "best_val_dice": metrics["best_val_dice"],
+        "dice": summary["dice"],
+        "miou": summary["miou"],
+        "n": summary["n"],
+        "tokenizer_ceiling_dice": summary.get("tokenizer_ceiling_dice"),
+        "threads": threads,
+        "kinds": summary.get("kinds", {}),
+        "parts": summary.get("parts", {}),
         "command": " ".join(train[1:]) + " && " + " ".join(ev[1:]),
     }
 
 
 def table(path: Path) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if path.is_file()
+        else []
+    )
     for r in rows:
         r.setdefault("method", r["model"])  # rows written before variants existed
     methods = ["unet", *sorted({r["method"] for r in rows} - {"unet"})]
     names = {"unet": "U-Net + text"}
-    lines = ["| data | budget | " + " | ".join(f"{names.get(m, 'mriseg ' + m)} Dice" for m in methods)
-             + " | mriseg lead | load |", "|---|---|" + "---|" * (len(methods) + 2)]
+    lines = [
+        "| data | budget | "
+        + " | ".join(f"{names.get(m, 'mriseg ' + m)} Dice" for m in methods)
+        + " | mriseg lead | load |",
+        "|---|---|" + "---|" * (len(methods) + 2),
+    ]
     cells: dict[tuple[str, float], dict[str, dict]] = {}
     for r in rows:
         cells.setdefault((r["dataset"], r["max_minutes"]), {})[r["method"]] = r
@@ -129,7 +195,9 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--only", action="append", help="dataset:method:minutes (repeatable)")
     ap.add_argument("--preset", default="cxr", help="mriseg preset (cxr: 128 px, 8x8 mask tokens)")
-    ap.add_argument("--size", type=int, default=128, help="U-Net input side (mriseg's preset sets its own)")
+    ap.add_argument(
+        "--size", type=int, default=128, help="U-Net input side (mriseg's preset sets its own)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table", action="store_true", help="print the markdown table and exit")
     args = ap.parse_args()
@@ -150,9 +218,14 @@ def main() -> None:
             row = run_unet(data, minutes, args.size, args.threads)
         else:
             row = run_mriseg(data, method, minutes, args.preset, args.work, args.threads)
-        row.update(key=cell_key(dataset, method, minutes), dataset=dataset, method=method,
-                   load=[round(load_before, 2), round(os.getloadavg()[1], 2)],
-                   machine=f"{os.cpu_count()}-core CPU", date=time.strftime("%Y-%m-%d"))
+        row.update(
+            key=cell_key(dataset, method, minutes),
+            dataset=dataset,
+            method=method,
+            load=[round(load_before, 2), round(os.getloadavg()[1], 2)],
+            machine=f"{os.cpu_count()}-core CPU",
+            date=time.strftime("%Y-%m-%d"),
+        )
         with args.results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"  test Dice {row['dice']:.4f} ({row['steps']} steps)", file=sys.stderr, flush=True)

@@ -32,7 +32,9 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return m & ~inner
 
 
-def panel(image: np.ndarray, mask: np.ndarray, gt: np.ndarray | None, title: str, size: int = 256) -> Image.Image:
+def panel(
+    image: np.ndarray, mask: np.ndarray, gt: np.ndarray | None, title: str, size: int = 256
+) -> Image.Image:
     grey = np.asarray(Image.fromarray(image).convert("L").resize((size, size)), dtype=np.float32)
     rgb = np.stack([grey] * 3, -1)
     m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size))) > 127
@@ -54,8 +56,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, default=Path("docs/cxr_example.png"))
     ap.add_argument("--model", default=None)
-    ap.add_argument("--images", nargs="*", default=["cxr-infection:2", "jsrt:1"],
-                    help="dataset:k picks the k-th bilateral test case (cxr) or test image (jsrt)")
+    ap.add_argument(
+        "--images",
+        nargs="*",
+        default=["cxr-infection:2", "jsrt:1"],
+        help="dataset:k picks the k-th bilateral test case (cxr) or test image (jsrt)",
+    )
     args = ap.parse_args()
     from mrisegcli import Segmenter
 

@@ -23,8 +23,14 @@ from collections import Counter
 from pathlib import Path
 
 Z = {"upper": ["upper", "apical"], "middle": ["mid", "middle"], "lower": ["lower", "basal"]}
-ABBR = {("right", "upper"): "RUL", ("right", "middle"): "RML", ("right", "lower"): "RLL",
-        ("left", "upper"): "LUL", ("left", "middle"): "lingula", ("left", "lower"): "LLL"}
+ABBR = {
+    ("right", "upper"): "RUL",
+    ("right", "middle"): "RML",
+    ("right", "lower"): "RLL",
+    ("left", "upper"): "LUL",
+    ("left", "middle"): "lingula",
+    ("left", "lower"): "LLL",
+}
 PLACE = {"upper": "apex", "middle": "mid lung", "lower": "base"}
 
 INFECTION_ALL = [
@@ -79,15 +85,34 @@ LUNGS = [
     "both hemithoraces",
     "left and right lungs",
 ]
-HEART = ["cardiac silhouette", "silhouette of the heart", "heart region", "the cardiac outline",
-         "where is the heart"]
-CLAVICLE = ["{s} clavicle bone", "the clavicle on the {s} side", "{s} collar bone",
-            "{s} clavicular region", "bone of the {s} shoulder girdle, the clavicle"]
-NODULE = ["pulmonary nodule in the {s} {z} lung field", "{s} {z} lobe mass",
-          "solitary nodule, {s} {z} zone", "nodular lesion in the {abbr}",
-          "a {s} {z} zone nodule"]
-NODULE_SIDE = ["pulmonary nodule in the {s} lung field", "{s} lung mass", "solitary {s} nodule",
-               "nodular lesion on the {s}", "a nodule in the {s} lung"]
+HEART = [
+    "cardiac silhouette",
+    "silhouette of the heart",
+    "heart region",
+    "the cardiac outline",
+    "where is the heart",
+]
+CLAVICLE = [
+    "{s} clavicle bone",
+    "the clavicle on the {s} side",
+    "{s} collar bone",
+    "{s} clavicular region",
+    "bone of the {s} shoulder girdle, the clavicle",
+]
+NODULE = [
+    "pulmonary nodule in the {s} {z} lung field",
+    "{s} {z} lobe mass",
+    "solitary nodule, {s} {z} zone",
+    "nodular lesion in the {abbr}",
+    "a {s} {z} zone nodule",
+]
+NODULE_SIDE = [
+    "pulmonary nodule in the {s} lung field",
+    "{s} lung mass",
+    "solitary {s} nodule",
+    "nodular lesion on the {s}",
+    "a nodule in the {s} lung",
+]
 
 
 def reword(target: str, rng: random.Random) -> str | None:
@@ -95,19 +120,35 @@ def reword(target: str, rng: random.Random) -> str | None:
     t = target.strip().lower()
     parts = t.split(":")
     if t == "none":  # a normal chest asked for a finding: any infection wording
-        return reword(rng.choice(["infection:all", "infection:left", "infection:right",
-                                  "infection:right:lower", "infection:left+right:lower"]), rng)
+        return reword(
+            rng.choice(
+                [
+                    "infection:all",
+                    "infection:left",
+                    "infection:right",
+                    "infection:right:lower",
+                    "infection:left+right:lower",
+                ]
+            ),
+            rng,
+        )
     if parts[0] == "infection":
         if parts[1] == "all":
             return rng.choice(INFECTION_ALL)
         sides = parts[1].split("+")
         zone = parts[2] if len(parts) > 2 else ""
         if len(sides) == 2:
-            return rng.choice(BOTH_ZONE).format(z=rng.choice(Z[zone])) if zone else rng.choice(BOTH_SIDES)
+            return (
+                rng.choice(BOTH_ZONE).format(z=rng.choice(Z[zone]))
+                if zone
+                else rng.choice(BOTH_SIDES)
+            )
         s = sides[0]
         if not zone:
             return rng.choice(SIDE).format(s=s)
-        return rng.choice(ZONE).format(s=s, z=rng.choice(Z[zone]), place=PLACE[zone], abbr=ABBR[(s, zone)])
+        return rng.choice(ZONE).format(
+            s=s, z=rng.choice(Z[zone]), place=PLACE[zone], abbr=ABBR[(s, zone)]
+        )
     if parts[0] == "lung":
         return rng.choice(LUNGS) if parts[1] == "both" else rng.choice(LUNG).format(s=parts[1])
     if t in ("left_lung", "right_lung"):
@@ -183,9 +224,16 @@ def main() -> None:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 if not dst.exists():
                     shutil.copyfile(src / r[col], dst)
-            out_rows.append({"image": f"{name}/{r['image']}", "mask": f"{name}/{r['mask']}", "text": text,
-                             "split": "test", "kind": _kind(name, r),
-                             "target": r["target"]})
+            out_rows.append(
+                {
+                    "image": f"{name}/{r['image']}",
+                    "mask": f"{name}/{r['mask']}",
+                    "text": text,
+                    "split": "test",
+                    "kind": _kind(name, r),
+                    "target": r["target"],
+                }
+            )
             counts[out_rows[-1]["kind"]] += 1
             folded[out_rows[-1]["kind"]] += " ".join(normalise(text).split()) in seen_norm
     with open(args.out / "manifest.csv", "w", newline="", encoding="utf-8") as f:

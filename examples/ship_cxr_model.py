@@ -18,9 +18,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "mrisegcli" / "shipped" / "chest-xray"
-FILES = ("config.json", "model.safetensors", "mask_vq.safetensors", "image_vq.safetensors",
-         "multiscale.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-         "metrics.json")
+FILES = (
+    "config.json",
+    "model.safetensors",
+    "mask_vq.safetensors",
+    "image_vq.safetensors",
+    "multiscale.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "metrics.json",
+)
 
 
 def _kinds(ev: dict, prefix: str = "") -> dict[str, dict]:
@@ -41,11 +49,33 @@ def gather(eval_dir: Path) -> dict:
     return {
         "kinds": kinds,
         "unseen_wording": unseen,
-        "cxr_test": {k: cxr[k] for k in ("dice", "miou", "n", "tokenizer_ceiling_dice", "text_empty_dice",
-                                          "text_empty_dice_drop", "text_empty_kinds", "image_shuffle_dice",
-                                          "image_shuffle_dice_drop") if k in cxr},
-        "jsrt_test": {k: jsrt[k] for k in ("dice", "miou", "n", "tokenizer_ceiling_dice", "text_empty_dice",
-                                           "text_empty_dice_drop") if k in jsrt},
+        "cxr_test": {
+            k: cxr[k]
+            for k in (
+                "dice",
+                "miou",
+                "n",
+                "tokenizer_ceiling_dice",
+                "text_empty_dice",
+                "text_empty_dice_drop",
+                "text_empty_kinds",
+                "image_shuffle_dice",
+                "image_shuffle_dice_drop",
+            )
+            if k in cxr
+        },
+        "jsrt_test": {
+            k: jsrt[k]
+            for k in (
+                "dice",
+                "miou",
+                "n",
+                "tokenizer_ceiling_dice",
+                "text_empty_dice",
+                "text_empty_dice_drop",
+            )
+            if k in jsrt
+        },
         "unseen_wording_test": {k: para[k] for k in ("dice", "miou", "n") if k in para},
     }
 
@@ -56,14 +86,27 @@ def card(config: dict, metrics: dict, ev: dict) -> str:
     for kind, v in ev["kinds"].items():
         u = ev["unseen_wording"].get(kind)
         unseen = f"{u['dice']:.3f}" if u else "-"
-        extra = f"drew a region on {v['drawn']:.0%}, mean area {v['fp_fraction']:.2%}" if "drawn" in v else ""
-        rows.append(f"| {kind} | {v['dice']:.3f} | {v['miou']:.3f} | {v['n']} | {unseen} | {extra} |")
-    unseen_rows = [f"| {k} | {v['dice']:.3f} | {v['miou']:.3f} | {v['n']} |" for k, v in ev["unseen_wording"].items()]
+        extra = (
+            f"drew a region on {v['drawn']:.0%}, mean area {v['fp_fraction']:.2%}"
+            if "drawn" in v
+            else ""
+        )
+        rows.append(
+            f"| {kind} | {v['dice']:.3f} | {v['miou']:.3f} | {v['n']} | {unseen} | {extra} |"
+        )
+    unseen_rows = [
+        f"| {k} | {v['dice']:.3f} | {v['miou']:.3f} | {v['n']} |"
+        for k, v in ev["unseen_wording"].items()
+    ]
     c, j = ev["cxr_test"], ev["jsrt_test"]
     ds = run["mask_vq"]["downsample"]
     grid = run["image_size"] // ds
     budget = run["train"].get("max_minutes")
-    budget = f" within a {budget:g}-minute budget for the whole run (tokenizer fitting and code caching included)" if budget else ""
+    budget = (
+        f" within a {budget:g}-minute budget for the whole run (tokenizer fitting and code caching included)"
+        if budget
+        else ""
+    )
     return f"""---
 library_name: mriseg
 license: cc-by-sa-4.0
@@ -87,14 +130,14 @@ mriseg predict chest.png --text "cardiac silhouette" --overlay
 
 ## Model
 
-* next-token paradigm, preset `{config.get('preset')}`: {run['image_size']}-px input through a conv
-  encoder, {grid}x{grid} mask tokens of {ds}x{ds} pixels (mask tokenizer with {run['mask_vq']['codebook_size']}
-  codes), a {run['transformer']['n_layers']}-layer transformer of width {run['transformer']['dim']};
+* next-token paradigm, preset `{config.get("preset")}`: {run["image_size"]}-px input through a conv
+  encoder, {grid}x{grid} mask tokens of {ds}x{ds} pixels (mask tokenizer with {run["mask_vq"]["codebook_size"]}
+  codes), a {run["transformer"]["n_layers"]}-layer transformer of width {run["transformer"]["dim"]};
   prompts through a WordPiece text tokenizer with clinical synonym folding (e.g. "consolidation",
   "ground-glass opacity" -> "infection", "lobe" -> "zone", "cardiac silhouette" -> "heart").
-* Trained {metrics['steps']} steps, {metrics['train_seconds'] / 60:.0f} minutes of training on a 2-core
-  CPU{budget}; best validation Dice {metrics['best_val_dice']:.3f} at step {metrics['best_step']}.
-* Every training row also appeared in {run['paraphrases']} generated rewordings of its `target`
+* Trained {metrics["steps"]} steps, {metrics["train_seconds"] / 60:.0f} minutes of training on a 2-core
+  CPU{budget}; best validation Dice {metrics["best_val_dice"]:.3f} at step {metrics["best_step"]}.
+* Every training row also appeared in {run["paraphrases"]} generated rewordings of its `target`
   (`mrisegcli.data.paraphrase`). No left/right flips (they would swap the meaning of the text).
 
 ## Training data
@@ -108,7 +151,7 @@ mriseg predict chest.png --text "cardiac silhouette" --overlay
   al., Medical Image Analysis 2006): 247 radiographs, heart, lungs, clavicles, nodules.
 * Train splits only; model selection on the validation splits; the numbers below are the test
   splits. Images are 256x256 grey exports; the model reads any size (resized to
-  {run['image_size']} px) and writes the mask at the input's size and geometry.
+  {run["image_size"]} px) and writes the mask at the input's size and geometry.
 
 ## Test metrics
 
@@ -126,17 +169,17 @@ Unseen-wording test set per kind:
 |---|---|---|---|
 {chr(10).join(unseen_rows)}
 
-* cxr-infection test, all kinds: Dice {c['dice']:.3f}, mIoU {c['miou']:.3f} (n={c['n']}); with the
-  text removed Dice {c.get('text_empty_dice', float('nan')):.3f} (drop {c.get('text_empty_dice_drop', float('nan')):.3f});
-  mask tokenizer ceiling {c.get('tokenizer_ceiling_dice', float('nan')):.3f}.
-* jsrt test, all targets: Dice {j['dice']:.3f}, mIoU {j['miou']:.3f} (n={j['n']}); empty text
-  Dice {j.get('text_empty_dice', float('nan')):.3f}; tokenizer ceiling {j.get('tokenizer_ceiling_dice', float('nan')):.3f}.
+* cxr-infection test, all kinds: Dice {c["dice"]:.3f}, mIoU {c["miou"]:.3f} (n={c["n"]}); with the
+  text removed Dice {c.get("text_empty_dice", float("nan")):.3f} (drop {c.get("text_empty_dice_drop", float("nan")):.3f});
+  mask tokenizer ceiling {c.get("tokenizer_ceiling_dice", float("nan")):.3f}.
+* jsrt test, all targets: Dice {j["dice"]:.3f}, mIoU {j["miou"]:.3f} (n={j["n"]}); empty text
+  Dice {j.get("text_empty_dice", float("nan")):.3f}; tokenizer ceiling {j.get("tokenizer_ceiling_dice", float("nan")):.3f}.
 
 ## Limitations
 
 * Frontal (PA/AP) adult chest radiographs only; COVID-19-era infection patterns. A CT or MR
   input runs slice by slice, with a warning, and is not what the model knows.
-* The mask is decoded from {grid}x{grid} tokens of {ds}x{ds} pixels of the {run['image_size']}-px input: thin structures
+* The mask is decoded from {grid}x{grid} tokens of {ds}x{ds} pixels of the {run["image_size"]}-px input: thin structures
   (clavicles) and small nodules are coarse.
 * Prompts outside the trained vocabulary fall back to sub-word pieces; the synonym rules cover
   common radiology wording, not every phrasing.
@@ -180,7 +223,11 @@ def main() -> None:
         elif (args.run / name).is_file():
             shutil.copyfile(args.run / name, tmp / name)
     # the training machine's paths mean nothing elsewhere: keep the datasets' names
-    roots = config["data"]["root"] if isinstance(config["data"]["root"], list) else [config["data"]["root"]]
+    roots = (
+        config["data"]["root"]
+        if isinstance(config["data"]["root"], list)
+        else [config["data"]["root"]]
+    )
     config["data"]["root"] = [Path(r).name for r in roots]
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "evaluation.json").write_text(json.dumps(ev, indent=2) + "\n")

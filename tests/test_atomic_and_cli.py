@@ -63,7 +63,10 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     "args, names",
     [
         (["train", "--steps", "abc"], ["--steps", "integer", "mriseg train --help"]),
-        (["train", "--data", "d", "--out", "o", "--steps", "0"], ["--steps", "mriseg train --help"]),
+        (
+            ["train", "--data", "d", "--out", "o", "--steps", "0"],
+            ["--steps", "mriseg train --help"],
+        ),
         (["predict"], ["missing argument", "mriseg predict --help"]),
         (["train"], ["missing option", "--data", "mriseg train --help"]),
         (["nosuchcommand"], ["no such command", "nosuchcommand", "mriseg --help"]),
@@ -71,8 +74,16 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         (["--bogus"], ["no such option", "--bogus"]),
         (["evaluate", "--pred", "p", "--gt", "g", "--samples", "x"], ["--samples"]),
     ],
-    ids=["bad int", "out of range", "no inputs", "missing option", "unknown command", "typo",
-         "unknown root option", "bad int evaluate"],
+    ids=[
+        "bad int",
+        "out of range",
+        "no inputs",
+        "missing option",
+        "unknown command",
+        "typo",
+        "unknown root option",
+        "bad int evaluate",
+    ],
 )
 def test_usage_errors_are_one_line_with_exit_2(args, names, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -93,14 +104,21 @@ def test_help_is_unchanged_by_the_one_line_errors():
     assert result.exit_code == 0 and "mriseg: error" not in result.output
     assert "Usage:" in result.output and "--steps" in result.output and "--resume" in result.output
     bare = runner.invoke(app, [])  # no command: the help, as before
-    assert "Usage:" in bare.output and "predict" in bare.output and "mriseg: error" not in bare.output
+    assert (
+        "Usage:" in bare.output and "predict" in bare.output and "mriseg: error" not in bare.output
+    )
 
 
 def test_usage_error_from_the_console_script(tmp_path):
     script = Path(sys.executable).with_name("mriseg")
     assert script.is_file(), "the mriseg console script is not installed in this environment"
-    proc = subprocess.run([str(script), "train", "--steps", "abc"], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(script), "train", "--steps", "abc"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [proc.stderr.rstrip("\n")]

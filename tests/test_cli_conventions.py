@@ -39,8 +39,20 @@ from mrisegcli.cli import app
 runner = CliRunner()
 SIZE = "64"
 FAST_FIT = ["--mask-steps", "20", "--image-steps", "10"]
-FAST_TRAIN = ["--preset", "tiny", "--size", SIZE, "--batch-size", "8", "--eval-every", "2", "--device", "cpu",
-              "--workers", "0"]
+FAST_TRAIN = [
+    "--preset",
+    "tiny",
+    "--size",
+    SIZE,
+    "--batch-size",
+    "8",
+    "--eval-every",
+    "2",
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+]
 
 
 def invoke(args: list[str], ok: bool = True, **kw):
@@ -64,7 +76,21 @@ def flat(text: str) -> str:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("conv") / "phantoms"
-    invoke(["synth", str(root), "--n-train", "16", "--n-val", "4", "--n-test", "4", "--size", SIZE, "--quiet"])
+    invoke(
+        [
+            "synth",
+            str(root),
+            "--n-train",
+            "16",
+            "--n-val",
+            "4",
+            "--n-test",
+            "4",
+            "--size",
+            SIZE,
+            "--quiet",
+        ]
+    )
     return root
 
 
@@ -72,7 +98,20 @@ def data(tmp_path_factory) -> Path:
 def trained(data, tmp_path_factory):
     """(run folder, train --json object, stderr of the run)."""
     run = tmp_path_factory.mktemp("conv_runs") / "run"
-    r = invoke(["train", "--data", str(data), "--out", str(run), "--steps", "4", *FAST_FIT, *FAST_TRAIN, "--json"])
+    r = invoke(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--steps",
+            "4",
+            *FAST_FIT,
+            *FAST_TRAIN,
+            "--json",
+        ]
+    )
     return run, json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
 
 
@@ -90,20 +129,56 @@ def images(data, tmp_path) -> list[Path]:
 
 # ------------------------------------------------------------------------- 1. usage errors: exit 2
 USAGE_CASES = [
-    (["predict", "x.png", "--text", "t", "--format", "jpg"], "--format must be", ["auto", "png", "nii", "dcm"]),
+    (
+        ["predict", "x.png", "--text", "t", "--format", "jpg"],
+        "--format must be",
+        ["auto", "png", "nii", "dcm"],
+    ),
     (["predict", "x.png", "--text", "t", "--device", "tpu"], "--device must be", ["cuda:N", "mps"]),
     (["train", "--data", "d", "--preset", "huge"], "--preset must be", ["cpu", "cxr", "tiny"]),
-    (["train", "--data", "d", "--paradigm", "foo"], "--paradigm must be", ["next-token", "next-scale"]),
+    (
+        ["train", "--data", "d", "--paradigm", "foo"],
+        "--paradigm must be",
+        ["next-token", "next-scale"],
+    ),
     (["train", "--data", "d", "--device", "gpu"], "--device must be", ["cuda:N"]),
-    (["train", "--data", "d", "--layout", "foo"], "--layout must be", ["lvit", "qata-v2", "manifest"]),
-    (["train", "--data", "d", "--image-input", "foo"], "--image-input must be", ["codes", "pixels"]),
-    (["train", "--data", "d", "--prefix-attention", "foo"], "--prefix-attention must be", ["bidirectional", "causal"]),
+    (
+        ["train", "--data", "d", "--layout", "foo"],
+        "--layout must be",
+        ["lvit", "qata-v2", "manifest"],
+    ),
+    (
+        ["train", "--data", "d", "--image-input", "foo"],
+        "--image-input must be",
+        ["codes", "pixels"],
+    ),
+    (
+        ["train", "--data", "d", "--prefix-attention", "foo"],
+        "--prefix-attention must be",
+        ["bidirectional", "causal"],
+    ),
     (["tokenize", "--data", "d", "--out", "o", "--preset", "huge"], "--preset must be", ["cxr"]),
-    (["tokenize", "--data", "d", "--out", "o", "--paradigm", "foo"], "--paradigm must be", ["next-scale"]),
+    (
+        ["tokenize", "--data", "d", "--out", "o", "--paradigm", "foo"],
+        "--paradigm must be",
+        ["next-scale"],
+    ),
     (["synth", "o", "--mode", "foo"], "--mode must be", ["refer", "describe"]),
-    (["evaluate", "--model", "m", "--data", "d", "--split", "foo"], "--split must be", ["train", "val", "test"]),
-    (["evaluate", "--model", "m", "--data", "d", "--text-ablation", "foo"], "--text-ablation must be", ["empty", "shuffle"]),
-    (["evaluate", "--model", "m", "--data", "d", "--device", "cuda:x"], "--device must be", ["cuda:N"]),
+    (
+        ["evaluate", "--model", "m", "--data", "d", "--split", "foo"],
+        "--split must be",
+        ["train", "val", "test"],
+    ),
+    (
+        ["evaluate", "--model", "m", "--data", "d", "--text-ablation", "foo"],
+        "--text-ablation must be",
+        ["empty", "shuffle"],
+    ),
+    (
+        ["evaluate", "--model", "m", "--data", "d", "--device", "cuda:x"],
+        "--device must be",
+        ["cuda:N"],
+    ),
     (["predict", "x.png", "--prompts", "p.csv"], "--prompts", ["--text"]),
     (["predict", "--prompts", "p.csv", "--text", "t"], "--prompts", ["--text"]),
     (["predict", "x.png"], "--text", ["--prompts"]),
@@ -112,7 +187,9 @@ USAGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, option, listed", USAGE_CASES, ids=[" ".join(c[0]) for c in USAGE_CASES])
+@pytest.mark.parametrize(
+    "args, option, listed", USAGE_CASES, ids=[" ".join(c[0]) for c in USAGE_CASES]
+)
 def test_usage_errors_exit_2_on_one_line(args, option, listed, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, args)
@@ -130,10 +207,18 @@ def test_bad_choice_from_the_console_script_exits_2(tmp_path):
     import sys
 
     script = Path(sys.executable).with_name("mriseg")
-    proc = subprocess.run([str(script), "predict", "x.png", "--text", "t", "--format", "jpg"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(script), "predict", "x.png", "--text", "t", "--format", "jpg"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
-    assert proc.stderr == "mriseg: error: --format must be auto, png, nii or dcm, not 'jpg' (see 'mriseg predict --help')\n"
+    assert (
+        proc.stderr
+        == "mriseg: error: --format must be auto, png, nii or dcm, not 'jpg' (see 'mriseg predict --help')\n"
+    )
 
 
 def _metavar(help_text: str, option: str) -> set[str]:
@@ -148,7 +233,10 @@ def test_help_lists_the_allowed_values():
     from mrisegcli.workflow.evaluate_model import ABLATIONS
     from mrisegcli.workflow.predict import FORMATS
 
-    helps = {c: invoke([c, "--help"]).stdout for c in ("train", "tokenize", "predict", "evaluate", "synth")}
+    helps = {
+        c: invoke([c, "--help"]).stdout
+        for c in ("train", "tokenize", "predict", "evaluate", "synth")
+    }
     for command in ("train", "tokenize"):
         assert _metavar(helps[command], "--preset") == set(RUN_PRESETS)  # cpu and cxr included
         assert _metavar(helps[command], "--paradigm") == {"next-token", "next-scale"}
@@ -176,9 +264,15 @@ def test_cuda_device_forms_are_accepted_and_fail_clearly_without_cuda(device, da
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    r = invoke(["tokenize", "--data", str(data), "--out", str(tmp_path / "o"), "--device", device], ok=False)
+    r = invoke(
+        ["tokenize", "--data", str(data), "--out", str(tmp_path / "o"), "--device", device],
+        ok=False,
+    )
     assert r.exit_code == 1
-    assert one_error_line(r) == f"mriseg: error: --device {device}: no CUDA device is available (use --device cpu)"
+    assert (
+        one_error_line(r)
+        == f"mriseg: error: --device {device}: no CUDA device is available (use --device cpu)"
+    )
 
 
 def test_cuda_index_out_of_range_is_a_run_error(monkeypatch):
@@ -191,7 +285,9 @@ def test_cuda_index_out_of_range_is_a_run_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert cli._device("cuda:1") == torch.device("cuda", 1)
     assert cli._device("CUDA") == torch.device("cuda")
-    with pytest.raises(MrisegError, match=r"--device cuda:2: there is no CUDA device 2; this machine has 2"):
+    with pytest.raises(
+        MrisegError, match=r"--device cuda:2: there is no CUDA device 2; this machine has 2"
+    ):
         cli._device("cuda:2")
     with pytest.raises(typer.Exit):
         cli._device("tpu")  # library callers too get the usage error
@@ -219,13 +315,18 @@ def test_train_json_curves_and_tokenizer_warning(trained):
 def test_train_without_out_makes_a_new_run_folder(data, trained, tmp_path, monkeypatch):
     run, _, _ = trained
     monkeypatch.chdir(tmp_path)
-    r = invoke(["train", "--data", str(data) + "/", "--tokenizer", str(run), "--steps", "2", *FAST_TRAIN])
+    r = invoke(
+        ["train", "--data", str(data) + "/", "--tokenizer", str(run), "--steps", "2", *FAST_TRAIN]
+    )
     first = r.stderr.splitlines()[0]
     m = re.fullmatch(r"run folder: (runs/phantoms-\d{8}-\d{6})", first)
     assert m, r.stderr
     folder = tmp_path / m.group(1)
     assert (folder / "model.safetensors").is_file() and (folder / "progress.png").is_file()
-    assert f"run {m.group(1)}" in r.stdout and f"training curves: {m.group(1)}/progress.png" in r.stdout
+    assert (
+        f"run {m.group(1)}" in r.stdout
+        and f"training curves: {m.group(1)}/progress.png" in r.stdout
+    )
 
 
 def test_default_run_folders_never_clobber(data, tmp_path, monkeypatch):
@@ -239,9 +340,15 @@ def test_default_run_folders_never_clobber(data, tmp_path, monkeypatch):
             return cls(2026, 1, 2, 3, 4, 5)
 
     monkeypatch.setattr(dt, "datetime", Frozen)
-    made = [cli._new_run_dir([data], DistInfo(), torch.device("cpu"), root=tmp_path / "runs") for _ in range(3)]
-    assert [p.name for p in made] == ["phantoms-20260102-030405", "phantoms-20260102-030405-2",
-                                      "phantoms-20260102-030405-3"]
+    made = [
+        cli._new_run_dir([data], DistInfo(), torch.device("cpu"), root=tmp_path / "runs")
+        for _ in range(3)
+    ]
+    assert [p.name for p in made] == [
+        "phantoms-20260102-030405",
+        "phantoms-20260102-030405-2",
+        "phantoms-20260102-030405-3",
+    ]
     assert all(p.is_dir() for p in made)
 
 
@@ -256,8 +363,22 @@ def test_failed_train_leaves_no_empty_default_folder(tmp_path, monkeypatch):
 def test_resume_redraws_the_curves(data, trained):
     run, _, _ = trained
     (run / "progress.png").unlink()
-    r = invoke(["train", "--data", str(data), "--out", str(run), "--resume", "--device", "cpu", "--workers", "0",
-                "--json", "--quiet"])
+    r = invoke(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--resume",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--json",
+            "--quiet",
+        ]
+    )
     assert json.loads(r.stdout)["curves"] == str(run / "progress.png")
     assert (run / "progress.png").is_file()
 
@@ -266,44 +387,103 @@ def test_curves_read_the_last_row_of_a_repeated_step(tmp_path):
     from mrisegcli.training.curves import read_curves, write_progress_png
 
     log = tmp_path / "train_log.jsonl"
-    log.write_text("\n".join([
-        '{"step": 10, "split": "train", "loss": 3.0}',
-        '{"step": 10, "split": "val", "dice": 0.2}',
-        '{"step": 20, "split": "train", "loss": 2.0}',
-        '{"step": 20, "split": "train", "loss": 1.5}',  # resumed from step 10: the later row wins
-        '{"step": 20, "split": "val", "dice": NaN}',
-        '{"step": 30, "split": "va',  # a crash mid-line
-    ]) + "\n")
+    log.write_text(
+        "\n".join(
+            [
+                '{"step": 10, "split": "train", "loss": 3.0}',
+                '{"step": 10, "split": "val", "dice": 0.2}',
+                '{"step": 20, "split": "train", "loss": 2.0}',
+                '{"step": 20, "split": "train", "loss": 1.5}',  # resumed from step 10: the later row wins
+                '{"step": 20, "split": "val", "dice": NaN}',
+                '{"step": 30, "split": "va',  # a crash mid-line
+            ]
+        )
+        + "\n"
+    )
     assert read_curves(log) == ([(10, 3.0), (20, 1.5)], [(10, 0.2)])
     assert write_progress_png(tmp_path) == tmp_path / "progress.png"
     assert write_progress_png(tmp_path / "no-such-run") is None  # never fails a finished training
 
 
 def test_weak_tokenizer_warning_text(capsys):
-    cli._warn_weak_tokenizers({"mask_vq": {"recon_dice": 0.42, "n_heldout": 3}, "image_vq": {"psnr": 9.0}})
+    cli._warn_weak_tokenizers(
+        {"mask_vq": {"recon_dice": 0.42, "n_heldout": 3}, "image_vq": {"psnr": 9.0}}
+    )
     assert capsys.readouterr().err.strip() == (
         "mriseg: warning: the mask tokenizer reconstructs held-out masks with Dice 0.42 < 0.8; "
-        "fit longer with --mask-steps")
-    cli._warn_weak_tokenizers({"multiscale": {"recon_dice": 0.5, "n_heldout": 0}, "mask_vq": {"recon_dice": 0.9}})
+        "fit longer with --mask-steps"
+    )
+    cli._warn_weak_tokenizers(
+        {"multiscale": {"recon_dice": 0.5, "n_heldout": 0}, "mask_vq": {"recon_dice": 0.9}}
+    )
     err = capsys.readouterr().err
-    assert "multi-scale mask tokenizer reconstructs its training masks" in err and "--multiscale-steps" in err
+    assert (
+        "multi-scale mask tokenizer reconstructs its training masks" in err
+        and "--multiscale-steps" in err
+    )
     assert "the mask tokenizer" not in err
 
 
 # ------------------------------------------------------------------------------ 4. --quiet, --json
 def test_synth_quiet_and_json(tmp_path):
-    r = invoke(["synth", str(tmp_path / "d"), "--n-train", "2", "--n-val", "0", "--n-test", "0", "--size", SIZE,
-                "--quiet", "--json"])
+    r = invoke(
+        [
+            "synth",
+            str(tmp_path / "d"),
+            "--n-train",
+            "2",
+            "--n-val",
+            "0",
+            "--n-test",
+            "0",
+            "--size",
+            SIZE,
+            "--quiet",
+            "--json",
+        ]
+    )
     assert r.stderr == ""
     obj = json.loads(r.stdout)
     assert obj["cases"] == 2 and obj["out"] == str(tmp_path / "d") and obj["size"] == 64
-    loud = invoke(["synth", str(tmp_path / "e"), "--n-train", "2", "--n-val", "0", "--n-test", "0", "--size", SIZE])
+    loud = invoke(
+        [
+            "synth",
+            str(tmp_path / "e"),
+            "--n-train",
+            "2",
+            "--n-val",
+            "0",
+            "--n-test",
+            "0",
+            "--size",
+            SIZE,
+        ]
+    )
     assert "synthesising" in loud.stderr
 
 
 def test_tokenize_quiet_json_and_warning(data, tmp_path):
-    r = invoke(["tokenize", "--data", str(data), "--out", str(tmp_path / "tok"), "--size", SIZE, "--mask-steps", "2",
-                "--image-steps", "2", "--device", "cpu", "--workers", "0", "--quiet", "--json"])
+    r = invoke(
+        [
+            "tokenize",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "tok"),
+            "--size",
+            SIZE,
+            "--mask-steps",
+            "2",
+            "--image-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--quiet",
+            "--json",
+        ]
+    )
     obj = json.loads(r.stdout)
     assert obj["encoded"] == 24 and obj["cache"] == str(tmp_path / "tok" / "cache")
     dice = obj["tokenizers"]["mask_vq"]["recon_dice"]
@@ -314,8 +494,21 @@ def test_tokenize_quiet_json_and_warning(data, tmp_path):
 
 def test_train_quiet_prints_no_stage_lines(data, trained, tmp_path):
     run, _, _ = trained
-    r = invoke(["train", "--data", str(data), "--out", str(tmp_path / "q"), "--tokenizer", str(run), "--steps", "2",
-                *FAST_TRAIN, "--quiet"])
+    r = invoke(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "q"),
+            "--tokenizer",
+            str(run),
+            "--steps",
+            "2",
+            *FAST_TRAIN,
+            "--quiet",
+        ]
+    )
     assert r.stderr == ""
     assert r.stdout.startswith("trained 2 steps")
 
@@ -351,21 +544,42 @@ def _spy(monkeypatch) -> tuple[list[str], list[int]]:
     return texts, loads
 
 
-def test_predict_prompts_csv_one_line_per_row_model_loaded_once(trained, images, tmp_path, monkeypatch):
+def test_predict_prompts_csv_one_line_per_row_model_loaded_once(
+    trained, images, tmp_path, monkeypatch
+):
     run, _, _ = trained
     monkeypatch.chdir(tmp_path)  # paths in the prompts file are relative to the current folder
     texts, loads = _spy(monkeypatch)
     (tmp_path / "prompts.csv").write_text(
         'path,text\ncase2.png,"Bilateral pulmonary infection, two infected areas"\n'
-        "case1.png,Unilateral pulmonary infection\n")
-    r = invoke(["predict", "--prompts", "prompts.csv", "--model", str(run), "--out", "o", "--device", "cpu", "-q"])
+        "case1.png,Unilateral pulmonary infection\n"
+    )
+    r = invoke(
+        [
+            "predict",
+            "--prompts",
+            "prompts.csv",
+            "--model",
+            str(run),
+            "--out",
+            "o",
+            "--device",
+            "cpu",
+            "-q",
+        ]
+    )
     assert r.stderr == ""
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith("case2.png -> o/case2_mask.png")
     assert lines[1].startswith("case1.png -> o/case1_mask.png")
-    assert texts == ["Bilateral pulmonary infection, two infected areas", "Unilateral pulmonary infection"]
+    assert texts == [
+        "Bilateral pulmonary infection, two infected areas",
+        "Unilateral pulmonary infection",
+    ]
     assert loads == [1]
-    assert (tmp_path / "o" / "case1_mask.png").is_file() and (tmp_path / "o" / "case2_mask.png").is_file()
+    assert (tmp_path / "o" / "case1_mask.png").is_file() and (
+        tmp_path / "o" / "case2_mask.png"
+    ).is_file()
 
 
 def test_predict_prompts_jsonl_from_stdin(trained, images, tmp_path, monkeypatch):
@@ -374,21 +588,49 @@ def test_predict_prompts_jsonl_from_stdin(trained, images, tmp_path, monkeypatch
     texts, _ = _spy(monkeypatch)
     rows = [{"path": "case1.png", "text": "left lung"}, {"path": "case2.png", "text": "right lung"}]
     stdin = "\n".join(json.dumps(x) for x in rows) + "\n"
-    r = invoke(["predict", "--prompts", "-", "--model", str(run), "--out", "o", "--device", "cpu", "--json"],
-               input=stdin)
+    r = invoke(
+        [
+            "predict",
+            "--prompts",
+            "-",
+            "--model",
+            str(run),
+            "--out",
+            "o",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        input=stdin,
+    )
     got = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [(g["input"], g["text"]) for g in got] == [("case1.png", "left lung"), ("case2.png", "right lung")]
+    assert [(g["input"], g["text"]) for g in got] == [
+        ("case1.png", "left lung"),
+        ("case2.png", "right lung"),
+    ]
     assert texts == ["left lung", "right lung"]
 
 
 @pytest.mark.parametrize(
     "content, name, where",
     [
-        ("path,text\ncase1.png,left lung\ncase2.png,   \n", "p.csv", "line 3 (row 2): the text is empty"),
+        (
+            "path,text\ncase1.png,left lung\ncase2.png,   \n",
+            "p.csv",
+            "line 3 (row 2): the text is empty",
+        ),
         ("path,txt\ncase1.png,left lung\n", "p.csv", "line 1: the first line must be a header"),
         ("path,text\ncase1.png\n", "p.csv", "line 2 (row 1): no 'text' value"),
-        ('{"path": "case1.png", "text": "a"}\n{"path": "case2.png"}\n', "p.jsonl", "line 2 (row 2): no 'text' value"),
-        ('{"path": "case1.png", "text": "a"}\n\n{"text": "b"}\n', "p.jsonl", "line 3 (row 2): no 'path' value"),
+        (
+            '{"path": "case1.png", "text": "a"}\n{"path": "case2.png"}\n',
+            "p.jsonl",
+            "line 2 (row 2): no 'text' value",
+        ),
+        (
+            '{"path": "case1.png", "text": "a"}\n\n{"text": "b"}\n',
+            "p.jsonl",
+            "line 3 (row 2): no 'path' value",
+        ),
     ],
     ids=["empty text", "no text column", "short row", "jsonl no text", "jsonl no path"],
 )
@@ -397,7 +639,10 @@ def test_predict_prompts_bad_rows(content, name, where, trained, images, tmp_pat
     monkeypatch.chdir(tmp_path)
     (tmp_path / name).write_text(content)
     _, loads = _spy(monkeypatch)
-    r = invoke(["predict", "--prompts", name, "--model", str(run), "--out", "o", "--device", "cpu"], ok=False)
+    r = invoke(
+        ["predict", "--prompts", name, "--model", str(run), "--out", "o", "--device", "cpu"],
+        ok=False,
+    )
     assert r.exit_code == 1
     assert one_error_line(r).startswith(f"mriseg: error: {name}: {where}")
     assert not (tmp_path / "o").exists() and loads == []  # refused before the model and any output
@@ -406,10 +651,25 @@ def test_predict_prompts_bad_rows(content, name, where, trained, images, tmp_pat
 def test_keep_going_continues_past_a_missing_input(trained, images, tmp_path, monkeypatch):
     run, _, _ = trained
     monkeypatch.chdir(tmp_path)
-    args = ["predict", "case1.png", "missing.png", "case2.png", "--text", "left lung", "--model", str(run),
-            "--out", "o", "--device", "cpu"]
+    args = [
+        "predict",
+        "case1.png",
+        "missing.png",
+        "case2.png",
+        "--text",
+        "left lung",
+        "--model",
+        str(run),
+        "--out",
+        "o",
+        "--device",
+        "cpu",
+    ]
     stop = invoke(args, ok=False)
-    assert stop.exit_code == 1 and one_error_line(stop) == "mriseg: error: missing.png: no such file or folder"
+    assert (
+        stop.exit_code == 1
+        and one_error_line(stop) == "mriseg: error: missing.png: no such file or folder"
+    )
     assert not (tmp_path / "o").exists()
     r = invoke([*args, "--keep-going", "--json"], ok=False)
     assert r.exit_code == 1
@@ -417,15 +677,34 @@ def test_keep_going_continues_past_a_missing_input(trained, images, tmp_path, mo
     assert [g["input"] for g in got] == ["case1.png", "missing.png", "case2.png"]
     assert got[1]["error"] == "missing.png: no such file or folder" and got[1]["outputs"] == {}
     assert got[0]["error"] is None and got[2]["error"] is None
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["case1_mask.png", "case2_mask.png"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "case1_mask.png",
+        "case2_mask.png",
+    ]
 
 
-def test_keep_going_with_a_prompts_row_naming_a_missing_file(trained, images, tmp_path, monkeypatch):
+def test_keep_going_with_a_prompts_row_naming_a_missing_file(
+    trained, images, tmp_path, monkeypatch
+):
     run, _, _ = trained
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.csv").write_text("path,text\nnope.png,left lung\ncase1.png,right lung\n")
-    r = invoke(["predict", "--prompts", "p.csv", "--model", str(run), "--out", "o", "--device", "cpu", "-q",
-                "--keep-going"], ok=False)
+    r = invoke(
+        [
+            "predict",
+            "--prompts",
+            "p.csv",
+            "--model",
+            str(run),
+            "--out",
+            "o",
+            "--device",
+            "cpu",
+            "-q",
+            "--keep-going",
+        ],
+        ok=False,
+    )
     assert r.exit_code == 1
     assert r.stderr == "mriseg: error: nope.png: no such file or folder\n"
     assert r.stdout.startswith("case1.png -> o/case1_mask.png")
@@ -465,6 +744,19 @@ def test_evaluate_shows_an_empty_prediction_as_zero_not_missing(tmp_path):
 
 def test_model_evaluation_table_has_no_missing_predictions(trained, data):
     run, _, _ = trained
-    r = invoke(["evaluate", "--model", str(run), "--data", str(data), "--device", "cpu", "--workers", "0", "-q"])
+    r = invoke(
+        [
+            "evaluate",
+            "--model",
+            str(run),
+            "--data",
+            str(data),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "-q",
+        ]
+    )
     assert r.stderr == ""
     assert "missing" not in r.stdout and "test: Dice" in r.stdout

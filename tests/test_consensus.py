@@ -21,12 +21,14 @@ from mrisegcli.errors import OutputExistsError
 def test_mean_threshold_and_uncertainty_on_hand_made_samples():
     # 4 samples of a 1 x 4 image: pixel 0 all agree fg, 1 all agree bg,
     # 2 splits 2/2, 3 has 1 of 4 foreground
-    prob = torch.tensor([
-        [[0.9, 0.1, 0.8, 0.7]],
-        [[0.8, 0.2, 0.9, 0.2]],
-        [[0.7, 0.0, 0.3, 0.1]],
-        [[1.0, 0.3, 0.2, 0.3]],
-    ])  # (S=4, H=1, W=4)
+    prob = torch.tensor(
+        [
+            [[0.9, 0.1, 0.8, 0.7]],
+            [[0.8, 0.2, 0.9, 0.2]],
+            [[0.7, 0.0, 0.3, 0.1]],
+            [[1.0, 0.3, 0.2, 0.3]],
+        ]
+    )  # (S=4, H=1, W=4)
     c = consensus(prob)
     torch.testing.assert_close(c.mean_prob, torch.tensor([[0.85, 0.15, 0.55, 0.325]]))
     assert c.mask.tolist() == [[True, False, True, False]]

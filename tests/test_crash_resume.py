@@ -28,10 +28,37 @@ from typer.testing import CliRunner
 from mrisegcli.cli import app
 
 STEPS, CKPT = 20, 3
-ARGS = ["--size", "32", "--steps", str(STEPS), "--batch-size", "4", "--ckpt-every", str(CKPT),
-        "--eval-every", "1000", "--device", "cpu", "--workers", "0", "--seed", "1"]
+ARGS = [
+    "--size",
+    "32",
+    "--steps",
+    str(STEPS),
+    "--batch-size",
+    "4",
+    "--ckpt-every",
+    str(CKPT),
+    "--eval-every",
+    "1000",
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+    "--seed",
+    "1",
+]
 LOSS_RTOL = 1e-6
-COMPARED = ("loss", "ce", "ce_plain", "nktp", "tcl", "het_weight", "acc", "grad_norm", "lr", "epoch")
+COMPARED = (
+    "loss",
+    "ce",
+    "ce_plain",
+    "nktp",
+    "tcl",
+    "het_weight",
+    "acc",
+    "grad_norm",
+    "lr",
+    "epoch",
+)
 
 runner = CliRunner()
 
@@ -56,17 +83,46 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("crash")
     data, tok, ref = base / "data", base / "tok", base / "reference"
     invoke(["synth", str(data), "--n-train", "16", "--n-val", "4", "--n-test", "0", "--size", "32"])
-    invoke(["tokenize", "--data", str(data), "--out", str(tok), "--size", "32", "--mask-steps", "10",
-            "--image-steps", "10", "--device", "cpu", "--workers", "0"])
+    invoke(
+        [
+            "tokenize",
+            "--data",
+            str(data),
+            "--out",
+            str(tok),
+            "--size",
+            "32",
+            "--mask-steps",
+            "10",
+            "--image-steps",
+            "10",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ]
+    )
     invoke(["train", "--data", str(data), "--out", str(ref), "--tokenizer", str(tok), *ARGS])
     return {"base": base, "data": data, "tok": tok, "ref": ref}
 
 
 def _train_cmd(p: dict[str, Path], run: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(p["data"]), "--out", str(run), "--tokenizer", str(p["tok"]), *ARGS, *extra]
+    return [
+        "train",
+        "--data",
+        str(p["data"]),
+        "--out",
+        str(run),
+        "--tokenizer",
+        str(p["tok"]),
+        *ARGS,
+        *extra,
+    ]
 
 
-def _start_and_signal(p: dict[str, Path], run: Path, sig: int, after_step: int) -> subprocess.CompletedProcess:
+def _start_and_signal(
+    p: dict[str, Path], run: Path, sig: int, after_step: int
+) -> subprocess.CompletedProcess:
     """Start ``mriseg train``, wait for the checkpoint of ``after_step``, send ``sig``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mrisegcli", *_train_cmd(p, run)]
@@ -105,7 +161,10 @@ def _assert_same_run(run: Path, ref: Path) -> None:
     for key, w in want.items():
         for name in COMPARED:
             if name in w:
-                assert got[key][name] == pytest.approx(w[name], rel=LOSS_RTOL, abs=1e-9), (key, name)
+                assert got[key][name] == pytest.approx(w[name], rel=LOSS_RTOL, abs=1e-9), (
+                    key,
+                    name,
+                )
         if key[1] == "val":
             assert got[key]["dice"] == w["dice"]
     a, b = _final(run), _final(ref)

@@ -25,8 +25,15 @@ def _model(G: int = 4, K: int = 8, nktp_k: int = 3, seed: int = 0) -> NextTokenS
     torch.manual_seed(seed)
     cfg = NextTokenConfig(
         transformer=TransformerConfig(dim=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=64),
-        image_codebook_size=K, image_grid=G, text_vocab_size=12, text_len=3, mask_codebook_size=K,
-        mask_grid=G, nktp_k=nktp_k, lambda_tcl=0.0, het_alpha=0.0,
+        image_codebook_size=K,
+        image_grid=G,
+        text_vocab_size=12,
+        text_len=3,
+        mask_codebook_size=K,
+        mask_grid=G,
+        nktp_k=nktp_k,
+        lambda_tcl=0.0,
+        het_alpha=0.0,
     )
     return NextTokenSegmenter(cfg).eval()
 
@@ -34,7 +41,9 @@ def _model(G: int = 4, K: int = 8, nktp_k: int = 3, seed: int = 0) -> NextTokenS
 def _inputs(model: NextTokenSegmenter, B: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
-    image = torch.randint(0, cfg.image_codebook_size, (B, cfg.image_grid, cfg.image_grid), generator=g)
+    image = torch.randint(
+        0, cfg.image_codebook_size, (B, cfg.image_grid, cfg.image_grid), generator=g
+    )
     text = torch.randint(0, cfg.text_vocab_size, (B, cfg.text_len), generator=g)
     tmask = torch.ones(B, cfg.text_len, dtype=torch.bool)
     tmask[0, -1] = False  # a padded text key
@@ -49,7 +58,10 @@ def test_decode_next_equals_decode_step_bit_for_bit():
     with torch.no_grad():
         model.setup_caches(3)
         model.prefill(image, text, tmask)
-        steps = [model.decode_step(codes[:, n - 1], torch.tensor([P + n - 1]), P + n) for n in range(1, N)]
+        steps = [
+            model.decode_step(codes[:, n - 1], torch.tensor([P + n - 1]), P + n)
+            for n in range(1, N)
+        ]
         model.prefill(image, text, tmask)
         fast = [model.decode_next(codes[:, n - 1], P + n) for n in range(1, N)]
     assert all(torch.equal(a, b) for a, b in zip(steps, fast, strict=True))
@@ -87,9 +99,14 @@ def test_fused_mlp_weight_follows_parameter_updates():
 
 def test_mask_made_once_per_pass_gives_the_boolean_mask_result():
     torch.manual_seed(0)
-    tf = Transformer(TransformerConfig(dim=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=16)).eval()
+    tf = Transformer(
+        TransformerConfig(dim=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=16)
+    ).eval()
     x, pos = torch.randn(2, 7, 32), torch.randint(0, 4, (7, 2))
-    mask = causal_mask(7)[None, None] & torch.tensor([[True] * 7, [True, False] + [True] * 5])[:, None, None]
+    mask = (
+        causal_mask(7)[None, None]
+        & torch.tensor([[True] * 7, [True, False] + [True] * 5])[:, None, None]
+    )
     bias = attention_bias(mask, torch.float32)
     assert bias.dtype == torch.float32 and set(bias.unique().tolist()) == {0.0, float("-inf")}
     with torch.no_grad():
@@ -101,7 +118,9 @@ def test_mask_made_once_per_pass_gives_the_boolean_mask_result():
             from mrisegcli.models.transformer import apply_rope
 
             q, k = apply_rope(qkv[:, :, :2], tf.rotation(pos)).permute(2, 0, 3, 1, 4).unbind(0)
-            y = torch.nn.functional.scaled_dot_product_attention(q, k, qkv[:, :, 2].transpose(1, 2), attn_mask=mask)
+            y = torch.nn.functional.scaled_dot_product_attention(
+                q, k, qkv[:, :, 2].transpose(1, 2), attn_mask=mask
+            )
             h = h + a.wo(y.transpose(1, 2).reshape(2, 7, 32))
             h = h + layer.mlp(layer.mlp_norm(h))
         assert torch.equal(tf.norm(h), tf(x, pos, mask))
@@ -110,13 +129,17 @@ def test_mask_made_once_per_pass_gives_the_boolean_mask_result():
 # ----------------------------------------------------------------------------- speculative sampling
 
 
-def _exact_distribution(model: NextTokenSegmenter, image, text, tmask, temperature: float) -> torch.Tensor:
+def _exact_distribution(
+    model: NextTokenSegmenter, image, text, tmask, temperature: float
+) -> torch.Tensor:
     """P(codes) of plain sampling for every one of the K ** N code sequences (one input)."""
     K, N = model.config.mask_codebook_size, model.layout.n_mask
     seqs = torch.tensor(list(itertools.product(range(K), repeat=N)))  # (K^N, N)
     M = seqs.shape[0]
     with torch.no_grad():
-        logits = model.mask_logits(image.expand(M, -1, -1), text.expand(M, -1), tmask.expand(M, -1), seqs[:, :-1])
+        logits = model.mask_logits(
+            image.expand(M, -1, -1), text.expand(M, -1), tmask.expand(M, -1), seqs[:, :-1]
+        )
     logp = torch.log_softmax(logits.double() / temperature, -1).gather(-1, seqs[..., None])[..., 0]
     return logp.sum(1).exp()
 
@@ -160,16 +183,30 @@ def test_speculative_sampling_has_the_plain_sampling_distribution(top_k):
         pytest.importorskip("numpy")
     g = torch.Generator().manual_seed(5)
     stats: dict[str, float] = {}
-    spec = generate_masks_speculative(model, image.expand(n, -1, -1), text.expand(n, -1), tmask.expand(n, -1),
-                                      temperature=T, top_k=top_k, generator=g, stats=stats)
+    spec = generate_masks_speculative(
+        model,
+        image.expand(n, -1, -1),
+        text.expand(n, -1),
+        tmask.expand(n, -1),
+        temperature=T,
+        top_k=top_k,
+        generator=g,
+        stats=stats,
+    )
     assert 0 < stats["accepted"] < stats["drafted"]  # guesses both kept and rejected
     spec_counts = torch.bincount(_codes_as_index(spec, K), minlength=K**4)
     if top_k is None:
         assert _chi_square_p(spec_counts, exact) > 1e-3
         return
     # top-k: compare with plain sampling of the same size (two-sample chi-square)
-    plain = MaskGenerator(model)(image.expand(n, -1, -1), text.expand(n, -1), tmask.expand(n, -1),
-                                 temperature=T, top_k=top_k, generator=torch.Generator().manual_seed(6))
+    plain = MaskGenerator(model)(
+        image.expand(n, -1, -1),
+        text.expand(n, -1),
+        tmask.expand(n, -1),
+        temperature=T,
+        top_k=top_k,
+        generator=torch.Generator().manual_seed(6),
+    )
     plain_counts = torch.bincount(_codes_as_index(plain, K), minlength=K**4)
     pooled = (spec_counts + plain_counts).double() / (2 * n)
     assert _chi_square_p(spec_counts, pooled) > 1e-3 and _chi_square_p(plain_counts, pooled) > 1e-3
@@ -187,11 +224,15 @@ def test_the_test_has_power_a_draft_only_sampler_fails():
         model.setup_caches(1)
         h = model.prefill_state(image, text, tmask)
         probs = torch.softmax(model.draft_logits(h), -1)[0]  # (3, K): p of code 0, q of codes 1, 2
-        first3 = torch.stack([torch.multinomial(probs[j], n, replacement=True, generator=g) for j in range(3)], 1)
+        first3 = torch.stack(
+            [torch.multinomial(probs[j], n, replacement=True, generator=g) for j in range(3)], 1
+        )
     # the last code exactly as plain sampling would draw it, after the unchecked first three
     M = n
     with torch.no_grad():
-        last = model.mask_logits(image.expand(M, -1, -1), text.expand(M, -1), tmask.expand(M, -1), first3)[:, -1]
+        last = model.mask_logits(
+            image.expand(M, -1, -1), text.expand(M, -1), tmask.expand(M, -1), first3
+        )[:, -1]
     codes = torch.cat([first3, torch.multinomial(torch.softmax(last, -1), 1, generator=g)], 1)
     counts = torch.bincount(_codes_as_index(codes.view(n, 2, 2), K), minlength=K**4)
     assert _chi_square_p(counts, exact) < 1e-6

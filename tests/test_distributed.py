@@ -25,14 +25,41 @@ from typer.testing import CliRunner
 from mrisegcli.cli import app
 
 STEPS, BATCH = 8, 8
-TRAIN = ["train", "--size", "32", "--steps", str(STEPS), "--batch-size", str(BATCH), "--lr", "0.05",
-         "--mask-steps", "10", "--image-steps", "10", "--ckpt-every", "4", "--eval-every", "1000",
-         "--device", "cpu", "--workers", "0", "--lambda-tcl", "0", "--het-alpha", "0", "--seed", "3",
-         "--input-noise", "0"]  # random corruption differs between a rank's half and one process
+TRAIN = [
+    "train",
+    "--size",
+    "32",
+    "--steps",
+    str(STEPS),
+    "--batch-size",
+    str(BATCH),
+    "--lr",
+    "0.05",
+    "--mask-steps",
+    "10",
+    "--image-steps",
+    "10",
+    "--ckpt-every",
+    "4",
+    "--eval-every",
+    "1000",
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+    "--lambda-tcl",
+    "0",
+    "--het-alpha",
+    "0",
+    "--seed",
+    "3",
+    "--input-noise",
+    "0",
+]  # random corruption differs between a rank's half and one process
 # DDP averages gradients in another order than one process sums them: float32 round-off only.
 ATOL = 1e-5
 
-PROBE = '''
+PROBE = """
 import dataclasses, json, os, runpy, sys
 from pathlib import Path
 from safetensors.torch import save_file
@@ -80,7 +107,7 @@ def train(model, data, cfg, *a, **k):
 wtrain.train = train
 sys.argv = ["mriseg", *sys.argv[1:]]
 runpy.run_module("mrisegcli", run_name="__main__")
-'''
+"""
 
 
 def _free_port() -> int:
@@ -97,22 +124,41 @@ def _events(path: Path) -> list[dict]:
 def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("ddp")
     data = base / "data"
-    r = CliRunner().invoke(app, ["synth", str(data), "--n-train", "16", "--n-val", "4", "--n-test", "0",
-                                 "--size", "32"])
+    r = CliRunner().invoke(
+        app,
+        ["synth", str(data), "--n-train", "16", "--n-val", "4", "--n-test", "0", "--size", "32"],
+    )
     assert r.exit_code == 0, r.output
     probe = base / "probe.py"
     probe.write_text(PROBE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs = {}
     for name, launcher in [
-        ("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]),
+        (
+            "ddp",
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(_free_port()),
+            ],
+        ),
         ("single", [sys.executable]),
     ]:
         (base / f"probe_{name}").mkdir()
         cmd = [*launcher, str(probe), *TRAIN, "--data", str(data), "--out", str(base / name)]
-        procs[name] = subprocess.run(cmd, env={**env, "PROBE_DIR": str(base / f"probe_{name}")},
-                                     capture_output=True, text=True, timeout=180)
+        procs[name] = subprocess.run(
+            cmd,
+            env={**env, "PROBE_DIR": str(base / f"probe_{name}")},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
     for name, p in procs.items():
         assert p.returncode == 0, f"{name}:\n{p.stdout}\n{p.stderr[-3000:]}"
     return {"base": base, "ddp_stderr": procs["ddp"].stderr, "ddp_stdout": procs["ddp"].stdout}
@@ -122,7 +168,11 @@ def test_both_ranks_trained_on_disjoint_halves_of_each_global_batch(runs):
     probe = runs["base"] / "probe_ddp"
     r0 = [e for e in _events(probe / "rank0.jsonl") if e["event"] == "batch"]
     r1 = [e for e in _events(probe / "rank1.jsonl") if e["event"] == "batch"]
-    single = [e for e in _events(runs["base"] / "probe_single" / "ranksingle.jsonl") if e["event"] == "batch"]
+    single = [
+        e
+        for e in _events(runs["base"] / "probe_single" / "ranksingle.jsonl")
+        if e["event"] == "batch"
+    ]
     assert len(r0) == len(r1) == len(single) == STEPS
     for a, b, s in zip(r0, r1, single, strict=True):
         assert a["world"] == b["world"] == 2 and s["world"] == 1
@@ -134,8 +184,12 @@ def test_both_ranks_trained_on_disjoint_halves_of_each_global_batch(runs):
 
 def test_only_rank_zero_fits_caches_checkpoints_and_logs(runs):
     probe = runs["base"] / "probe_ddp"
-    r0 = [e["event"] for e in _events(probe / "rank0.jsonl") if e["event"] not in ("batch", "forward")]
-    r1 = [e["event"] for e in _events(probe / "rank1.jsonl") if e["event"] not in ("batch", "forward")]
+    r0 = [
+        e["event"] for e in _events(probe / "rank0.jsonl") if e["event"] not in ("batch", "forward")
+    ]
+    r1 = [
+        e["event"] for e in _events(probe / "rank1.jsonl") if e["event"] not in ("batch", "forward")
+    ]
     assert r0.count("fit_bundle") == 1 and r0.count("build_cache") == 1
     assert r0.count("save_checkpoint") == STEPS // 4
     assert r1 == []  # rank 1 neither fitted, cached nor saved anything
@@ -149,13 +203,19 @@ def test_only_rank_zero_fits_caches_checkpoints_and_logs(runs):
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == STEPS
     assert [r["step"] for r in records if r["split"] == "val"] == [STEPS]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "step_00000004.safetensors", "step_00000008.safetensors"]
+        "step_00000004.safetensors",
+        "step_00000008.safetensors",
+    ]
     single = {p.name for p in (runs["base"] / "single").iterdir()}
     assert {p.name for p in run.iterdir()} == single  # no per-rank or temp files
 
 
 def _forwards(path: Path) -> list[dict]:
-    return [{k: v for k, v in e.items() if k != "event"} for e in _events(path) if e["event"] == "forward"]
+    return [
+        {k: v for k, v in e.items() if k != "event"}
+        for e in _events(path)
+        if e["event"] == "forward"
+    ]
 
 
 def test_logged_metrics_are_means_over_ranks(runs):
@@ -163,7 +223,9 @@ def test_logged_metrics_are_means_over_ranks(runs):
     r0, r1 = _forwards(probe / "rank0.jsonl"), _forwards(probe / "rank1.jsonl")
     single = _forwards(runs["base"] / "probe_single" / "ranksingle.jsonl")
     assert len(r0) == len(r1) == len(single) == STEPS
-    logged = [json.loads(x) for x in (runs["base"] / "ddp" / "train_log.jsonl").read_text().splitlines()]
+    logged = [
+        json.loads(x) for x in (runs["base"] / "ddp" / "train_log.jsonl").read_text().splitlines()
+    ]
     train_rows = [r for r in logged if r["split"] == "train"]
     assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))  # the probe logs every step
     # the ranks' halves give losses far apart at the start (later the tiny model fits both)
@@ -175,9 +237,13 @@ def test_logged_metrics_are_means_over_ranks(runs):
             assert row[name] == pytest.approx((a[name] + b[name]) / 2, rel=1e-9, abs=1e-12), name
         # equal-sized halves: the mean of the two halves' losses is the whole batch's loss
         assert row["loss"] == pytest.approx(single[row["step"] - 1]["loss"], rel=1e-4)
-    one = [json.loads(x) for x in (runs["base"] / "single" / "train_log.jsonl").read_text().splitlines()]
+    one = [
+        json.loads(x)
+        for x in (runs["base"] / "single" / "train_log.jsonl").read_text().splitlines()
+    ]
     assert [r["loss"] for r in one if r["split"] == "train"] == [
-        single[r["step"] - 1]["loss"] for r in one if r["split"] == "train"]  # one process: as is
+        single[r["step"] - 1]["loss"] for r in one if r["split"] == "train"
+    ]  # one process: as is
 
 
 def test_ddp_is_built_without_deprecated_arguments(runs):

@@ -26,7 +26,21 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "data"
-    r = CliRunner().invoke(app, ["synth", str(root), "--n-train", "2", "--n-val", "2", "--n-test", "8", "--size", str(SIZE)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "synth",
+            str(root),
+            "--n-train",
+            "2",
+            "--n-val",
+            "2",
+            "--n-test",
+            "8",
+            "--size",
+            str(SIZE),
+        ],
+    )
     assert r.exit_code == 0, r.output
     return root
 
@@ -57,9 +71,12 @@ class _Oracle:
         self._by_image = {im.tobytes(): m for im, m in zip(images, masks, strict=True)}
 
     def predict(self, images, texts, **kw) -> Prediction:
-        probs = np.stack([
-            self._by_image[im.tobytes()].astype(np.float32) * (t != "") for im, t in zip(images, texts, strict=True)
-        ])
+        probs = np.stack(
+            [
+                self._by_image[im.tobytes()].astype(np.float32) * (t != "")
+                for im, t in zip(images, texts, strict=True)
+            ]
+        )
         prob = torch.from_numpy(probs)
         return Prediction(prob, parts={"tokens": torch.zeros_like(prob), "refined": prob})
 
@@ -87,7 +104,9 @@ def test_oracle_scores_one_and_empty_text_scores_the_empty_cases_only(synth_data
 
 
 @pytest.mark.parametrize(("paradigm", "expected"), [("next-scale", 1.0), ("next-token", None)])
-def test_ceiling_uses_the_paradigms_own_tokenizer(synth_data: Path, paradigm: str, expected: float | None) -> None:
+def test_ceiling_uses_the_paradigms_own_tokenizer(
+    synth_data: Path, paradigm: str, expected: float | None
+) -> None:
     """The run holds both tokenizers; the next-scale ceiling is the multi-scale one's (perfect
     here), the next-token ceiling the single-scale one's (blank here: Dice of empty masks)."""
     cases, images, masks = _split(synth_data)

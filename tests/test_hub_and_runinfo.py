@@ -27,8 +27,14 @@ def test_config_round_trip_records_versions(tmp_path):
         ("{not json", "corrupt config"),
         ("[1, 2]", "not a JSON object"),
         (json.dumps({"schema": 1}), "missing"),
-        (json.dumps({**MINIMAL, "schema": CONFIG_SCHEMA + 1, "mriseg_version": "9.0"}), "upgrade mriseg"),
-        (json.dumps({**MINIMAL, "schema": 1, "mriseg_version": "0", "paradigm": "x"}), "unknown paradigm"),
+        (
+            json.dumps({**MINIMAL, "schema": CONFIG_SCHEMA + 1, "mriseg_version": "9.0"}),
+            "upgrade mriseg",
+        ),
+        (
+            json.dumps({**MINIMAL, "schema": 1, "mriseg_version": "0", "paradigm": "x"}),
+            "unknown paradigm",
+        ),
     ],
 )
 def test_bad_configs_are_refused(tmp_path, content, match):
@@ -98,8 +104,15 @@ def test_hf_hub_offline_false_values_are_online(hub_calls, monkeypatch, value):
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
     assert hub_offline() is False
     resolve_run("someone/mriseg-tiny@v1")
-    assert hub_calls == [{"repo_id": "someone/mriseg-tiny", "revision": "v1", "allow_patterns": RUN_PATTERNS,
-                          "cache_dir": None, "local_files_only": False}]
+    assert hub_calls == [
+        {
+            "repo_id": "someone/mriseg-tiny",
+            "revision": "v1",
+            "allow_patterns": RUN_PATTERNS,
+            "cache_dir": None,
+            "local_files_only": False,
+        }
+    ]
 
 
 @pytest.mark.parametrize("value", ["1", "true", "TRUE", "True", "yes", "YES", "on", "On"])
@@ -165,7 +178,11 @@ class ConnectError(Exception):
 
 
 # newer huggingface_hub raises RemoteEntryNotFoundError, older ones EntryNotFoundError itself
-_REMOTE_ENTRY = "RemoteEntryNotFoundError" if hasattr(errors, "RemoteEntryNotFoundError") else "EntryNotFoundError"
+_REMOTE_ENTRY = (
+    "RemoteEntryNotFoundError"
+    if hasattr(errors, "RemoteEntryNotFoundError")
+    else "EntryNotFoundError"
+)
 
 
 def _raising(monkeypatch, error):
@@ -186,28 +203,58 @@ def _raising(monkeypatch, error):
     "make, words",
     [
         (lambda: _http("RepositoryNotFoundError", 404), ["not found", "no such model repository"]),
-        (lambda: _http("RepositoryNotFoundError", 401), ["not found", "if it is private", "hf auth login"]),
+        (
+            lambda: _http("RepositoryNotFoundError", 401),
+            ["not found", "if it is private", "hf auth login"],
+        ),
         (lambda: _http("RevisionNotFoundError", 404), ["not found", "no revision 'v2'"]),
         (lambda: _http(_REMOTE_ENTRY, 404), ["not found", "file of the run is missing"]),
-        (lambda: _http("GatedRepoError", 403), ["not authorised", "gated", "https://huggingface.co/someone/mriseg-tiny"]),
+        (
+            lambda: _http("GatedRepoError", 403),
+            ["not authorised", "gated", "https://huggingface.co/someone/mriseg-tiny"],
+        ),
         (lambda: _http("HfHubHTTPError", 401), ["not authorised", "HTTP 401", "HF_TOKEN"]),
         (lambda: _http("HfHubHTTPError", 403), ["not authorised", "HTTP 403"]),
         (lambda: _http("HfHubHTTPError", 404), ["not found"]),
         (lambda: _http("HfHubHTTPError", 503), ["HTTP 503"]),
-        (lambda: _local_entry_not_found(), ["offline", "cannot be reached", "not (fully) in the Hub cache"]),
-        (lambda: ConnectError("[Errno -3] Temporary failure in name resolution"), ["offline", "ConnectError"]),
+        (
+            lambda: _local_entry_not_found(),
+            ["offline", "cannot be reached", "not (fully) in the Hub cache"],
+        ),
+        (
+            lambda: ConnectError("[Errno -3] Temporary failure in name resolution"),
+            ["offline", "ConnectError"],
+        ),
         (lambda: TimeoutError("timed out"), ["offline", "TimeoutError: timed out"]),
-        (lambda: PermissionError(13, "Permission denied"), ["PermissionError", "Permission denied"]),
+        (
+            lambda: PermissionError(13, "Permission denied"),
+            ["PermissionError", "Permission denied"],
+        ),
     ],
-    ids=["repo 404", "repo 401", "revision", "entry", "gated", "http 401", "http 403", "http 404",
-         "http 503", "no network", "httpx connect", "timeout", "cache not writable"],
+    ids=[
+        "repo 404",
+        "repo 401",
+        "revision",
+        "entry",
+        "gated",
+        "http 401",
+        "http 403",
+        "http 404",
+        "http 503",
+        "no network",
+        "httpx connect",
+        "timeout",
+        "cache not writable",
+    ],
 )
 def test_hub_fetch_failure_says_which(monkeypatch, make, words):
     _raising(monkeypatch, make())
     with pytest.raises(MrisegError) as info:
         resolve_run("someone/mriseg-tiny@v2")
     message = str(info.value)
-    assert message.startswith("someone/mriseg-tiny@v2: cannot get the model from the Hub: "), message
+    assert message.startswith("someone/mriseg-tiny@v2: cannot get the model from the Hub: "), (
+        message
+    )
     assert "\n" not in message
     for word in words:
         assert word in message, (word, message)
@@ -218,7 +265,9 @@ def test_hub_fetch_failure_says_which(monkeypatch, make, words):
 def test_hub_fetch_offline_names_hf_hub_offline(monkeypatch):
     _raising(monkeypatch, _local_entry_not_found())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(MrisegError, match=r"offline: HF_HUB_OFFLINE is set .* \(unset HF_HUB_OFFLINE"):
+    with pytest.raises(
+        MrisegError, match=r"offline: HF_HUB_OFFLINE is set .* \(unset HF_HUB_OFFLINE"
+    ):
         resolve_run("someone/mriseg-tiny")
 
 

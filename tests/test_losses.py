@@ -33,7 +33,10 @@ def test_nktp_targets_alignment_hand_made():
     assert t[0, :, 0].tolist() == [11, 12, 13, IGNORE]  # head j=2: y[n+1]
     assert t[0, :, 1].tolist() == [12, 13, IGNORE, IGNORE]  # head j=3: y[n+2]
     assert shifted_targets(y, 1).shape == (1, 4, 0)
-    assert shifted_targets(torch.tensor([[5, 6]]), 4)[0].tolist() == [[6, IGNORE, IGNORE], [IGNORE, IGNORE, IGNORE]]
+    assert shifted_targets(torch.tensor([[5, 6]]), 4)[0].tolist() == [
+        [6, IGNORE, IGNORE],
+        [IGNORE, IGNORE, IGNORE],
+    ]
     assert distance_weights(4, 0.5) == [0.5, 0.25, 0.125]
 
 
@@ -54,7 +57,9 @@ def test_nktp_loss_uses_shifted_targets_and_ignores_tail():
     # weights gamma^(j-1): only head 3 wrong -> 0.25 * its CE
     half = good.clone()
     half[:, :, 1] = 0.0  # uniform for head j=3
-    torch.testing.assert_close(nktp_loss(half, t, 0.5), 0.25 * torch.log(torch.tensor(4.0)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        nktp_loss(half, t, 0.5), 0.25 * torch.log(torch.tensor(4.0)), atol=1e-5, rtol=0
+    )
 
 
 def test_nktp_heads_start_equal_to_main_head():
@@ -72,17 +77,9 @@ def test_nktp_heads_start_equal_to_main_head():
 
 
 def test_boundary_map_hand_made():
-    codes = torch.tensor(
-        [[[1, 1, 1, 1],
-          [1, 2, 2, 1],
-          [1, 1, 1, 1],
-          [1, 1, 1, 1]]]
-    )
+    codes = torch.tensor([[[1, 1, 1, 1], [1, 2, 2, 1], [1, 1, 1, 1], [1, 1, 1, 1]]])
     expected = torch.tensor(
-        [[[0, 1, 1, 0],
-          [1, 1, 1, 1],
-          [0, 1, 1, 0],
-          [0, 0, 0, 0]]], dtype=torch.bool
+        [[[0, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 0], [0, 0, 0, 0]]], dtype=torch.bool
     )
     assert torch.equal(boundary_map(codes), expected)
     assert not boundary_map(torch.zeros(2, 3, 3, dtype=torch.long)).any()
@@ -144,7 +141,9 @@ def test_het_memory_raises_and_decays():
     w = mem.weights(ids, 2.0)
     assert w[0].tolist() == [2.0, 1.0, 1.0, 2.0]  # 1 + 2 * 0.5
     assert w[1].tolist() == [1.0] * 4
-    assert torch.equal(mem.weights(torch.tensor([4]), 2.0), torch.ones(1, 4))  # other samples untouched
+    assert torch.equal(
+        mem.weights(torch.tensor([4]), 2.0), torch.ones(1, 4)
+    )  # other samples untouched
     mem.update(ids, torch.zeros(2, 4, dtype=torch.bool))  # predicted right: decay
     assert mem.weights(ids, 2.0)[0].tolist() == [1.5, 1.0, 1.0, 1.5]
     mem.update(ids[:1], torch.tensor([[True, False, False, False]]))  # missed again: raised
@@ -175,8 +174,13 @@ def _model(**kw) -> NextTokenSegmenter:
     torch.manual_seed(0)
     cfg = NextTokenConfig(
         transformer=TransformerConfig(dim=32, n_layers=1, n_heads=2, mlp_hidden=48, max_seq_len=64),
-        image_codebook_size=16, image_grid=4, text_vocab_size=20, text_len=5,
-        mask_codebook_size=KM, mask_grid=4, **kw,
+        image_codebook_size=16,
+        image_grid=4,
+        text_vocab_size=20,
+        text_len=5,
+        mask_codebook_size=KM,
+        mask_grid=4,
+        **kw,
     )
     return NextTokenSegmenter(cfg).train()
 
@@ -203,7 +207,9 @@ def test_all_switches_off_is_plain_ce_exactly():
     batch = _batch()
     out = _model(**OFF)(batch)
     assert torch.equal(out["loss"], _plain_ce(out, batch))
-    assert float(out["nktp"]) == 0.0 and float(out["tcl"]) == 0.0 and float(out["het_weight"]) == 1.0
+    assert (
+        float(out["nktp"]) == 0.0 and float(out["tcl"]) == 0.0 and float(out["het_weight"]) == 1.0
+    )
     assert {"loss", "ce", "ce_plain", "nktp", "tcl", "het_weight", "acc", "logits"} <= set(out)
 
 
@@ -269,7 +275,9 @@ def test_dense_prefix_head_folds_patches_in_raster_order():
     logits = head.logits(h)  # (2, 1, 6, 6)
     per_token = head.proj(h).view(2, 4, 3, 3)
     for n, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-        torch.testing.assert_close(logits[:, 0, 3 * r:3 * r + 3, 3 * c:3 * c + 3], per_token[:, n])
+        torch.testing.assert_close(
+            logits[:, 0, 3 * r : 3 * r + 3, 3 * c : 3 * c + 3], per_token[:, n]
+        )
     mask = torch.zeros(2, 6, 6, dtype=torch.uint8)
     mask[:, :3, 3:] = 1  # the patch of token 1
     loss = head(h, mask)

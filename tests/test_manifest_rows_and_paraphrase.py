@@ -43,11 +43,39 @@ def multi_row_manifest(root: Path, rows: list[tuple[str, str, str, str, str, str
 
 
 ROWS = [
-    ("images/a.png", "masks/a_describe.png", "Bilateral pulmonary infection.", "train", "describe", "infection:all"),
-    ("images/a.png", "masks/a_side.png", "Pulmonary infection in the left lung.", "train", "side", "infection:left"),
+    (
+        "images/a.png",
+        "masks/a_describe.png",
+        "Bilateral pulmonary infection.",
+        "train",
+        "describe",
+        "infection:all",
+    ),
+    (
+        "images/a.png",
+        "masks/a_side.png",
+        "Pulmonary infection in the left lung.",
+        "train",
+        "side",
+        "infection:left",
+    ),
     ("images/a.png", "masks/a_lung.png", "left lung", "train", "anatomy", "lung:left"),
-    ("images/b.png", "masks/b_describe.png", "Unilateral pulmonary infection.", "val", "describe", "infection:all"),
-    ("images/c.png", "masks/c_zone.png", "Infection in the lower zone of the right lung.", "test", "zone", "infection:right:lower"),
+    (
+        "images/b.png",
+        "masks/b_describe.png",
+        "Unilateral pulmonary infection.",
+        "val",
+        "describe",
+        "infection:all",
+    ),
+    (
+        "images/c.png",
+        "masks/c_zone.png",
+        "Infection in the lower zone of the right lung.",
+        "test",
+        "zone",
+        "infection:right:lower",
+    ),
 ]
 
 
@@ -71,7 +99,10 @@ def test_rows_without_masks_of_one_image_get_row_numbers(tmp_path: Path) -> None
 
 
 def test_an_image_in_two_splits_is_a_leak(tmp_path: Path) -> None:
-    rows = [*ROWS[:2], ("images/a.png", "masks/a_other.png", "left lung", "test", "anatomy", "lung:left")]
+    rows = [
+        *ROWS[:2],
+        ("images/a.png", "masks/a_other.png", "left lung", "test", "anatomy", "lung:left"),
+    ]
     path = multi_row_manifest(tmp_path, rows)
     with pytest.raises(InputError, match=r"images/a.png.*'test'.*row 2.*'train'.*leaks"):
         load_dataset(path)
@@ -88,11 +119,23 @@ def test_several_datasets_merge_with_prefixed_ids(tmp_path: Path) -> None:
         open_dataset([a, tmp_path / "nope"], None)
 
 
-@pytest.mark.parametrize("target", [
-    "infection:all", "infection:left", "infection:left+right:lower", "infection:right:middle",
-    "lung:both", "lung:left", "none", "heart", "left_lung", "right_clavicle",
-    "nodule:left:upper", "nodule:right:",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "infection:all",
+        "infection:left",
+        "infection:left+right:lower",
+        "infection:right:middle",
+        "lung:both",
+        "lung:left",
+        "none",
+        "heart",
+        "left_lung",
+        "right_clavicle",
+        "nodule:left:upper",
+        "nodule:right:",
+    ],
+)
 def test_every_known_target_gets_varied_wordings(target: str) -> None:
     rng = random.Random(0)
     texts = {paraphrase(target, rng) for _ in range(60)}
@@ -107,20 +150,25 @@ def test_every_known_target_gets_varied_wordings(target: str) -> None:
 def test_paraphrases_are_added_to_training_rows_only_and_reproducibly(tmp_path: Path) -> None:
     ds = load_dataset(multi_row_manifest(tmp_path, ROWS))
     more = add_paraphrases(ds, 2, seed=3)
-    extra = more.samples[len(ds.samples):]
+    extra = more.samples[len(ds.samples) :]
     assert len(extra) == 2 * 3  # three training rows with a target, two copies each
     assert {s.split for s in extra} == {"train"}
     assert extra[0].id == "masks/a_describe~p1" and extra[0].mask == ds.samples[0].mask
-    again = add_paraphrases(ds, 2, seed=3).samples[len(ds.samples):]
+    again = add_paraphrases(ds, 2, seed=3).samples[len(ds.samples) :]
     assert [s.text for s in again] == [s.text for s in extra]
     assert add_paraphrases(ds, 0) is ds
 
 
 def test_synonyms_fold_users_wordings_onto_training_words() -> None:
-    tok = train_text_tokenizer([
-        "Infection in the lower zones of both lungs.", "Pulmonary infection in the right lung.",
-        "Infection in the middle zone of the left lung.", "left lung", "heart",
-    ])
+    tok = train_text_tokenizer(
+        [
+            "Infection in the lower zones of both lungs.",
+            "Pulmonary infection in the right lung.",
+            "Infection in the middle zone of the left lung.",
+            "left lung",
+            "heart",
+        ]
+    )
     norm = tok.backend_tokenizer.normalizer.normalize_str
     assert norm("bilateral lower lobe opacity") == "bilateral lower zone infection"
     assert norm("right-sided consolidation") == "right infection"
@@ -134,9 +182,15 @@ def test_synonyms_fold_users_wordings_onto_training_words() -> None:
     assert ids[0, :2].tolist() == [vocab["right"], vocab["infection"]]
     assert ids[1, 0] == vocab["heart"]
     # words of other domains are left alone
-    assert norm("two polyps: small polyp in the upper centre.") == "two polyps: small polyp in the upper centre."
+    assert (
+        norm("two polyps: small polyp in the upper centre.")
+        == "two polyps: small polyp in the upper centre."
+    )
     plain = train_text_tokenizer(["left lung"], synonyms=False)
-    assert plain.backend_tokenizer.normalizer.normalize_str("cardiac silhouette") == "cardiac silhouette"
+    assert (
+        plain.backend_tokenizer.normalizer.normalize_str("cardiac silhouette")
+        == "cardiac silhouette"
+    )
 
 
 def test_training_lengthens_the_text_context_instead_of_cutting(tmp_path: Path) -> None:
@@ -162,15 +216,41 @@ def test_train_cli_paraphrases_and_text_len(tmp_path: Path) -> None:
 
     path = multi_row_manifest(tmp_path / "d", ROWS)
     run = tmp_path / "run"
-    r = CliRunner().invoke(app, [
-        "train", "--data", str(path), "--out", str(run), "--size", "32", "--steps", "2",
-        "--batch-size", "2", "--mask-steps", "5", "--eval-every", "2", "--device", "cpu", "--workers", "0",
-        "--paraphrases", "2", "--text-len", "4", "-q",
-    ])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(path),
+            "--out",
+            str(run),
+            "--size",
+            "32",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--mask-steps",
+            "5",
+            "--eval-every",
+            "2",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--paraphrases",
+            "2",
+            "--text-len",
+            "4",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, (r.output, r.exception)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["run"]["paraphrases"] == 2
-    assert cfg["run"]["text_len"] >= 8  # 4 asked, lengthened to fit the longest text (a multiple of 8)
+    assert (
+        cfg["run"]["text_len"] >= 8
+    )  # 4 asked, lengthened to fit the longest text (a multiple of 8)
     assert cfg["data"]["splits"]["train"] == 3 + 6  # three rows and two rewordings of each
     index = json.loads((run / "cache" / "index.json").read_text())
     assert sum("~p" in key for key in json.dumps(index).split('"')) == 6  # two per training row
@@ -186,8 +266,21 @@ def test_predict_no_speculative_gives_the_same_mask(tmp_path: Path) -> None:
     masks = []
     for flag in ("--speculative", "--no-speculative"):
         out = tmp_path / flag.strip("-")
-        r = CliRunner().invoke(app, ["predict", str(png), "--text", "left lung", "--out", str(out), flag,
-                                     "--device", "cpu", "-q"])
+        r = CliRunner().invoke(
+            app,
+            [
+                "predict",
+                str(png),
+                "--text",
+                "left lung",
+                "--out",
+                str(out),
+                flag,
+                "--device",
+                "cpu",
+                "-q",
+            ],
+        )
         assert r.exit_code == 0, r.output
         masks.append(np.asarray(Image.open(out / "x_mask.png")))
     assert np.array_equal(*masks)

@@ -32,16 +32,30 @@ def _threads():
 
 def make_quantizer(seed: int = 0) -> MultiScaleMaskQuantizer:
     torch.manual_seed(seed)
-    cfg = MultiScaleConfig(image_size=S, downsample=4, codebook_size=32, code_dim=8,
-                           channels=(8, 16), scales=SCALES, n_phi=2)
+    cfg = MultiScaleConfig(
+        image_size=S,
+        downsample=4,
+        codebook_size=32,
+        code_dim=8,
+        channels=(8, 16),
+        scales=SCALES,
+        n_phi=2,
+    )
     return MultiScaleMaskQuantizer(cfg).eval()
 
 
 def make_config(**kw) -> NextScaleConfig:
     base = dict(
-        transformer=TransformerConfig(dim=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=256),
-        image_size=S, encoder=ImageEncoderConfig(patch=4, channels=(8, 16), res_blocks=1, out_dim=16),
-        text_vocab_size=20, text_len=6, mask_codebook_size=32, code_dim=8, scales=SCALES,
+        transformer=TransformerConfig(
+            dim=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=256
+        ),
+        image_size=S,
+        encoder=ImageEncoderConfig(patch=4, channels=(8, 16), res_blocks=1, out_dim=16),
+        text_vocab_size=20,
+        text_len=6,
+        mask_codebook_size=32,
+        code_dim=8,
+        scales=SCALES,
     )
     base.update(kw)
     return NextScaleConfig(**base)
@@ -162,9 +176,12 @@ def test_cached_scale_steps_match_full_forward():
 def test_cached_generation_equals_uncached_greedy(samples):
     model, q = make_model(seed=5)
     image, text_ids, text_mask = make_inputs(3, seed=1)
-    got, steps = generate_scales(model, q, image, text_ids, text_mask, samples=samples, return_steps=True)
-    ref, ref_steps = generate_scales_uncached(model, q, image, text_ids, text_mask, samples=samples,
-                                              return_steps=True)
+    got, steps = generate_scales(
+        model, q, image, text_ids, text_mask, samples=samples, return_steps=True
+    )
+    ref, ref_steps = generate_scales_uncached(
+        model, q, image, text_ids, text_mask, samples=samples, return_steps=True
+    )
     assert [t.shape for t in got] == [(3 * samples, p, p) for p in SCALES]
     for a, b in zip(got, ref, strict=True):
         assert torch.equal(a, b)
@@ -179,9 +196,12 @@ def test_cached_equals_uncached_when_sampling_with_same_seed():
     model, q = make_model(seed=6)
     image, text_ids, text_mask = make_inputs(2, seed=2)
     kw = dict(samples=2, temperature=1.0, top_k=8)
-    got = generate_scales(model, q, image, text_ids, text_mask, generator=torch.Generator().manual_seed(9), **kw)
-    ref = generate_scales_uncached(model, q, image, text_ids, text_mask,
-                                   generator=torch.Generator().manual_seed(9), **kw)
+    got = generate_scales(
+        model, q, image, text_ids, text_mask, generator=torch.Generator().manual_seed(9), **kw
+    )
+    ref = generate_scales_uncached(
+        model, q, image, text_ids, text_mask, generator=torch.Generator().manual_seed(9), **kw
+    )
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
     with pytest.raises(TypeError):  # options are checked by name
         generate_scales_uncached(model, q, image, text_ids, text_mask, temprature=1.0)
@@ -191,8 +211,16 @@ def test_samples_expand_batch_and_differ_only_when_sampling():
     model, q = make_model(seed=7)
     B, N = 2, 4
     image, text_ids, text_mask = make_inputs(B, seed=3)
-    hot = generate_scales(model, q, image, text_ids, text_mask, samples=N, temperature=1.0,
-                          generator=torch.Generator().manual_seed(0))
+    hot = generate_scales(
+        model,
+        q,
+        image,
+        text_ids,
+        text_mask,
+        samples=N,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     cold = generate_scales(model, q, image, text_ids, text_mask, samples=N, temperature=0.0)
     hot_BN = flatten_scales(hot).view(B, N, -1)
     cold_BN = flatten_scales(cold).view(B, N, -1)
@@ -205,8 +233,16 @@ def test_samples_expand_batch_and_differ_only_when_sampling():
     single = flatten_scales(generate_scales(model, q, image, text_ids, text_mask))
     assert torch.equal(cold_BN[:, 0], single)
     # a per-scale schedule: greedy on the coarse scales makes the samples share them
-    sched = generate_scales(model, q, image, text_ids, text_mask, samples=N, temperature=[0, 0, 1, 1],
-                            generator=torch.Generator().manual_seed(1))
+    sched = generate_scales(
+        model,
+        q,
+        image,
+        text_ids,
+        text_mask,
+        samples=N,
+        temperature=[0, 0, 1, 1],
+        generator=torch.Generator().manual_seed(1),
+    )
     assert all(torch.equal(sched[k], cold[k]) for k in (0, 1))
     assert not torch.equal(sched[3], cold[3])
 
@@ -227,17 +263,28 @@ def test_forward_loss_and_scale_balancing():
     out = model({"image": image, "text_ids": text_ids, "text_mask": text_mask, "ms_codes": codes})
     logits = out["logits"]
     assert logits.shape == (2, 85, 32)
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view(2, 85)
+    ce = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), codes.flatten(), reduction="none"
+    ).view(2, 85)
     per_scale = [c.mean() for c in torch.split(ce, [p * p for p in SCALES], 1)]
     torch.testing.assert_close(out["loss"], torch.stack(per_scale).mean())
     assert not torch.allclose(out["loss"], ce.mean())  # differs from the plain token mean
     torch.testing.assert_close(out["ce_last"], per_scale[-1])
     with pytest.raises(ValueError):
-        model({"image": image, "text_ids": text_ids, "text_mask": text_mask, "ms_codes": codes[:, :-1]})
+        model(
+            {
+                "image": image,
+                "text_ids": text_ids,
+                "text_mask": text_mask,
+                "ms_codes": codes[:, :-1],
+            }
+        )
 
 
 def test_image_encoder_and_custom_encoder():
-    enc = ConvImageEncoder(ImageEncoderConfig(patch=8, channels=(8, 16), res_blocks=1, out_dim=24), 64)
+    enc = ConvImageEncoder(
+        ImageEncoderConfig(patch=8, channels=(8, 16), res_blocks=1, out_dim=24), 64
+    )
     assert isinstance(enc, ImageEncoder) and enc.grid == 8
     assert enc(torch.rand(2, 1, 64, 64)).shape == (2, 64, 24)
     with pytest.raises(ValueError):
@@ -323,17 +370,28 @@ def test_dense_condition_loss_adds_to_ce_and_leaves_decoding_alone():
     model, q = make_model(seed=8, lambda_dense=0.5)
     plain, _ = make_model(seed=8)
     assert model.dense is not None and plain.dense is None
-    assert "dense.proj.weight" in model.state_dict() and not any(k.startswith("dense") for k in plain.state_dict())
+    assert "dense.proj.weight" in model.state_dict() and not any(
+        k.startswith("dense") for k in plain.state_dict()
+    )
     image, text_ids, text_mask = make_inputs(2)
     mask = (torch.rand(2, S, S) > 0.5).to(torch.uint8)
     codes = flatten_scales(q.encode(mask[:, None].float()))
-    batch = {"image": image, "text_ids": text_ids, "text_mask": text_mask, "ms_codes": codes, "mask": mask}
+    batch = {
+        "image": image,
+        "text_ids": text_ids,
+        "text_mask": text_mask,
+        "ms_codes": codes,
+        "mask": mask,
+    }
     out, ref = model(batch), plain(batch)
     # same initial weights apart from the head: same CE, plus the weighted dense term
     torch.testing.assert_close(out["ce"], ref["loss"])
     torch.testing.assert_close(out["loss"], ref["loss"] + 0.5 * out["dense"])
     out["loss"].backward()
-    assert model.encoder.net[0].weight.grad is not None and model.dense.proj.weight.grad.abs().sum() > 0
+    assert (
+        model.encoder.net[0].weight.grad is not None
+        and model.dense.proj.weight.grad.abs().sum() > 0
+    )
     a = generate_scales(model, q, image, text_ids, text_mask)
     b = generate_scales(plain, q, image, text_ids, text_mask)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

@@ -35,13 +35,24 @@ def _one_thread():
 def _cfg(**kw) -> NextTokenConfig:
     base = dict(
         transformer=TransformerConfig(dim=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=64),
-        image_codebook_size=KI, image_grid=GI, text_vocab_size=VT, text_len=L,
-        mask_codebook_size=KM, mask_grid=GM,
+        image_codebook_size=KI,
+        image_grid=GI,
+        text_vocab_size=VT,
+        text_len=L,
+        mask_codebook_size=KM,
+        mask_grid=GM,
     )
     base.update(kw)
     if base.get("image_input") == "pixels":  # a small conv encoder, one token per patch
-        base.setdefault("encoder", ImageEncoderConfig(patch=base["image_size"] // base["image_grid"],
-                                                      channels=(8, 16), res_blocks=1, out_dim=16))
+        base.setdefault(
+            "encoder",
+            ImageEncoderConfig(
+                patch=base["image_size"] // base["image_grid"],
+                channels=(8, 16),
+                res_blocks=1,
+                out_dim=16,
+            ),
+        )
     return NextTokenConfig(**base)
 
 
@@ -78,11 +89,11 @@ def test_positions_mask_shares_image_grid():
     pos = sequence_positions(cfg)
     lay = SequenceLayout.from_config(cfg)
     assert pos.shape == (lay.input_len, 2)
-    img = pos[1:1 + GI * GI]
-    msk = pos[lay.prefix_len:]  # mask tokens 0 .. Nm-2
+    img = pos[1 : 1 + GI * GI]
+    msk = pos[lay.prefix_len :]  # mask tokens 0 .. Nm-2
     torch.testing.assert_close(msk, img[: GM * GM - 1])
     assert pos[0].tolist() == [-1.0, -1.0]
-    diag = pos[1 + GI * GI: lay.prefix_len]  # BOT, text, BOM on the diagonal beyond the image
+    diag = pos[1 + GI * GI : lay.prefix_len]  # BOT, text, BOM on the diagonal beyond the image
     assert torch.equal(diag[:, 0], diag[:, 1]) and diag[0, 0] == GI
     assert torch.equal(diag[:, 0], torch.arange(GI, GI + L + 2).float())
     # a coarser mask grid maps to cell centres of the image grid
@@ -134,22 +145,29 @@ def test_cached_logits_match_full_forward(keys, prefix):
 
 def test_prefix_lm_mask_opens_only_the_prefix():
     m = sequence_mask(6, 3, bidirectional=True)
-    expected = torch.tensor([
-        [1, 1, 1, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0],
-        [1, 1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 1, 1],
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(m, expected)
     assert torch.equal(sequence_mask(6, 3, bidirectional=False), causal_mask(6))
     # in a prefix LM the image tokens read the text: the first mask token's logits then depend
     # on the text through the image states too, so the two modes give different models
     image, text, tmask, codes = _inputs()
     with torch.no_grad():
-        a = _model(prefix_attention="causal").mask_logits(image, text, tmask, codes.flatten(1)[:, :-1])
-        b = _model(prefix_attention="bidirectional").mask_logits(image, text, tmask, codes.flatten(1)[:, :-1])
+        a = _model(prefix_attention="causal").mask_logits(
+            image, text, tmask, codes.flatten(1)[:, :-1]
+        )
+        b = _model(prefix_attention="bidirectional").mask_logits(
+            image, text, tmask, codes.flatten(1)[:, :-1]
+        )
     assert not torch.allclose(a, b, atol=1e-4)
     with pytest.raises(ConfigError):
         _cfg(prefix_attention="full")
@@ -160,7 +178,9 @@ def test_fixed_shape_decoding_gives_the_same_codes():
     image, text, tmask, _ = _inputs()
     kw = dict(temperature=1.0, top_k=4)
     a = MaskGenerator(model)(image, text, tmask, generator=torch.Generator().manual_seed(2), **kw)
-    b = MaskGenerator(model, fixed_shapes=True)(image, text, tmask, generator=torch.Generator().manual_seed(2), **kw)
+    b = MaskGenerator(model, fixed_shapes=True)(
+        image, text, tmask, generator=torch.Generator().manual_seed(2), **kw
+    )
     assert torch.equal(a, b)
     with pytest.raises(TypeError):  # sampling options are checked by name
         generate_masks_uncached(model, image, text, tmask, temprature=1.0)
@@ -181,7 +201,9 @@ def test_sampled_cached_equals_uncached_with_same_generator():
     image, text, tmask, _ = _inputs()
     kw = dict(temperature=1.0, top_k=4)
     a = generate_masks(model, image, text, tmask, generator=torch.Generator().manual_seed(5), **kw)
-    b = generate_masks_uncached(model, image, text, tmask, generator=torch.Generator().manual_seed(5), **kw)
+    b = generate_masks_uncached(
+        model, image, text, tmask, generator=torch.Generator().manual_seed(5), **kw
+    )
     assert torch.equal(a, b)
 
 
@@ -192,13 +214,18 @@ def test_batch_with_padding_equals_each_alone():
     with torch.no_grad():
         logits_b = model.mask_logits(image, text, tmask, batched.flatten(1)[:, :-1])
     for i in range(3):
-        alone = generate_masks(model, image[i:i + 1], text[i:i + 1], tmask[i:i + 1])
-        assert torch.equal(alone, batched[i:i + 1])
+        alone = generate_masks(model, image[i : i + 1], text[i : i + 1], tmask[i : i + 1])
+        assert torch.equal(alone, batched[i : i + 1])
         # an unpadded (shorter) text tensor is padded inside the model to the same result
         n = int(tmask[i].sum())
         with torch.no_grad():
-            short = model.mask_logits(image[i:i + 1], text[i:i + 1, :n], tmask[i:i + 1, :n], batched[i:i + 1].flatten(1)[:, :-1])
-        torch.testing.assert_close(short, logits_b[i:i + 1], atol=1e-5, rtol=1e-5)
+            short = model.mask_logits(
+                image[i : i + 1],
+                text[i : i + 1, :n],
+                tmask[i : i + 1, :n],
+                batched[i : i + 1].flatten(1)[:, :-1],
+            )
+        torch.testing.assert_close(short, logits_b[i : i + 1], atol=1e-5, rtol=1e-5)
 
 
 def test_padded_text_positions_are_invisible():
@@ -213,7 +240,9 @@ def test_padded_text_positions_are_invisible():
         c = model.mask_logits(image, (text + 7) % VT, tmask, prev)  # real words changed too
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(a, c, atol=1e-4)
-    assert torch.equal(generate_masks(model, image, text, tmask), generate_masks(model, image, other, tmask))
+    assert torch.equal(
+        generate_masks(model, image, text, tmask), generate_masks(model, image, other, tmask)
+    )
 
 
 def test_kv_cache_not_reallocated():
@@ -222,8 +251,10 @@ def test_kv_cache_not_reallocated():
     model.setup_caches(3)
 
     def ptrs():
-        return [(layer.attn.kv_cache.k_BHSD.data_ptr(), layer.attn.kv_cache.v_BHSD.data_ptr())
-                for layer in model.transformer.layers] + [model.transformer.key_valid_BS.data_ptr()]
+        return [
+            (layer.attn.kv_cache.k_BHSD.data_ptr(), layer.attn.kv_cache.v_BHSD.data_ptr())
+            for layer in model.transformer.layers
+        ] + [model.transformer.key_valid_BS.data_ptr()]
 
     before = ptrs()
     gen = MaskGenerator(model)
@@ -246,13 +277,18 @@ def test_pixels_mode_cached_matches_full():
     model = _model(image_input="pixels", image_size=16)
     _, text, tmask, codes = _inputs()
     pixels = torch.rand(3, 1, 16, 16)
-    batch = dict(image=pixels, text_ids=text, text_mask=tmask, mask_codes=codes, sample_ids=torch.arange(3))
+    batch = dict(
+        image=pixels, text_ids=text, text_mask=tmask, mask_codes=codes, sample_ids=torch.arange(3)
+    )
     model.train()
     out = model(batch)
     out["loss"].backward()
     assert model.encoder.net[0].weight.grad.abs().sum() > 0  # trained end to end
     model.eval()
-    assert torch.equal(generate_masks(model, pixels, text, tmask), generate_masks_uncached(model, pixels, text, tmask))
+    assert torch.equal(
+        generate_masks(model, pixels, text, tmask),
+        generate_masks_uncached(model, pixels, text, tmask),
+    )
     with pytest.raises(ValueError):
         model.prefill(torch.rand(3, 1, 8, 8), text, tmask)
 
@@ -266,7 +302,7 @@ def test_sampling_functions():
     draws = sample(logits.expand(4000, 4), temperature=1.0, top_k=2, generator=g)
     assert set(draws.tolist()) <= {1, 3}
     frac = (draws == 1).float().mean().item()
-    expected = (torch.e / (torch.e + 1))  # softmax of (3, 2)
+    expected = torch.e / (torch.e + 1)  # softmax of (3, 2)
     assert abs(frac - expected) < 0.03
     with pytest.raises(ValueError):
         logits_to_probs(logits, temperature=0.0)
@@ -276,11 +312,19 @@ def test_sampling_functions():
 
 
 def test_tiny_model_overfits_a_few_sequences():
-    cfg = _cfg(transformer=TransformerConfig(dim=64, n_layers=2, n_heads=4, mlp_hidden=128, max_seq_len=64))
+    cfg = _cfg(
+        transformer=TransformerConfig(dim=64, n_layers=2, n_heads=4, mlp_hidden=128, max_seq_len=64)
+    )
     torch.manual_seed(0)
     model = NextTokenSegmenter(cfg)
     image, text, tmask, codes = _inputs(B=4, seed=3)
-    batch = dict(image_codes=image, text_ids=text, text_mask=tmask, mask_codes=codes, sample_ids=torch.arange(4))
+    batch = dict(
+        image_codes=image,
+        text_ids=text,
+        text_mask=tmask,
+        mask_codes=codes,
+        sample_ids=torch.arange(4),
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for _ in range(100):
@@ -314,8 +358,14 @@ def test_dense_prefix_loss_is_switchable_and_trains_the_image_states():
     model = _model(lambda_dense=1.0, prefix_attention="bidirectional", image_size=8).train()
     assert model.dense is not None and _model().dense is None
     image, text, tmask, codes = _inputs()
-    batch = {"image_codes": image, "text_ids": text, "text_mask": tmask, "mask_codes": codes,
-             "sample_ids": torch.arange(3), "mask": (torch.rand(3, 8, 8) > 0.5).to(torch.uint8)}
+    batch = {
+        "image_codes": image,
+        "text_ids": text,
+        "text_mask": tmask,
+        "mask_codes": codes,
+        "sample_ids": torch.arange(3),
+        "mask": (torch.rand(3, 8, 8) > 0.5).to(torch.uint8),
+    }
     out = model(batch)
     assert out["dense"] > 0
     off = _model(prefix_attention="bidirectional", image_size=8).train()(batch)
@@ -334,7 +384,9 @@ def test_input_noise_corrupts_teacher_inputs_only_in_training():
     batch = {"image_codes": image, "text_ids": text, "text_mask": tmask, "mask_codes": codes}
     with torch.no_grad():
         clean = model.mask_logits(image, text, tmask, codes.flatten(1)[:, :-1])
-        torch.testing.assert_close(model.eval()(batch)["logits"], clean)  # eval: teacher inputs as given
+        torch.testing.assert_close(
+            model.eval()(batch)["logits"], clean
+        )  # eval: teacher inputs as given
         torch.manual_seed(3)
         noisy = model.train()(batch)["logits"]
     assert not torch.allclose(noisy, clean, atol=1e-4)

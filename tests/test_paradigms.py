@@ -27,17 +27,23 @@ def test_registry_matches_the_config_choices() -> None:
 
 
 def test_unknown_paradigm_is_one_clear_error() -> None:
-    with pytest.raises(MrisegError, match="unknown paradigm 'next-pixel'; choose one of next-token, next-scale"):
+    with pytest.raises(
+        MrisegError, match="unknown paradigm 'next-pixel'; choose one of next-token, next-scale"
+    ):
         paradigms.get_paradigm("next-pixel")
 
 
 def test_no_paradigm_name_is_compared_outside_the_registry() -> None:
     """`paradigm == "next-token"` and friends live in paradigms.py only."""
-    pattern = re.compile(r"""(==|!=|\bin\b)\s*\(?\s*["']next-(token|scale)["']|["']next-(token|scale)["']\s*(==|!=)""")
+    pattern = re.compile(
+        r"""(==|!=|\bin\b)\s*\(?\s*["']next-(token|scale)["']|["']next-(token|scale)["']\s*(==|!=)"""
+    )
     offenders = [
         f"{path.relative_to(SRC)}:{i}"
-        for path in SRC.rglob("*.py") if path.name != "paradigms.py"
-        for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)
+        for path in SRC.rglob("*.py")
+        if path.name != "paradigms.py"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
     ]
     assert offenders == []
 
@@ -76,9 +82,15 @@ def test_a_third_paradigm_is_reached_through_the_registry(monkeypatch) -> None:
     assert isinstance(segmenter.build_model("next-third", {}, None), torch.nn.Linear)
     assert segmenter.model_config_from_dict("next-third", {"a": 1}) == {"a": 1}
     assert segmenter.training_tensors("next-third", "c", None) == {"codes": "c"}
-    seg = segmenter.Segmenter("next-third", torch.nn.Linear(1, 1), None, RunConfig(), torch.device("cpu"))
-    pred = seg.predict_tensors(torch.zeros(2, 1, 8, 8), torch.zeros(2, 3, dtype=torch.long),
-                               torch.ones(2, 3, dtype=torch.bool), samples=3)
+    seg = segmenter.Segmenter(
+        "next-third", torch.nn.Linear(1, 1), None, RunConfig(), torch.device("cpu")
+    )
+    pred = seg.predict_tensors(
+        torch.zeros(2, 1, 8, 8),
+        torch.zeros(2, 3, dtype=torch.long),
+        torch.ones(2, 3, dtype=torch.bool),
+        samples=3,
+    )
     assert pred.prob.shape == (2, 8, 8) and torch.all(pred.prob == 0.5)
     assert pred.uncertainty is not None and seg._decode_cache["calls"] == 1
 
@@ -89,5 +101,8 @@ def test_each_paradigm_names_its_own_ceiling_tokenizer() -> None:
 
     assert paradigms.get_paradigm("next-token").ceiling_tokenizer(Bundle) == "single-scale"
     assert paradigms.get_paradigm("next-scale").ceiling_tokenizer(Bundle) == "multi-scale"
-    assert paradigms.get_paradigm("next-scale").has_steps and not paradigms.get_paradigm("next-token").has_steps
+    assert (
+        paradigms.get_paradigm("next-scale").has_steps
+        and not paradigms.get_paradigm("next-token").has_steps
+    )
     assert paradigms.get_paradigm("next-token").teacher_forcing

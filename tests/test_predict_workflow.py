@@ -404,9 +404,13 @@ class FakeLoaded:
         import torch
 
         self.encoded.append(list(texts))
-        return torch.ones(len(texts), 4, dtype=torch.long), torch.ones(len(texts), 4, dtype=torch.bool)
+        return torch.ones(len(texts), 4, dtype=torch.long), torch.ones(
+            len(texts), 4, dtype=torch.bool
+        )
 
-    def predict_tensors(self, image_B1SS, ids, mask, *, samples=1, temperature=None, generator=None, steps=False):
+    def predict_tensors(
+        self, image_B1SS, ids, mask, *, samples=1, temperature=None, generator=None, steps=False
+    ):
         from mrisegcli.workflow.segmenter import Prediction
 
         assert ids.shape == (image_B1SS.shape[0], 4) and mask.shape == ids.shape
@@ -421,10 +425,17 @@ def test_predict_batch_checks_first_then_tokenises_each_prompt_once(tmp_path):
     _box_png(tmp_path / "in" / "b.png")
     vol = np.zeros((5, 20, 24), np.int16)  # (z, y, x): 5 slices, decoded in batches of 2
     vol[:, 5:15, 6:18] = 1000
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), np.eye(4)), tmp_path / "in" / "c.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), np.eye(4)),
+        tmp_path / "in" / "c.nii.gz",
+    )
     loaded = FakeLoaded()
-    results = predict_batch(lambda: loaded, inputs=[tmp_path / "in"], text=TEXT,
-                            options=PredictOptions(out_dir=tmp_path / "out"))
+    results = predict_batch(
+        lambda: loaded,
+        inputs=[tmp_path / "in"],
+        text=TEXT,
+        options=PredictOptions(out_dir=tmp_path / "out"),
+    )
     assert [r.error for r in results] == [None, None, None]
     assert loaded.encoded == [[TEXT.strip()]]  # one prompt, tokenised once for 3 inputs, 4 batches
     assert loaded.batches == [1, 1, 2, 2, 1]
@@ -433,8 +444,12 @@ def test_predict_batch_checks_first_then_tokenises_each_prompt_once(tmp_path):
     # outputs that exist are refused before the model is loaded
     never = []
     with pytest.raises(OutputExistsError):
-        predict_batch(lambda: never.append(1), inputs=[tmp_path / "in"], text=TEXT,
-                      options=PredictOptions(out_dir=tmp_path / "out"))
+        predict_batch(
+            lambda: never.append(1),
+            inputs=[tmp_path / "in"],
+            text=TEXT,
+            options=PredictOptions(out_dir=tmp_path / "out"),
+        )
     assert never == []
 
 
@@ -444,13 +459,26 @@ def test_predict_batch_prompts_file_and_model_options(tmp_path):
     _box_png(tmp_path / "a.png")
     _box_png(tmp_path / "b.png")
     rows = tmp_path / "prompts.jsonl"
-    rows.write_text("\n".join(json.dumps({"path": str(tmp_path / n), "text": t})
-                              for n, t in (("a.png", "left lung"), ("b.png", "left lung"))) + "\n")
+    rows.write_text(
+        "\n".join(
+            json.dumps({"path": str(tmp_path / n), "text": t})
+            for n, t in (("a.png", "left lung"), ("b.png", "left lung"))
+        )
+        + "\n"
+    )
     loaded = FakeLoaded()
-    results = predict_batch(lambda: loaded, prompts=rows, options=PredictOptions(out_dir=tmp_path / "o"))
-    assert [r.text for r in results] == ["left lung", "left lung"] and loaded.encoded == [["left lung"]]
+    results = predict_batch(
+        lambda: loaded, prompts=rows, options=PredictOptions(out_dir=tmp_path / "o")
+    )
+    assert [r.text for r in results] == ["left lung", "left lung"] and loaded.encoded == [
+        ["left lung"]
+    ]
     with pytest.raises(ModelOptionError, match="next-scale"):
-        predict_batch(lambda: loaded, inputs=[tmp_path / "a.png"], text="x",
-                      options=PredictOptions(out_dir=tmp_path / "s", steps_png=True))
+        predict_batch(
+            lambda: loaded,
+            inputs=[tmp_path / "a.png"],
+            text="x",
+            options=PredictOptions(out_dir=tmp_path / "s", steps_png=True),
+        )
     with pytest.raises(MrisegError, match="prompts file"):
         predict_batch(lambda: loaded, prompts=rows, text="x")

@@ -31,7 +31,9 @@ def test_line_progress_prints_rate_limited_lines_and_a_final_one() -> None:
     assert quiet.getvalue().startswith("fitting: 5 ") and "eta" not in quiet.getvalue()
 
 
-def test_task_progress_in_a_log_and_quiet(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_task_progress_in_a_log_and_quiet(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MRISEG_PROGRESS_EVERY", "0")
     with task_progress("encoding", total=3) as p:
         for i in range(1, 4):
@@ -63,4 +65,8 @@ def test_eta_ignores_the_time_before_the_first_step(monkeypatch: pytest.MonkeyPa
     p(1)
     clock[0] += 10.0  # then 1 s a step
     p(11)
-    assert out.getvalue().splitlines()[-1].startswith("training: 11/100 (11%) 20m10s elapsed, eta 1m29s")
+    assert (
+        out.getvalue()
+        .splitlines()[-1]
+        .startswith("training: 11/100 (11%) 20m10s elapsed, eta 1m29s")
+    )

@@ -30,8 +30,26 @@ from mrisegcli.workflow.segmenter import load_segmenter
 
 runner = CliRunner()
 TEXT = "Unilateral pulmonary infection, one infected area, all right lung."
-TRAIN = ["--size", "32", "--steps", "4", "--batch-size", "4", "--mask-steps", "10", "--image-steps", "10",
-         "--ckpt-every", "2", "--eval-every", "1000", "--device", "cpu", "--workers", "0"]
+TRAIN = [
+    "--size",
+    "32",
+    "--steps",
+    "4",
+    "--batch-size",
+    "4",
+    "--mask-steps",
+    "10",
+    "--image-steps",
+    "10",
+    "--ckpt-every",
+    "2",
+    "--eval-every",
+    "1000",
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+]
 
 
 class FakeHub:
@@ -43,24 +61,54 @@ class FakeHub:
         self.uploaded: dict[str, bytes] = {}
 
     def create_repo(self, repo_id, *, private=None, exist_ok=False, **kw):
-        self.calls.append(("create_repo", {"repo_id": repo_id, "private": private, "exist_ok": exist_ok, **kw}))
+        self.calls.append(
+            ("create_repo", {"repo_id": repo_id, "private": private, "exist_ok": exist_ok, **kw})
+        )
         if self.fail is not None:
             raise self.fail
         return f"https://huggingface.co/{repo_id}"
 
     def create_branch(self, repo_id, *, branch, exist_ok=False, **kw):
-        self.calls.append(("create_branch", {"repo_id": repo_id, "branch": branch, "exist_ok": exist_ok}))
+        self.calls.append(
+            ("create_branch", {"repo_id": repo_id, "branch": branch, "exist_ok": exist_ok})
+        )
 
-    def upload_folder(self, *, folder_path, repo_id, revision=None, allow_patterns=None,
-                      ignore_patterns=None, commit_message=None, **kw):
+    def upload_folder(
+        self,
+        *,
+        folder_path,
+        repo_id,
+        revision=None,
+        allow_patterns=None,
+        ignore_patterns=None,
+        commit_message=None,
+        **kw,
+    ):
         root = Path(folder_path)
         names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-        chosen = list(filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        chosen = list(
+            filter_repo_objects(
+                names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+            )
+        )
         self.uploaded = {n: (root / n).read_bytes() for n in chosen}
-        self.calls.append(("upload_folder", {"repo_id": repo_id, "revision": revision,
-                                             "commit_message": commit_message, "files": chosen}))
-        if self.cache is not None:  # the Hub cache layout: models--u--r/{refs/<rev>, snapshots/<sha>/}
-            sha = hashlib.sha1(b"".join(n.encode() + b for n, b in self.uploaded.items())).hexdigest()
+        self.calls.append(
+            (
+                "upload_folder",
+                {
+                    "repo_id": repo_id,
+                    "revision": revision,
+                    "commit_message": commit_message,
+                    "files": chosen,
+                },
+            )
+        )
+        if (
+            self.cache is not None
+        ):  # the Hub cache layout: models--u--r/{refs/<rev>, snapshots/<sha>/}
+            sha = hashlib.sha1(
+                b"".join(n.encode() + b for n, b in self.uploaded.items())
+            ).hexdigest()
             base = self.cache / f"models--{repo_id.replace('/', '--')}"
             (base / "refs").mkdir(parents=True, exist_ok=True)
             (base / "refs" / (revision or "main")).write_text(sha)
@@ -90,8 +138,10 @@ def one_thread():
 def trained(tmp_path_factory, one_thread) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("push")
     data, run = base / "data", base / "run"
-    for args in (["synth", str(data), "--n-train", "8", "--n-val", "2", "--n-test", "2", "--size", "32"],
-                 ["train", "--data", str(data), "--out", str(run), *TRAIN]):
+    for args in (
+        ["synth", str(data), "--n-train", "8", "--n-val", "2", "--n-test", "2", "--size", "32"],
+        ["train", "--data", str(data), "--out", str(run), *TRAIN],
+    ):
         r = runner.invoke(app, args)
         assert r.exit_code == 0, (r.output, r.exception)
     return {"data": data, "run": run}
@@ -116,8 +166,16 @@ def test_upload_holds_what_predict_needs_and_nothing_else(run, monkeypatch):
     assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"]
     assert hub.calls[0][1] == {"repo_id": "someone/tiny-seg", "private": True, "exist_ok": True}
     files = hub.calls[1][1]["files"]
-    assert {"config.json", "model.safetensors", "tokenizer.json", "mask_vq.safetensors",
-            "image_vq.safetensors", "README.md", "metrics.json", "train_log.jsonl"} <= set(files)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "mask_vq.safetensors",
+        "image_vq.safetensors",
+        "README.md",
+        "metrics.json",
+        "train_log.jsonl",
+    } <= set(files)
     assert not [f for f in files if f.startswith(("checkpoints/", "cache/")) or "tmp" in f]
     assert files == [f for f in upload_plan(run)]  # the plan is what the client uploads
     assert hub.uploaded["model.safetensors"] == (run / "model.safetensors").read_bytes()
@@ -147,7 +205,10 @@ def test_revision_creates_the_branch_and_uploads_there(run, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     hub = FakeHub()
     push_run(run, "someone/tiny-seg", revision="exp-1", api=hub)
-    assert ("create_branch", {"repo_id": "someone/tiny-seg", "branch": "exp-1", "exist_ok": True}) in hub.calls
+    assert (
+        "create_branch",
+        {"repo_id": "someone/tiny-seg", "branch": "exp-1", "exist_ok": True},
+    ) in hub.calls
     assert hub.calls[-1][1]["revision"] == "exp-1"
 
 
@@ -215,11 +276,15 @@ def test_cli_push_prints_url_and_errors_in_one_line(run, monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(huggingface_hub, "HfApi", fake_api)
-    r = runner.invoke(app, ["push", str(run), "--repo-id", "someone/tiny-seg", "--token", "hf_x", "--private"])
+    r = runner.invoke(
+        app, ["push", str(run), "--repo-id", "someone/tiny-seg", "--token", "hf_x", "--private"]
+    )
     assert r.exit_code == 0, r.output
     assert "https://huggingface.co/someone/tiny-seg" in r.output and made[0].token == "hf_x"
     assert made[0].calls[0][1]["private"] is True and "--model someone/tiny-seg\n" in r.output
-    r = runner.invoke(app, ["push", str(run), "--repo-id", "someone/tiny-seg", "--revision", "exp-1"])
+    r = runner.invoke(
+        app, ["push", str(run), "--repo-id", "someone/tiny-seg", "--revision", "exp-1"]
+    )
     assert r.exit_code == 0 and "--model someone/tiny-seg@exp-1" in r.output
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = runner.invoke(app, ["push", str(run), "--repo-id", "someone/tiny-seg"])
@@ -229,8 +294,17 @@ def test_cli_push_prints_url_and_errors_in_one_line(run, monkeypatch):
 
 
 def test_card_metrics_flattens_and_skips_non_scalars(tmp_path):
-    (tmp_path / "metrics.json").write_text(json.dumps(
-        {"best_val_dice": 0.5, "best_step": 3, "gone": None, "list": [1], "tok": {"m": {"dice": 0.25}}}))
+    (tmp_path / "metrics.json").write_text(
+        json.dumps(
+            {
+                "best_val_dice": 0.5,
+                "best_step": 3,
+                "gone": None,
+                "list": [1],
+                "tok": {"m": {"dice": 0.25}},
+            }
+        )
+    )
     assert card_metrics(tmp_path) == {"best_val_dice": 0.5, "best_step": 3, "tok.m.dice": 0.25}
     assert card_metrics(tmp_path / "nowhere") == {}
 
@@ -243,18 +317,44 @@ def test_offline_round_trip_push_then_predict_from_hub_cache(run, trained, tmp_p
     # a revision resolves to its own snapshot, which loads as a model
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     snap = resolve_run("someone/tiny-seg@exp-1", cache_dir=cache)
-    assert snap.parent.parent.name == "models--someone--tiny-seg" and not (snap / "checkpoints").exists()
+    assert (
+        snap.parent.parent.name == "models--someone--tiny-seg"
+        and not (snap / "checkpoints").exists()
+    )
     assert load_segmenter(snap, torch.device("cpu")).paradigm == "next-token"
     # the real command in a fresh process, offline, with only the Hub cache to go on
     src = sorted((trained["data"] / "Test_Folder" / "img").iterdir())[0]
     img = tmp_path / "work" / "scan.png"
     img.parent.mkdir()
     Image.open(src).resize((40, 36)).save(img)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf"),
-           "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "mrisegcli", "predict", str(img), "--text", TEXT,
-                        "--model", "someone/tiny-seg", "--json", "--device", "cpu"],
-                       env=env, cwd=img.parent, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "HF_HOME": str(tmp_path / "hf"),
+        "OMP_NUM_THREADS": "1",
+    }
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mrisegcli",
+            "predict",
+            str(img),
+            "--text",
+            TEXT,
+            "--model",
+            "someone/tiny-seg",
+            "--json",
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        cwd=img.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     row = json.loads(p.stdout.strip().splitlines()[-1])
     mask = np.asarray(Image.open(row["outputs"]["mask"]))

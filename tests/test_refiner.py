@@ -23,10 +23,20 @@ runner = CliRunner()
 
 def _cfg(**kw) -> NextTokenConfig:
     base = dict(
-        transformer=TransformerConfig(dim=32, n_layers=1, n_heads=2, mlp_hidden=64, max_seq_len=128),
-        image_input="pixels", image_size=32, image_grid=4, mask_grid=4, encoder=ImageEncoderConfig(patch=8),
-        mask_codebook_size=16, text_vocab_size=40, text_len=6, prefix_attention="bidirectional",
-        lambda_refine=1.0, refine_width=8,
+        transformer=TransformerConfig(
+            dim=32, n_layers=1, n_heads=2, mlp_hidden=64, max_seq_len=128
+        ),
+        image_input="pixels",
+        image_size=32,
+        image_grid=4,
+        mask_grid=4,
+        encoder=ImageEncoderConfig(patch=8),
+        mask_codebook_size=16,
+        text_vocab_size=40,
+        text_len=6,
+        prefix_attention="bidirectional",
+        lambda_refine=1.0,
+        refine_width=8,
     )
     return NextTokenConfig(**{**base, **kw})
 
@@ -35,11 +45,18 @@ def _batch(B: int = 4, S: int = 32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
     centres = torch.randint(8, S - 8, (B, 2), generator=g)
-    mask = torch.stack([((yy - c[0]) ** 2 + (xx - c[1]) ** 2 < 36) for c in centres]).to(torch.uint8)
-    image = (0.2 + 0.6 * mask.float() + 0.05 * torch.randn(B, S, S, generator=g)).clamp(0, 1)[:, None]
+    mask = torch.stack([((yy - c[0]) ** 2 + (xx - c[1]) ** 2 < 36) for c in centres]).to(
+        torch.uint8
+    )
+    image = (0.2 + 0.6 * mask.float() + 0.05 * torch.randn(B, S, S, generator=g)).clamp(0, 1)[
+        :, None
+    ]
     return {
-        "image": image, "mask": mask, "text_ids": torch.randint(0, 40, (B, 6), generator=g),
-        "text_mask": torch.ones(B, 6, dtype=torch.bool), "mask_codes": torch.randint(0, 16, (B, 4, 4), generator=g),
+        "image": image,
+        "mask": mask,
+        "text_ids": torch.randint(0, 40, (B, 6), generator=g),
+        "text_mask": torch.ones(B, 6, dtype=torch.bool),
+        "mask_codes": torch.randint(0, 16, (B, 4, 4), generator=g),
         "sample_ids": torch.arange(B),
     }
 
@@ -60,7 +77,9 @@ def test_refiner_config_is_checked() -> None:
         _cfg(mask_grid=2)
     with pytest.raises(ConfigError, match=">= 0"):
         _cfg(lambda_refine=-1.0)
-    assert NextTokenSegmenter(_cfg(lambda_refine=0.0)).refiner is None  # off: no module, old weights load
+    assert (
+        NextTokenSegmenter(_cfg(lambda_refine=0.0)).refiner is None
+    )  # off: no module, old weights load
 
 
 def test_refiner_loss_trains_encoder_transformer_and_refiner(one_thread) -> None:
@@ -69,7 +88,12 @@ def test_refiner_loss_trains_encoder_transformer_and_refiner(one_thread) -> None
     out = model(_batch())
     assert out["refine"] > 0
     out["loss"].backward()
-    for name in ("refiner.out.weight", "refiner.code_emb.weight", "encoder.net.0.weight", "transformer.layers.0.attn.wqkv.weight"):
+    for name in (
+        "refiner.out.weight",
+        "refiner.code_emb.weight",
+        "encoder.net.0.weight",
+        "transformer.layers.0.attn.wqkv.weight",
+    ):
         p = dict(model.named_parameters())[name]
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -109,11 +133,15 @@ def test_mask_outputs_match_the_training_path(one_thread) -> None:
     assert out["refined"].shape == out["dense"].shape == (4, 1, 32, 32)
     # the same pieces by hand: the refiner on the prefix states and the encoder's maps
     skips: list[torch.Tensor] = []
-    h = model._hidden(b["image"], b["text_ids"], b["text_mask"], b["mask_codes"].flatten(1)[:, :0], skips)
-    by_hand = model.refiner(b["mask_codes"], h[:, 1:1 + model.layout.n_image], skips, b["image"])
+    h = model._hidden(
+        b["image"], b["text_ids"], b["text_mask"], b["mask_codes"].flatten(1)[:, :0], skips
+    )
+    by_hand = model.refiner(b["mask_codes"], h[:, 1 : 1 + model.layout.n_image], skips, b["image"])
     torch.testing.assert_close(out["refined"], by_hand)
     # the refined mask depends on the codes (it is not the dense head under another name)
-    other = model.mask_outputs(b["image"], b["text_ids"], b["text_mask"], (b["mask_codes"] + 1) % 16)
+    other = model.mask_outputs(
+        b["image"], b["text_ids"], b["text_mask"], (b["mask_codes"] + 1) % 16
+    )
     assert not torch.allclose(other["refined"], out["refined"])
     torch.testing.assert_close(other["dense"], out["dense"])
 
@@ -121,22 +149,52 @@ def test_mask_outputs_match_the_training_path(one_thread) -> None:
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "data"
-    r = runner.invoke(app, ["synth", str(root), "--n-train", "24", "--n-val", "6", "--n-test", "6", "--size", "32"])
+    r = runner.invoke(
+        app,
+        ["synth", str(root), "--n-train", "24", "--n-val", "6", "--n-test", "6", "--size", "32"],
+    )
     assert r.exit_code == 0, r.output
     return root
 
 
 def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    r = runner.invoke(app, [
-        "train", "--data", str(synth_data), "--out", str(run), "--preset", "cpu", "--size", "32", "--steps", "12",
-        "--batch-size", "8", "--mask-steps", "40", "--eval-every", "6", "--lambda-refine", "1", "--device", "cpu",
-        "--workers", "0", "--quiet",
-    ])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(synth_data),
+            "--out",
+            str(run),
+            "--preset",
+            "cpu",
+            "--size",
+            "32",
+            "--steps",
+            "12",
+            "--batch-size",
+            "8",
+            "--mask-steps",
+            "40",
+            "--eval-every",
+            "6",
+            "--lambda-refine",
+            "1",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, (r.output, r.exception)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["lambda_refine"] == 1.0
-    r = runner.invoke(app, ["evaluate", "--model", str(run), "--data", str(synth_data), "--json", "--device", "cpu"])
+    r = runner.invoke(
+        app,
+        ["evaluate", "--model", str(run), "--data", str(synth_data), "--json", "--device", "cpu"],
+    )
     assert r.exit_code == 0, (r.output, r.exception)
     summary = json.loads(r.stdout)
     assert set(summary["parts"]) == {"tokens", "refined", "dense"}
@@ -152,7 +210,9 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
     assert not torch.allclose(pred.parts["tokens"], pred.parts["refined"])
 
 
-def test_refine_code_noise_replaces_the_codes_the_refiner_reads_in_training_only(one_thread, monkeypatch) -> None:
+def test_refine_code_noise_replaces_the_codes_the_refiner_reads_in_training_only(
+    one_thread, monkeypatch
+) -> None:
     torch.manual_seed(0)
     seen: list[torch.Tensor] = []
     model = NextTokenSegmenter(_cfg(refine_code_noise=0.5, mask_codebook_size=512))

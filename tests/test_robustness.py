@@ -43,8 +43,26 @@ from mrisegcli.workflow.predict import MAX_TEXT_CHARS, validate_text
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
 NIBABEL_FILES = Path(nib.__file__).parent / "tests" / "data"
 TEXT = "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
-TRAIN = ["--size", "32", "--steps", "2", "--batch-size", "4", "--mask-steps", "5", "--image-steps", "5",
-         "--eval-every", "1000", "--ckpt-every", "1000", "--device", "cpu", "--workers", "0"]
+TRAIN = [
+    "--size",
+    "32",
+    "--steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--mask-steps",
+    "5",
+    "--image-steps",
+    "5",
+    "--eval-every",
+    "1000",
+    "--ckpt-every",
+    "1000",
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+]
 FUZZ = int(os.environ.get("MRISEG_FUZZ_EXAMPLES", "150"))
 
 runner = CliRunner()
@@ -57,8 +75,11 @@ def _digest(root: Path) -> dict[str, str]:
     """Content hash of every file under ``root`` (to show inputs are left untouched)."""
     if root.is_file():
         return {root.name: hashlib.sha1(root.read_bytes()).hexdigest()}
-    return {p.relative_to(root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def cli_error(args: list[str], *, code: int = 1, stdin: str | None = None) -> str:
@@ -86,11 +107,17 @@ def _png_header(path: Path, width: int, height: int) -> Path:
     """A PNG that declares width x height but holds (almost) no pixel data."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -131,7 +158,9 @@ def _truncate(name: str, keep: float = 0.5) -> Callable[[Path], None]:
 
 def _edit_config(change: Callable[[dict], dict]) -> Callable[[Path], None]:
     def damage(run: Path) -> None:
-        (run / "config.json").write_text(json.dumps(change(json.loads((run / "config.json").read_text()))))
+        (run / "config.json").write_text(
+            json.dumps(change(json.loads((run / "config.json").read_text())))
+        )
 
     return damage
 
@@ -191,10 +220,14 @@ def _random_dcm(tmp: Path) -> Path:
 
 BAD_INPUTS = {
     "truncated DICOM": (_truncated_dicom, "truncated or corrupt DICOM pixel data"),
-    "DICOM without pixel data": (lambda t: Path(shutil.copy(PYDICOM_FILES / "rtplan.dcm", t / "plan.dcm")),
-                                 "not an image: a RT Plan Storage"),
-    "4-D NIfTI": (lambda t: Path(shutil.copy(NIBABEL_FILES / "example4d.nii.gz", t / "fmri.nii.gz")),
-                  "is 4-D with 2 volumes; mriseg segments one 2-D or 3-D image at a time"),
+    "DICOM without pixel data": (
+        lambda t: Path(shutil.copy(PYDICOM_FILES / "rtplan.dcm", t / "plan.dcm")),
+        "not an image: a RT Plan Storage",
+    ),
+    "4-D NIfTI": (
+        lambda t: Path(shutil.copy(NIBABEL_FILES / "example4d.nii.gz", t / "fmri.nii.gz")),
+        "is 4-D with 2 volumes; mriseg segments one 2-D or 3-D image at a time",
+    ),
     "NIfTI without voxels": (_empty_nifti, "NIfTI image has no voxels (shape (4, 0, 3))"),
     "0x0 PNG": (lambda t: _png_header(t / "zero.png", 0, 0), "not a valid PNG/JPEG/TIFF/BMP image"),
     "30000x30000 PNG": (lambda t: _png_header(t / "huge.png", 30000, 30000), "too large"),
@@ -216,8 +249,20 @@ def test_bad_input_file_is_one_line_and_writes_nothing(case, trained, tmp_path):
     path = make(src)
     before = _digest(src)
     out = tmp_path / "out"
-    line = cli_error(["predict", str(path), "--text", TEXT, "--model", str(trained["run"]),
-                      "--out", str(out), "--device", "cpu"])
+    line = cli_error(
+        [
+            "predict",
+            str(path),
+            "--text",
+            TEXT,
+            "--model",
+            str(trained["run"]),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert expected in line and str(path) in line
     assert not out.exists() or not any(out.iterdir())
     assert _digest(src) == before
@@ -227,12 +272,28 @@ def test_nan_inf_and_tiny_images_are_segmented_not_refused(trained, tmp_path):
     data = np.random.default_rng(0).random((24, 20)).astype(np.float32)
     data[0, :], data[1, :], data[2, :3] = np.nan, np.inf, -np.inf
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
-    nib.save(nib.Nifti1Image(np.full((8, 8), np.nan, np.float32), np.eye(4)), tmp_path / "allnan.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.full((8, 8), np.nan, np.float32), np.eye(4)), tmp_path / "allnan.nii.gz"
+    )
     Image.fromarray(np.array([[200]], np.uint8)).save(tmp_path / "one.png")
     out = tmp_path / "out"
-    stdout = cli_ok(["predict", str(tmp_path / "nan.nii.gz"), str(tmp_path / "allnan.nii.gz"),
-                     str(tmp_path / "one.png"), "--text", TEXT, "--model", str(trained["run"]),
-                     "--out", str(out), "--device", "cpu", "--json"])
+    stdout = cli_ok(
+        [
+            "predict",
+            str(tmp_path / "nan.nii.gz"),
+            str(tmp_path / "allnan.nii.gz"),
+            str(tmp_path / "one.png"),
+            "--text",
+            TEXT,
+            "--model",
+            str(trained["run"]),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--json",
+        ]
+    )
     rows = [json.loads(x) for x in stdout.splitlines()]
     assert [r["error"] for r in rows] == [None, None, None]
     assert nib.load(out / "nan_mask.nii.gz").shape == (24, 20)
@@ -244,23 +305,51 @@ def test_nan_inf_and_tiny_images_are_segmented_not_refused(trained, tmp_path):
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("", "--text is empty"), ("  \t\n ", "--text is empty"),
-     ("x" * (MAX_TEXT_CHARS + 1), f"the limit is {MAX_TEXT_CHARS}")],
+    [
+        ("", "--text is empty"),
+        ("  \t\n ", "--text is empty"),
+        ("x" * (MAX_TEXT_CHARS + 1), f"the limit is {MAX_TEXT_CHARS}"),
+    ],
     ids=["empty", "whitespace", "too-long"],
 )
 def test_bad_text_is_refused_before_the_model_loads(text, expected, trained, tmp_path):
     img = _grey_png(tmp_path / "a.png")
-    line = cli_error(["predict", str(img), "--text", text, "--model", str(tmp_path / "not-loaded"),
-                      "--device", "cpu"])
+    line = cli_error(
+        [
+            "predict",
+            str(img),
+            "--text",
+            text,
+            "--model",
+            str(tmp_path / "not-loaded"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert expected in line  # the (missing) model was never looked at
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
 
 
 def test_long_and_non_ascii_texts_work(trained, tmp_path):
     img = _grey_png(tmp_path / "a.png")
-    for i, text in enumerate(["Lésion bilatérale, 两个感染区域, ünïcödé 🫁", "lung " * (MAX_TEXT_CHARS // 5)]):
-        stdout = cli_ok(["predict", str(img), "--text", text, "--model", str(trained["run"]),
-                         "--out", str(tmp_path / f"o{i}"), "--device", "cpu", "--json"])
+    for i, text in enumerate(
+        ["Lésion bilatérale, 两个感染区域, ünïcödé 🫁", "lung " * (MAX_TEXT_CHARS // 5)]
+    ):
+        stdout = cli_ok(
+            [
+                "predict",
+                str(img),
+                "--text",
+                text,
+                "--model",
+                str(trained["run"]),
+                "--out",
+                str(tmp_path / f"o{i}"),
+                "--device",
+                "cpu",
+                "--json",
+            ]
+        )
         assert json.loads(stdout)["error"] is None
 
 
@@ -272,8 +361,20 @@ def test_existing_output_is_kept_without_overwrite(trained, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "a_mask.png").write_bytes(b"precious")
-    line = cli_error(["predict", str(img), "--text", TEXT, "--model", str(trained["run"]), "--out", str(out),
-                      "--device", "cpu"])
+    line = cli_error(
+        [
+            "predict",
+            str(img),
+            "--text",
+            TEXT,
+            "--model",
+            str(trained["run"]),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert "already exist" in line and "--overwrite" in line
     assert (out / "a_mask.png").read_bytes() == b"precious" and len(list(out.iterdir())) == 1
 
@@ -281,16 +382,40 @@ def test_existing_output_is_kept_without_overwrite(trained, tmp_path):
 def test_unwritable_output_folder(trained, tmp_path):
     img = _grey_png(tmp_path / "a.png")
     (tmp_path / "file").write_text("a file, not a folder")
-    line = cli_error(["predict", str(img), "--text", TEXT, "--model", str(trained["run"]),
-                      "--out", str(tmp_path / "file" / "sub"), "--device", "cpu"])
+    line = cli_error(
+        [
+            "predict",
+            str(img),
+            "--text",
+            TEXT,
+            "--model",
+            str(trained["run"]),
+            "--out",
+            str(tmp_path / "file" / "sub"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert "cannot create folder" in line
     if os.geteuid() != 0:  # root writes anywhere: the permission case needs a normal user
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o500)
         try:
-            line = cli_error(["predict", str(img), "--text", TEXT, "--model", str(trained["run"]),
-                              "--out", str(ro), "--device", "cpu"])
+            line = cli_error(
+                [
+                    "predict",
+                    str(img),
+                    "--text",
+                    TEXT,
+                    "--model",
+                    str(trained["run"]),
+                    "--out",
+                    str(ro),
+                    "--device",
+                    "cpu",
+                ]
+            )
             assert "cannot write here" in line and not list(ro.iterdir())
         finally:
             ro.chmod(0o700)
@@ -300,21 +425,37 @@ def test_unwritable_output_folder(trained, tmp_path):
 
 BAD_RUNS = {
     "truncated model.safetensors": (_truncate("model.safetensors"), "corrupt or truncated weights"),
-    "8-byte model.safetensors": (_truncate("model.safetensors", 1e-9), "corrupt or truncated weights"),
+    "8-byte model.safetensors": (
+        _truncate("model.safetensors", 1e-9),
+        "corrupt or truncated weights",
+    ),
     "truncated mask tokenizer": (_truncate("mask_vq.safetensors"), "truncated or corrupt"),
-    "truncated text tokenizer": (_truncate("tokenizer.json", 0.1), "cannot load the text tokenizer"),
-    "newer config schema": (_edit_config(lambda c: {**c, "schema": 99, "mriseg_version": "9.0"}),
-                            "upgrade mriseg"),
-    "unknown config key": (_edit_config(lambda c: {**c, "run": {**c["run"], "from_the_future": 1}}),
-                           "unknown keys"),
+    "truncated text tokenizer": (
+        _truncate("tokenizer.json", 0.1),
+        "cannot load the text tokenizer",
+    ),
+    "newer config schema": (
+        _edit_config(lambda c: {**c, "schema": 99, "mriseg_version": "9.0"}),
+        "upgrade mriseg",
+    ),
+    "unknown config key": (
+        _edit_config(lambda c: {**c, "run": {**c["run"], "from_the_future": 1}}),
+        "unknown keys",
+    ),
     "corrupt config.json": (lambda r: (r / "config.json").write_text("{oops"), "corrupt config"),
     "no model.safetensors": (lambda r: (r / "model.safetensors").unlink(), "training not finished"),
-    "config schema as a string": (_edit_config(lambda c: {**c, "schema": "1"}),
-                                  "corrupt config (config schema must be a whole number, got '1')"),
-    "config not fitting the weights": (_edit_config(lambda c: {**c, "model": {**c["model"], "mask_codebook_size": 600}}),
-                                       "weights do not match config.json: tensor"),
-    "hostile config size": (_edit_config(lambda c: {**c, "model": {**c["model"], "text_vocab_size": 10**12}}),
-                            "config.model.text_vocab_size is 1000000000000, above the limit"),
+    "config schema as a string": (
+        _edit_config(lambda c: {**c, "schema": "1"}),
+        "corrupt config (config schema must be a whole number, got '1')",
+    ),
+    "config not fitting the weights": (
+        _edit_config(lambda c: {**c, "model": {**c["model"], "mask_codebook_size": 600}}),
+        "weights do not match config.json: tensor",
+    ),
+    "hostile config size": (
+        _edit_config(lambda c: {**c, "model": {**c["model"], "text_vocab_size": 10**12}}),
+        "config.model.text_vocab_size is 1000000000000, above the limit",
+    ),
     "swapped tokenizer files": (_swap_tokenizers, "tokenizer files swapped?"),
 }
 
@@ -335,19 +476,38 @@ def test_model_option_errors(trained, tmp_path, monkeypatch):
     from mrisegcli.shipped import DEFAULT_MODEL, shipped_model
 
     monkeypatch.delenv("MRISEG_MODEL", raising=False)
-    if shipped_model(DEFAULT_MODEL) is None:  # without --model the shipped model runs, when there is one
+    if (
+        shipped_model(DEFAULT_MODEL) is None
+    ):  # without --model the shipped model runs, when there is one
         line = cli_error(["predict", str(img), "--text", TEXT])
         assert "no model given" in line and "--model" in line
     line = cli_error(["predict", str(img), "--text", TEXT, "--model", str(tmp_path / "no" / "run")])
     assert "no such run folder" in line
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    line = cli_error(["predict", str(img), "--text", TEXT, "--model", "nobody-xyz/never-pushed-abc"])
-    assert "HF_HUB_OFFLINE" in line and line.startswith("mriseg: error: nobody-xyz/never-pushed-abc:")
-    usage = cli_error(["predict", str(img), "--text", TEXT, "--model", str(trained["run"]), "--samples", "0"],
-                      code=2)
+    line = cli_error(
+        ["predict", str(img), "--text", TEXT, "--model", "nobody-xyz/never-pushed-abc"]
+    )
+    assert "HF_HUB_OFFLINE" in line and line.startswith(
+        "mriseg: error: nobody-xyz/never-pushed-abc:"
+    )
+    usage = cli_error(
+        ["predict", str(img), "--text", TEXT, "--model", str(trained["run"]), "--samples", "0"],
+        code=2,
+    )
     assert "--samples" in usage
     if not torch.cuda.is_available():
-        line = cli_error(["predict", str(img), "--text", TEXT, "--model", str(trained["run"]), "--device", "cuda"])
+        line = cli_error(
+            [
+                "predict",
+                str(img),
+                "--text",
+                TEXT,
+                "--model",
+                str(trained["run"]),
+                "--device",
+                "cuda",
+            ]
+        )
         assert "no CUDA device" in line
     line = cli_error(["predict", "-", "--text", TEXT, "--model", str(trained["run"])], stdin="")
     assert "no inputs" in line
@@ -392,8 +552,12 @@ def test_manifest_path_escaping_the_root(tmp_path):
     (root / "images").mkdir(parents=True)
     for p in (tmp_path / "secret.png", root / "images" / "a.png"):
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(p)
-    (root / "list.csv").write_text("image,mask,text,split\n../secret.png,images/a.png,hello,train\n")
-    line = cli_error(["train", "--data", str(root / "list.csv"), "--out", str(tmp_path / "run"), *TRAIN])
+    (root / "list.csv").write_text(
+        "image,mask,text,split\n../secret.png,images/a.png,hello,train\n"
+    )
+    line = cli_error(
+        ["train", "--data", str(root / "list.csv"), "--out", str(tmp_path / "run"), *TRAIN]
+    )
     assert "leads outside the dataset folder" in line and "list.csv row 2" in line
 
 
@@ -401,16 +565,40 @@ def test_corrupt_cache_shard_names_the_shard(trained, tmp_path):
     shutil.copytree(trained["run"], tmp_path / "src", ignore=shutil.ignore_patterns("checkpoints"))
     shard = sorted((tmp_path / "src" / "cache").glob("shard-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
-    line = cli_error(["train", "--data", str(trained["data"]), "--out", str(tmp_path / "run"),
-                      "--tokenizer", str(tmp_path / "src"), "--cache", str(tmp_path / "src" / "cache"), *TRAIN])
+    line = cli_error(
+        [
+            "train",
+            "--data",
+            str(trained["data"]),
+            "--out",
+            str(tmp_path / "run"),
+            "--tokenizer",
+            str(tmp_path / "src"),
+            "--cache",
+            str(tmp_path / "src" / "cache"),
+            *TRAIN,
+        ]
+    )
     assert line.startswith(f"mriseg: error: {shard}: corrupt cache shard")
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 def test_run_folder_guards(trained, tmp_path):
-    line = cli_error(["train", "--data", str(trained["data"]), "--out", str(trained["run"]), *TRAIN])
+    line = cli_error(
+        ["train", "--data", str(trained["data"]), "--out", str(trained["run"]), *TRAIN]
+    )
     assert "not empty" in line and "--resume" in line
-    line = cli_error(["train", "--data", str(trained["data"]), "--out", str(tmp_path / "new"), "--resume", *TRAIN])
+    line = cli_error(
+        [
+            "train",
+            "--data",
+            str(trained["data"]),
+            "--out",
+            str(tmp_path / "new"),
+            "--resume",
+            *TRAIN,
+        ]
+    )
     assert "--resume needs an existing run folder" in line
 
 
@@ -433,8 +621,12 @@ def _seed_files() -> dict[str, bytes]:
 
 
 SEEDS = _seed_files()
-FUZZ_SETTINGS = settings(max_examples=FUZZ, deadline=None, derandomize=True,
-                         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ_SETTINGS = settings(
+    max_examples=FUZZ,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def _read_both(path: Path) -> None:
@@ -449,8 +641,10 @@ def _read_both(path: Path) -> None:
 
 
 @FUZZ_SETTINGS
-@given(suffix=st.sampled_from([".png", ".jpg", ".tif", ".dcm", ".nii", ".nii.gz", ""]),
-       payload=st.binary(min_size=1, max_size=600))
+@given(
+    suffix=st.sampled_from([".png", ".jpg", ".tif", ".dcm", ".nii", ".nii.gz", ""]),
+    payload=st.binary(min_size=1, max_size=600),
+)
 def test_random_bytes_never_escape_as_other_exceptions(tmp_path, suffix, payload):
     path = tmp_path / f"x{suffix}"
     path.write_bytes(payload)
@@ -458,8 +652,13 @@ def test_random_bytes_never_escape_as_other_exceptions(tmp_path, suffix, payload
 
 
 @FUZZ_SETTINGS
-@given(suffix=st.sampled_from(sorted(SEEDS)), cut=st.floats(0.0, 1.0),
-       flips=st.lists(st.tuples(st.floats(0.0, 1.0, exclude_max=True), st.integers(0, 255)), max_size=8))
+@given(
+    suffix=st.sampled_from(sorted(SEEDS)),
+    cut=st.floats(0.0, 1.0),
+    flips=st.lists(
+        st.tuples(st.floats(0.0, 1.0, exclude_max=True), st.integers(0, 255)), max_size=8
+    ),
+)
 def test_damaged_valid_files_never_escape_as_other_exceptions(tmp_path, suffix, cut, flips):
     data = bytearray(SEEDS[suffix])
     for where, value in flips:  # flipped bytes, most of them in the header where parsers branch
@@ -478,7 +677,9 @@ def text_tokenizer(trained):
 def _words(tok, text: str) -> list[str]:
     """What the text tokenizer's own normaliser and pre-tokeniser leave of ``text``."""
     backend = tok.backend_tokenizer
-    return [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))]
+    return [
+        w for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))
+    ]
 
 
 @settings(max_examples=FUZZ, deadline=None, derandomize=True)
@@ -497,5 +698,15 @@ def test_any_unicode_text_is_refused_cleanly_or_encoded(text_tokenizer, text):
 
 def test_text_without_any_word_is_refused(trained, tmp_path):
     img = _grey_png(tmp_path / "a.png")
-    cli_error(["predict", str(img), "--text", "\x1b \u0301 \u00b4", "--model", str(trained["run"]),
-               "--device", "cpu"])
+    cli_error(
+        [
+            "predict",
+            str(img),
+            "--text",
+            "\x1b \u0301 \u00b4",
+            "--model",
+            str(trained["run"]),
+            "--device",
+            "cpu",
+        ]
+    )

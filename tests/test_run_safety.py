@@ -43,7 +43,18 @@ from mrisegcli.training.distributed import DistInfo
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
 TEXT = "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
 LOCK_NAME = ".mriseg.lock"  # the run folder's lock file (pid, host, start time)
-FAST = ["--size", "32", "--batch-size", "4", "--eval-every", "1000", "--device", "cpu", "--workers", "0"]
+FAST = [
+    "--size",
+    "32",
+    "--batch-size",
+    "4",
+    "--eval-every",
+    "1000",
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+]
 TRAIN = [*FAST, "--steps", "2", "--mask-steps", "5", "--image-steps", "5"]
 
 runner = CliRunner()
@@ -71,7 +82,11 @@ def cli_ok(args: list[str]):
 
 
 def _digest(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _grey_png(path: Path, shape=(40, 36)) -> Path:
@@ -123,8 +138,17 @@ def _dead_pid() -> int:
 
 def _write_lock(run: Path, pid: int, host: str | None = None) -> Path:
     lock = run / LOCK_NAME
-    lock.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
-                                "started": "2024-01-01T00:00:00", "command": "train", "token": "t"}))
+    lock.write_text(
+        json.dumps(
+            {
+                "pid": pid,
+                "host": host or socket.gethostname(),
+                "started": "2024-01-01T00:00:00",
+                "command": "train",
+                "token": "t",
+            }
+        )
+    )
     return lock
 
 
@@ -142,11 +166,15 @@ def test_second_writer_is_refused_naming_the_holder(trained, tmp_path):
         line = cli_error(["train", "--data", str(trained["data"]), "--out", str(fresh), *TRAIN])
         assert f"mriseg: error: {fresh}: another mriseg is writing this run folder" in line
         assert f"pid {sleeper.pid} on host {socket.gethostname()}" in line
-        assert sorted(p.name for p in fresh.iterdir()) == [LOCK_NAME] and lock.read_text().endswith('"t"}')
+        assert sorted(p.name for p in fresh.iterdir()) == [LOCK_NAME] and lock.read_text().endswith(
+            '"t"}'
+        )
         run = _copy_run(trained, tmp_path)
         _write_lock(run, sleeper.pid)
         before = _digest(run)
-        line = cli_error(["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *TRAIN])
+        line = cli_error(
+            ["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *TRAIN]
+        )
         assert "another mriseg is writing" in line and _digest(run) == before
     finally:
         sleeper.kill()
@@ -156,7 +184,9 @@ def test_second_writer_is_refused_naming_the_holder(trained, tmp_path):
 
     run2 = _copy_run(trained, tmp_path, "run2")
     with run_lock(run2):
-        line = cli_error(["train", "--data", str(trained["data"]), "--out", str(run2), "--resume", *TRAIN])
+        line = cli_error(
+            ["train", "--data", str(trained["data"]), "--out", str(run2), "--resume", *TRAIN]
+        )
         assert f"pid {os.getpid()}" in line
     assert not (run2 / LOCK_NAME).exists()  # released with the block
 
@@ -165,10 +195,30 @@ def test_two_train_processes_on_one_folder(trained, tmp_path):
     """A real second ``mriseg train`` while the first runs: refused naming the first; the first
     goes on, and its lock goes with it when SIGTERM stops it."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mrisegcli", "train", "--data", str(trained["data"]), "--out", str(run),
-           "--tokenizer", str(trained["run"]), *FAST, "--steps", "100000", "--ckpt-every", "100000"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mrisegcli",
+        "train",
+        "--data",
+        str(trained["data"]),
+        "--out",
+        str(run),
+        "--tokenizer",
+        str(trained["run"]),
+        *FAST,
+        "--steps",
+        "100000",
+        "--ckpt-every",
+        "100000",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         limit = time.monotonic() + 120
         while not (run / "train_log.jsonl").is_file():  # training, not just starting
@@ -176,7 +226,9 @@ def test_two_train_processes_on_one_folder(trained, tmp_path):
             assert time.monotonic() < limit, "the first run did not start training within 120 s"
             time.sleep(0.05)
         for extra in ([], ["--resume"], ["--overwrite"]):
-            line = cli_error(["train", "--data", str(trained["data"]), "--out", str(run), *TRAIN, *extra])
+            line = cli_error(
+                ["train", "--data", str(trained["data"]), "--out", str(run), *TRAIN, *extra]
+            )
             assert f"another mriseg is writing this run folder (pid {proc.pid} on host" in line
         assert proc.poll() is None  # the first run was not disturbed
         proc.send_signal(signal.SIGTERM)
@@ -192,7 +244,9 @@ def test_two_train_processes_on_one_folder(trained, tmp_path):
 def test_lock_of_another_host_is_not_taken_over(trained, tmp_path):
     run = _copy_run(trained, tmp_path)
     _write_lock(run, _dead_pid(), host="some-other-host")
-    line = cli_error(["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *TRAIN])
+    line = cli_error(
+        ["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *TRAIN]
+    )
     assert "on host some-other-host" in line and f"delete {run / LOCK_NAME}" in line
 
 
@@ -208,9 +262,23 @@ def test_stale_lock_is_taken_over_with_a_note(trained, tmp_path):
 
 def test_lock_is_released_on_every_exit(trained, tmp_path, monkeypatch):
     run = _copy_run(trained, tmp_path)
-    cli_ok(["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *TRAIN])  # success
+    cli_ok(
+        ["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *TRAIN]
+    )  # success
     assert not (run / LOCK_NAME).exists()
-    cli_error(["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *TRAIN, "--lr", "1"])
+    cli_error(
+        [
+            "train",
+            "--data",
+            str(trained["data"]),
+            "--out",
+            str(run),
+            "--resume",
+            *TRAIN,
+            "--lr",
+            "1",
+        ]
+    )
     assert not (run / LOCK_NAME).exists()  # refused after the lock was taken
     import mrisegcli.workflow.train as train_module
 
@@ -219,7 +287,9 @@ def test_lock_is_released_on_every_exit(trained, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "train", interrupted)
-    r = runner.invoke(app, ["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *TRAIN])
+    r = runner.invoke(
+        app, ["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *TRAIN]
+    )
     assert r.exit_code == 130 and not (run / LOCK_NAME).exists()
     # a refused dataset leaves no folder behind (the lock made it, the lock removes it)
     bad = tmp_path / "nodata"
@@ -250,7 +320,10 @@ def test_config_records_each_tokenizer_file(trained):
 
     files = read_config(trained["run"])["tokenizers"]["files"]
     assert {k: v["role"] for k, v in files.items()} == {
-        "mask_vq.safetensors": "mask_vq", "image_vq.safetensors": "image_vq", "tokenizer.json": "text"}
+        "mask_vq.safetensors": "mask_vq",
+        "image_vq.safetensors": "image_vq",
+        "tokenizer.json": "text",
+    }
     for name, entry in files.items():
         assert entry["sha256"] == hashlib.sha256((trained["run"] / name).read_bytes()).hexdigest()
     assert "model.safetensors" not in files and "config.json" not in files
@@ -281,9 +354,21 @@ def _foreign_text(run: Path) -> None:
 
 TOKENIZER_MIXUPS = {
     "swapped mask and image tokenizers": (_swap, "mask_vq.safetensors", "swapped"),
-    "mask tokenizer of another run": (_foreign_mask_vq, "mask_vq.safetensors", "not the mask tokenizer this model"),
-    "text tokenizer of another run": (_foreign_text, "tokenizer.json", "not the text tokenizer this model"),
-    "tokenizer file missing": (lambda r: (r / "image_vq.safetensors").unlink(), "image_vq.safetensors", "lacks"),
+    "mask tokenizer of another run": (
+        _foreign_mask_vq,
+        "mask_vq.safetensors",
+        "not the mask tokenizer this model",
+    ),
+    "text tokenizer of another run": (
+        _foreign_text,
+        "tokenizer.json",
+        "not the text tokenizer this model",
+    ),
+    "tokenizer file missing": (
+        lambda r: (r / "image_vq.safetensors").unlink(),
+        "image_vq.safetensors",
+        "lacks",
+    ),
 }
 
 
@@ -294,7 +379,10 @@ def test_mixed_up_tokenizers_are_refused_naming_the_file(case, trained, tmp_path
     damage(run)
     img = _grey_png(tmp_path / "a.png")
     line = cli_error(["predict", str(img), "--text", TEXT, "--model", str(run), "--device", "cpu"])
-    assert line.startswith(f"mriseg: error: {run / name}: ") or f"{run}: tokenizer folder lacks {name}" in line
+    assert (
+        line.startswith(f"mriseg: error: {run / name}: ")
+        or f"{run}: tokenizer folder lacks {name}" in line
+    )
     assert words in line and not (tmp_path / "a_mask.png").exists()
 
 
@@ -305,8 +393,12 @@ def test_mixed_up_tokenizers_of_a_hub_model_are_refused(trained, tmp_path, monke
     _foreign_mask_vq(snapshot)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(snapshot))
     img = _grey_png(tmp_path / "a.png")
-    line = cli_error(["predict", str(img), "--text", TEXT, "--model", "someone/tiny", "--device", "cpu"])
-    assert line.startswith(f"mriseg: error: {snapshot / 'mask_vq.safetensors'}: not the mask tokenizer")
+    line = cli_error(
+        ["predict", str(img), "--text", TEXT, "--model", "someone/tiny", "--device", "cpu"]
+    )
+    assert line.startswith(
+        f"mriseg: error: {snapshot / 'mask_vq.safetensors'}: not the mask tokenizer"
+    )
 
 
 def test_older_runs_and_shipped_copies_still_load(trained, tmp_path):
@@ -327,7 +419,20 @@ def test_older_runs_and_shipped_copies_still_load(trained, tmp_path):
     img = _grey_png(tmp_path / "a.png")
     for run in (old, shipped):
         out = tmp_path / f"out-{run.name}"
-        cli_ok(["predict", str(img), "--text", TEXT, "--model", str(run), "--out", str(out), "--device", "cpu"])
+        cli_ok(
+            [
+                "predict",
+                str(img),
+                "--text",
+                TEXT,
+                "--model",
+                str(run),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
         assert (out / "a_mask.png").is_file()
 
 
@@ -337,25 +442,58 @@ def test_older_runs_and_shipped_copies_still_load(trained, tmp_path):
 def test_synth_overwrite_refuses_files_it_did_not_write(trained, tmp_path):
     ds = tmp_path / "ds"
     cli_ok(["synth", str(ds), "--n-train", "2", "--n-val", "0", "--n-test", "0", "--size", "32"])
-    extras = {"notes.txt": "notes.txt", "Train_Folder/img/my_scan.png": "Train_Folder/img/my_scan.png",
-              "runs/r1/config.json": "runs/", "Train_Folder/labelcol/.DS_Store": "Train_Folder/labelcol/.DS_Store"}
+    extras = {
+        "notes.txt": "notes.txt",
+        "Train_Folder/img/my_scan.png": "Train_Folder/img/my_scan.png",
+        "runs/r1/config.json": "runs/",
+        "Train_Folder/labelcol/.DS_Store": "Train_Folder/labelcol/.DS_Store",
+    }
     for rel, named in extras.items():
         extra = ds / rel
         extra.parent.mkdir(parents=True, exist_ok=True)
         extra.write_text("mine")
         before = _digest(ds)
-        line = cli_error(["synth", str(ds), "--n-train", "3", "--n-val", "0", "--n-test", "0", "--size", "32",
-                          "--overwrite"])
+        line = cli_error(
+            [
+                "synth",
+                str(ds),
+                "--n-train",
+                "3",
+                "--n-val",
+                "0",
+                "--n-test",
+                "0",
+                "--size",
+                "32",
+                "--overwrite",
+            ]
+        )
         assert f"{ds}: holds {named}, which synth does not write" in line, line
         assert _digest(ds) == before
         extra.unlink()
         shutil.rmtree(ds / "runs", ignore_errors=True)
-    cli_ok(["synth", str(ds), "--n-train", "3", "--n-val", "0", "--n-test", "0", "--size", "32", "--overwrite"])
+    cli_ok(
+        [
+            "synth",
+            str(ds),
+            "--n-train",
+            "3",
+            "--n-val",
+            "0",
+            "--n-test",
+            "0",
+            "--size",
+            "32",
+            "--overwrite",
+        ]
+    )
     assert len(list((ds / "Train_Folder" / "img").iterdir())) == 3
     not_synth = tmp_path / "mine"
     not_synth.mkdir()
     (not_synth / "synth.json").write_text('{"my": "settings"}')
-    assert "not a synthetic dataset" in cli_error(["synth", str(not_synth), "--n-train", "2", "--overwrite"])
+    assert "not a synthetic dataset" in cli_error(
+        ["synth", str(not_synth), "--n-train", "2", "--overwrite"]
+    )
     assert (not_synth / "synth.json").read_text() == '{"my": "settings"}'
 
 
@@ -365,18 +503,26 @@ def test_train_overwrite_refuses_a_folder_that_is_not_a_run(trained, tmp_path):
     (user / "config.json").write_text('{"learning_rate": 0.1}')
     (user / "metrics.json").write_text('{"accuracy": 0.9}')
     before = _digest(user)
-    line = cli_error(["train", "--data", str(trained["data"]), "--out", str(user), *TRAIN, "--overwrite"])
+    line = cli_error(
+        ["train", "--data", str(trained["data"]), "--out", str(user), *TRAIN, "--overwrite"]
+    )
     assert "not a mriseg run folder" in line and "config.json (it is not a mriseg config)" in line
     assert _digest(user) == before
     run = _copy_run(trained, tmp_path)
     (run / "notes.txt").write_text("my notes")
     (run / "checkpoints" / "keep.txt").write_text("mine")
     before = _digest(run)
-    line = cli_error(["train", "--data", str(trained["data"]), "--out", str(run), *TRAIN, "--overwrite"])
-    assert "it holds checkpoints/keep.txt, which train does not write" in line and _digest(run) == before
+    line = cli_error(
+        ["train", "--data", str(trained["data"]), "--out", str(run), *TRAIN, "--overwrite"]
+    )
+    assert (
+        "it holds checkpoints/keep.txt, which train does not write" in line
+        and _digest(run) == before
+    )
     (run / "checkpoints" / "keep.txt").unlink()
     assert "it holds notes.txt" in cli_error(
-        ["train", "--data", str(trained["data"]), "--out", str(run), *TRAIN, "--overwrite"])
+        ["train", "--data", str(trained["data"]), "--out", str(run), *TRAIN, "--overwrite"]
+    )
 
 
 def test_train_overwrite_replaces_a_run(trained, tmp_path):
@@ -385,7 +531,19 @@ def test_train_overwrite_replaces_a_run(trained, tmp_path):
     old_model = (run / "model.safetensors").read_bytes()
     shard = sorted((run / "cache").glob("shard-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:100])  # a damaged cache is rebuilt, not an error
-    cli_ok(["train", "--data", str(trained["data"]), "--out", str(run), *TRAIN, "--overwrite", "--seed", "5"])
+    cli_ok(
+        [
+            "train",
+            "--data",
+            str(trained["data"]),
+            "--out",
+            str(run),
+            *TRAIN,
+            "--overwrite",
+            "--seed",
+            "5",
+        ]
+    )
     assert (run / "model.safetensors").read_bytes() != old_model
     assert read_config(run)["seed"] == 5 and (run / "README.md").read_text() == "model card"
 
@@ -406,9 +564,12 @@ def test_binary_masks_of_every_kind_are_read(tmp_path):
     m = np.zeros((6, 8), bool)
     m[1:4, 2:6] = True
     cases = {
-        "01.png": m.astype(np.uint8), "0255.png": m.astype(np.uint8) * 255,
-        "empty.png": np.zeros((6, 8), np.uint8), "full.png": np.full((6, 8), 255, np.uint8),
-        "01.nii.gz": m.astype(np.int16), "0255.nii.gz": m.astype(np.uint8) * 255,
+        "01.png": m.astype(np.uint8),
+        "0255.png": m.astype(np.uint8) * 255,
+        "empty.png": np.zeros((6, 8), np.uint8),
+        "full.png": np.full((6, 8), 255, np.uint8),
+        "01.nii.gz": m.astype(np.int16),
+        "0255.nii.gz": m.astype(np.uint8) * 255,
         "float.nii.gz": m.astype(np.float32),
     }
     for name, values in cases.items():
@@ -465,8 +626,15 @@ def test_validation_report_lists_non_binary_masks(tmp_path):
     labels = _save_mask(root / "labels.nii.gz", (np.arange(48).reshape(6, 8) % 3).astype(np.uint8))
     grey = _save_mask(root / "grey.png", NON_BINARY["grey image"])
     good = _save_mask(root / "good.png", NON_BINARY["0 and 2"] // 2 * 255)
-    ds = Dataset(root, "manifest", [Sample("n", img, labels, "t", "train"), Sample("g", img, grey, "t", "train"),
-                                   Sample("ok", img, good, "t", "train")])
+    ds = Dataset(
+        root,
+        "manifest",
+        [
+            Sample("n", img, labels, "t", "train"),
+            Sample("g", img, grey, "t", "train"),
+            Sample("ok", img, good, "t", "train"),
+        ],
+    )
     problems = validate_dataset(ds)  # headers only for PNG: the NIfTI mask is read and checked
     assert [(p.sample_id, p.kind) for p in problems] == [("n", KIND)]
     assert "not a binary mask: it holds the values 0, 1, 2" in format_problems(problems)
@@ -499,19 +667,39 @@ def _edit_model(change):
 
 
 HOSTILE_CONFIGS = {
-    "huge dim": (_edit_model(lambda m: m["transformer"].update(dim=2**40)), "config.model.transformer.dim is"),
-    "huge vocabulary": (_edit_model(lambda m: m.update(text_vocab_size=10**12)), "config.model.text_vocab_size"),
-    "huge sequence": (_edit_model(lambda m: m["transformer"].update(max_seq_len=10**9)), "max_seq_len"),
+    "huge dim": (
+        _edit_model(lambda m: m["transformer"].update(dim=2**40)),
+        "config.model.transformer.dim is",
+    ),
+    "huge vocabulary": (
+        _edit_model(lambda m: m.update(text_vocab_size=10**12)),
+        "config.model.text_vocab_size",
+    ),
+    "huge sequence": (
+        _edit_model(lambda m: m["transformer"].update(max_seq_len=10**9)),
+        "max_seq_len",
+    ),
     "huge grid": (_edit_model(lambda m: m.update(mask_grid=10**6)), "config.model.mask_grid"),
-    "endless channel list": (_edit_model(lambda m: m["encoder"].update(channels=[8] * 100000)), "100000 entries"),
-    "huge hard-token memory": (_edit_model(lambda m: m.update(het_buckets=9_000_000)),
-                               "weights do not match config.json: tensor"),
-    "other codebook size": (_edit_model(lambda m: m.update(mask_codebook_size=600)),
-                            "weights do not match config.json: tensor tok_emb.weight has shape"),
-    "one layer more": (_edit_model(lambda m: m["transformer"].update(n_layers=5)),
-                       "the model needs tensor transformer.layers.4."),
-    "one layer less": (_edit_model(lambda m: m["transformer"].update(n_layers=3)),
-                       "the file has tensor transformer.layers.3."),
+    "endless channel list": (
+        _edit_model(lambda m: m["encoder"].update(channels=[8] * 100000)),
+        "100000 entries",
+    ),
+    "huge hard-token memory": (
+        _edit_model(lambda m: m.update(het_buckets=9_000_000)),
+        "weights do not match config.json: tensor",
+    ),
+    "other codebook size": (
+        _edit_model(lambda m: m.update(mask_codebook_size=600)),
+        "weights do not match config.json: tensor tok_emb.weight has shape",
+    ),
+    "one layer more": (
+        _edit_model(lambda m: m["transformer"].update(n_layers=5)),
+        "the model needs tensor transformer.layers.4.",
+    ),
+    "one layer less": (
+        _edit_model(lambda m: m["transformer"].update(n_layers=3)),
+        "the file has tensor transformer.layers.3.",
+    ),
 }
 
 
@@ -542,7 +730,10 @@ def test_disk_full_in_an_atomic_write_is_one_line_with_the_free_space(tmp_path, 
     with pytest.raises(DiskFullError) as err:
         atomic_write_text(target, "{}")
     message = str(err.value)
-    assert message.startswith(f"{target}: cannot write: no space left on device (") and " free in " in message
+    assert (
+        message.startswith(f"{target}: cannot write: no space left on device (")
+        and " free in " in message
+    )
     assert not list((tmp_path / "out").iterdir())  # no temp file left behind
 
 
@@ -553,8 +744,10 @@ def test_disk_full_in_a_safetensors_write_and_a_checkpoint(tmp_path, monkeypatch
     from mrisegcli.io.atomic import DiskFullError
 
     def rust_full(tensors, filename, metadata=None):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                              'message: "No space left on device" })')
+        raise SafetensorError(
+            "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+            'message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(ckpt, "save_file", rust_full)
     model = torch.nn.Linear(2, 2)
@@ -569,9 +762,22 @@ def test_disk_full_in_train_and_predict_is_one_line(trained, tmp_path, monkeypat
 
     monkeypatch.setattr(ckpt, "save_file", _enospc)
     run = tmp_path / "run"
-    line = cli_error(["train", "--data", str(trained["data"]), "--out", str(run), "--tokenizer", str(trained["run"]),
-                      *TRAIN])
-    assert "step_00000002.safetensors: cannot write: no space left on device" in line and "free in" in line
+    line = cli_error(
+        [
+            "train",
+            "--data",
+            str(trained["data"]),
+            "--out",
+            str(run),
+            "--tokenizer",
+            str(trained["run"]),
+            *TRAIN,
+        ]
+    )
+    assert (
+        "step_00000002.safetensors: cannot write: no space left on device" in line
+        and "free in" in line
+    )
     assert not (run / LOCK_NAME).exists()
     monkeypatch.undo()
     real_open = Path.open
@@ -582,16 +788,42 @@ def test_disk_full_in_train_and_predict_is_one_line(trained, tmp_path, monkeypat
         return real_open(self, mode, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", full_log)
-    line = cli_error(["train", "--data", str(trained["data"]), "--out", str(tmp_path / "run2"), "--tokenizer",
-                      str(trained["run"]), *TRAIN])
-    assert line.startswith(f"mriseg: error: {tmp_path / 'run2' / 'train_log.jsonl'}: cannot write: no space left")
+    line = cli_error(
+        [
+            "train",
+            "--data",
+            str(trained["data"]),
+            "--out",
+            str(tmp_path / "run2"),
+            "--tokenizer",
+            str(trained["run"]),
+            *TRAIN,
+        ]
+    )
+    assert line.startswith(
+        f"mriseg: error: {tmp_path / 'run2' / 'train_log.jsonl'}: cannot write: no space left"
+    )
     monkeypatch.undo()
     img = _grey_png(tmp_path / "a.png")
     monkeypatch.setattr(Image.Image, "save", _enospc)
     out = tmp_path / "pred"
-    line = cli_error(["predict", str(img), "--text", TEXT, "--model", str(trained["run"]), "--out", str(out),
-                      "--device", "cpu"])
-    assert line.startswith(f"mriseg: error: {out / 'a_mask.png'}: cannot write: no space left on device")
+    line = cli_error(
+        [
+            "predict",
+            str(img),
+            "--text",
+            TEXT,
+            "--model",
+            str(trained["run"]),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert line.startswith(
+        f"mriseg: error: {out / 'a_mask.png'}: cannot write: no space left on device"
+    )
     assert not list(out.iterdir())
 
 
@@ -599,8 +831,12 @@ def test_outputs_get_the_mode_of_a_normal_write(trained, tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     want = 0o666 & ~mask
-    for p in (trained["run"] / "model.safetensors", trained["run"] / "mask_vq.safetensors",
-              *trained["run"].glob("checkpoints/*.safetensors"), *trained["run"].glob("cache/*")):
+    for p in (
+        trained["run"] / "model.safetensors",
+        trained["run"] / "mask_vq.safetensors",
+        *trained["run"].glob("checkpoints/*.safetensors"),
+        *trained["run"].glob("cache/*"),
+    ):
         assert stat.S_IMODE(p.stat().st_mode) == want, p
     old = os.umask(0o027)
     try:
@@ -616,26 +852,71 @@ def test_outputs_get_the_mode_of_a_normal_write(trained, tmp_path):
 
 def test_resume_applies_the_schedule_options_given(trained, tmp_path):
     run = _copy_run(trained, tmp_path)
-    cli_ok(["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *TRAIN,
-            "--steps", "4", "--ckpt-every", "3"])
+    cli_ok(
+        [
+            "train",
+            "--data",
+            str(trained["data"]),
+            "--out",
+            str(run),
+            "--resume",
+            *TRAIN,
+            "--steps",
+            "4",
+            "--ckpt-every",
+            "3",
+        ]
+    )
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["step_00000003.safetensors", "step_00000004.safetensors"]
     train_cfg = read_config(run)["run"]["train"]
     assert (train_cfg["steps"], train_cfg["ckpt_every"]) == (4, 3)
-    cli_ok(["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *FAST])  # nothing left
+    cli_ok(
+        ["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *FAST]
+    )  # nothing left
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == names
 
 
 def test_resume_refuses_other_changed_options_by_name(trained, tmp_path):
     run = _copy_run(trained, tmp_path)
     before = _digest(run)
-    line = cli_error(["train", "--data", str(trained["data"]), "--out", str(run), "--resume", *TRAIN,
-                      "--batch-size", "8", "--lr", "0.5", "--paradigm", "next-scale"])
-    assert "--batch-size 8 (the run has 4)" in line and "--lr 0.5" in line and "--paradigm next-scale" in line
+    line = cli_error(
+        [
+            "train",
+            "--data",
+            str(trained["data"]),
+            "--out",
+            str(run),
+            "--resume",
+            *TRAIN,
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.5",
+            "--paradigm",
+            "next-scale",
+        ]
+    )
+    assert (
+        "--batch-size 8 (the run has 4)" in line
+        and "--lr 0.5" in line
+        and "--paradigm next-scale" in line
+    )
     assert "Only --steps, --eval-every, --ckpt-every, --max-minutes may change" in line
     assert _digest(run) == before
-    assert "--tokenizer" in cli_error(["train", "--data", str(trained["data"]), "--out", str(run), "--resume",
-                                       *TRAIN, "--tokenizer", str(_swapped_copy(trained, tmp_path))])
+    assert "--tokenizer" in cli_error(
+        [
+            "train",
+            "--data",
+            str(trained["data"]),
+            "--out",
+            str(run),
+            "--resume",
+            *TRAIN,
+            "--tokenizer",
+            str(_swapped_copy(trained, tmp_path)),
+        ]
+    )
     assert _digest(run) == before
 
 
@@ -666,15 +947,40 @@ def test_fifo_input_is_refused_not_read(trained, tmp_path):
     fifo = tmp_path / "scan.png"
     os.mkfifo(fifo)
     with deadline(60):
-        line = cli_error(["predict", str(fifo), "--text", TEXT, "--model", str(trained["run"]), "--device", "cpu"])
-        assert line == f"mriseg: error: {fifo}: is a FIFO (named pipe), not a file: mriseg reads regular files and folders only"
+        line = cli_error(
+            [
+                "predict",
+                str(fifo),
+                "--text",
+                TEXT,
+                "--model",
+                str(trained["run"]),
+                "--device",
+                "cpu",
+            ]
+        )
+        assert (
+            line
+            == f"mriseg: error: {fifo}: is a FIFO (named pipe), not a file: mriseg reads regular files and folders only"
+        )
         with pytest.raises(MrisegError, match="FIFO"):
             read_mask(fifo)
         folder = tmp_path / "folder"
         folder.mkdir()
         os.mkfifo(folder / "pipe.dcm")
         _grey_png(folder / "a.png")
-        cli_ok(["predict", str(folder), "--text", TEXT, "--model", str(trained["run"]), "--device", "cpu"])
+        cli_ok(
+            [
+                "predict",
+                str(folder),
+                "--text",
+                TEXT,
+                "--model",
+                str(trained["run"]),
+                "--device",
+                "cpu",
+            ]
+        )
     assert (folder / "a_mask.png").is_file()
 
 
@@ -682,8 +988,22 @@ def test_symlink_loop_and_dangling_link_say_so(trained, tmp_path):
     (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
     (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
     (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
-    for path, words in ((tmp_path / "a.png", "symlink loop"), (tmp_path / "gone.png", "dangling symlink")):
-        line = cli_error(["predict", str(path), "--text", TEXT, "--model", str(trained["run"]), "--device", "cpu"])
+    for path, words in (
+        (tmp_path / "a.png", "symlink loop"),
+        (tmp_path / "gone.png", "dangling symlink"),
+    ):
+        line = cli_error(
+            [
+                "predict",
+                str(path),
+                "--text",
+                TEXT,
+                "--model",
+                str(trained["run"]),
+                "--device",
+                "cpu",
+            ]
+        )
         assert line.startswith(f"mriseg: error: {path}: {words}")
         with pytest.raises(MrisegError, match=words):
             read_scan(path)
@@ -693,7 +1013,18 @@ def test_nifti_without_voxels_is_refused(trained, tmp_path):
     for shape in ((0, 4), (4, 4, 0)):
         path = tmp_path / f"empty{len(shape)}.nii.gz"
         nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), path)
-        line = cli_error(["predict", str(path), "--text", TEXT, "--model", str(trained["run"]), "--device", "cpu"])
+        line = cli_error(
+            [
+                "predict",
+                str(path),
+                "--text",
+                TEXT,
+                "--model",
+                str(trained["run"]),
+                "--device",
+                "cpu",
+            ]
+        )
         assert line == f"mriseg: error: {path}: NIfTI image has no voxels (shape {shape})"
 
 
@@ -713,26 +1044,79 @@ def test_seg_and_output_folder_are_checked_before_the_model_loads(trained, tmp_p
     broken.mkdir()
     (broken / "config.json").write_text("{oops")  # loading it would fail: the checks come first
     two_frames = shutil.copy(PYDICOM_FILES / "SC_rgb_rle_2frame.dcm", tmp_path / "two.dcm")
-    line = cli_error(["predict", str(two_frames), "--text", TEXT, "--model", str(broken), "--out",
-                      str(tmp_path / "o"), "--format", "dcm", "--device", "cpu"])
+    line = cli_error(
+        [
+            "predict",
+            str(two_frames),
+            "--text",
+            TEXT,
+            "--model",
+            str(broken),
+            "--out",
+            str(tmp_path / "o"),
+            "--format",
+            "dcm",
+            "--device",
+            "cpu",
+        ]
+    )
     assert "DICOM SEG cannot reference this multi-frame" in line and "--format nii" in line
     img = _grey_png(tmp_path / "a.png")
     (tmp_path / "file").write_text("a file")
-    line = cli_error(["predict", str(img), "--text", TEXT, "--model", str(broken), "--out",
-                      str(tmp_path / "file" / "sub"), "--device", "cpu"])
+    line = cli_error(
+        [
+            "predict",
+            str(img),
+            "--text",
+            TEXT,
+            "--model",
+            str(broken),
+            "--out",
+            str(tmp_path / "file" / "sub"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert "cannot create folder (Not a directory)" in line
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
-        line = cli_error(["predict", str(img), "--text", TEXT, "--model", str(broken), "--out", str(ro),
-                          "--device", "cpu"])
+        line = cli_error(
+            [
+                "predict",
+                str(img),
+                "--text",
+                TEXT,
+                "--model",
+                str(broken),
+                "--out",
+                str(ro),
+                "--device",
+                "cpu",
+            ]
+        )
         assert "cannot write here" in line
 
 
 def test_tokenize_verifies_the_shards_it_reuses(trained, tmp_path):
     tok = tmp_path / "tok"
-    args = ["tokenize", "--data", str(trained["data"]), "--out", str(tok), "--size", "32", "--workers", "0",
-            "--device", "cpu", "--mask-steps", "5", "--image-steps", "5"]
+    args = [
+        "tokenize",
+        "--data",
+        str(trained["data"]),
+        "--out",
+        str(tok),
+        "--size",
+        "32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--mask-steps",
+        "5",
+        "--image-steps",
+        "5",
+    ]
     cli_ok(args)
     shard = sorted((tok / "cache").glob("shard-*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
@@ -769,7 +1153,11 @@ def test_every_row_of_the_robustness_table_names_tests_that_exist():
     import re
 
     root = Path(__file__).resolve().parents[1]
-    table = [x for x in (root / "docs" / "robustness.md").read_text().splitlines() if re.match(r"^\| \d+[a-z]? \|", x)]
+    table = [
+        x
+        for x in (root / "docs" / "robustness.md").read_text().splitlines()
+        if re.match(r"^\| \d+[a-z]? \|", x)
+    ]
     sources = {p.name: p.read_text() for p in (root / "tests").glob("test_*.py")}
     defined = {m for text in sources.values() for m in re.findall(r"^def (test_\w+)", text, re.M)}
     robustness = sources["test_robustness.py"]
@@ -778,7 +1166,11 @@ def test_every_row_of_the_robustness_table_names_tests_that_exist():
         tests = row.rstrip(" |").rsplit("|", 1)[1]
         names = re.findall(r"\b(test_\w+)\b", tests)
         files = re.findall(r"(test_\w+)\.py", tests)
-        cases = re.findall(r"\[([^\]]+)\]", tests.split(";")[0]) if tests.strip().startswith("R") else []
+        cases = (
+            re.findall(r"\[([^\]]+)\]", tests.split(";")[0])
+            if tests.strip().startswith("R")
+            else []
+        )
         assert names or files or cases, row
         for name in set(names) - set(files):
             assert name in defined, (name, row[:40])

@@ -35,13 +35,25 @@ def test_the_default_model_ships_inside_the_package() -> None:
     model = shipped_model(DEFAULT_MODEL)
     assert model is not None, "the shipped chest-radiograph model is missing from the package"
     names = {p.name for p in model.path.iterdir()}
-    assert {"config.json", "model.safetensors", "mask_vq.safetensors", "tokenizer.json", "README.md",
-            "evaluation.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "mask_vq.safetensors",
+        "tokenizer.json",
+        "README.md",
+        "evaluation.json",
+    } <= names
     assert model.size_bytes <= 25e6
     assert not any(n.endswith((".pt", ".pth", ".bin", ".pkl")) for n in names)  # safetensors only
     assert {"cxr-infection", "jsrt"} <= set(model.data.split(", "))
     card = (model.path / "README.md").read_text()
-    for needed in ("CC BY-SA 4.0", "JSRT", "research", "not for diagnosis", "pip install mrisegcli"):
+    for needed in (
+        "CC BY-SA 4.0",
+        "JSRT",
+        "research",
+        "not for diagnosis",
+        "pip install mrisegcli",
+    ):
         assert needed in card, needed
 
 
@@ -65,7 +77,9 @@ def test_model_choice_order(tmp_path: Path) -> None:
     assert choose_model("user/repo", {}).spec == "user/repo"  # a Hub id is left to the Hub
 
 
-def _dicom(png: Path, out: Path, *, monochrome1: bool, bits: int, modality: str, side: int = 2048) -> Path:
+def _dicom(
+    png: Path, out: Path, *, monochrome1: bool, bits: int, modality: str, side: int = 2048
+) -> Path:
     """A CR/DX file with the PNG's pixels upsampled to ``side`` and stored at ``bits`` bits."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -98,10 +112,16 @@ def _dicom(png: Path, out: Path, *, monochrome1: bool, bits: int, modality: str,
     return out
 
 
-def _rows(dataset: str, kind: str | None = None, target: str | None = None, split: str = "test") -> list[dict]:
+def _rows(
+    dataset: str, kind: str | None = None, target: str | None = None, split: str = "test"
+) -> list[dict]:
     with open(DATA / dataset / "manifest.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == split]
-    return [r for r in rows if (kind is None or r["kind"] == kind) and (target is None or r["target"] == target)]
+    return [
+        r
+        for r in rows
+        if (kind is None or r["kind"] == kind) and (target is None or r["target"] == target)
+    ]
 
 
 def _gt(dataset: str, row: dict) -> np.ndarray:
@@ -110,12 +130,33 @@ def _gt(dataset: str, row: dict) -> np.ndarray:
 
 @needs_data
 @pytest.mark.parametrize("photometric,bits,modality", [(True, 12, "CR"), (False, 16, "DX")])
-def test_first_command_on_dicom_radiographs(tmp_path: Path, photometric: bool, bits: int, modality: str) -> None:
+def test_first_command_on_dicom_radiographs(
+    tmp_path: Path, photometric: bool, bits: int, modality: str
+) -> None:
     row = _rows("jsrt", target="heart")[0]
-    dcm = _dicom(DATA / "jsrt" / row["image"], tmp_path / "chest.dcm", monochrome1=photometric,
-                 bits=bits, modality=modality)
-    r = invoke(["predict", str(dcm), "--text", "cardiac silhouette", "--out", str(tmp_path / "out"),
-                "--format", "nii", "--json", "--device", "cpu"], env={ENV_VAR: ""})
+    dcm = _dicom(
+        DATA / "jsrt" / row["image"],
+        tmp_path / "chest.dcm",
+        monochrome1=photometric,
+        bits=bits,
+        modality=modality,
+    )
+    r = invoke(
+        [
+            "predict",
+            str(dcm),
+            "--text",
+            "cardiac silhouette",
+            "--out",
+            str(tmp_path / "out"),
+            "--format",
+            "nii",
+            "--json",
+            "--device",
+            "cpu",
+        ],
+        env={ENV_VAR: ""},
+    )
     assert f"model: shipped {DEFAULT_MODEL}" in r.stderr
     assert "warning" not in r.stderr  # a radiograph: no modality warning
     line = json.loads(r.stdout.strip().splitlines()[-1])
@@ -125,7 +166,11 @@ def test_first_command_on_dicom_radiographs(tmp_path: Path, photometric: bool, b
     mask = np.asarray(nib.load(line["outputs"]["mask"]).dataobj).squeeze()
     assert mask.shape == (2048, 2048)
     small = np.asarray(Image.fromarray(mask.T.astype(np.uint8) * 255).resize((256, 256))) > 127
-    small = small if dice_iou(small, _gt("jsrt", row))[0] > dice_iou(small.T, _gt("jsrt", row))[0] else small.T
+    small = (
+        small
+        if dice_iou(small, _gt("jsrt", row))[0] > dice_iou(small.T, _gt("jsrt", row))[0]
+        else small.T
+    )
     assert dice_iou(small, _gt("jsrt", row))[0] > 0.8
 
 
@@ -134,11 +179,24 @@ def test_png_radiograph_users_wording(tmp_path: Path) -> None:
     """A batch of test radiographs with a wording training never used (the golden check)."""
     rows = _rows("jsrt", target="left_lung")[:4]
     images = [str(DATA / "jsrt" / r["image"]) for r in rows]
-    r = invoke(["predict", *images, "--text", "the left lung field", "--out", str(tmp_path), "--json",
-                "--device", "cpu"])
+    r = invoke(
+        [
+            "predict",
+            *images,
+            "--text",
+            "the left lung field",
+            "--out",
+            str(tmp_path),
+            "--json",
+            "--device",
+            "cpu",
+        ]
+    )
     lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
-    dices = [dice_iou(np.asarray(Image.open(line["outputs"]["mask"])) > 0, _gt("jsrt", row))[0]
-             for line, row in zip(lines, rows, strict=True)]
+    dices = [
+        dice_iou(np.asarray(Image.open(line["outputs"]["mask"])) > 0, _gt("jsrt", row))[0]
+        for line, row in zip(lines, rows, strict=True)
+    ]
     assert np.mean(dices) > 0.85, dices
 
 
@@ -146,8 +204,18 @@ def test_png_radiograph_users_wording(tmp_path: Path) -> None:
 def test_a_finding_that_is_not_there_gives_no_region_mostly(tmp_path: Path) -> None:
     rows = _rows("cxr-infection", kind="absent")[:16]
     images = [str(DATA / "cxr-infection" / r["image"]) for r in rows]
-    r = invoke(["predict", *images, "--text", "Pulmonary infection in the left lung.", "--out", str(tmp_path),
-                "--device", "cpu"])
+    r = invoke(
+        [
+            "predict",
+            *images,
+            "--text",
+            "Pulmonary infection in the left lung.",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+    )
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 16
     assert sum("no region found" in line for line in lines) >= 10, lines
@@ -157,7 +225,20 @@ def test_a_ct_slice_runs_with_a_warning(tmp_path: Path) -> None:
     from pydicom.data import get_testdata_file
 
     ct = get_testdata_file("CT_small.dcm")
-    r = invoke(["predict", ct, "--text", "left lung", "--out", str(tmp_path), "--format", "nii", "--device", "cpu"])
+    r = invoke(
+        [
+            "predict",
+            ct,
+            "--text",
+            "left lung",
+            "--out",
+            str(tmp_path),
+            "--format",
+            "nii",
+            "--device",
+            "cpu",
+        ]
+    )
     assert "warning" in r.stderr and "CT" in r.stderr and "chest radiographs" in r.stderr
     assert len(r.stdout.strip().splitlines()) == 1
 
@@ -175,7 +256,9 @@ def test_evaluate_works_without_model_and_reports_kinds(tmp_path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    out = json.loads(invoke(["evaluate", "--data", str(manifest), "--json", "--device", "cpu"]).stdout)
+    out = json.loads(
+        invoke(["evaluate", "--data", str(manifest), "--json", "--device", "cpu"]).stdout
+    )
     assert out["n"] == 6 and out["dice"] > 0.8
     assert set(out["targets"]) == {"heart", "right_lung"}
 
@@ -184,7 +267,18 @@ def test_a_prompt_longer_than_the_text_context_is_cut_with_a_warning(tmp_path: P
     png = tmp_path / "x.png"
     Image.fromarray(np.full((64, 64), 100, np.uint8)).save(png)
     long_prompt = " ".join(["left upper lung zone"] * 20)
-    r = invoke(["predict", str(png), "--text", long_prompt, "--out", str(tmp_path / "o"), "--device", "cpu"])
+    r = invoke(
+        [
+            "predict",
+            str(png),
+            "--text",
+            long_prompt,
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert "warning: the prompt has 80 tokens" in r.stderr and "dropped" in r.stderr
 
 
@@ -192,7 +286,9 @@ def test_python_api_segments_arrays_at_their_own_size() -> None:
     from mrisegcli import Segmenter
 
     seg = Segmenter.load()
-    masks = seg.segment([np.full((300, 200), 7.0), np.zeros((64, 64), np.uint16)], ["heart", "left lung"])
+    masks = seg.segment(
+        [np.full((300, 200), 7.0), np.zeros((64, 64), np.uint16)], ["heart", "left lung"]
+    )
     assert [m.shape for m in masks] == [(300, 200), (64, 64)] and masks[0].dtype == bool
     with pytest.raises(ValueError, match="2 images but 3 texts"):
         seg.segment([np.zeros((8, 8))] * 2, ["a", "b", "c"])

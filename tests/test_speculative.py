@@ -20,8 +20,16 @@ def _trained(prefix_attention: str, nktp_k: int = 3, steps: int = 100) -> NextTo
     torch.manual_seed(0)
     cfg = NextTokenConfig(
         transformer=TransformerConfig(dim=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=64),
-        image_codebook_size=K, image_grid=G, text_vocab_size=VT, text_len=L, mask_codebook_size=K,
-        mask_grid=G, prefix_attention=prefix_attention, nktp_k=nktp_k, lambda_tcl=0.0, het_alpha=0.0,
+        image_codebook_size=K,
+        image_grid=G,
+        text_vocab_size=VT,
+        text_len=L,
+        mask_codebook_size=K,
+        mask_grid=G,
+        prefix_attention=prefix_attention,
+        nktp_k=nktp_k,
+        lambda_tcl=0.0,
+        het_alpha=0.0,
     )
     model = NextTokenSegmenter(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -42,8 +50,12 @@ def _batch(B: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     codes = rows[:, :, None].expand(B, G, G).clone()
     noise = torch.rand(B, G, G, generator=g) < 0.2  # some cells break the pattern
     codes[noise] = torch.randint(0, K, (int(noise.sum()),), generator=g)
-    return {"image_codes": image, "text_ids": text, "text_mask": torch.ones(B, L, dtype=torch.bool),
-            "mask_codes": codes}
+    return {
+        "image_codes": image,
+        "text_ids": text,
+        "text_mask": torch.ones(B, L, dtype=torch.bool),
+        "mask_codes": codes,
+    }
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -68,6 +80,8 @@ def test_without_nktp_heads_it_is_plain_greedy() -> None:
     model = _trained("bidirectional", nktp_k=1, steps=5)
     b = _batch(3, torch.Generator().manual_seed(2))
     stats: dict[str, float] = {}
-    fast = generate_masks_speculative(model, b["image_codes"], b["text_ids"], b["text_mask"], stats=stats)
+    fast = generate_masks_speculative(
+        model, b["image_codes"], b["text_ids"], b["text_mask"], stats=stats
+    )
     assert torch.equal(fast, generate_masks(model, b["image_codes"], b["text_ids"], b["text_mask"]))
     assert stats["drafted"] == 0 and stats["passes"] == G * G - 1

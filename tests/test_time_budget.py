@@ -22,7 +22,10 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "data"
-    r = runner.invoke(app, ["synth", str(root), "--n-train", "24", "--n-val", "8", "--n-test", "4", "--size", "32"])
+    r = runner.invoke(
+        app,
+        ["synth", str(root), "--n-train", "24", "--n-val", "8", "--n-test", "4", "--size", "32"],
+    )
     assert r.exit_code == 0, r.output
     return root
 
@@ -48,21 +51,46 @@ def test_tokenizer_fit_stops_at_its_budget() -> None:
     assert report["loss"] > 0 and plain["loss"] > 0
 
 
-def test_train_with_max_minutes_stops_by_time_with_best_weights(synth_data: Path, tmp_path: Path) -> None:
+def test_train_with_max_minutes_stops_by_time_with_best_weights(
+    synth_data: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     t0 = time.perf_counter()
-    r = runner.invoke(app, [
-        "train", "--data", str(synth_data), "--out", str(run), "--size", "32", "--steps", "100000",
-        "--batch-size", "8", "--mask-steps", "400", "--max-minutes", "0.5", "--eval-every", "20", "--device", "cpu",
-        "--workers", "0",
-    ])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(synth_data),
+            "--out",
+            str(run),
+            "--size",
+            "32",
+            "--steps",
+            "100000",
+            "--batch-size",
+            "8",
+            "--mask-steps",
+            "400",
+            "--max-minutes",
+            "0.5",
+            "--eval-every",
+            "20",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+    )
     wall = time.perf_counter() - t0
     assert r.exit_code == 0, (r.output, r.exception)
     assert wall < 0.5 * 60 + 25  # the budget plus one validation and loading slack
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     steps = [rec["step"] for rec in log if rec["split"] == "train"]
     assert 0 < steps[-1] < 100_000  # stopped by time, not steps
-    assert any(rec["split"] == "val" and rec["step"] == steps[-1] for rec in log)  # validated at the end
+    assert any(
+        rec["split"] == "val" and rec["step"] == steps[-1] for rec in log
+    )  # validated at the end
     lrs = [rec["lr"] for rec in log if rec["split"] == "train"]
     assert lrs[-1] < 0.5 * max(lrs)  # the schedule decayed within the budget
     cfg = json.loads((run / "config.json").read_text())

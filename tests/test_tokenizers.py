@@ -25,10 +25,19 @@ from mrisegcli.tokenizers.multiscale import MultiScaleConfig, MultiScaleMaskQuan
 from mrisegcli.tokenizers.serialize import load_tokenizer, read_metadata, save_tokenizer
 from mrisegcli.tokenizers.vq import VectorQuantizer, usage_stats
 
-TINY_MASK = MaskVQConfig(image_size=32, downsample=4, codebook_size=32, code_dim=8, channels=(16, 32))
-TINY_IMAGE = ImageVQConfig(image_size=32, downsample=4, codebook_size=32, code_dim=8, channels=(8, 16))
+TINY_MASK = MaskVQConfig(
+    image_size=32, downsample=4, codebook_size=32, code_dim=8, channels=(16, 32)
+)
+TINY_IMAGE = ImageVQConfig(
+    image_size=32, downsample=4, codebook_size=32, code_dim=8, channels=(8, 16)
+)
 TINY_MS = MultiScaleConfig(
-    image_size=32, downsample=4, codebook_size=32, code_dim=8, channels=(8, 16), scales=(1, 2, 4, 6, 8)
+    image_size=32,
+    downsample=4,
+    codebook_size=32,
+    code_dim=8,
+    channels=(8, 16),
+    scales=(1, 2, 4, 6, 8),
 )
 
 
@@ -155,9 +164,25 @@ def test_config_fields_keep_their_saved_order() -> None:
     shared = ["image_size", "downsample", "codebook_size", "code_dim", "channels", "res_blocks"]
     own = {
         MaskVQConfig: ["beta", "restart_after", "bce_weight", "dice_weight", "vq_weight"],
-        ImageVQConfig: ["beta", "restart_after", "l1_weight", "l2_weight", "grad_weight", "vq_weight"],
-        MultiScaleConfig: ["scales", "n_phi", "phi_ratio", "upsample", "beta", "restart_after",
-                           "bce_weight", "dice_weight", "vq_weight"],
+        ImageVQConfig: [
+            "beta",
+            "restart_after",
+            "l1_weight",
+            "l2_weight",
+            "grad_weight",
+            "vq_weight",
+        ],
+        MultiScaleConfig: [
+            "scales",
+            "n_phi",
+            "phi_ratio",
+            "upsample",
+            "beta",
+            "restart_after",
+            "bce_weight",
+            "dice_weight",
+            "vq_weight",
+        ],
     }
     for cls, names in own.items():
         assert [f.name for f in dataclasses.fields(cls)] == shared + names, cls.__name__
@@ -267,8 +292,14 @@ def test_fit_mask_vq_learns_blobs() -> None:
 def test_fit_is_deterministic_and_reports_progress() -> None:
     masks = ellipses(20, 32, seed=0)
     seen = []
-    a, _ = fit_mask_vq(masks, TINY_MASK, steps=5, batch_size=4, seed=3,
-                       progress=lambda s, t, m: seen.append((s, t, m["loss"])))
+    a, _ = fit_mask_vq(
+        masks,
+        TINY_MASK,
+        steps=5,
+        batch_size=4,
+        seed=3,
+        progress=lambda s, t, m: seen.append((s, t, m["loss"])),
+    )
     b, _ = fit_mask_vq(masks, TINY_MASK, steps=5, batch_size=4, seed=3)
     assert [s for s, _, _ in seen] == [1, 2, 3, 4, 5] and all(t == 5 for _, t, _ in seen)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
@@ -291,13 +322,20 @@ def test_fit_multiscale_and_image_vq_improve() -> None:
     masks = ellipses(120, 32, seed=0)
     ms, rep = fit_multiscale(masks, TINY_MS, steps=100, batch_size=16, lr=3e-3, seed=0)
     assert rep["recon_dice"] > 0.75, rep
-    images = (0.2 + 0.6 * masks + 0.05 * np.random.default_rng(0).random(masks.shape)).astype(np.float32)
-    tok, rep = fit_image_vq(images, TINY_IMAGE, steps=200, batch_size=16, lr=5e-3, seed=0, crop=None)
+    images = (0.2 + 0.6 * masks + 0.05 * np.random.default_rng(0).random(masks.shape)).astype(
+        np.float32
+    )
+    tok, rep = fit_image_vq(
+        images, TINY_IMAGE, steps=200, batch_size=16, lr=5e-3, seed=0, crop=None
+    )
     # far better than the best constant image (the mean) and than the untrained model
     mse = ((images - images.mean()) ** 2).reshape(len(images), -1).mean(1)
     constant_psnr = float((-10 * np.log10(mse)).mean())
     assert rep["psnr"] > constant_psnr + 5, rep
-    assert image_psnr(tok, images[:20]) > image_psnr(seeded(lambda: ImageVQ(TINY_IMAGE)), images[:20]) + 5
+    assert (
+        image_psnr(tok, images[:20])
+        > image_psnr(seeded(lambda: ImageVQ(TINY_IMAGE)), images[:20]) + 5
+    )
 
 
 # ---------------------------------------------------------------- files
@@ -305,7 +343,11 @@ def test_fit_multiscale_and_image_vq_improve() -> None:
 
 @pytest.mark.parametrize(
     "factory",
-    [lambda: MaskVQ(TINY_MASK), lambda: ImageVQ(TINY_IMAGE), lambda: MultiScaleMaskQuantizer(TINY_MS)],
+    [
+        lambda: MaskVQ(TINY_MASK),
+        lambda: ImageVQ(TINY_IMAGE),
+        lambda: MultiScaleMaskQuantizer(TINY_MS),
+    ],
 )
 def test_save_load_round_trip(tmp_path, factory) -> None:
     tok = seeded(factory)
@@ -341,7 +383,12 @@ def test_damaged_or_foreign_files_raise(tmp_path) -> None:
         with pytest.raises(MrisegError, match=name):
             load_tokenizer(p)
     state = {k: v.contiguous() for k, v in tok.state_dict().items()}
-    meta = {"kind": "mask_vq", "mriseg_config": json.dumps({**json.loads(read_metadata(good)["mriseg_config"]), "codebook_size": 64})}
+    meta = {
+        "kind": "mask_vq",
+        "mriseg_config": json.dumps(
+            {**json.loads(read_metadata(good)["mriseg_config"]), "codebook_size": 64}
+        ),
+    }
     save_file(state, str(tmp_path / "mismatch.safetensors"), metadata=meta)
     with pytest.raises(MrisegError, match="do not match"):
         load_tokenizer(tmp_path / "mismatch.safetensors")

@@ -27,7 +27,9 @@ class Toy(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+        )
         self.register_buffer("seen", torch.zeros(64))
 
     def forward(self, batch):
@@ -69,7 +71,12 @@ def test_training_reduces_loss_and_keeps_best(tmp_path):
         return {"dice": -mse}
 
     summary = train(
-        model, data, CFG, tmp_path, device=torch.device("cpu"), evaluate=evaluate,
+        model,
+        data,
+        CFG,
+        tmp_path,
+        device=torch.device("cpu"),
+        evaluate=evaluate,
         on_best=lambda m, metrics: best.update(metrics),
     )
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
@@ -138,9 +145,15 @@ def killed_mid_write(target: Path) -> Path:
 
 
 # Files in the checkpoints folder that look a bit like temp files but are not mriseg's own.
-FOREIGN = [".notes.tmp", "step_00000012.tmp", ".step_00000012.safetensors", "notes.txt",
-           ".mask.abcdefgh.tmp.png", ".step_0012.abcdefgh.tmp.safetensors",
-           ".step_00000012.abcdefgh.tmp.safetensors.bak"]
+FOREIGN = [
+    ".notes.tmp",
+    "step_00000012.tmp",
+    ".step_00000012.safetensors",
+    "notes.txt",
+    ".mask.abcdefgh.tmp.png",
+    ".step_0012.abcdefgh.tmp.safetensors",
+    ".step_00000012.abcdefgh.tmp.safetensors.bak",
+]
 
 
 def test_stale_checkpoint_temp_is_removed_on_resume_and_nothing_else(tmp_path):
@@ -169,6 +182,7 @@ def test_stale_checkpoint_temp_is_removed_by_the_next_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "step_00000003.safetensors", model, opt, TrainState(step=3))
     assert not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [*FOREIGN, "step_00000001.safetensors", "step_00000003.safetensors"])
+        [*FOREIGN, "step_00000001.safetensors", "step_00000003.safetensors"]
+    )
     state, _, _ = load_checkpoint(tmp_path / "step_00000003.safetensors", Toy())
     assert state.step == 3

@@ -162,16 +162,24 @@ def test_cached_forward_matches_full_and_keeps_buffers():
     pos = torch.randint(0, 6, (T, 2))
     full = model(x, pos, causal_mask(T))
     model.setup_caches(B, S, torch.float32)
-    ptrs = [(layer.attn.kv_cache.k_BHSD.data_ptr(), layer.attn.kv_cache.v_BHSD.data_ptr()) for layer in model.layers]
+    ptrs = [
+        (layer.attn.kv_cache.k_BHSD.data_ptr(), layer.attn.kv_cache.v_BHSD.data_ptr())
+        for layer in model.layers
+    ]
     slots = torch.arange(S)
     P = 5
     outs = [model.forward_cached(x[:, :P], pos[:P], slots[:P], causal_mask(P, S))]
     for t in range(P, T):
         step_mask = (slots <= t)[None, :]  # (1, S)
-        outs.append(model.forward_cached(x[:, t:t + 1], pos[t:t + 1], slots[t:t + 1], step_mask))
+        outs.append(
+            model.forward_cached(x[:, t : t + 1], pos[t : t + 1], slots[t : t + 1], step_mask)
+        )
     cached = torch.cat(outs, 1)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
-    after = [(layer.attn.kv_cache.k_BHSD.data_ptr(), layer.attn.kv_cache.v_BHSD.data_ptr()) for layer in model.layers]
+    after = [
+        (layer.attn.kv_cache.k_BHSD.data_ptr(), layer.attn.kv_cache.v_BHSD.data_ptr())
+        for layer in model.layers
+    ]
     assert after == ptrs
 
 
@@ -197,12 +205,18 @@ def test_sliced_cache_attention_equals_full_cache_and_skips_unwritten_slots():
         if name == "sliced":
             _poison_unwritten(model, P)
         width = S if name == "full" else P
-        prefill_mask = with_key_padding(causal_mask(P, width), valid_BS[:, :width])  # (B, 1, P, width)
+        prefill_mask = with_key_padding(
+            causal_mask(P, width), valid_BS[:, :width]
+        )  # (B, 1, P, width)
         outs = [model.forward_cached(x[:, :P], pos[:P], slots[:P], prefill_mask)]
         for t in range(P, T):
             n_keys = S if name == "full" else t + 1  # the whole buffer or the filled prefix
-            step_mask = with_key_padding((slots[:n_keys] <= t)[None, :], valid_BS[:, :n_keys])  # (B, 1, 1, n)
-            outs.append(model.forward_cached(x[:, t:t + 1], pos[t:t + 1], slots[t:t + 1], step_mask))
+            step_mask = with_key_padding(
+                (slots[:n_keys] <= t)[None, :], valid_BS[:, :n_keys]
+            )  # (B, 1, 1, n)
+            outs.append(
+                model.forward_cached(x[:, t : t + 1], pos[t : t + 1], slots[t : t + 1], step_mask)
+            )
         runs[name] = torch.cat(outs, 1)
     assert torch.isfinite(runs["sliced"]).all()  # no NaN slot beyond the filled prefix was read
     torch.testing.assert_close(runs["sliced"], runs["full"], atol=1e-6, rtol=1e-6)
@@ -228,33 +242,50 @@ def test_cache_bookkeeping_reuse_validity_and_repeat():
     valid = torch.tensor([[True, False, True], [True, True, False]])
     model.start_sequences(valid)
     assert model.key_padding(2, 8).shape == (2, 1, 1, 8)
-    assert model.key_padding(2, 8)[:, 0, 0].tolist() == [[True, False, True] + [True] * 5,
-                                                          [True, True, False] + [True] * 5]
+    assert model.key_padding(2, 8)[:, 0, 0].tolist() == [
+        [True, False, True] + [True] * 5,
+        [True, True, False] + [True] * 5,
+    ]
     for layer in model.layers:
-        layer.attn.kv_cache.k_BHSD[:2] = torch.arange(2.0)[:, None, None, None] + 1  # row b holds b + 1
+        layer.attn.kv_cache.k_BHSD[:2] = (
+            torch.arange(2.0)[:, None, None, None] + 1
+        )  # row b holds b + 1
     model.repeat_rows(2, 3, n_slots=5)
     k = model.layers[1].attn.kv_cache.k_BHSD
     assert k[:6, :, :5, 0].amax((1, 2)).tolist() == [1, 1, 1, 2, 2, 2]
-    assert model.key_padding(6, 3)[:, 0, 0].tolist() == [valid[0].tolist()] * 3 + [valid[1].tolist()] * 3
+    assert (
+        model.key_padding(6, 3)[:, 0, 0].tolist()
+        == [valid[0].tolist()] * 3 + [valid[1].tolist()] * 3
+    )
     with pytest.raises(RuntimeError, match="setup_caches"):
         model.repeat_rows(2, 4, n_slots=5)  # 8 rows > 6
     with pytest.raises(RuntimeError, match="setup_caches"):
         model.start_sequences(torch.ones(7, 3, dtype=torch.bool))
     model.clear_caches()
-    assert model.max_len == 0 and model.layers[0].attn.kv_cache is None and model.key_valid_BS is None
+    assert (
+        model.max_len == 0 and model.layers[0].attn.kv_cache is None and model.key_valid_BS is None
+    )
 
 
 def test_cache_errors():
     model = Transformer(_cfg())
     with pytest.raises(RuntimeError, match="setup_caches"):
-        model.forward_cached(torch.randn(1, 1, 32), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
-                             torch.ones(1, 1, dtype=torch.bool))
+        model.forward_cached(
+            torch.randn(1, 1, 32),
+            torch.zeros(1, 2),
+            torch.zeros(1, dtype=torch.long),
+            torch.ones(1, 1, dtype=torch.bool),
+        )
     with pytest.raises(ConfigError):
         model.setup_caches(1, 65, torch.float32)
     model.setup_caches(1, 8, torch.float32)
     with pytest.raises(ValueError, match="cache slots"):  # a mask wider than the cache
-        model.forward_cached(torch.randn(1, 1, 32), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
-                             torch.ones(1, 9, dtype=torch.bool))
+        model.forward_cached(
+            torch.randn(1, 1, 32),
+            torch.zeros(1, 2),
+            torch.zeros(1, dtype=torch.long),
+            torch.ones(1, 9, dtype=torch.bool),
+        )
 
 
 def test_config_validation():

@@ -1,8 +1,8 @@
 """mriseg: text-prompted medical image segmentation by autoregressive token prediction.
 
-    from mrisegcli import Segmenter
-    seg = Segmenter.load()                       # the shipped chest-radiograph model
-    masks = seg.segment(["chest.png"], "cardiac silhouette")   # boolean masks at input size
+from mrisegcli import Segmenter
+seg = Segmenter.load()                       # the shipped chest-radiograph model
+masks = seg.segment(["chest.png"], "cardiac silhouette")   # boolean masks at input size
 """
 
 __version__ = "0.1.0"

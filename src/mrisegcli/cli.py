@@ -38,7 +38,9 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-_BAD_CHOICE = re.compile(r"invalid value for '(?P<option>-[^']+)': (?P<value>'.*'|\".*\") is not one of (?P<allowed>'.*')")
+_BAD_CHOICE = re.compile(
+    r"invalid value for '(?P<option>-[^']+)': (?P<value>'.*'|\".*\") is not one of (?P<allowed>'.*')"
+)
 
 
 def usage_error_line(e: Exception) -> str:
@@ -51,7 +53,9 @@ def usage_error_line(e: Exception) -> str:
     choice = _BAD_CHOICE.fullmatch(reason)
     if choice:  # "--format must be auto, png, nii or dcm, not 'jpg'"
         allowed = re.findall(r"'([^']*)'", choice["allowed"])
-        listed = ", ".join(allowed[:-1]) + f" or {allowed[-1]}" if len(allowed) > 1 else "".join(allowed)
+        listed = (
+            ", ".join(allowed[:-1]) + f" or {allowed[-1]}" if len(allowed) > 1 else "".join(allowed)
+        )
         reason = f"{choice['option']} must be {listed}, not {choice['value']}"
     ctx = getattr(e, "ctx", None)
     if ctx is not None and ctx.command.get_help_option(ctx) is not None:
@@ -78,7 +82,9 @@ class _OneLineUsageErrors(TyperGroup):
     covered; ``--help`` and a bare ``mriseg`` print the help as before.
     """
 
-    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any
+    ) -> Any:
         with _usage_errors_as_one_line():
             return super().make_context(info_name, args, parent=parent, **extra)
 
@@ -118,7 +124,9 @@ def handled(fn: F) -> F:
         except Exception as e:  # an unexpected failure: still one line unless --debug
             if _state["debug"]:
                 raise
-            raise _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)") from None
+            raise _fail(
+                f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)"
+            ) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -218,18 +226,30 @@ _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 def _device_value(value: str) -> str:
     """``--device`` at parse time: a bad spelling is a usage error; availability is checked later."""
     name = value.strip().lower()
-    if not _DEVICE_RE.fullmatch(name):  # the message reads like a bad choice's (see usage_error_line)
+    if not _DEVICE_RE.fullmatch(
+        name
+    ):  # the message reads like a bad choice's (see usage_error_line)
         raise typer.BadParameter(f"{value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     return name
 
 
 DeviceOpt = Annotated[
-    str, typer.Option(callback=_device_value, metavar="<auto|cpu|cuda|cuda:N|mps>", help=f"{DEVICE_FORMS}.")
+    str,
+    typer.Option(
+        callback=_device_value, metavar="<auto|cpu|cuda|cuda:N|mps>", help=f"{DEVICE_FORMS}."
+    ),
 ]
 QuietOpt = Annotated[
-    bool, typer.Option("--quiet", "-q", help="No progress or stage lines on stderr (errors and warnings still print).")
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="No progress or stage lines on stderr (errors and warnings still print).",
+    ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
+]
 
 
 # ----------------------------------------------------------------------------------------- synth
@@ -243,9 +263,12 @@ def synth(
     size: Annotated[int, typer.Option(min=32, max=2048, help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
     mode: Annotated[
-        SynthMode, typer.Option(help="refer: the text names only some opacities; describe: all of them.")
+        SynthMode,
+        typer.Option(help="refer: the text names only some opacities; describe: all of them."),
     ] = SynthMode.refer,
-    overwrite: Annotated[bool, typer.Option(help="Replace an OUT folder made by an earlier synth.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an OUT folder made by an earlier synth.")
+    ] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -256,13 +279,31 @@ def synth(
     mode = _value(mode)
     with task_progress("synthesising", total=n_train + n_val + n_test, quiet=quiet) as progress:
         report = synthesize(
-            out_dir, n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed,
-            mode=mode, overwrite=overwrite, progress=progress,
+            out_dir,
+            n_train=n_train,
+            n_val=n_val,
+            n_test=n_test,
+            size=size,
+            seed=seed,
+            mode=mode,
+            overwrite=overwrite,
+            progress=progress,
         )
     if json_out:
-        _print_json({"out": str(out_dir), "cases": report.n_total, "train": n_train, "val": n_val,
-                     "test": n_test, "size": size, "mode": mode, "seed": seed,
-                     "seconds": round(report.seconds, 3), "images_per_s": round(report.images_per_s, 1)})
+        _print_json(
+            {
+                "out": str(out_dir),
+                "cases": report.n_total,
+                "train": n_train,
+                "val": n_val,
+                "test": n_test,
+                "size": size,
+                "mode": mode,
+                "seed": seed,
+                "seconds": round(report.seconds, 3),
+                "images_per_s": round(report.images_per_s, 1),
+            }
+        )
         return
     out.print(
         f"wrote {report.n_total} cases ({n_train} train / {n_val} val / {n_test} test, {size} px, "
@@ -291,9 +332,13 @@ def _device(name: str) -> Any:
         index = int(name.partition(":")[2] or 0)
         count = torch.cuda.device_count()
         if index >= count:
-            raise MrisegError(f"--device {name}: there is no CUDA device {index}; this machine has {count} "
-                              f"(cuda:0 to cuda:{count - 1})")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise MrisegError(
+                f"--device {name}: there is no CUDA device {index}; this machine has {count} "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
         raise MrisegError("--device mps: MPS is not available (use --device cpu)")
     return torch.device(name)
 
@@ -327,9 +372,16 @@ def _run_config(preset: str, paradigm: str, size: int | None, seed: int, **overr
         raise MrisegError(f"--paradigm must be {' or '.join(paradigms)}, not {paradigm!r}")
     hints = typing.get_type_hints(StrategyConfig)
     for key, value in overrides.items():
-        allowed = typing.get_args(hints[key]) if typing.get_origin(hints.get(key)) is typing.Literal else None
+        allowed = (
+            typing.get_args(hints[key])
+            if typing.get_origin(hints.get(key)) is typing.Literal
+            else None
+        )
         if allowed and value not in allowed:
-            raise _fail(f"--{key.replace('_', '-')} must be {' or '.join(sorted(allowed))}, not {value!r}", 2)
+            raise _fail(
+                f"--{key.replace('_', '-')} must be {' or '.join(sorted(allowed))}, not {value!r}",
+                2,
+            )
     cfg = replace(run_preset(preset), paradigm=paradigm, seed=seed)
     if size is not None:
         cfg = with_image_size(cfg, size)
@@ -337,9 +389,12 @@ def _run_config(preset: str, paradigm: str, size: int | None, seed: int, **overr
     train = dict(sections["train"], seed=seed)
     if "epochs" in train:
         train["steps"] = 0
-    return replace(cfg, train=replace(cfg.train, **train),
-                   strategies=replace(cfg.strategies, **sections["strategies"]),
-                   fit=replace(cfg.fit, **sections["fit"]))
+    return replace(
+        cfg,
+        train=replace(cfg.train, **train),
+        strategies=replace(cfg.strategies, **sections["strategies"]),
+        fit=replace(cfg.fit, **sections["fit"]),
+    )
 
 
 def _route_settings(cfg: Any, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -361,7 +416,9 @@ def _route_settings(cfg: Any, settings: dict[str, Any]) -> dict[str, dict[str, A
 @app.command()
 @handled
 def presets(
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per preset, one per line.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object per preset, one per line.")
+    ] = False,
 ) -> None:
     """List the model presets with their parameter counts."""
     from rich.table import Table
@@ -369,18 +426,34 @@ def presets(
     from mrisegcli.config import RUN_PRESETS, run_preset
     from mrisegcli.models.presets import count_params
 
-    table = Table("preset", "parameters (next-token)", "dim x layers", "input px", "train steps", "batch")
+    table = Table(
+        "preset", "parameters (next-token)", "dim x layers", "input px", "train steps", "batch"
+    )
     for name in RUN_PRESETS:
         cfg = run_preset(name)
         t = cfg.transformer
         params = count_params(t)
         if json_out:
-            _print_json({"name": name, "params": params, "dim": t.dim, "layers": t.n_layers,
-                         "train_steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
-                         "image_size": cfg.image_size})
+            _print_json(
+                {
+                    "name": name,
+                    "params": params,
+                    "dim": t.dim,
+                    "layers": t.n_layers,
+                    "train_steps": cfg.train.steps,
+                    "batch_size": cfg.train.batch_size,
+                    "image_size": cfg.image_size,
+                }
+            )
             continue
-        table.add_row(name, f"{params / 1e6:.1f} M", f"{t.dim} x {t.n_layers}", str(cfg.image_size),
-                      str(cfg.train.steps), str(cfg.train.batch_size))
+        table.add_row(
+            name,
+            f"{params / 1e6:.1f} M",
+            f"{t.dim} x {t.n_layers}",
+            str(cfg.image_size),
+            str(cfg.train.steps),
+            str(cfg.train.batch_size),
+        )
     if not json_out:
         out.print(table)
 
@@ -389,7 +462,9 @@ def presets(
 @app.command()
 @handled
 def models(
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per model, one per line.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object per model, one per line.")
+    ] = False,
 ) -> None:
     """List the models that ship inside the package, with their data, size and test metrics."""
     from rich.table import Table
@@ -399,9 +474,18 @@ def models(
     found = shipped_models()
     if json_out:
         for m in found:
-            _print_json({"name": m.name, "default": m.name == DEFAULT_MODEL, "path": str(m.path),
-                         "data": m.data, "size_bytes": m.size_bytes, "paradigm": m.config.get("paradigm"),
-                         "preset": m.config.get("preset"), "evaluation": m.evaluation})
+            _print_json(
+                {
+                    "name": m.name,
+                    "default": m.name == DEFAULT_MODEL,
+                    "path": str(m.path),
+                    "data": m.data,
+                    "size_bytes": m.size_bytes,
+                    "paradigm": m.config.get("paradigm"),
+                    "preset": m.config.get("preset"),
+                    "evaluation": m.evaluation,
+                }
+            )
         return
     if not found:
         out.print("no models ship with this installation; pass --model RUN")
@@ -411,31 +495,54 @@ def models(
         kinds = m.evaluation.get("kinds", {})
         dice = ", ".join(f"{k} {v['dice']:.3f}" for k, v in kinds.items()) or "not evaluated"
         name = f"{m.name} (default)" if m.name == DEFAULT_MODEL else m.name
-        table.add_row(name, m.data, f"{m.size_bytes / 1e6:.1f} MB",
-                      f"{m.config.get('paradigm')} ({m.config.get('preset')})", dice)
+        table.add_row(
+            name,
+            m.data,
+            f"{m.size_bytes / 1e6:.1f} MB",
+            f"{m.config.get('paradigm')} ({m.config.get('preset')})",
+            dice,
+        )
     out.print(table)
-    out.print(f"--model NAME|RUN|HUB_ID chooses another; {ENV_VAR} sets the default. Model cards: "
-              + ", ".join(str(m.path / "README.md") for m in found), markup=False)
+    out.print(
+        f"--model NAME|RUN|HUB_ID chooses another; {ENV_VAR} sets the default. Model cards: "
+        + ", ".join(str(m.path / "README.md") for m in found),
+        markup=False,
+    )
 
 
 # ---------------------------------------------------------------------------------- tokenize
 @app.command()
 @handled
 def tokenize(
-    data: Annotated[list[Path], typer.Option(metavar="<path>", help="Dataset folder or manifest; repeat for several.")],
+    data: Annotated[
+        list[Path],
+        typer.Option(metavar="<path>", help="Dataset folder or manifest; repeat for several."),
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Cache folder to create or update.")],
-    tokenizer: Annotated[Path | None, typer.Option(help="Reuse the tokenizers of a run or tokenize output.")] = None,
-    paradigm: Annotated[Paradigm, typer.Option(help="Which tokenizers to fit.")] = Paradigm.next_token,
-    preset: Annotated[Preset, typer.Option(help="Preset for the tokenizers' fitting budget.")] = Preset.tiny,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Reuse the tokenizers of a run or tokenize output.")
+    ] = None,
+    paradigm: Annotated[
+        Paradigm, typer.Option(help="Which tokenizers to fit.")
+    ] = Paradigm.next_token,
+    preset: Annotated[
+        Preset, typer.Option(help="Preset for the tokenizers' fitting budget.")
+    ] = Preset.tiny,
     size: Annotated[int | None, typer.Option(help="Model input side in pixels.")] = None,
-    layout: Annotated[Layout | None, typer.Option(help="Force the layout (default: detected).")] = None,
+    layout: Annotated[
+        Layout | None, typer.Option(help="Force the layout (default: detected).")
+    ] = None,
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images.")] = 2,
     device: DeviceOpt = "auto",
     mask_steps: Annotated[int | None, typer.Option(help="Mask tokenizer fitting steps.")] = None,
     image_steps: Annotated[int | None, typer.Option(help="Image tokenizer fitting steps.")] = None,
-    multiscale_steps: Annotated[int | None, typer.Option(help="Multi-scale tokenizer fitting steps.")] = None,
+    multiscale_steps: Annotated[
+        int | None, typer.Option(help="Multi-scale tokenizer fitting steps.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Rebuild a cache made with other tokenizers.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Rebuild a cache made with other tokenizers.")
+    ] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -443,29 +550,63 @@ def tokenize(
     from mrisegcli.runfolder import RunPaths
     from mrisegcli.workflow.prepare import build_cache, obtain_bundle, open_dataset
 
-    cfg = _run_config(preset, paradigm, size, seed, mask_steps=mask_steps, image_steps=image_steps,
-                      multiscale_steps=multiscale_steps)
+    cfg = _run_config(
+        preset,
+        paradigm,
+        size,
+        seed,
+        mask_steps=mask_steps,
+        image_steps=image_steps,
+        multiscale_steps=multiscale_steps,
+    )
     dev = _device(device)
     stage = _stage(quiet)
     ds = open_dataset(data, _value(layout), seed=seed)
-    bundle, reports, _ = obtain_bundle(cfg, ds, tokenizer_dir=tokenizer, save_dir=out_dir, device=dev,
-                                       workers=workers, stage=stage)
+    bundle, reports, _ = obtain_bundle(
+        cfg, ds, tokenizer_dir=tokenizer, save_dir=out_dir, device=dev, workers=workers, stage=stage
+    )
     if not json_out:
         for name, rep in reports.items():
-            out.print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rep.items()))
+            out.print(
+                f"{name}: "
+                + ", ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rep.items()
+                )
+            )
     _warn_weak_tokenizers(reports)
-    rep = build_cache(RunPaths(out_dir).cache, ds, bundle, cfg, device=dev, workers=workers, overwrite=overwrite, stage=stage)
+    rep = build_cache(
+        RunPaths(out_dir).cache,
+        ds,
+        bundle,
+        cfg,
+        device=dev,
+        workers=workers,
+        overwrite=overwrite,
+        stage=stage,
+    )
     if json_out:
-        _print_json({"out": str(out_dir), "cache": str(RunPaths(out_dir).cache), "encoded": rep.encoded,
-                     "reused": rep.reused, "seconds": round(rep.seconds, 3), "tokenizers": reports})
+        _print_json(
+            {
+                "out": str(out_dir),
+                "cache": str(RunPaths(out_dir).cache),
+                "encoded": rep.encoded,
+                "reused": rep.reused,
+                "seconds": round(rep.seconds, 3),
+                "tokenizers": reports,
+            }
+        )
         return
-    out.print(f"cache {out_dir / 'cache'}: {rep.encoded} encoded, {rep.reused} up to date, {rep.seconds:.1f} s",
-              markup=False)
+    out.print(
+        f"cache {out_dir / 'cache'}: {rep.encoded} encoded, {rep.reused} up to date, {rep.seconds:.1f} s",
+        markup=False,
+    )
 
 
 RECON_DICE_WARN = 0.8  # a mask tokenizer below this caps every model trained on its codes
-_MASK_TOKENIZERS = {"mask_vq": ("mask tokenizer", "--mask-steps"),
-                    "multiscale": ("multi-scale mask tokenizer", "--multiscale-steps")}
+_MASK_TOKENIZERS = {
+    "mask_vq": ("mask tokenizer", "--mask-steps"),
+    "multiscale": ("multi-scale mask tokenizer", "--multiscale-steps"),
+}
 
 
 def _warn_weak_tokenizers(reports: dict[str, dict]) -> None:
@@ -477,10 +618,17 @@ def _warn_weak_tokenizers(reports: dict[str, dict]) -> None:
         if dice >= RECON_DICE_WARN:
             continue
         what, option = _MASK_TOKENIZERS[name]
-        masks = ("held-out masks" if report.get("n_heldout", 1)
-                 else "its training masks (fewer than 10: none held out)")
-        err.print(f"mriseg: warning: the {what} reconstructs {masks} with Dice {dice:.2f} < {RECON_DICE_WARN}; "
-                  f"fit longer with {option}", style="bold yellow", markup=False)
+        masks = (
+            "held-out masks"
+            if report.get("n_heldout", 1)
+            else "its training masks (fewer than 10: none held out)"
+        )
+        err.print(
+            f"mriseg: warning: the {what} reconstructs {masks} with Dice {dice:.2f} < {RECON_DICE_WARN}; "
+            f"fit longer with {option}",
+            style="bold yellow",
+            markup=False,
+        )
 
 
 # ------------------------------------------------------------------------------------- train
@@ -488,45 +636,126 @@ def _warn_weak_tokenizers(reports: dict[str, dict]) -> None:
 @handled
 def train(
     ctx: typer.Context,
-    data: Annotated[list[Path], typer.Option(metavar="<path>", help="Dataset folder (LViT, QaTa-v2) or manifest CSV/JSONL; repeat to train on several.")],
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            metavar="<path>",
+            help="Dataset folder (LViT, QaTa-v2) or manifest CSV/JSONL; repeat to train on several.",
+        ),
+    ],
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Run folder (default: a new runs/<data name>-<date>-<time>).")
+        Path | None,
+        typer.Option("--out", help="Run folder (default: a new runs/<data name>-<date>-<time>)."),
     ] = None,
-    paradigm: Annotated[Paradigm, typer.Option(help="Autoregressive paradigm.")] = Paradigm.next_token,
-    preset: Annotated[Preset, typer.Option(help="Model size and budget (see `mriseg presets`).")] = Preset.tiny,
-    steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps (default: the preset's).")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Train for this many epochs instead of --steps.")] = None,
+    paradigm: Annotated[
+        Paradigm, typer.Option(help="Autoregressive paradigm.")
+    ] = Paradigm.next_token,
+    preset: Annotated[
+        Preset, typer.Option(help="Model size and budget (see `mriseg presets`).")
+    ] = Preset.tiny,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Optimiser steps (default: the preset's).")
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Train for this many epochs instead of --steps.")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Global batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    eval_every: Annotated[int | None, typer.Option(min=1, help="Validate (and keep the best) every N steps.")] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(min=1, help="Validate (and keep the best) every N steps.")
+    ] = None,
     ckpt_every: Annotated[int | None, typer.Option(min=1, help="Checkpoint every N steps.")] = None,
-    size: Annotated[int | None, typer.Option(help="Model input side in pixels (default 128).")] = None,
-    layout: Annotated[Layout | None, typer.Option(help="Force the layout (default: detected).")] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="Reuse tokenizers from a run or tokenize output.")] = None,
-    cache: Annotated[Path | None, typer.Option(help="Code cache folder (default RUN/cache).")] = None,
+    size: Annotated[
+        int | None, typer.Option(help="Model input side in pixels (default 128).")
+    ] = None,
+    layout: Annotated[
+        Layout | None, typer.Option(help="Force the layout (default: detected).")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Reuse tokenizers from a run or tokenize output.")
+    ] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="Code cache folder (default RUN/cache).")
+    ] = None,
     mask_steps: Annotated[int | None, typer.Option(help="Mask tokenizer fitting steps.")] = None,
     image_steps: Annotated[int | None, typer.Option(help="Image tokenizer fitting steps.")] = None,
-    multiscale_steps: Annotated[int | None, typer.Option(help="Multi-scale tokenizer fitting steps.")] = None,
-    nktp_k: Annotated[int | None, typer.Option(help="Next-k token prediction: k (1 = off).")] = None,
-    lambda_tcl: Annotated[float | None, typer.Option(help="Token contrastive loss weight (0 = off).")] = None,
-    het_alpha: Annotated[float | None, typer.Option(help="Hard-error-token weight (0 = off).")] = None,
+    multiscale_steps: Annotated[
+        int | None, typer.Option(help="Multi-scale tokenizer fitting steps.")
+    ] = None,
+    nktp_k: Annotated[
+        int | None, typer.Option(help="Next-k token prediction: k (1 = off).")
+    ] = None,
+    lambda_tcl: Annotated[
+        float | None, typer.Option(help="Token contrastive loss weight (0 = off).")
+    ] = None,
+    het_alpha: Annotated[
+        float | None, typer.Option(help="Hard-error-token weight (0 = off).")
+    ] = None,
     image_input: Annotated[ImageInput | None, typer.Option(help="next-token image tokens.")] = None,
-    input_noise: Annotated[float | None, typer.Option(help="Share of teacher-forced mask tokens replaced by random codes (0 = off).")] = None,
-    lambda_dense: Annotated[float | None, typer.Option(help="Dense prefix supervision weight (0 = off).")] = None,
-    lambda_refine: Annotated[float | None, typer.Option(help="Full-resolution refiner weight (0 = off; next-token, pixels).")] = None,
-    refine_code_noise: Annotated[float | None, typer.Option(min=0.0, max=0.99, help="Share of the refiner's training codes replaced by random ones (0 = off).")] = None,
-    prefix_attention: Annotated[PrefixAttention | None, typer.Option(help="next-token image+text attention.")] = None,
-    no_text: Annotated[bool, typer.Option("--no-text", help="Image-only baseline: the model never sees the prompt.")] = False,
-    paraphrases: Annotated[int | None, typer.Option(min=0, help="Reworded copies of each training row with a 'target' column (0 = none).")] = None,
-    text_len: Annotated[int | None, typer.Option(min=1, max=512, help="Text context in tokens (lengthened when a training text is longer).")] = None,
-    max_minutes: Annotated[float | None, typer.Option(min=0.1, help="Wall-clock budget of the whole run in minutes (tokenizers and cache included); the schedule follows it.")] = None,
+    input_noise: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of teacher-forced mask tokens replaced by random codes (0 = off)."
+        ),
+    ] = None,
+    lambda_dense: Annotated[
+        float | None, typer.Option(help="Dense prefix supervision weight (0 = off).")
+    ] = None,
+    lambda_refine: Annotated[
+        float | None,
+        typer.Option(help="Full-resolution refiner weight (0 = off; next-token, pixels)."),
+    ] = None,
+    refine_code_noise: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=0.99,
+            help="Share of the refiner's training codes replaced by random ones (0 = off).",
+        ),
+    ] = None,
+    prefix_attention: Annotated[
+        PrefixAttention | None, typer.Option(help="next-token image+text attention.")
+    ] = None,
+    no_text: Annotated[
+        bool,
+        typer.Option("--no-text", help="Image-only baseline: the model never sees the prompt."),
+    ] = False,
+    paraphrases: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="Reworded copies of each training row with a 'target' column (0 = none)."
+        ),
+    ] = None,
+    text_len: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=512,
+            help="Text context in tokens (lengthened when a training text is longer).",
+        ),
+    ] = None,
+    max_minutes: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="Wall-clock budget of the whole run in minutes (tokenizers and cache included); the schedule follows it.",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images.")] = 2,
-    resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run from its last checkpoint.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Start over in a non-empty run folder.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     quiet: QuietOpt = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end (run folder, steps, best val Dice, seconds, curves).")] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON object at the end (run folder, steps, best val Dice, seconds, curves).",
+        ),
+    ] = False,
 ) -> None:
     """Train a model from raw data: tokenizers, code cache, then the transformer."""
     from mrisegcli.progress import task_progress
@@ -534,13 +763,33 @@ def train(
     from mrisegcli.workflow.train import train_run
 
     if out_dir is None and resume:
-        raise _fail("--resume needs --out RUN, the run folder to continue (see 'mriseg train --help')", 2)
+        raise _fail(
+            "--resume needs --out RUN, the run folder to continue (see 'mriseg train --help')", 2
+        )
     cfg = _run_config(
-        preset, paradigm, size, seed, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
-        eval_every=eval_every, ckpt_every=ckpt_every, max_minutes=max_minutes, mask_steps=mask_steps, image_steps=image_steps, multiscale_steps=multiscale_steps,
-        nktp_k=nktp_k, lambda_tcl=lambda_tcl, het_alpha=het_alpha, image_input=image_input,
-        prefix_attention=prefix_attention, lambda_dense=lambda_dense, input_noise=input_noise,
-        lambda_refine=lambda_refine, refine_code_noise=refine_code_noise,
+        preset,
+        paradigm,
+        size,
+        seed,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        eval_every=eval_every,
+        ckpt_every=ckpt_every,
+        max_minutes=max_minutes,
+        mask_steps=mask_steps,
+        image_steps=image_steps,
+        multiscale_steps=multiscale_steps,
+        nktp_k=nktp_k,
+        lambda_tcl=lambda_tcl,
+        het_alpha=het_alpha,
+        image_input=image_input,
+        prefix_attention=prefix_attention,
+        lambda_dense=lambda_dense,
+        input_noise=input_noise,
+        lambda_refine=lambda_refine,
+        refine_code_noise=refine_code_noise,
     )
     cfg = _with_text_options(cfg, no_text, paraphrases, text_len)
     dev = _device(device)
@@ -558,9 +807,20 @@ def train(
                 err.print(f"run folder: {out_dir}", markup=False)
         with task_progress("training", total=None, quiet=silent) as progress:
             result = train_run(
-                data, out_dir, cfg, layout=_value(layout), device=dev, resume=resume, overwrite=overwrite,
-                tokenizer_dir=tokenizer, cache_dir=cache, workers=workers, stage=_stage(silent),
-                train_progress=progress, dist_info=info, command=" ".join(sys.argv),
+                data,
+                out_dir,
+                cfg,
+                layout=_value(layout),
+                device=dev,
+                resume=resume,
+                overwrite=overwrite,
+                tokenizer_dir=tokenizer,
+                cache_dir=cache,
+                workers=workers,
+                stage=_stage(silent),
+                train_progress=progress,
+                dist_info=info,
+                command=" ".join(sys.argv),
                 given=_given_options(ctx),
             )
     except BaseException:
@@ -573,7 +833,9 @@ def train(
         _report_training(result, out_dir, json_out)
 
 
-def _with_text_options(cfg: Any, no_text: bool, paraphrases: int | None, text_len: int | None) -> Any:
+def _with_text_options(
+    cfg: Any, no_text: bool, paraphrases: int | None, text_len: int | None
+) -> Any:
     """``cfg`` with train's text options applied: --no-text, --paraphrases, --text-len."""
     from dataclasses import replace
 
@@ -590,13 +852,26 @@ def _report_training(result: Any, out_dir: Path, json_out: bool) -> None:
     """What train prints at the end: one JSON object, or a summary line (and the curves)."""
     _warn_weak_tokenizers(result.tokenizer_reports)
     if json_out:
-        _print_json({"run_dir": str(out_dir), "steps": result.steps, "best_val_dice": result.best_val_dice,
-                     "best_step": result.best_step, "seconds": round(result.train_seconds, 3),
-                     "curves": None if result.curves is None else str(result.curves)})
+        _print_json(
+            {
+                "run_dir": str(out_dir),
+                "steps": result.steps,
+                "best_val_dice": result.best_val_dice,
+                "best_step": result.best_step,
+                "seconds": round(result.train_seconds, 3),
+                "curves": None if result.curves is None else str(result.curves),
+            }
+        )
         return
-    best = f"{result.best_val_dice:.4f} (step {result.best_step})" if result.best_val_dice is not None else "n/a"
-    out.print(f"trained {result.steps} steps in {result.train_seconds:.0f} s; best val Dice {best}; run {out_dir}",
-              markup=False)
+    best = (
+        f"{result.best_val_dice:.4f} (step {result.best_step})"
+        if result.best_val_dice is not None
+        else "n/a"
+    )
+    out.print(
+        f"trained {result.steps} steps in {result.train_seconds:.0f} s; best val Dice {best}; run {out_dir}",
+        markup=False,
+    )
     if result.curves is not None:
         out.print(f"training curves: {result.curves}", markup=False)
 
@@ -647,33 +922,65 @@ def _new_run_dir(data: list[Path], info: Any, device: Any, root: Path = Path("ru
 @handled
 def predict(
     inputs: Annotated[
-        list[str] | None, typer.Argument(show_default=False, help="Files, folders, or - to read paths from stdin.")
+        list[str] | None,
+        typer.Argument(show_default=False, help="Files, folders, or - to read paths from stdin."),
     ] = None,
     text: Annotated[str | None, typer.Option(help="The referring text (for every input).")] = None,
     prompts: Annotated[
         str | None,
-        typer.Option(metavar="FILE", help="A text per input instead of --text and INPUTS: CSV with a header path,text, or JSON lines {\"path\": ..., \"text\": ...}; - reads stdin. Paths are relative to the current folder."),
+        typer.Option(
+            metavar="FILE",
+            help='A text per input instead of --text and INPUTS: CSV with a header path,text, or JSON lines {"path": ..., "text": ...}; - reads stdin. Paths are relative to the current folder.',
+        ),
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(help="Run folder, Hub id user/repo[@revision], or a shipped model's name (default: $MRISEG_MODEL, else the shipped chest-xray model)."),
+        typer.Option(
+            help="Run folder, Hub id user/repo[@revision], or a shipped model's name (default: $MRISEG_MODEL, else the shipped chest-xray model)."
+        ),
     ] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: beside each input).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default: beside each input).")
+    ] = None,
     fmt: Annotated[
-        MaskFormat, typer.Option("--format", case_sensitive=False, help="Mask format; dcm is DICOM SEG (default: png for 2-D images, nii for volumes, dcm for DICOM).")
+        MaskFormat,
+        typer.Option(
+            "--format",
+            case_sensitive=False,
+            help="Mask format; dcm is DICOM SEG (default: png for 2-D images, nii for volumes, dcm for DICOM).",
+        ),
     ] = MaskFormat.auto,
-    samples: Annotated[int, typer.Option(min=1, help="Masks drawn per input and fused by consensus.")] = 1,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default 0, or 1 with --samples > 1).")] = None,
-    uncertainty: Annotated[bool, typer.Option(help="Also write the uncertainty map (needs --samples > 1).")] = False,
-    overlay: Annotated[bool, typer.Option(help="Also write a PNG of the mask over the image.")] = False,
-    steps_png: Annotated[bool, typer.Option("--steps-png", help="Next-scale: write the mask after each scale.")] = False,
+    samples: Annotated[
+        int, typer.Option(min=1, help="Masks drawn per input and fused by consensus.")
+    ] = 1,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="Sampling temperature (default 0, or 1 with --samples > 1)."),
+    ] = None,
+    uncertainty: Annotated[
+        bool, typer.Option(help="Also write the uncertainty map (needs --samples > 1).")
+    ] = False,
+    overlay: Annotated[
+        bool, typer.Option(help="Also write a PNG of the mask over the image.")
+    ] = False,
+    steps_png: Annotated[
+        bool, typer.Option("--steps-png", help="Next-scale: write the mask after each scale.")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON line per input.")] = False,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Slices decoded together.")] = 32,
-    keep_going: Annotated[bool, typer.Option(help="Continue after a bad or missing input (exit 1 at the end).")] = False,
+    keep_going: Annotated[
+        bool, typer.Option(help="Continue after a bad or missing input (exit 1 at the end).")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
-    speculative: Annotated[bool, typer.Option("--speculative/--no-speculative", help="Greedy next-token decoding drafted by the model's NkTP heads (same masks, fewer passes).")] = True,
+    speculative: Annotated[
+        bool,
+        typer.Option(
+            "--speculative/--no-speculative",
+            help="Greedy next-token decoding drafted by the model's NkTP heads (same masks, fewer passes).",
+        ),
+    ] = True,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment what the text describes in each input; one output line per input."""
@@ -683,16 +990,32 @@ def predict(
 
     see = " (see 'mriseg predict --help')"
     if prompts is not None and (text is not None or inputs):
-        raise _fail("--prompts gives the inputs and their texts: use it without --text and without input paths" + see, 2)
+        raise _fail(
+            "--prompts gives the inputs and their texts: use it without --text and without input paths"
+            + see,
+            2,
+        )
     if prompts is None and not inputs:
-        raise _fail("missing argument 'INPUTS...' (files, folders or -), or give --prompts FILE" + see, 2)
+        raise _fail(
+            "missing argument 'INPUTS...' (files, folders or -), or give --prompts FILE" + see, 2
+        )
     if prompts is None and text is None:
-        raise _fail("missing option '--text' (or give --prompts FILE with a text per input)" + see, 2)
+        raise _fail(
+            "missing option '--text' (or give --prompts FILE with a text per input)" + see, 2
+        )
     if uncertainty and samples < 2:
         raise _fail("--uncertainty needs --samples 2 or more", 2)
     options = PredictOptions(
-        out_dir=out_dir, fmt=_value(fmt), samples=samples, temperature=temperature, seed=seed,
-        uncertainty=uncertainty, overlay=overlay, steps_png=steps_png, overwrite=overwrite, keep_going=keep_going,
+        out_dir=out_dir,
+        fmt=_value(fmt),
+        samples=samples,
+        temperature=temperature,
+        seed=seed,
+        uncertainty=uncertainty,
+        overlay=overlay,
+        steps_png=steps_png,
+        overwrite=overwrite,
+        keep_going=keep_going,
     )
     lines = _PredictLines(json_out)
 
@@ -700,14 +1023,20 @@ def predict(
         dev = _device(device)
         choice = _chosen_model(model, quiet)
         lines.shipped = choice.shipped
-        seg = segmenter.load_segmenter(resolve_run(choice.spec), dev, batch_size=batch_size,
-                                       compile=dev.type == "cuda", speculative=speculative)
+        seg = segmenter.load_segmenter(
+            resolve_run(choice.spec),
+            dev,
+            batch_size=batch_size,
+            compile=dev.type == "cuda",
+            speculative=speculative,
+        )
         seg.warn = lambda message: err.print(f"mriseg: warning: {message}", markup=False)
         return seg
 
     try:
-        results = predict_batch(load, inputs=inputs or [], text=text, prompts=prompts, options=options,
-                                on_result=lines)
+        results = predict_batch(
+            load, inputs=inputs or [], text=text, prompts=prompts, options=options, on_result=lines
+        )
     except ModelOptionError as e:
         raise _fail(str(e), 2) from None
     if any(r.error for r in results):
@@ -724,20 +1053,33 @@ class _PredictLines:
     def __call__(self, result: Any) -> None:
         if self.shipped and not result.error and not self.warned and _not_a_radiograph(result):
             self.warned = True
-            what = f"a {result.modality} scan" if result.modality else f"a volume of {result.slices} slices"
-            err.print(f"mriseg: warning: {result.input} is {what}; the default model was trained on "
-                      "chest radiographs and segments it slice by slice", markup=False)
+            what = (
+                f"a {result.modality} scan"
+                if result.modality
+                else f"a volume of {result.slices} slices"
+            )
+            err.print(
+                f"mriseg: warning: {result.input} is {what}; the default model was trained on "
+                "chest radiographs and segments it slice by slice",
+                markup=False,
+            )
         if self.json_out:
             _print_json(result.to_json())
         elif result.error:
             err.print(f"mriseg: error: {result.error}", markup=False)
         elif not result.found:
             mask = result.outputs.get("mask")
-            out.print(f"{result.input} -> {mask} (no region found; presence {result.presence:.2f})", markup=False)
+            out.print(
+                f"{result.input} -> {mask} (no region found; presence {result.presence:.2f})",
+                markup=False,
+            )
         else:
             mask = result.outputs.get("mask")
-            out.print(f"{result.input} -> {mask} ({result.foreground_fraction:.1%} foreground, "
-                      f"presence {result.presence:.2f})", markup=False)
+            out.print(
+                f"{result.input} -> {mask} ({result.foreground_fraction:.1%} foreground, "
+                f"presence {result.presence:.2f})",
+                markup=False,
+            )
 
 
 def _chosen_model(model: str | None, quiet: bool = False) -> Any:
@@ -760,19 +1102,51 @@ def _not_a_radiograph(result: Any) -> bool:
 @app.command()
 @handled
 def evaluate(
-    model: Annotated[str | None, typer.Option(help="Run folder, Hub id user/repo[@revision] or shipped model to evaluate on --data (default: $MRISEG_MODEL, else the shipped chest-xray model).")] = None,
-    data: Annotated[list[Path] | None, typer.Option(metavar="<path>", help="Dataset to evaluate the model on (repeat for several).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Run folder, Hub id user/repo[@revision] or shipped model to evaluate on --data (default: $MRISEG_MODEL, else the shipped chest-xray model)."
+        ),
+    ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            metavar="<path>", help="Dataset to evaluate the model on (repeat for several)."
+        ),
+    ] = None,
     split: Annotated[Split, typer.Option(help="Dataset split to evaluate on.")] = Split.test,
-    layout: Annotated[Layout | None, typer.Option(help="Force the layout (default: detected).")] = None,
+    layout: Annotated[
+        Layout | None, typer.Option(help="Force the layout (default: detected).")
+    ] = None,
     pred: Annotated[Path | None, typer.Option(help="Folder of predicted masks.")] = None,
     gt: Annotated[Path | None, typer.Option(help="Folder of ground-truth masks.")] = None,
-    samples: Annotated[int, typer.Option(min=1, help="Masks drawn per case, fused by consensus.")] = 1,
+    samples: Annotated[
+        int, typer.Option(min=1, help="Masks drawn per case, fused by consensus.")
+    ] = 1,
     temperature: Annotated[
-        float | None, typer.Option(min=0.0, help="Sampling temperature (default 0, or 1 with --samples > 1).")
+        float | None,
+        typer.Option(min=0.0, help="Sampling temperature (default 0, or 1 with --samples > 1)."),
     ] = None,
-    text_ablation: Annotated[list[TextAblation] | None, typer.Option(metavar="<empty|shuffle>", help="Also score with empty or shuffled text (repeatable).")] = None,
-    image_ablation: Annotated[bool, typer.Option("--image-ablation", help="Also score each case's text on another case's image (does the model read the image?).")] = False,
-    teacher_forced: Annotated[bool, typer.Option("--teacher-forced", help="Next-token: also score the codes of one teacher-forced pass (the model without its own mistakes).")] = False,
+    text_ablation: Annotated[
+        list[TextAblation] | None,
+        typer.Option(
+            metavar="<empty|shuffle>", help="Also score with empty or shuffled text (repeatable)."
+        ),
+    ] = None,
+    image_ablation: Annotated[
+        bool,
+        typer.Option(
+            "--image-ablation",
+            help="Also score each case's text on another case's image (does the model read the image?).",
+        ),
+    ] = False,
+    teacher_forced: Annotated[
+        bool,
+        typer.Option(
+            "--teacher-forced",
+            help="Next-token: also score the codes of one teacher-forced pass (the model without its own mistakes).",
+        ),
+    ] = False,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N cases.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Write per-case rows to this CSV file.")] = None,
@@ -782,7 +1156,13 @@ def evaluate(
     device: DeviceOpt = "auto",
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images.")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, shuffled text).")] = 0,
-    speculative: Annotated[bool, typer.Option("--speculative/--no-speculative", help="Greedy next-token decoding drafted by the model's NkTP heads (same masks, fewer passes).")] = True,
+    speculative: Annotated[
+        bool,
+        typer.Option(
+            "--speculative/--no-speculative",
+            help="Greedy next-token decoding drafted by the model's NkTP heads (same masks, fewer passes).",
+        ),
+    ] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --csv file.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -795,7 +1175,11 @@ def evaluate(
 
     by_model = model is not None or data is not None
     by_folder = pred is not None or gt is not None
-    if by_model == by_folder or (by_model and data is None) or (by_folder and (pred is None or gt is None)):
+    if (
+        by_model == by_folder
+        or (by_model and data is None)
+        or (by_folder and (pred is None or gt is None))
+    ):
         raise _fail("give either --data DIR [--model RUN], or --pred DIR --gt DIR", 2)
     if csv is not None:
         check_writable(csv, overwrite)
@@ -804,12 +1188,23 @@ def evaluate(
         from mrisegcli.workflow.evaluate_model import evaluate_model, report_dict
         from mrisegcli.workflow.segmenter import load_segmenter
 
-        seg = load_segmenter(resolve_run(_chosen_model(model, quiet).spec), _device(device), speculative=speculative)
+        seg = load_segmenter(
+            resolve_run(_chosen_model(model, quiet).spec), _device(device), speculative=speculative
+        )
         mreport = evaluate_model(
-            seg, data, split=split, layout=layout, samples=samples, temperature=temperature,
-            ablations=tuple(text_ablation or ()), image_ablation=image_ablation,
+            seg,
+            data,
+            split=split,
+            layout=layout,
+            samples=samples,
+            temperature=temperature,
+            ablations=tuple(text_ablation or ()),
+            image_ablation=image_ablation,
             teacher_forced=teacher_forced,
-            limit=limit, workers=workers, seed=seed, stage=_stage(quiet=quiet or json_out),
+            limit=limit,
+            workers=workers,
+            seed=seed,
+            stage=_stage(quiet=quiet or json_out),
         )
         report = EvalReport(mreport.cases, mreport.summary, [], [])
         summary = report_dict(mreport)
@@ -829,7 +1224,11 @@ def evaluate(
         _print_model_summary(summary, split, text_ablation)
 
 
-_PART_NAMES = {"tokens": "mask tokenizer (tokens only)", "refined": "refiner", "dense": "dense head (no codes)"}
+_PART_NAMES = {
+    "tokens": "mask tokenizer (tokens only)",
+    "refined": "refiner",
+    "dense": "dense head (no codes)",
+}
 #: (summary key, label) of the optional numbers on the summary line, in print order
 _SUMMARY_EXTRAS = (
     ("teacher_forced_dice", "teacher-forced Dice"),
@@ -850,16 +1249,25 @@ def _print_model_summary(summary: dict[str, Any], split: str, text_ablation: lis
     for key, label in _SUMMARY_EXTRAS:
         if key in summary:
             drop = summary.get(f"{key}_drop")
-            line += f"  {label} {summary[key]:.4f}" + (f" (drop {drop:.4f})" if key.startswith("image_") and drop is not None else "")
+            line += f"  {label} {summary[key]:.4f}" + (
+                f" (drop {drop:.4f})" if key.startswith("image_") and drop is not None else ""
+            )
     out.print(line)
     if summary.get("parts"):  # the same codes drawn by each part of the model
-        out.print("  mask drawn from the same codes by: " + ", ".join(
-            f"{_PART_NAMES.get(k, k)} Dice {v['dice']:.4f}" for k, v in summary["parts"].items()))
+        out.print(
+            "  mask drawn from the same codes by: "
+            + ", ".join(
+                f"{_PART_NAMES.get(k, k)} Dice {v['dice']:.4f}" for k, v in summary["parts"].items()
+            )
+        )
     for kind, row in summary.get("kinds", {}).items():
         extra = ""
         if "drawn" in row:
             extra = f"  drew a region on {row['drawn']:.1%} (mean area {row['fp_fraction']:.2%} of the image)"
-        out.print(f"  {kind}: Dice {row['dice']:.4f}  mIoU {row['miou']:.4f}  (n={row['n']}){extra}", markup=False)
+        out.print(
+            f"  {kind}: Dice {row['dice']:.4f}  mIoU {row['miou']:.4f}  (n={row['n']}){extra}",
+            markup=False,
+        )
 
 
 # -------------------------------------------------------------------------------------- push
@@ -867,17 +1275,24 @@ def _print_model_summary(summary: dict[str, Any], split: str, text_ablation: lis
 @handled
 def push(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder to publish.")],
-    repo_id: Annotated[str, typer.Option(help="Hub model repository user/name (created if needed).")],
+    repo_id: Annotated[
+        str, typer.Option(help="Hub model repository user/name (created if needed).")
+    ],
     private: Annotated[bool, typer.Option(help="Create the repository as private.")] = False,
-    revision: Annotated[str | None, typer.Option(help="Branch to push to (created if needed).")] = None,
-    token: Annotated[str | None, typer.Option(help="Hub token (default: HF_TOKEN or the saved login).")] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Branch to push to (created if needed).")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(help="Hub token (default: HF_TOKEN or the saved login).")
+    ] = None,
     commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
 ) -> None:
     """Publish a run on the Hugging Face Hub: weights, tokenizers, config and a model card."""
     from mrisegcli.workflow.push import push_run
 
-    url = push_run(run, repo_id, private=private, revision=revision, token=token,
-                   commit_message=commit_message)
+    url = push_run(
+        run, repo_id, private=private, revision=revision, token=token, commit_message=commit_message
+    )
     model = f"{repo_id}@{revision}" if revision else repo_id
     out.print(f"pushed {run} to {url}; use it with --model {model}", markup=False)
 

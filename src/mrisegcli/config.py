@@ -86,7 +86,9 @@ def _cpu() -> RunConfig:
         strategies=StrategyConfig(image_input="pixels"),
         fit=FitConfig(mask_steps=2000, image_steps=600, multiscale_steps=2000),
         # about 0.3 s a step on two cores: 2500 steps are 12-13 minutes (docs/method.md)
-        train=TrainConfig(steps=2500, batch_size=32, lr=3e-3, warmup_steps=100, eval_every=250, ckpt_every=250),
+        train=TrainConfig(
+            steps=2500, batch_size=32, lr=3e-3, warmup_steps=100, eval_every=250, ckpt_every=250
+        ),
     )
     return with_image_size(cfg, 64)
 
@@ -106,7 +108,9 @@ def _cxr() -> RunConfig:
         multiscale=MultiScaleConfig(downsample=16, channels=(16, 32, 64, 64)),
         strategies=StrategyConfig(image_input="pixels"),
         fit=FitConfig(mask_steps=1500, image_steps=600, multiscale_steps=1500),
-        train=TrainConfig(steps=3500, batch_size=32, lr=3e-3, warmup_steps=100, eval_every=250, ckpt_every=250),
+        train=TrainConfig(
+            steps=3500, batch_size=32, lr=3e-3, warmup_steps=100, eval_every=250, ckpt_every=250
+        ),
     )
     return with_image_size(cfg, 128)
 
@@ -116,7 +120,9 @@ def _tiny() -> RunConfig:
         preset="tiny",
         transformer=get_preset("tiny"),
         fit=FitConfig(mask_steps=1200, image_steps=800, multiscale_steps=1200),
-        train=TrainConfig(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, eval_every=250, ckpt_every=250),
+        train=TrainConfig(
+            steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, eval_every=250, ckpt_every=250
+        ),
     )
 
 
@@ -125,7 +131,9 @@ def _small() -> RunConfig:
         preset="small",
         transformer=get_preset("small"),
         fit=FitConfig(mask_steps=3000, image_steps=3000, multiscale_steps=3000),
-        train=TrainConfig(steps=10000, batch_size=64, lr=1e-3, warmup_steps=500, eval_every=1000, ckpt_every=500),
+        train=TrainConfig(
+            steps=10000, batch_size=64, lr=1e-3, warmup_steps=500, eval_every=1000, ckpt_every=500
+        ),
     )
 
 
@@ -134,7 +142,14 @@ def _base() -> RunConfig:
         preset="base",
         transformer=get_preset("base"),
         fit=FitConfig(mask_steps=6000, image_steps=6000, multiscale_steps=6000),
-        train=TrainConfig(steps=30000, batch_size=128, lr=6e-4, warmup_steps=1000, eval_every=2000, ckpt_every=1000),
+        train=TrainConfig(
+            steps=30000,
+            batch_size=128,
+            lr=6e-4,
+            warmup_steps=1000,
+            eval_every=2000,
+            ckpt_every=1000,
+        ),
     )
 
 
@@ -147,7 +162,9 @@ def run_preset(name: str) -> RunConfig:
     return RUN_PRESETS[name]()
 
 
-def scale_schedule(grid: int, reference: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) -> tuple[int, ...]:
+def scale_schedule(
+    grid: int, reference: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+) -> tuple[int, ...]:
     """The reference 16-grid schedule stretched to another grid side (always from 1 to grid)."""
     ref_grid = reference[-1]
     scaled = {max(1, round(s * grid / ref_grid)) for s in reference}
@@ -158,7 +175,9 @@ def with_image_size(cfg: RunConfig, size: int) -> RunConfig:
     """Set the pixel side everywhere it appears (tokenizers and the scale schedule included)."""
     ms = cfg.multiscale
     if size % ms.downsample:
-        raise ConfigError(f"--size {size} must be a multiple of the tokenizer downsampling {ms.downsample}")
+        raise ConfigError(
+            f"--size {size} must be a multiple of the tokenizer downsampling {ms.downsample}"
+        )
     return replace(
         cfg,
         image_size=size,
@@ -222,6 +241,12 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
 
 
 __all__ = [
-    "FitConfig", "RunConfig", "StrategyConfig", "RUN_PRESETS", "run_preset", "with_image_size",
-    "to_dict", "from_dict",
+    "FitConfig",
+    "RunConfig",
+    "StrategyConfig",
+    "RUN_PRESETS",
+    "run_preset",
+    "with_image_size",
+    "to_dict",
+    "from_dict",
 ]

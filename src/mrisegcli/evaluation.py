@@ -191,8 +191,14 @@ def evaluate_folders(
     cases: list[CaseResult] = []
     total = len(pairing.pairs)
     for i, (name, pred_path, gt_path) in enumerate(pairing.pairs):
-        gt = read_mask(gt_path, binary=True)  # a label map or grey image is refused, not thresholded
-        pred = np.zeros(gt.shape, dtype=bool) if pred_path is None else read_mask(pred_path, binary=True)
+        gt = read_mask(
+            gt_path, binary=True
+        )  # a label map or grey image is refused, not thresholded
+        pred = (
+            np.zeros(gt.shape, dtype=bool)
+            if pred_path is None
+            else read_mask(pred_path, binary=True)
+        )
         if pred.shape != gt.shape:
             raise MrisegError(
                 f"case '{name}': prediction has shape {tuple(pred.shape)} but ground truth "

@@ -16,8 +16,15 @@ from mrisegcli.errors import MrisegError
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 #: what a run needs to predict; checkpoints and caches stay local
-RUN_PATTERNS = [runfolder.CONFIG, "*.safetensors", *runfolder.TEXT_TOKENIZER_FILES, runfolder.SPECIAL_TOKENS_MAP,
-                runfolder.CARD, runfolder.METRICS, runfolder.TRAIN_LOG]
+RUN_PATTERNS = [
+    runfolder.CONFIG,
+    "*.safetensors",
+    *runfolder.TEXT_TOKENIZER_FILES,
+    runfolder.SPECIAL_TOKENS_MAP,
+    runfolder.CARD,
+    runfolder.METRICS,
+    runfolder.TRAIN_LOG,
+]
 IGNORE_PATTERNS = ["checkpoints/*", "cache/*", "*.tmp*"]
 
 
@@ -52,15 +59,20 @@ def resolve_run(model: str | Path, *, cache_dir: Path | None = None) -> Path:
         return path
     parsed = parse_hub_id(str(model))
     if parsed is None:
-        raise MrisegError("no such run folder (and not a Hub id of the form user/repo[@revision])", path)
+        raise MrisegError(
+            "no such run folder (and not a Hub id of the form user/repo[@revision])", path
+        )
     repo_id, revision = parsed
     import huggingface_hub
 
     offline = hub_offline()
     try:
         folder = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=RUN_PATTERNS,
-            cache_dir=str(cache_dir) if cache_dir else None, local_files_only=offline,
+            repo_id,
+            revision=revision,
+            allow_patterns=RUN_PATTERNS,
+            cache_dir=str(cache_dir) if cache_dir else None,
+            local_files_only=offline,
         )
     except Exception as e:  # the client's errors vary by version (requests or httpx underneath)
         if not isinstance(e, (OSError, ValueError)) and not _is_network_error(e):
@@ -70,31 +82,50 @@ def resolve_run(model: str | Path, *, cache_dir: Path | None = None) -> Path:
 
 
 #: class names (anywhere in the MRO) of the transport errors of requests, httpx and the stdlib
-_NETWORK_ERRORS = frozenset({
-    "ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout", "TimeoutError",
-    "TimeoutException", "NetworkError", "TransportError", "ProxyError", "SSLError",
-    "OfflineModeIsEnabled",
-})
+_NETWORK_ERRORS = frozenset(
+    {
+        "ConnectionError",
+        "ConnectError",
+        "ConnectTimeout",
+        "ReadTimeout",
+        "Timeout",
+        "TimeoutError",
+        "TimeoutException",
+        "NetworkError",
+        "TransportError",
+        "ProxyError",
+        "SSLError",
+        "OfflineModeIsEnabled",
+    }
+)
 
 
 def _is_network_error(e: BaseException) -> bool:
     return any(cls.__name__ in _NETWORK_ERRORS for cls in type(e).__mro__)
 
 
-def _client_reason(e: Exception, repo_id: str, revision: str | None, offline: bool, login: str) -> str | None:
+def _client_reason(
+    e: Exception, repo_id: str, revision: str | None, offline: bool, login: str
+) -> str | None:
     """The reason for one of the Hub client's own error classes (None for any other error)."""
     from huggingface_hub import errors as hf
 
     # LocalEntryNotFoundError first: in older clients it is also an EntryNotFoundError
     if isinstance(e, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
         if offline:
-            return ("offline: HF_HUB_OFFLINE is set and the model is not (fully) in the Hub cache "
-                    "(unset HF_HUB_OFFLINE to download it)")
-        return ("offline: the Hub cannot be reached (no network?) and the model is not "
-                "(fully) in the Hub cache")
+            return (
+                "offline: HF_HUB_OFFLINE is set and the model is not (fully) in the Hub cache "
+                "(unset HF_HUB_OFFLINE to download it)"
+            )
+        return (
+            "offline: the Hub cannot be reached (no network?) and the model is not "
+            "(fully) in the Hub cache"
+        )
     if isinstance(e, hf.GatedRepoError):
-        return (f"not authorised: the repository is gated (accept its conditions on "
-                f"https://huggingface.co/{repo_id}, then {login})")
+        return (
+            f"not authorised: the repository is gated (accept its conditions on "
+            f"https://huggingface.co/{repo_id}, then {login})"
+        )
     if isinstance(e, hf.RepositoryNotFoundError):
         return f"not found: no such model repository on the Hub (if it is private, {login})"
     if isinstance(e, hf.RevisionNotFoundError):
@@ -124,7 +155,9 @@ def _other_reason(e: Exception, status: int | None, login: str) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
 
 
-def fetch_error(e: Exception, repo_id: str, revision: str | None = None, *, offline: bool = False) -> MrisegError:
+def fetch_error(
+    e: Exception, repo_id: str, revision: str | None = None, *, offline: bool = False
+) -> MrisegError:
     """Why a Hub id could not be fetched, in one line that says which: offline, not found or
     not authorised (with the fix when there is one); anything else keeps the client's words."""
     status = getattr(getattr(e, "response", None), "status_code", None)
@@ -165,7 +198,10 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any] | None = None) ->
     ]
     if metrics:
         lines += ["| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+        lines += [
+            f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in metrics.items()
+        ]
     else:
         lines.append("Not evaluated.")
     lines += ["", "## Config", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]

@@ -44,7 +44,11 @@ class Decoded:
 
 
 def _seq_room(transformer: Any, needed: int) -> Any:
-    return transformer if transformer.max_seq_len >= needed else replace(transformer, max_seq_len=needed)
+    return (
+        transformer
+        if transformer.max_seq_len >= needed
+        else replace(transformer, max_seq_len=needed)
+    )
 
 
 class Paradigm:
@@ -79,8 +83,14 @@ class Paradigm:
         raise NotImplementedError
 
     def decode(
-        self, model: nn.Module, bundle: Any, image_B1SS: torch.Tensor, text_ids: torch.Tensor,
-        text_mask: torch.Tensor, opts: DecodeOptions, cache: dict[str, Any],
+        self,
+        model: nn.Module,
+        bundle: Any,
+        image_B1SS: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        opts: DecodeOptions,
+        cache: dict[str, Any],
     ) -> Decoded:
         """Images (B, 1, S, S) in [0, 1] and prompts -> :class:`Decoded`. ``cache`` is the
         caller's per-model dict for things worth keeping between calls."""
@@ -124,16 +134,29 @@ class NextToken(Paradigm):
             transformer=cfg.transformer,
             image_codebook_size=bundle.image_vq.codebook_size if use_codes else 1,
             image_grid=bundle.image_vq.grid if use_codes else mask.grid,
-            text_vocab_size=text_vocab_size(bundle.text), text_len=cfg.text_len,
-            mask_codebook_size=mask.codebook_size, mask_grid=mask.grid,
-            image_input=s.image_input, image_size=cfg.image_size, prefix_attention=s.prefix_attention,
+            text_vocab_size=text_vocab_size(bundle.text),
+            text_len=cfg.text_len,
+            mask_codebook_size=mask.codebook_size,
+            mask_grid=mask.grid,
+            image_input=s.image_input,
+            image_size=cfg.image_size,
+            prefix_attention=s.prefix_attention,
             encoder=ImageEncoderConfig(patch=max(2, cfg.image_size // mask.grid)),
-            nktp_k=s.nktp_k, nktp_gamma=s.nktp_gamma, lambda_nktp=s.lambda_nktp,
-            lambda_tcl=s.lambda_tcl, het_alpha=s.het_alpha, het_decay=s.het_decay, lambda_dense=s.lambda_dense,
-            input_noise=s.input_noise, lambda_refine=s.lambda_refine, refine_code_noise=s.refine_code_noise,
+            nktp_k=s.nktp_k,
+            nktp_gamma=s.nktp_gamma,
+            lambda_nktp=s.lambda_nktp,
+            lambda_tcl=s.lambda_tcl,
+            het_alpha=s.het_alpha,
+            het_decay=s.het_decay,
+            lambda_dense=s.lambda_dense,
+            input_noise=s.input_noise,
+            lambda_refine=s.lambda_refine,
+            refine_code_noise=s.refine_code_noise,
             het_buckets=max(1, n_train),
         )
-        return replace(mc, transformer=_seq_room(mc.transformer, SequenceLayout.from_config(mc).input_len))
+        return replace(
+            mc, transformer=_seq_room(mc.transformer, SequenceLayout.from_config(mc).input_len)
+        )
 
     def config_from_dict(self, d: dict) -> Any:
         from mrisegcli.models.next_token import NextTokenConfig
@@ -155,23 +178,48 @@ class NextToken(Paradigm):
         return data
 
     def decode(
-        self, model: nn.Module, bundle: Any, image_B1SS: torch.Tensor, text_ids: torch.Tensor,
-        text_mask: torch.Tensor, opts: DecodeOptions, cache: dict[str, Any],
+        self,
+        model: nn.Module,
+        bundle: Any,
+        image_B1SS: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        opts: DecodeOptions,
+        cache: dict[str, Any],
     ) -> Decoded:
         from mrisegcli.decode.next_token import MaskGenerator, generate_masks_speculative
 
-        x = bundle.image_vq.encode(image_B1SS) if model.config.image_input == "codes" else image_B1SS
+        x = (
+            bundle.image_vq.encode(image_B1SS)
+            if model.config.image_input == "codes"
+            else image_B1SS
+        )
         if opts.samples > 1:
-            x, text_ids, text_mask = (t.repeat_interleave(opts.samples, 0) for t in (x, text_ids, text_mask))
+            x, text_ids, text_mask = (
+                t.repeat_interleave(opts.samples, 0) for t in (x, text_ids, text_mask)
+            )
         # drafting pays at batch 1 (bench/bench_trained_decode.py: 1.16x on the shipped model,
         # 2.5x fewer passes); a batch advances by its shortest kept run, which costs more than it saves
-        if opts.speculative and opts.temperature == 0 and x.shape[0] == 1 and model.nktp is not None:
+        if (
+            opts.speculative
+            and opts.temperature == 0
+            and x.shape[0] == 1
+            and model.nktp is not None
+        ):
             codes = generate_masks_speculative(model, x, text_ids, text_mask)
         else:
             if "generator" not in cache:
-                cache["generator"] = MaskGenerator(model, compile=opts.compile, amp_dtype=opts.amp_dtype)
-            codes = cache["generator"](x, text_ids, text_mask, temperature=opts.temperature, top_k=opts.top_k,
-                                       generator=opts.generator)
+                cache["generator"] = MaskGenerator(
+                    model, compile=opts.compile, amp_dtype=opts.amp_dtype
+                )
+            codes = cache["generator"](
+                x,
+                text_ids,
+                text_mask,
+                temperature=opts.temperature,
+                top_k=opts.top_k,
+                generator=opts.generator,
+            )
         tokens = bundle.mask_vq.decode(codes)
         if model.refiner is None and not (opts.parts and model.dense is not None):
             return Decoded(tokens)
@@ -199,9 +247,14 @@ class NextScale(Paradigm):
         if q is None:
             raise ConfigError("the next-scale paradigm needs a multi-scale mask tokenizer")
         mc = NextScaleConfig(
-            transformer=cfg.transformer, image_size=cfg.image_size, text_vocab_size=text_vocab_size(bundle.text),
-            text_len=cfg.text_len, mask_codebook_size=q.codebook_size, code_dim=q.cfg.code_dim,
-            scales=tuple(q.scales), lambda_dense=cfg.strategies.lambda_dense,
+            transformer=cfg.transformer,
+            image_size=cfg.image_size,
+            text_vocab_size=text_vocab_size(bundle.text),
+            text_len=cfg.text_len,
+            mask_codebook_size=q.codebook_size,
+            code_dim=q.cfg.code_dim,
+            scales=tuple(q.scales),
+            lambda_dense=cfg.strategies.lambda_dense,
         )
         grid = mc.encoder.grid(cfg.image_size)
         needed = ScaleLayout(grid * grid, cfg.text_len, tuple(q.scales)).seq_len
@@ -223,14 +276,28 @@ class NextScale(Paradigm):
         return data
 
     def decode(
-        self, model: nn.Module, bundle: Any, image_B1SS: torch.Tensor, text_ids: torch.Tensor,
-        text_mask: torch.Tensor, opts: DecodeOptions, cache: dict[str, Any],
+        self,
+        model: nn.Module,
+        bundle: Any,
+        image_B1SS: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        opts: DecodeOptions,
+        cache: dict[str, Any],
     ) -> Decoded:
         from mrisegcli.decode.next_scale import generate_scales
 
         out = generate_scales(
-            model, bundle.multiscale, image_B1SS, text_ids, text_mask, samples=opts.samples,
-            temperature=opts.temperature, top_k=opts.top_k, generator=opts.generator, return_steps=opts.steps,
+            model,
+            bundle.multiscale,
+            image_B1SS,
+            text_ids,
+            text_mask,
+            samples=opts.samples,
+            temperature=opts.temperature,
+            top_k=opts.top_k,
+            generator=opts.generator,
+            return_steps=opts.steps,
             amp_dtype=opts.amp_dtype,
         )
         idx_list, step_logits = out if opts.steps else (out, None)

@@ -27,7 +27,9 @@ from rich.progress import (
 
 
 def _fmt_metrics(metrics: dict) -> str:
-    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    return "  ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+    )
 
 
 def _fmt_seconds(s: float) -> str:
@@ -40,7 +42,9 @@ def _fmt_seconds(s: float) -> str:
 class LineProgress:
     """The same callable as :class:`StageProgress`, printing a plain line now and then."""
 
-    def __init__(self, description: str, total: int | None, every_s: float, stream: Any = None) -> None:
+    def __init__(
+        self, description: str, total: int | None, every_s: float, stream: Any = None
+    ) -> None:
         self.description, self.total, self.every_s = description, total, every_s
         self.stream = stream if stream is not None else sys.stderr
         self.start = self.last = time.monotonic()

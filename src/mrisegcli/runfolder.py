@@ -82,6 +82,20 @@ def run_paths(run_dir: str | Path) -> RunPaths:
 
 
 __all__ = [
-    "CACHE", "CARD", "CHECKPOINTS", "CONFIG", "LOCK", "METRICS", "MODEL", "PROGRESS", "RunPaths",
-    "SPECIAL_TOKENS_MAP", "TEXT_TOKENIZER", "TEXT_TOKENIZER_CONFIG", "TEXT_TOKENIZER_FILES", "TOKENIZERS", "TRAIN_LOG", "run_paths",
+    "CACHE",
+    "CARD",
+    "CHECKPOINTS",
+    "CONFIG",
+    "LOCK",
+    "METRICS",
+    "MODEL",
+    "PROGRESS",
+    "RunPaths",
+    "SPECIAL_TOKENS_MAP",
+    "TEXT_TOKENIZER",
+    "TEXT_TOKENIZER_CONFIG",
+    "TEXT_TOKENIZER_FILES",
+    "TOKENIZERS",
+    "TRAIN_LOG",
+    "run_paths",
 ]

@@ -36,15 +36,29 @@ from mrisegcli.io.atomic import atomic_write_text
 CONFIG_SCHEMA = 1
 CONFIG_NAME = runfolder.CONFIG
 _PACKAGES = (
-    "torch", "numpy", "safetensors", "transformers", "tokenizers", "huggingface_hub",
-    "pydicom", "highdicom", "nibabel", "Pillow", "typer", "rich",
+    "torch",
+    "numpy",
+    "safetensors",
+    "transformers",
+    "tokenizers",
+    "huggingface_hub",
+    "pydicom",
+    "highdicom",
+    "nibabel",
+    "Pillow",
+    "typer",
+    "rich",
 )
 REQUIRED_KEYS = ("schema", "mriseg_version", "paradigm", "tokenizers", "model")
 
 
 def package_versions() -> dict[str, str]:
     """Versions of Python, the platform and every package a run depends on."""
-    versions = {"python": sys.version.split()[0], "platform": platform.platform(), "mriseg": __version__}
+    versions = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "mriseg": __version__,
+    }
     for name in _PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -57,7 +71,9 @@ def write_config(run_dir: Path, config: dict[str, Any], *, overwrite: bool = Tru
     """Write ``config.json`` (schema and versions added) atomically."""
     full = {"schema": CONFIG_SCHEMA, "mriseg_version": __version__, **config}
     full.setdefault("versions", package_versions())
-    return atomic_write_text(run_dir / CONFIG_NAME, json.dumps(full, indent=2, default=str) + "\n", overwrite)
+    return atomic_write_text(
+        run_dir / CONFIG_NAME, json.dumps(full, indent=2, default=str) + "\n", overwrite
+    )
 
 
 def check_schema(value: Any, what: str, newest: int, path: Path, written_by: str = "?") -> int:
@@ -90,7 +106,13 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise ConfigError(f"not a mriseg config (missing {', '.join(missing)})", path)
-    check_schema(config["schema"], "config schema", CONFIG_SCHEMA, path, str(config.get("mriseg_version", "?")))
+    check_schema(
+        config["schema"],
+        "config schema",
+        CONFIG_SCHEMA,
+        path,
+        str(config.get("mriseg_version", "?")),
+    )
     from mrisegcli.paradigms import PARADIGMS
 
     if config["paradigm"] not in PARADIGMS:
@@ -104,16 +126,30 @@ def read_config(run_dir: Path) -> dict[str, Any]:
 RESUMABLE = ("steps", "eval_every", "ckpt_every", "max_minutes")
 #: train option (its Python name) -> the RunConfig field it sets
 OPTION_FIELDS = {
-    "steps": "train.steps", "epochs": "train.epochs", "batch_size": "train.batch_size",
-    "lr": "train.lr", "eval_every": "train.eval_every", "ckpt_every": "train.ckpt_every",
-    "max_minutes": "train.max_minutes", "paradigm": "paradigm", "preset": "preset",
-    "size": "image_size", "seed": "seed", "mask_steps": "fit.mask_steps",
-    "image_steps": "fit.image_steps", "multiscale_steps": "fit.multiscale_steps",
-    "nktp_k": "strategies.nktp_k", "lambda_tcl": "strategies.lambda_tcl",
-    "het_alpha": "strategies.het_alpha", "image_input": "strategies.image_input",
-    "input_noise": "strategies.input_noise", "lambda_dense": "strategies.lambda_dense",
-    "prefix_attention": "strategies.prefix_attention", "no_text": "use_text",
-    "paraphrases": "paraphrases", "text_len": "text_len",
+    "steps": "train.steps",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "eval_every": "train.eval_every",
+    "ckpt_every": "train.ckpt_every",
+    "max_minutes": "train.max_minutes",
+    "paradigm": "paradigm",
+    "preset": "preset",
+    "size": "image_size",
+    "seed": "seed",
+    "mask_steps": "fit.mask_steps",
+    "image_steps": "fit.image_steps",
+    "multiscale_steps": "fit.multiscale_steps",
+    "nktp_k": "strategies.nktp_k",
+    "lambda_tcl": "strategies.lambda_tcl",
+    "het_alpha": "strategies.het_alpha",
+    "image_input": "strategies.image_input",
+    "input_noise": "strategies.input_noise",
+    "lambda_dense": "strategies.lambda_dense",
+    "prefix_attention": "strategies.prefix_attention",
+    "no_text": "use_text",
+    "paraphrases": "paraphrases",
+    "text_len": "text_len",
 }
 
 
@@ -135,8 +171,12 @@ def _set(cfg: Any, field: str, value: Any) -> Any:
 
 
 def resume_config(
-    saved: dict[str, Any], asked: Any, given: Iterable[str], run_dir: Path,
-    *, tokenizer_dir: Path | None = None,
+    saved: dict[str, Any],
+    asked: Any,
+    given: Iterable[str],
+    run_dir: Path,
+    *,
+    tokenizer_dir: Path | None = None,
 ) -> tuple[Any, dict[str, tuple[Any, Any]]]:
     """The RunConfig a ``--resume`` continues with: the run's own, with the options of
     :data:`RESUMABLE` that the user gave (``given``: option names, their values in ``asked``,
@@ -196,14 +236,27 @@ def record_resumed_config(run_dir: Path, saved: dict[str, Any], cfg: Any) -> Non
 
 LOCK_NAME = runfolder.LOCK
 #: what ``train`` writes at the top of a run folder (README.md: ``push``'s model card)
-RUN_FILES = frozenset({
-    CONFIG_NAME, runfolder.MODEL, runfolder.METRICS, runfolder.TRAIN_LOG, runfolder.PROGRESS,
-    runfolder.CARD, *runfolder.TOKENIZERS.values(), *runfolder.TEXT_TOKENIZER_FILES,
-    runfolder.SPECIAL_TOKENS_MAP, LOCK_NAME,
-})
+RUN_FILES = frozenset(
+    {
+        CONFIG_NAME,
+        runfolder.MODEL,
+        runfolder.METRICS,
+        runfolder.TRAIN_LOG,
+        runfolder.PROGRESS,
+        runfolder.CARD,
+        *runfolder.TOKENIZERS.values(),
+        *runfolder.TEXT_TOKENIZER_FILES,
+        runfolder.SPECIAL_TOKENS_MAP,
+        LOCK_NAME,
+    }
+)
 RUN_FOLDERS = {
-    runfolder.CHECKPOINTS: re.compile(r"^(step_\d{8}\.safetensors|\.step_\d{8}\.[A-Za-z0-9_]+\.tmp\.safetensors)$"),
-    runfolder.CACHE: re.compile(r"^(index\.json|shard-\d{5,}\.safetensors|\.(shard-\d{5,}|index)\.[A-Za-z0-9_]+\.tmp.*)$"),
+    runfolder.CHECKPOINTS: re.compile(
+        r"^(step_\d{8}\.safetensors|\.step_\d{8}\.[A-Za-z0-9_]+\.tmp\.safetensors)$"
+    ),
+    runfolder.CACHE: re.compile(
+        r"^(index\.json|shard-\d{5,}\.safetensors|\.(shard-\d{5,}|index)\.[A-Za-z0-9_]+\.tmp.*)$"
+    ),
 }
 _STEMS = "|".join(re.escape(Path(n).name.split(".")[0]) for n in RUN_FILES if not n.startswith("."))
 _RUN_TEMP = re.compile(rf"^(\.({_STEMS})\.[A-Za-z0-9_]+\.tmp.*|{re.escape(LOCK_NAME)}\..+)$")
@@ -303,8 +356,10 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
 def _holder(record: dict[str, Any]) -> str:
     if not record:
         return "an unknown holder (the lock file cannot be read)"
-    return (f"pid {record.get('pid', '?')} on host {record.get('host', '?')}, "
-            f"started {record.get('started', '?')}")
+    return (
+        f"pid {record.get('pid', '?')} on host {record.get('host', '?')}, "
+        f"started {record.get('started', '?')}"
+    )
 
 
 def _stale(record: dict[str, Any]) -> bool:
@@ -381,8 +436,13 @@ def run_lock(run_dir: Path, command: str = "train") -> Iterator[Path]:
         raise MrisegError(f"cannot create folder ({err.strerror})", run_dir) from err
     path = run_dir / LOCK_NAME
     token = uuid.uuid4().hex
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "command": command, "token": token}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "token": token,
+    }
     try:
         for _ in range(5):
             if _create(path, record):
@@ -391,8 +451,10 @@ def run_lock(run_dir: Path, command: str = "train") -> Iterator[Path]:
             if held is None:  # released while we looked
                 continue
             if _stale(held):
-                sys.stderr.write(f"mriseg: note: {run_dir}: taking over the lock of {_holder(held)}, "
-                                 "which is no longer running\n")
+                sys.stderr.write(
+                    f"mriseg: note: {run_dir}: taking over the lock of {_holder(held)}, "
+                    "which is no longer running\n"
+                )
                 _take_over(path, held)
                 continue
             raise RunLockedError(

@@ -388,8 +388,15 @@ def _load_manifest(root: Path) -> tuple[Path, list[Sample]]:
         except InputError as err:
             raise InputError(str(err), path) from err
         samples.append(
-            Sample(_row_id(row, n, image_count), image, mask, row["text"], split,
-                   kind=row.get("kind", ""), target=row.get("target", ""))
+            Sample(
+                _row_id(row, n, image_count),
+                image,
+                mask,
+                row["text"],
+                split,
+                kind=row.get("kind", ""),
+                target=row.get("target", ""),
+            )
         )
     return base, samples
 

@@ -129,7 +129,12 @@ def _non_binary_report(samples: list[Sample], found: dict[int, Any]) -> MrisegEr
     from mrisegcli.data.validate import NON_BINARY, Problem, format_problems
 
     problems = [
-        Problem(samples[i].id, samples[i].mask, str(found[i]).removeprefix(f"{samples[i].mask}: "), NON_BINARY)
+        Problem(
+            samples[i].id,
+            samples[i].mask,
+            str(found[i]).removeprefix(f"{samples[i].mask}: "),
+            NON_BINARY,
+        )
         for i in sorted(found)
     ]
     return MrisegError(f"dataset has {len(problems)} problem(s):\n{format_problems(problems)}")

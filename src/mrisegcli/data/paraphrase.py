@@ -26,7 +26,10 @@ from mrisegcli.data.layouts import Dataset, Sample
 #: touching other words. Only words that carry no other meaning in the texts we know are folded.
 SYNONYM_RULES: tuple[tuple[str, str], ...] = (
     # findings -> "infection" (multi-word forms first)
-    (r"\bground[- ]?glass (?:opacit(?:y|ies)|opacifications?|changes?|densit(?:y|ies))\b", "infection"),
+    (
+        r"\bground[- ]?glass (?:opacit(?:y|ies)|opacifications?|changes?|densit(?:y|ies))\b",
+        "infection",
+    ),
     (r"\bground[- ]?glass\b", "infection"),
     (r"\bggos?\b", "infection"),
     (r"\bnodular (?:opacit(?:y|ies)|lesions?|densit(?:y|ies))\b", "nodule"),
@@ -34,8 +37,11 @@ SYNONYM_RULES: tuple[tuple[str, str], ...] = (
     (r"\bnodules\b", "nodule"),
     (r"\bair[- ]?space (?:disease|opacit(?:y|ies)|shadowing)\b", "infection"),
     (r"\bcovid(?:[- ]?19)? (?:pneumonia|infection)\b", "infection"),
-    (r"\b(?:opacit(?:y|ies)|opacifications?|consolidations?|consolidative changes?|infiltrates?"
-     r"|infiltrations?|pneumonia|pneumonitis|shadowing|haziness|infections|lesions?)\b", "infection"),
+    (
+        r"\b(?:opacit(?:y|ies)|opacifications?|consolidations?|consolidative changes?|infiltrates?"
+        r"|infiltrations?|pneumonia|pneumonitis|shadowing|haziness|infections|lesions?)\b",
+        "infection",
+    ),
     # anatomy
     (r"\b(?:cardiac|heart) (?:silhouette|shadow|contour|outline|border)\b", "heart"),
     (r"\bcardiac\b", "heart"),
@@ -71,10 +77,21 @@ SYNONYM_RULES: tuple[tuple[str, str], ...] = (
     (r"\b(?:patchy|hazy|diffuse|subtle|faint|multifocal|scattered|ill-defined)\b", " "),
 )
 
-_INF = ("infection", "opacity", "opacities", "consolidation", "pulmonary infection",
-        "infiltrates", "airspace disease", "pneumonia")
-_ZONE = {"upper": ("upper", "upper", "apical"), "middle": ("middle", "mid", "middle"),
-         "lower": ("lower", "lower", "basal")}
+_INF = (
+    "infection",
+    "opacity",
+    "opacities",
+    "consolidation",
+    "pulmonary infection",
+    "infiltrates",
+    "airspace disease",
+    "pneumonia",
+)
+_ZONE = {
+    "upper": ("upper", "upper", "apical"),
+    "middle": ("middle", "mid", "middle"),
+    "lower": ("lower", "lower", "basal"),
+}
 
 
 def _side_words(side: str) -> tuple[str, ...]:
@@ -83,11 +100,21 @@ def _side_words(side: str) -> tuple[str, ...]:
 
 def _infection_all(r: random.Random) -> str:
     f = r.choice(_INF)
-    return r.choice([
-        f"{f}", f"all {f}", f"{f} in the lungs", f"lung {f}", "all infected areas",
-        f"every area of {f}", f"{f} in either lung", f"segment the {f}", f"pulmonary {f}",
-        f"areas of {f}", f"covid-19 {f}",
-    ])
+    return r.choice(
+        [
+            f"{f}",
+            f"all {f}",
+            f"{f} in the lungs",
+            f"lung {f}",
+            "all infected areas",
+            f"every area of {f}",
+            f"{f} in either lung",
+            f"segment the {f}",
+            f"pulmonary {f}",
+            f"areas of {f}",
+            f"covid-19 {f}",
+        ]
+    )
 
 
 def _infection_sides(r: random.Random, sides: list[str], zone: str) -> str:
@@ -95,32 +122,67 @@ def _infection_sides(r: random.Random, sides: list[str], zone: str) -> str:
     if len(sides) == 2:
         z = r.choice(_ZONE[zone]) if zone else ""
         if not z:
-            return r.choice([f"bilateral {f}", f"{f} in both lungs", f"{f} on both sides",
-                             f"{f} bilaterally"])
-        return r.choice([
-            f"bilateral {z} zone {f}", f"{f} in both {z} zones", f"{f} in the {z} zones of both lungs",
-            f"{z} zone {f} bilaterally", f"{f} in the {z} zone on both sides", f"{f} in the {z} zones",
-        ])
+            return r.choice(
+                [f"bilateral {f}", f"{f} in both lungs", f"{f} on both sides", f"{f} bilaterally"]
+            )
+        return r.choice(
+            [
+                f"bilateral {z} zone {f}",
+                f"{f} in both {z} zones",
+                f"{f} in the {z} zones of both lungs",
+                f"{z} zone {f} bilaterally",
+                f"{f} in the {z} zone on both sides",
+                f"{f} in the {z} zones",
+            ]
+        )
     s = r.choice(_side_words(sides[0]))
     if not zone:
-        return r.choice([
-            f"{f} in the {sides[0]} lung", f"{s} {f}", f"{f} on the {sides[0]}",
-            f"{sides[0]} lung {f}", f"{f} of the {sides[0]} lung", f"{f}, {sides[0]} lung",
-        ])
+        return r.choice(
+            [
+                f"{f} in the {sides[0]} lung",
+                f"{s} {f}",
+                f"{f} on the {sides[0]}",
+                f"{sides[0]} lung {f}",
+                f"{f} of the {sides[0]} lung",
+                f"{f}, {sides[0]} lung",
+            ]
+        )
     z = r.choice(_ZONE[zone])
-    return r.choice([
-        f"{f} in the {sides[0]} {z} zone", f"{sides[0]} {z} zone {f}", f"{f}, {sides[0]} {z} zone",
-        f"{f} in the {z} zone of the {sides[0]} lung", f"{f} in the {z} {sides[0]} lung",
-        f"{z} zone {f} on the {sides[0]}",
-    ])
+    return r.choice(
+        [
+            f"{f} in the {sides[0]} {z} zone",
+            f"{sides[0]} {z} zone {f}",
+            f"{f}, {sides[0]} {z} zone",
+            f"{f} in the {z} zone of the {sides[0]} lung",
+            f"{f} in the {z} {sides[0]} lung",
+            f"{z} zone {f} on the {sides[0]}",
+        ]
+    )
 
 
 def _lung(r: random.Random, which: str) -> str:
     if which == "both":
-        return r.choice(["both lungs", "lungs", "the lungs", "lung fields", "both lung fields",
-                         "the lung fields", "bilateral lungs"])
-    return r.choice([f"{which} lung", f"the {which} lung", f"{which} lung field",
-                     f"the {which} hemithorax", f"segment the {which} lung", f"{which} lung region"])
+        return r.choice(
+            [
+                "both lungs",
+                "lungs",
+                "the lungs",
+                "lung fields",
+                "both lung fields",
+                "the lung fields",
+                "bilateral lungs",
+            ]
+        )
+    return r.choice(
+        [
+            f"{which} lung",
+            f"the {which} lung",
+            f"{which} lung field",
+            f"the {which} hemithorax",
+            f"segment the {which} lung",
+            f"{which} lung region",
+        ]
+    )
 
 
 def _nodule(r: random.Random, side: str, zone: str) -> str:
@@ -130,8 +192,14 @@ def _nodule(r: random.Random, side: str, zone: str) -> str:
     if not zone:
         return r.choice([f"{n} in the {side} lung", f"{side} lung {n}", f"{n}, {side} lung"])
     z = r.choice(_ZONE[zone])
-    return r.choice([f"{n} in the {side} {z} zone", f"{n}, {side} {z} zone",
-                     f"{n} in the {z} zone of the {side} lung", f"{side} {z} zone {n}"])
+    return r.choice(
+        [
+            f"{n} in the {side} {z} zone",
+            f"{n}, {side} {z} zone",
+            f"{n} in the {z} zone of the {side} lung",
+            f"{side} {z} zone {n}",
+        ]
+    )
 
 
 def paraphrase(target: str, rng: random.Random) -> str | None:
@@ -156,12 +224,28 @@ def paraphrase(target: str, rng: random.Random) -> str | None:
     if t in ("left_lung", "right_lung"):
         return _lung(rng, t.split("_")[0])
     if t == "heart":
-        return rng.choice(["heart", "the heart", "heart contour", "heart shadow", "cardiac shadow",
-                           "segment the heart", "cardiac contour"])
+        return rng.choice(
+            [
+                "heart",
+                "the heart",
+                "heart contour",
+                "heart shadow",
+                "cardiac shadow",
+                "segment the heart",
+                "cardiac contour",
+            ]
+        )
     if t in ("left_clavicle", "right_clavicle"):
         side = t.split("_")[0]
-        return rng.choice([f"{side} clavicle", f"the {side} clavicle", f"{side} collarbone",
-                           f"clavicle on the {side}", f"{side} clavicular bone"])
+        return rng.choice(
+            [
+                f"{side} clavicle",
+                f"the {side} clavicle",
+                f"{side} collarbone",
+                f"clavicle on the {side}",
+                f"{side} clavicular bone",
+            ]
+        )
     if head == "nodule":
         side = parts[1] if len(parts) > 1 and parts[1] in ("left", "right") else ""
         zone = parts[2] if len(parts) > 2 and parts[2] in _ZONE else ""

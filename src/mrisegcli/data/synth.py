@@ -356,7 +356,10 @@ def synthesize(
 
 
 _SPLIT_DIR = re.compile(r"^(Train|Val|Test)_Folder$")
-_OWN_FILES = {"img": re.compile(r"^covid_\d+\.png$"), "labelcol": re.compile(r"^mask_covid_\d+\.png$")}
+_OWN_FILES = {
+    "img": re.compile(r"^covid_\d+\.png$"),
+    "labelcol": re.compile(r"^mask_covid_\d+\.png$"),
+}
 
 
 def _is_marker(path: Path) -> bool:
@@ -403,7 +406,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
             )
         if not ((out / _MARKER).is_file() and _is_marker(out / _MARKER)):
             raise MrisegError(
-                f"not a synthetic dataset (no {_MARKER} of mriseg synth); refusing to replace it", out
+                f"not a synthetic dataset (no {_MARKER} of mriseg synth); refusing to replace it",
+                out,
             )
         unknown = _unknown_entry(out)
         if unknown is not None:

@@ -84,7 +84,9 @@ def _check_sample(
         out.append(Problem(s.id, None, "the text is empty", EMPTY_TEXT))
     if s.mask is None and require_masks:
         out.append(Problem(s.id, None, "no mask given", NO_MASK))
-    present = [path for path in (s.image, s.mask) if path is not None and _check_path(s, path, root, out)]
+    present = [
+        path for path in (s.image, s.mask) if path is not None and _check_path(s, path, root, out)
+    ]
     if check_images and present:
         _check_contents(s, present, deep, out)
     return out
@@ -93,7 +95,9 @@ def _check_sample(
 def _check_path(s: Sample, path: Path, root: Path, out: list[Problem]) -> bool:
     """Whether ``path`` is a file inside ``root``; otherwise a problem is added to ``out``."""
     if not Path(path).resolve().is_relative_to(root):
-        out.append(Problem(s.id, path, f"path leads outside the dataset folder {root}", ESCAPES_ROOT))
+        out.append(
+            Problem(s.id, path, f"path leads outside the dataset folder {root}", ESCAPES_ROOT)
+        )
     elif not Path(path).exists():
         out.append(Problem(s.id, path, "file does not exist", MISSING_FILE))
     elif not Path(path).is_file():

@@ -61,7 +61,9 @@ def foreground_union(prob_SHW: torch.Tensor) -> torch.Tensor:
 def case_uncertainty(unc_HW: torch.Tensor, region_HW: torch.Tensor) -> float:
     """Mean uncertainty over ``region`` (use :func:`foreground_union`); 0.0 for an empty region."""
     if unc_HW.shape != region_HW.shape:
-        raise ValueError(f"uncertainty {tuple(unc_HW.shape)} and region {tuple(region_HW.shape)} differ")
+        raise ValueError(
+            f"uncertainty {tuple(unc_HW.shape)} and region {tuple(region_HW.shape)} differ"
+        )
     region = region_HW.bool()
     if not bool(region.any()):
         return 0.0

@@ -52,7 +52,9 @@ def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def _autocast(
+    device: torch.device, amp_dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
@@ -89,26 +91,48 @@ def _draw_scales(
     return idx_list, steps
 
 
-def _samplers(model: NextScaleSegmenter, temperature: Temperature = 0.0, top_k: int | None = None,
-              generator: torch.Generator | None = None) -> list[Sampler]:
+def _samplers(
+    model: NextScaleSegmenter,
+    temperature: Temperature = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[Sampler]:
     """One :class:`Sampler` per scale (``temperature``: one value or a per-scale schedule)."""
-    return [Sampler(t, top_k, generator) for t in temperatures(temperature, len(model.layout.scales))]
+    return [
+        Sampler(t, top_k, generator) for t in temperatures(temperature, len(model.layout.scales))
+    ]
 
 
 @overload
 def generate_scales(
-    model: NextScaleSegmenter, quantizer: MultiScaleMaskQuantizer, image: torch.Tensor,
-    text_ids: torch.Tensor, text_mask: torch.Tensor, *, samples: int = ..., temperature: Temperature = ...,
-    top_k: int | None = ..., generator: torch.Generator | None = ..., return_steps: Literal[False] = ...,
+    model: NextScaleSegmenter,
+    quantizer: MultiScaleMaskQuantizer,
+    image: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    *,
+    samples: int = ...,
+    temperature: Temperature = ...,
+    top_k: int | None = ...,
+    generator: torch.Generator | None = ...,
+    return_steps: Literal[False] = ...,
     amp_dtype: torch.dtype | None = ...,
 ) -> list[torch.Tensor]: ...
 
 
 @overload
 def generate_scales(
-    model: NextScaleSegmenter, quantizer: MultiScaleMaskQuantizer, image: torch.Tensor,
-    text_ids: torch.Tensor, text_mask: torch.Tensor, *, samples: int = ..., temperature: Temperature = ...,
-    top_k: int | None = ..., generator: torch.Generator | None = ..., return_steps: Literal[True],
+    model: NextScaleSegmenter,
+    quantizer: MultiScaleMaskQuantizer,
+    image: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    *,
+    samples: int = ...,
+    temperature: Temperature = ...,
+    top_k: int | None = ...,
+    generator: torch.Generator | None = ...,
+    return_steps: Literal[True],
     amp_dtype: torch.dtype | None = ...,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]: ...
 
@@ -170,13 +194,19 @@ def generate_scales_uncached(
     samples, return_steps = options.pop("samples", 1), options.pop("return_steps", False)
     _check_samples(samples)
     samplers = _samplers(model, **options)
-    image, text_ids, text_mask = (t.repeat_interleave(samples, 0) for t in (image, text_ids, text_mask))
+    image, text_ids, text_mask = (
+        t.repeat_interleave(samples, 0) for t in (image, text_ids, text_mask)
+    )
     x_parts: list[torch.Tensor] = []  # inputs of scales 2..k, growing
 
     def logits_of(k: int, x_BlCv: torch.Tensor | None) -> torch.Tensor:
         if x_BlCv is not None:
             x_parts.append(x_BlCv)
-        x_BnCv = torch.cat(x_parts, 1) if x_parts else image.new_zeros(image.shape[0], 0, model.config.code_dim)
+        x_BnCv = (
+            torch.cat(x_parts, 1)
+            if x_parts
+            else image.new_zeros(image.shape[0], 0, model.config.code_dim)
+        )
         p = model.layout.scales[k]
         return model.scale_logits(image, text_ids, text_mask, x_BnCv)[:, -p * p :]
 

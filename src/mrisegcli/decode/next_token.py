@@ -52,7 +52,9 @@ def _param(model: torch.nn.Module) -> torch.Tensor:
     return next(model.parameters())
 
 
-def _draw_tokens(logits_BK: torch.Tensor, next_logits: NextLogits, n_mask: int, sampler: Sampler) -> torch.Tensor:
+def _draw_tokens(
+    logits_BK: torch.Tensor, next_logits: NextLogits, n_mask: int, sampler: Sampler
+) -> torch.Tensor:
     """Draw mask token 0 from ``logits_BK``, then token n from ``next_logits(n, codes)`` -> (B, n_mask)."""
     codes_BN = torch.empty(logits_BK.shape[0], n_mask, dtype=torch.long, device=logits_BK.device)
     codes_BN[:, 0] = sampler(logits_BK)
@@ -72,7 +74,11 @@ class MaskGenerator:
     """
 
     def __init__(
-        self, model: NextTokenSegmenter, *, compile: bool = False, amp_dtype: torch.dtype | None = None,
+        self,
+        model: NextTokenSegmenter,
+        *,
+        compile: bool = False,
+        amp_dtype: torch.dtype | None = None,
         fixed_shapes: bool = False,
     ) -> None:
         self.model = model
@@ -106,7 +112,9 @@ class MaskGenerator:
         B = text_ids.shape[0]
         device = _param(model).device
         model.setup_caches(B, dtype=self.amp_dtype or _param(model).dtype, device=device)
-        slots = torch.arange(lay.prefix_len, lay.input_len, device=device)  # slot of mask token n is slots[n]
+        slots = torch.arange(
+            lay.prefix_len, lay.input_len, device=device
+        )  # slot of mask token n is slots[n]
         n_cache = model.transformer.max_len
 
         def next_logits(n: int, codes_BN: torch.Tensor) -> torch.Tensor:
@@ -117,7 +125,9 @@ class MaskGenerator:
 
         sampler = Sampler(temperature, top_k, generator)
         with self._autocast():
-            codes_BN = _draw_tokens(prefill(model, image, text_ids, text_mask), next_logits, lay.n_mask, sampler)
+            codes_BN = _draw_tokens(
+                prefill(model, image, text_ids, text_mask), next_logits, lay.n_mask, sampler
+            )
         g = model.config.mask_grid
         return codes_BN.view(B, g, g)
 
@@ -150,12 +160,16 @@ def generate_masks_speculative(
     the sequences of the batch kept runs of different lengths).
     """
     if temperature > 0:
-        return _speculative_sampling(model, image, text_ids, text_mask, Sampler(temperature, top_k, generator), stats)
+        return _speculative_sampling(
+            model, image, text_ids, text_mask, Sampler(temperature, top_k, generator), stats
+        )
     lay = model.layout
     B, N = text_ids.shape[0], lay.n_mask
     device = _param(model).device
     model.setup_caches(B, dtype=_param(model).dtype, device=device)
-    slots = torch.arange(lay.prefix_len, lay.input_len + 1, device=device)  # slot of code n is slots[n]
+    slots = torch.arange(
+        lay.prefix_len, lay.input_len + 1, device=device
+    )  # slot of code n is slots[n]
     codes_BN = torch.empty(B, N, dtype=torch.long, device=device)
     h_BC = model.prefill_state(image, text_ids, text_mask)
     n, passes, accepted, drafted, uneven = 0, 0, 0, 0, 0
@@ -166,9 +180,13 @@ def generate_masks_speculative(
         if L_feed == 0:
             codes_BN[:, n] = block_BL[:, 0]
             break
-        h_BLC = model.decode_block(block_BL[:, :L_feed], slots[n : n + L_feed], lay.prefix_len + n + L_feed)
+        h_BLC = model.decode_block(
+            block_BL[:, :L_feed], slots[n : n + L_feed], lay.prefix_len + n + L_feed
+        )
         passes += 1
-        choice_BL = model.mask_head(h_BLC).argmax(-1)  # (B, L_feed): code n+1+t after block[:, :t+1]
+        choice_BL = model.mask_head(h_BLC).argmax(
+            -1
+        )  # (B, L_feed): code n+1+t after block[:, :t+1]
         agree_BL = choice_BL[:, : L - 1] == block_BL[:, 1:]  # guess t+1 matches the main head
         kept_B = agree_BL.long().cumprod(1).sum(1)  # guesses kept per sequence
         a = int(kept_B.min())
@@ -180,8 +198,12 @@ def generate_masks_speculative(
         if n < N:  # then a < L_feed: the state after the kept codes predicts code n
             h_BC = h_BLC[:, a]
     if stats is not None:
-        stats.update(passes=float(passes), accepted=float(accepted), drafted=float(drafted),
-                     uneven=float(uneven))
+        stats.update(
+            passes=float(passes),
+            accepted=float(accepted),
+            drafted=float(drafted),
+            uneven=float(uneven),
+        )
     g = model.config.mask_grid
     return codes_BN.view(B, g, g)
 
@@ -193,8 +215,12 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 
 
 def _speculative_sampling(
-    model: NextTokenSegmenter, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
-    sampler: Sampler, stats: dict[str, float] | None,
+    model: NextTokenSegmenter,
+    image: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    sampler: Sampler,
+    stats: dict[str, float] | None,
 ) -> torch.Tensor:
     """Speculative sampling with the NkTP heads as the draft: codes distributed as plain sampling.
 
@@ -221,7 +247,9 @@ def _speculative_sampling(
     first_B: torch.Tensor | None = None  # code n when the previous pass decided it
     n, passes, accepted, drafted, uneven = 0, 0, 0, 0, 0
     while n < N:
-        probs_BLK = logits_to_probs(model.draft_logits(h_BC)[:, : N - n], T, top_k)  # p, then q_1 .. q_{L-1}
+        probs_BLK = logits_to_probs(
+            model.draft_logits(h_BC)[:, : N - n], T, top_k
+        )  # p, then q_1 .. q_{L-1}
         L = probs_BLK.shape[1]
         block_BL = _draw(probs_BLK, gen)
         if first_B is not None:
@@ -230,9 +258,13 @@ def _speculative_sampling(
         if L_feed == 0:
             codes_BN[:, n] = block_BL[:, 0]
             break
-        h_BLC = model.decode_block(block_BL[:, :L_feed], slots[n : n + L_feed], lay.prefix_len + n + L_feed)
+        h_BLC = model.decode_block(
+            block_BL[:, :L_feed], slots[n : n + L_feed], lay.prefix_len + n + L_feed
+        )
         passes += 1
-        p_BLK = logits_to_probs(model.mask_head(h_BLC), T, top_k)  # p of code n+1+t after block[:, :t+1]
+        p_BLK = logits_to_probs(
+            model.mask_head(h_BLC), T, top_k
+        )  # p of code n+1+t after block[:, :t+1]
         g_BG = block_BL[:, 1:]  # guesses (B, L-1), verified by p_BLK[:, : L-1]
         q_BGK = probs_BLK[:, 1:]
         p_g = p_BLK[:, : L - 1].gather(-1, g_BG[..., None])[..., 0]
@@ -252,13 +284,19 @@ def _speculative_sampling(
         if a + 1 < L:  # guess a+1 exists: the accepted guess, or a draw from the residual
             residual_BK = (p_BLK[:, a] - q_BGK[:, a]).clamp_min(0)
             norm_B1 = residual_BK.sum(-1, keepdim=True)
-            residual_BK = torch.where(norm_B1 > 0, residual_BK / norm_B1.clamp_min(1e-30), p_BLK[:, a])
+            residual_BK = torch.where(
+                norm_B1 > 0, residual_BK / norm_B1.clamp_min(1e-30), p_BLK[:, a]
+            )
             first_B = torch.where(ok_BG[:, a], g_BG[:, a], _draw(residual_BK, gen))
         else:  # every guess kept and the block used up: code n is drawn from p next pass
             first_B = None
     if stats is not None:
-        stats.update(passes=float(passes), accepted=float(accepted), drafted=float(drafted),
-                     uneven=float(uneven))
+        stats.update(
+            passes=float(passes),
+            accepted=float(accepted),
+            drafted=float(drafted),
+            uneven=float(uneven),
+        )
     g = model.config.mask_grid
     return codes_BN.view(B, g, g)
 
@@ -279,7 +317,9 @@ def generate_masks(
     For repeated calls with ``compile=True`` keep one :class:`MaskGenerator` instead, so the
     compiled step is reused.
     """
-    return MaskGenerator(model, compile=compile, amp_dtype=amp_dtype)(image, text_ids, text_mask, **sampling)
+    return MaskGenerator(model, compile=compile, amp_dtype=amp_dtype)(
+        image, text_ids, text_mask, **sampling
+    )
 
 
 @torch.no_grad()
@@ -300,4 +340,6 @@ def generate_masks_uncached(
 
     B, g = text_ids.shape[0], model.config.mask_grid
     first_BK = logits_after(0, torch.empty(B, 0, dtype=torch.long, device=_param(model).device))
-    return _draw_tokens(first_BK, logits_after, model.layout.n_mask, Sampler(**sampling)).view(B, g, g)
+    return _draw_tokens(first_BK, logits_after, model.layout.n_mask, Sampler(**sampling)).view(
+        B, g, g
+    )

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 
 
-def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+def logits_to_probs(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None
+) -> torch.Tensor:
     """(..., K) logits -> (..., K) probabilities after temperature and optional top-k cut."""
     if temperature <= 0:
         raise ValueError("logits_to_probs needs temperature > 0 (use sample() for greedy)")

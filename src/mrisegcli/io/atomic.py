@@ -87,7 +87,11 @@ def disk_full_error(path: str | Path, err: BaseException | None = None) -> DiskF
     where = path if path.is_dir() else path.parent
     free = _free_bytes(where)
     room = "free space unknown" if free is None else f"{human_bytes(free)} free in {where}"
-    what = "disk quota exceeded" if isinstance(err, OSError) and err.errno == errno.EDQUOT else "no space left on device"
+    what = (
+        "disk quota exceeded"
+        if isinstance(err, OSError) and err.errno == errno.EDQUOT
+        else "no space left on device"
+    )
     return DiskFullError(f"cannot write: {what} ({room}); free some space and run again", path)
 
 

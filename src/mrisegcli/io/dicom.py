@@ -70,8 +70,17 @@ def _looks_like_dicom(ds: Dataset) -> bool:
 
 # what pydicom raises on corrupt element bytes (an unknown VR is a NotImplementedError, an
 # ambiguous VR that cannot be resolved an AttributeError)
-_ELEMENT_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError,
-                   NotImplementedError, BytesLengthException, struct.error)
+_ELEMENT_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    NotImplementedError,
+    BytesLengthException,
+    struct.error,
+)
 
 
 def _why(err: BaseException) -> str:
@@ -184,7 +193,9 @@ def decode_frames(ds: Dataset, path: Path) -> np.ndarray:
         decoder = get_decoder(ts)
     except NotImplementedError as err:
         name = _printable(ts.name, 80)
-        raise InputError(f"unsupported DICOM transfer syntax {name} ({_printable(ts, 80)})", path) from err
+        raise InputError(
+            f"unsupported DICOM transfer syntax {name} ({_printable(ts, 80)})", path
+        ) from err
     if not decoder.is_available:
         raise InputError(
             f"cannot decode {ts.name} pixel data: no decoder plugin installed (needs "
@@ -575,5 +586,7 @@ def read_dicom_mask(path: Path, binary: bool = False) -> np.ndarray:
         _check_image(ds, path, allow_seg=True)
         frames = decode_frames(ds, path)
         is_seg = str(ds.get("SOPClassUID", "")) in SEG_SOP_CLASSES
-        mask = _seg_mask(ds, frames) if is_seg else _foreground(_binary_frames(frames, path, binary))
+        mask = (
+            _seg_mask(ds, frames) if is_seg else _foreground(_binary_frames(frames, path, binary))
+        )
     return mask[0] if len(mask) == 1 else mask

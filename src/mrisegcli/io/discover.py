@@ -251,5 +251,15 @@ def is_volume(path: Path, kind: str) -> bool:
         return False  # unreadable: reading it later reports the reason
 
 
-__all__ = ["IMAGE_SUFFIXES", "Folder", "dicom_kind", "expand_inputs", "expand_one", "frames",
-           "is_volume", "prompt_inputs", "read_stdin", "scan_folder"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Folder",
+    "dicom_kind",
+    "expand_inputs",
+    "expand_one",
+    "frames",
+    "is_volume",
+    "prompt_inputs",
+    "read_stdin",
+    "scan_folder",
+]

@@ -26,7 +26,15 @@ from mrisegcli.errors import InputError
 from mrisegcli.io.intensity import replace_nonfinite, rgb_to_grey
 from mrisegcli.io.scan import Scan, check_binary, check_slice_size
 
-_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, OverflowError, zlib.error)
+_READ_ERRORS = (
+    ImageFileError,
+    HeaderDataError,
+    OSError,
+    EOFError,
+    ValueError,
+    OverflowError,
+    zlib.error,
+)
 
 
 def _why(err: BaseException) -> str:

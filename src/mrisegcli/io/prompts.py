@@ -57,7 +57,9 @@ def _prompt_row(name: str, line: int, row: int, values: Mapping[str, Any]) -> Pr
         if value is None:
             raise _row_error(name, line, row, f"no {column!r} value")
         if not isinstance(value, str):
-            raise _row_error(name, line, row, f"{column!r} must be a string, not {type(value).__name__}")
+            raise _row_error(
+                name, line, row, f"{column!r} must be a string, not {type(value).__name__}"
+            )
     path = values["path"].strip()
     if not path:
         raise _row_error(name, line, row, "the path is empty")
@@ -84,17 +86,25 @@ def _csv_rows(name: str, content: str) -> list[PromptRow]:
                 if lacking:
                     raise MrisegError(
                         f"line {line}: the first line must be a header naming the columns path and "
-                        f"text (found {', '.join(repr(c) for c in cells)})", name)
+                        f"text (found {', '.join(repr(c) for c in cells)})",
+                        name,
+                    )
                 continue
             if len(cells) > len(header):
-                raise _row_error(name, line, len(rows) + 1,
-                                 f"{len(cells)} values for {len(header)} columns (quote a text with commas)")
+                raise _row_error(
+                    name,
+                    line,
+                    len(rows) + 1,
+                    f"{len(cells)} values for {len(header)} columns (quote a text with commas)",
+                )
             values = dict(zip(header, cells, strict=False))  # a short row lacks the last values
             rows.append(_prompt_row(name, line, len(rows) + 1, values))
     except csv.Error as err:
         raise MrisegError(f"line {reader.line_num}: not valid CSV ({err})", name) from None
     if header is None:
-        raise MrisegError("empty prompts file (expected a header path,text and one row per input)", name)
+        raise MrisegError(
+            "empty prompts file (expected a header path,text and one row per input)", name
+        )
     return rows
 
 
@@ -108,7 +118,9 @@ def _jsonl_rows(name: str, content: str) -> list[PromptRow]:
         except json.JSONDecodeError as err:
             raise _row_error(name, line, len(rows) + 1, f"not valid JSON ({err.msg})") from None
         if not isinstance(values, dict):
-            raise _row_error(name, line, len(rows) + 1, 'expected an object {"path": ..., "text": ...}')
+            raise _row_error(
+                name, line, len(rows) + 1, 'expected an object {"path": ..., "text": ...}'
+            )
         rows.append(_prompt_row(name, line, len(rows) + 1, values))
     return rows
 

@@ -50,8 +50,12 @@ def is_nifti_name(path: str | Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def check_input_path(path: str | Path) -> bool:
@@ -66,19 +70,27 @@ def check_input_path(path: str | Path) -> bool:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         if path.is_symlink():
-            raise InputError(f"dangling symlink (points to {os.readlink(path)}, which does not exist)", path) from None
+            raise InputError(
+                f"dangling symlink (points to {os.readlink(path)}, which does not exist)", path
+            ) from None
         raise InputError("no such file or folder", path) from None
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise InputError("symlink loop: following the links never reaches a file or folder", path) from None
+            raise InputError(
+                "symlink loop: following the links never reaches a file or folder", path
+            ) from None
         if err.errno == errno.ENOTDIR:
-            raise InputError("no such file or folder (a part of the path is a file)", path) from None
+            raise InputError(
+                "no such file or folder (a part of the path is a file)", path
+            ) from None
         raise InputError(f"cannot read ({err.strerror})", path) from err
     if stat.S_ISDIR(mode):
         return True
     if not stat.S_ISREG(mode):
         kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-        raise InputError(f"is {kind}, not a file: mriseg reads regular files and folders only", path)
+        raise InputError(
+            f"is {kind}, not a file: mriseg reads regular files and folders only", path
+        )
     return False
 
 

@@ -41,6 +41,10 @@ class DensePrefixHead(nn.Module):
         logits_B1SS = self.logits(h_BNC)
         S = self.grid * self.patch
         if mask_BSS.shape[-2:] != (S, S):
-            raise ValueError(f"dense supervision needs (B, {S}, {S}) masks, got {tuple(mask_BSS.shape)}")
+            raise ValueError(
+                f"dense supervision needs (B, {S}, {S}) masks, got {tuple(mask_BSS.shape)}"
+            )
         target_B1SS = (mask_BSS > 0.5).float().view(-1, 1, S, S)
-        return F.binary_cross_entropy_with_logits(logits_B1SS, target_B1SS) + soft_dice_loss(logits_B1SS, target_B1SS)
+        return F.binary_cross_entropy_with_logits(logits_B1SS, target_B1SS) + soft_dice_loss(
+            logits_B1SS, target_B1SS
+        )

@@ -46,8 +46,12 @@ class HardTokenMemory(nn.Module):
         self.scores[rows] = new
 
 
-def weighted_ce(logits_BNK: torch.Tensor, targets_BN: torch.Tensor, weights_BN: torch.Tensor) -> torch.Tensor:
+def weighted_ce(
+    logits_BNK: torch.Tensor, targets_BN: torch.Tensor, weights_BN: torch.Tensor
+) -> torch.Tensor:
     """Cross-entropy with per-token weights, normalised by the weight sum (a re-weighting)."""
-    nll_BN = F.cross_entropy(logits_BNK.flatten(0, 1).float(), targets_BN.flatten(), reduction="none")
+    nll_BN = F.cross_entropy(
+        logits_BNK.flatten(0, 1).float(), targets_BN.flatten(), reduction="none"
+    )
     w = weights_BN.flatten().float()
     return (w * nll_BN).sum() / w.sum()

@@ -26,7 +26,9 @@ def shifted_targets(targets_BN: torch.Tensor, k: int) -> torch.Tensor:
     Entries past the end of the sequence are ``IGNORE``.
     """
     B, N = targets_BN.shape
-    out_BNJ = torch.full((B, N, max(k - 1, 0)), IGNORE, dtype=targets_BN.dtype, device=targets_BN.device)
+    out_BNJ = torch.full(
+        (B, N, max(k - 1, 0)), IGNORE, dtype=targets_BN.dtype, device=targets_BN.device
+    )
     for j in range(2, k + 1):
         shift = j - 1
         if shift < N:
@@ -69,7 +71,9 @@ class NextKHeads(nn.Module):
         for a in self.adapters:
             nn.init.zeros_(a.weight)
 
-    def logits(self, h_BNC: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def logits(
+        self, h_BNC: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         """(B, N, C) hidden states -> (B, N, k-1, K) logits of the extra heads."""
         return torch.stack([head(h_BNC + F.silu(a(h_BNC))) for a in self.adapters], dim=2)
 

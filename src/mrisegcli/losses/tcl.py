@@ -88,10 +88,14 @@ class TokenContrastive(nn.Module):
         if self.code_counts.sum() > 1e7:
             self.code_counts *= 0.5
 
-    def forward(self, h_BNC: torch.Tensor, code_emb_KC: torch.Tensor, codes_BHW: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h_BNC: torch.Tensor, code_emb_KC: torch.Tensor, codes_BHW: torch.Tensor
+    ) -> torch.Tensor:
         """L_tcl for hidden states ``h`` whose targets are the raster-ordered ``codes_BHW``."""
         weights_BN = self.token_weights(codes_BHW)
-        loss = info_nce(self.proj_h(h_BNC), self.proj_e(code_emb_KC), codes_BHW.flatten(1), weights_BN, self.tau)
+        loss = info_nce(
+            self.proj_h(h_BNC), self.proj_e(code_emb_KC), codes_BHW.flatten(1), weights_BN, self.tau
+        )
         if self.training:
             self.update_counts(codes_BHW)
         return loss

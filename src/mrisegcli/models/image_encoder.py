@@ -58,12 +58,16 @@ class ImageEncoderConfig:
         if not self.channels or any(c < 1 for c in self.channels):
             raise ConfigError(f"encoder channels must be positive, got {self.channels}")
         if self.res_blocks < 0 or self.out_dim < 1:
-            raise ConfigError(f"invalid encoder sizes: res_blocks={self.res_blocks}, out_dim={self.out_dim}")
+            raise ConfigError(
+                f"invalid encoder sizes: res_blocks={self.res_blocks}, out_dim={self.out_dim}"
+            )
 
     def grid(self, image_size: int) -> int:
         """Token grid side for an S x S input (S must be a multiple of ``patch``)."""
         if image_size % self.patch:
-            raise ConfigError(f"image_size {image_size} is not a multiple of encoder patch {self.patch}")
+            raise ConfigError(
+                f"image_size {image_size} is not a multiple of encoder patch {self.patch}"
+            )
         return image_size // self.patch
 
 

@@ -77,7 +77,6 @@ class NextScaleConfig:
         self.encoder.grid(self.image_size)  # raises if the image does not tile into patches
 
 
-
 @dataclass(frozen=True)
 class ScaleLayout:
     """Token counts and slot ranges of the next-scale sequence."""
@@ -185,11 +184,15 @@ class NextScaleSegmenter(nn.Module):
         _check_quantizer(cfg, quantizer)
         self._quantizer = _Reference(quantizer)
         # A custom (e.g. pretrained) encoder replaces the default one; the caller rebuilds it.
-        self.encoder = encoder if encoder is not None else ConvImageEncoder(cfg.encoder, cfg.image_size)
+        self.encoder = (
+            encoder if encoder is not None else ConvImageEncoder(cfg.encoder, cfg.image_size)
+        )
         self.layout = ScaleLayout(self.encoder.grid**2, cfg.text_len, tuple(cfg.scales))
         lay, dim = self.layout, cfg.transformer.dim
         if lay.seq_len > cfg.transformer.max_seq_len:
-            raise ConfigError(f"sequence of {lay.seq_len} tokens exceeds max_seq_len {cfg.transformer.max_seq_len}")
+            raise ConfigError(
+                f"sequence of {lay.seq_len} tokens exceeds max_seq_len {cfg.transformer.max_seq_len}"
+            )
         self.image_proj = nn.Linear(self.encoder.out_dim, dim)
         self.text_emb = nn.Embedding(cfg.text_vocab_size, dim)
         self.text_pos = nn.Parameter(torch.empty(cfg.text_len, dim))
@@ -198,7 +201,13 @@ class NextScaleSegmenter(nn.Module):
         self.code_proj = nn.Linear(cfg.code_dim, dim)  # f_hat features -> model width
         self.transformer = Transformer(cfg.transformer)
         self.head = nn.Linear(dim, cfg.mask_codebook_size)
-        for w in (self.text_emb.weight, self.text_pos, self.segment_emb.weight, self.start_emb, self.head.weight):
+        for w in (
+            self.text_emb.weight,
+            self.text_pos,
+            self.segment_emb.weight,
+            self.start_emb,
+            self.head.weight,
+        ):
             nn.init.normal_(w, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.register_buffer("pos_T2", sequence_positions(lay, self.encoder.grid), persistent=False)
@@ -213,7 +222,9 @@ class NextScaleSegmenter(nn.Module):
         """The frozen multi-scale quantiser this model predicts codes of (a reference)."""
         return self._quantizer.module
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NextScaleSegmenter:
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> NextScaleSegmenter:
         """``.to()``, ``.cuda()``, ``.double()``... also apply to the referenced quantiser."""
         super()._apply(fn, recurse)
         self.quantizer._apply(fn, recurse)
@@ -221,13 +232,21 @@ class NextScaleSegmenter(nn.Module):
 
     # -- sequence building ------------------------------------------------------------------
 
-    def _pad_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad_text(
+        self, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.layout.n_text
         if text_ids.dim() != 2 or text_mask.shape != text_ids.shape:
-            raise ValueError(f"text_ids {tuple(text_ids.shape)} and text_mask {tuple(text_mask.shape)} must be equal (B, L)")
+            raise ValueError(
+                f"text_ids {tuple(text_ids.shape)} and text_mask {tuple(text_mask.shape)} must be equal (B, L)"
+            )
         if text_ids.shape[1] > n:
-            raise ValueError(f"text has {text_ids.shape[1]} tokens, the model takes at most text_len={n}")
-        if text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= self.config.text_vocab_size):
+            raise ValueError(
+                f"text has {text_ids.shape[1]} tokens, the model takes at most text_len={n}"
+            )
+        if text_ids.numel() and (
+            int(text_ids.min()) < 0 or int(text_ids.max()) >= self.config.text_vocab_size
+        ):
             raise ValueError(f"text ids must lie in [0, {self.config.text_vocab_size})")
         pad = n - text_ids.shape[1]
         return F.pad(text_ids, (0, pad)), F.pad(text_mask.bool(), (0, pad))
@@ -242,7 +261,9 @@ class NextScaleSegmenter(nn.Module):
         if img_BNC.shape[0] != text_ids.shape[0]:
             raise ValueError(f"batch of {img_BNC.shape[0]} images but {text_ids.shape[0]} texts")
         txt_BLC = self.text_emb(text_ids) + self.text_pos  # (B, text_len, C)
-        x_BPC = torch.cat([img_BNC, txt_BLC.to(img_BNC.dtype)], 1) + self.segment_emb(self.seg_T[: lay.n_cond])
+        x_BPC = torch.cat([img_BNC, txt_BLC.to(img_BNC.dtype)], 1) + self.segment_emb(
+            self.seg_T[: lay.n_cond]
+        )
         valid_BP = torch.cat([text_mask.new_ones(text_mask.shape[0], lay.n_image), text_mask], 1)
         return x_BPC, valid_BP
 
@@ -266,7 +287,11 @@ class NextScaleSegmenter(nn.Module):
     # -- training ---------------------------------------------------------------------------
 
     def scale_logits(
-        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, x_BnCv: torch.Tensor
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        x_BnCv: torch.Tensor,
     ) -> torch.Tensor:
         """Full block-causal pass -> (B, p_1**2 + n, Km) logits of scales 1..k.
 
@@ -276,12 +301,18 @@ class NextScaleSegmenter(nn.Module):
         return self.head(self._hidden(image, text_ids, text_mask, x_BnCv)[:, self.layout.n_cond :])
 
     def _hidden(
-        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, x_BnCv: torch.Tensor
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        x_BnCv: torch.Tensor,
     ) -> torch.Tensor:
         """Full block-causal pass -> (B, T, C) hidden states of the condition and scales 1..k."""
         lay = self.layout
         n = x_BnCv.shape[1]
-        if n not in {lay.scale_begin(k) - lay.scale_lengths[0] for k in range(1, len(lay.scales) + 1)}:
+        if n not in {
+            lay.scale_begin(k) - lay.scale_lengths[0] for k in range(1, len(lay.scales) + 1)
+        }:
             raise ValueError(f"{n} scale inputs do not end on a scale boundary")
         cond_BPC, valid_BP = self.embed_condition(image, text_ids, text_mask)
         B = cond_BPC.shape[0]
@@ -308,7 +339,9 @@ class NextScaleSegmenter(nn.Module):
         x_BnCv = self.teacher_inputs(idx_list[:-1])
         h_BTC = self._hidden(batch["image"], batch["text_ids"], batch["text_mask"], x_BnCv)
         logits_BLK = self.head(h_BTC[:, lay.n_cond :])
-        ce_BL = F.cross_entropy(logits_BLK.flatten(0, 1).float(), codes_BL.flatten(), reduction="none")
+        ce_BL = F.cross_entropy(
+            logits_BLK.flatten(0, 1).float(), codes_BL.flatten(), reduction="none"
+        )
         ce_BL = ce_BL.view_as(codes_BL)
         per_scale = [c.mean() for c in torch.split(ce_BL, lay.scale_lengths, dim=1)]
         ce = torch.stack(per_scale).mean() if self.config.balance_scales else ce_BL.mean()
@@ -319,8 +352,15 @@ class NextScaleSegmenter(nn.Module):
         with torch.no_grad():
             hit_BL = (logits_BLK.argmax(-1) == codes_BL).float()
             last = lay.scale_lengths[-1]
-        return {"loss": loss, "ce": ce.detach(), "dense": dense.detach(), "ce_last": per_scale[-1].detach(), "acc": hit_BL.mean(),
-                "acc_last": hit_BL[:, -last:].mean(), "logits": logits_BLK}
+        return {
+            "loss": loss,
+            "ce": ce.detach(),
+            "dense": dense.detach(),
+            "ce_last": per_scale[-1].detach(),
+            "acc": hit_BL.mean(),
+            "acc_last": hit_BL[:, -last:].mean(),
+            "logits": logits_BLK,
+        }
 
     # -- inference --------------------------------------------------------------------------
 
@@ -330,7 +370,9 @@ class NextScaleSegmenter(nn.Module):
         """Allocate static KV caches for ``max_batch`` sequences (no-op if suitable ones exist)."""
         self.transformer.ensure_caches(max_batch, self.layout.seq_len, dtype, device)
 
-    def prefill(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(
+        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Run the condition and the start tokens into the caches -> (B, p_1**2, Km) scale-1 logits."""
         lay, tf = self.layout, self.transformer
         cond_BPC, valid_BP = self.embed_condition(image, text_ids, text_mask)
@@ -359,7 +401,9 @@ class NextScaleSegmenter(nn.Module):
         """
         lay, tf = self.layout, self.transformer
         if not 1 <= k < len(lay.scales):
-            raise ValueError(f"decode_scale takes k in 1..{len(lay.scales) - 1} (scale 0 is in prefill), got {k}")
+            raise ValueError(
+                f"decode_scale takes k in 1..{len(lay.scales) - 1} (scale 0 is in prefill), got {k}"
+            )
         B, n, _ = x_BlCv.shape
         if n != lay.scale_lengths[k]:
             raise ValueError(f"scale {k} has {lay.scale_lengths[k]} tokens, got {n}")
@@ -373,8 +417,12 @@ def _check_quantizer(cfg: NextScaleConfig, q: MultiScaleMaskQuantizer) -> None:
     """The quantiser must match the config: same scales, codebook size and code dim."""
     code_dim = q.empty_fhat(1, device="meta").shape[1]
     if tuple(q.scales) != tuple(cfg.scales):
-        raise ConfigError(f"quantiser scales {tuple(q.scales)} differ from the model's {tuple(cfg.scales)}")
+        raise ConfigError(
+            f"quantiser scales {tuple(q.scales)} differ from the model's {tuple(cfg.scales)}"
+        )
     if q.codebook_size != cfg.mask_codebook_size:
-        raise ConfigError(f"quantiser has {q.codebook_size} codes, the model expects {cfg.mask_codebook_size}")
+        raise ConfigError(
+            f"quantiser has {q.codebook_size} codes, the model expects {cfg.mask_codebook_size}"
+        )
     if code_dim != cfg.code_dim:
         raise ConfigError(f"quantiser code_dim {code_dim} differs from the model's {cfg.code_dim}")

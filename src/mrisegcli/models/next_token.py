@@ -96,17 +96,36 @@ class NextTokenConfig:
         if self.image_input not in ("codes", "pixels"):
             raise ConfigError(f"image_input must be 'codes' or 'pixels', got {self.image_input!r}")
         if self.prefix_attention not in ("causal", "bidirectional"):
-            raise ConfigError(f"prefix_attention must be 'causal' or 'bidirectional', got {self.prefix_attention!r}")
+            raise ConfigError(
+                f"prefix_attention must be 'causal' or 'bidirectional', got {self.prefix_attention!r}"
+            )
         if self.image_input == "pixels" and self.encoder.grid(self.image_size) != self.image_grid:
             raise ConfigError(
                 f"encoder patch {self.encoder.patch} turns image_size {self.image_size} into a "
                 f"{self.encoder.grid(self.image_size)}-grid, not image_grid {self.image_grid}"
             )
-        for name in ("image_codebook_size", "image_grid", "text_vocab_size", "text_len",
-                     "mask_codebook_size", "mask_grid", "nktp_k", "het_buckets"):
+        for name in (
+            "image_codebook_size",
+            "image_grid",
+            "text_vocab_size",
+            "text_len",
+            "mask_codebook_size",
+            "mask_grid",
+            "nktp_k",
+            "het_buckets",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if min(self.lambda_tcl, self.het_alpha, self.lambda_nktp, self.lambda_dense, self.lambda_refine) < 0:
+        if (
+            min(
+                self.lambda_tcl,
+                self.het_alpha,
+                self.lambda_nktp,
+                self.lambda_dense,
+                self.lambda_refine,
+            )
+            < 0
+        ):
             raise ConfigError("loss weights must be >= 0")
         for name in ("input_noise", "refine_code_noise"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -117,17 +136,24 @@ class NextTokenConfig:
         """What the dense head and the refiner need from the rest of the config."""
         if self.lambda_refine > 0:
             if self.image_input != "pixels":
-                raise ConfigError("lambda_refine > 0 needs image_input 'pixels' (the refiner reads the encoder's feature maps)")
+                raise ConfigError(
+                    "lambda_refine > 0 needs image_input 'pixels' (the refiner reads the encoder's feature maps)"
+                )
             if self.image_grid != self.mask_grid:
-                raise ConfigError(f"the refiner needs image_grid == mask_grid, got {self.image_grid} and {self.mask_grid}")
+                raise ConfigError(
+                    f"the refiner needs image_grid == mask_grid, got {self.image_grid} and {self.mask_grid}"
+                )
             if self.refine_width < 1:
                 raise ConfigError(f"refine_width must be positive, got {self.refine_width}")
         if self.lambda_dense > 0:
             if self.prefix_attention != "bidirectional":
-                raise ConfigError("lambda_dense > 0 needs prefix_attention 'bidirectional' (image tokens must read the text)")
+                raise ConfigError(
+                    "lambda_dense > 0 needs prefix_attention 'bidirectional' (image tokens must read the text)"
+                )
             if self.image_size % self.image_grid:
-                raise ConfigError(f"image_size {self.image_size} is not a multiple of image_grid {self.image_grid}")
-
+                raise ConfigError(
+                    f"image_size {self.image_size} is not a multiple of image_grid {self.image_grid}"
+                )
 
 
 @dataclass(frozen=True)
@@ -190,7 +216,9 @@ def sequence_positions(cfg: NextTokenConfig) -> torch.Tensor:
     return pos
 
 
-def sequence_mask(n: int, prefix_len: int, bidirectional: bool, device: torch.device | None = None) -> torch.Tensor:
+def sequence_mask(
+    n: int, prefix_len: int, bidirectional: bool, device: torch.device | None = None
+) -> torch.Tensor:
     """(n, n) bool structural mask of the first ``n`` sequence tokens (True = may attend).
 
     Causal everywhere, except that with ``bidirectional`` every token also sees the whole
@@ -223,29 +251,50 @@ class NextTokenSegmenter(nn.Module):
         self.tok_emb = nn.Embedding(self.layout.vocab_size, dim)
         # pixels mode: the image goes through a conv encoder trained end to end (one token per
         # image_size / image_grid pixels), projected to the transformer width
-        self.encoder = ConvImageEncoder(cfg.encoder, cfg.image_size) if cfg.image_input == "pixels" else None
+        self.encoder = (
+            ConvImageEncoder(cfg.encoder, cfg.image_size) if cfg.image_input == "pixels" else None
+        )
         self.image_proj = nn.Linear(cfg.encoder.out_dim, dim) if self.encoder is not None else None
         self.transformer = Transformer(cfg.transformer)
         self.mask_head = nn.Linear(dim, cfg.mask_codebook_size, bias=False)
         self.nktp = NextKHeads(dim, cfg.nktp_k, cfg.nktp_gamma) if cfg.nktp_k > 1 else None
         self.tcl = (
-            TokenContrastive(dim, cfg.mask_codebook_size, cfg.tcl_proj_dim, cfg.tcl_tau,
-                             cfg.tcl_boundary_weight, cfg.tcl_rare_power, cfg.tcl_rare_max)
-            if cfg.lambda_tcl > 0 else None
+            TokenContrastive(
+                dim,
+                cfg.mask_codebook_size,
+                cfg.tcl_proj_dim,
+                cfg.tcl_tau,
+                cfg.tcl_boundary_weight,
+                cfg.tcl_rare_power,
+                cfg.tcl_rare_max,
+            )
+            if cfg.lambda_tcl > 0
+            else None
         )
         self.het_memory = (
-            HardTokenMemory(cfg.het_buckets, self.layout.n_mask, cfg.het_decay) if cfg.het_alpha > 0 else None
+            HardTokenMemory(cfg.het_buckets, self.layout.n_mask, cfg.het_decay)
+            if cfg.het_alpha > 0
+            else None
         )
         self.register_buffer("pos_T2", sequence_positions(cfg), persistent=False)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.mask_head.weight, std=0.02)
         # built last, so switching it on leaves every other initial weight as it was
         self.dense = (
-            DensePrefixHead(dim, cfg.image_grid, cfg.image_size // cfg.image_grid) if cfg.lambda_dense > 0 else None
+            DensePrefixHead(dim, cfg.image_grid, cfg.image_size // cfg.image_grid)
+            if cfg.lambda_dense > 0
+            else None
         )
         self.refiner = (
-            MaskRefiner(cfg.mask_codebook_size, cfg.mask_grid, dim, self.encoder.skip_channels(), cfg.refine_width)
-            if cfg.lambda_refine > 0 and self.encoder is not None else None
+            MaskRefiner(
+                cfg.mask_codebook_size,
+                cfg.mask_grid,
+                dim,
+                self.encoder.skip_channels(),
+                cfg.refine_width,
+            )
+            if cfg.lambda_refine > 0 and self.encoder is not None
+            else None
         )
 
     # -- sequence building ------------------------------------------------------------------
@@ -254,20 +303,27 @@ class NextTokenSegmenter(nn.Module):
         bidirectional = self.config.prefix_attention == "bidirectional"
         return sequence_mask(n, self.layout.prefix_len, bidirectional, device)
 
-    def _pad_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad_text(
+        self, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         B, L = text_ids.shape
         n = self.layout.n_text
         if L > n:
             raise ValueError(f"text has {L} tokens, the model takes at most text_len={n}")
         if text_mask.shape != text_ids.shape:
-            raise ValueError(f"text_mask {tuple(text_mask.shape)} does not match text_ids {tuple(text_ids.shape)}")
+            raise ValueError(
+                f"text_mask {tuple(text_mask.shape)} does not match text_ids {tuple(text_ids.shape)}"
+            )
         if L < n:
             text_ids = F.pad(text_ids, (0, n - L))
             text_mask = F.pad(text_mask, (0, n - L))
         return text_ids, text_mask.bool()
 
     def _embed_prefix(
-        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
         skips: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (B, P, C) prefix embeddings and (B, P) key validity (False at text padding).
@@ -283,7 +339,9 @@ class NextTokenSegmenter(nn.Module):
             img_BNC = self.image_proj(tokens_BND)  # (B, Gi*Gi, C)
         else:
             if image.shape[1:] != (cfg.image_grid, cfg.image_grid):
-                raise ValueError(f"expected image codes (B, {cfg.image_grid}, {cfg.image_grid}), got {tuple(image.shape)}")
+                raise ValueError(
+                    f"expected image codes (B, {cfg.image_grid}, {cfg.image_grid}), got {tuple(image.shape)}"
+                )
             _check_range("image codes", image, cfg.image_codebook_size)
             img_BNC = self.tok_emb(image.flatten(1) + lay.image_offset)
         if img_BNC.shape[0] != B:
@@ -292,13 +350,19 @@ class NextTokenSegmenter(nn.Module):
         special = self.tok_emb.weight[:N_SPECIAL]  # (3, C)
         sp = special[None].expand(B, -1, -1)
         txt_BLC = self.tok_emb(text_ids + lay.text_offset)
-        x_BPC = torch.cat([sp[:, BOS:BOS + 1], img_BNC, sp[:, BOT:BOT + 1], txt_BLC, sp[:, BOM:BOM + 1]], 1)
+        x_BPC = torch.cat(
+            [sp[:, BOS : BOS + 1], img_BNC, sp[:, BOT : BOT + 1], txt_BLC, sp[:, BOM : BOM + 1]], 1
+        )
         ones = text_mask.new_ones(B, lay.n_image + 2)
         valid_BP = torch.cat([ones, text_mask, ones[:, :1]], 1)
         return x_BPC, valid_BP
 
     def _hidden(
-        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, mask_codes_BN: torch.Tensor,
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        mask_codes_BN: torch.Tensor,
         skips: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Teacher-forced pass -> (B, P+N, C) hidden states of the prefix and N mask codes."""
@@ -311,19 +375,31 @@ class NextTokenSegmenter(nn.Module):
         x_BTC = torch.cat([x_BPC, m_BNC], 1)
         T = x_BTC.shape[1]
         valid_BT = torch.cat([valid_BP, valid_BP.new_ones(valid_BP.shape[0], N)], 1)
-        mask = self._structure(T, x_BTC.device)[None, None] & valid_BT[:, None, None, :]  # (B, 1, T, T)
+        mask = (
+            self._structure(T, x_BTC.device)[None, None] & valid_BT[:, None, None, :]
+        )  # (B, 1, T, T)
         return self.transformer(x_BTC, self.pos_T2[:T], mask)
 
     def _mask_hidden(
-        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, mask_codes_BN: torch.Tensor
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        mask_codes_BN: torch.Tensor,
     ) -> torch.Tensor:
         """Teacher-forced pass -> (B, N+1, C) hidden states that predict mask tokens 0..N."""
-        return self._hidden(image, text_ids, text_mask, mask_codes_BN)[:, self.layout.prefix_len - 1:]
+        return self._hidden(image, text_ids, text_mask, mask_codes_BN)[
+            :, self.layout.prefix_len - 1 :
+        ]
 
     # -- training ---------------------------------------------------------------------------
 
     def mask_logits(
-        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, mask_codes_BN: torch.Tensor
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        mask_codes_BN: torch.Tensor,
     ) -> torch.Tensor:
         """Teacher-forced logits (B, N+1, Km) for mask tokens 0..N given the first N codes."""
         return self.mask_head(self._mask_hidden(image, text_ids, text_mask, mask_codes_BN))
@@ -342,7 +418,9 @@ class NextTokenSegmenter(nn.Module):
         image = batch["image"] if cfg.image_input == "pixels" else batch["image_codes"]
         codes_BHW = batch["mask_codes"]
         if codes_BHW.shape[1:] != (cfg.mask_grid, cfg.mask_grid):
-            raise ValueError(f"expected mask codes (B, {cfg.mask_grid}, {cfg.mask_grid}), got {tuple(codes_BHW.shape)}")
+            raise ValueError(
+                f"expected mask codes (B, {cfg.mask_grid}, {cfg.mask_grid}), got {tuple(codes_BHW.shape)}"
+            )
         _check_range("mask codes", codes_BHW, cfg.mask_codebook_size)
         codes_BN = codes_BHW.flatten(1)
         inputs_BN = codes_BN[:, :-1]
@@ -352,7 +430,7 @@ class NextTokenSegmenter(nn.Module):
             inputs_BN = torch.where(noisy, random_BN, inputs_BN)
         skips: list[torch.Tensor] = []
         h_BTC = self._hidden(image, batch["text_ids"], batch["text_mask"], inputs_BN, skips)
-        h_BNC = h_BTC[:, lay.prefix_len - 1:]
+        h_BNC = h_BTC[:, lay.prefix_len - 1 :]
         logits_BNK = self.mask_head(h_BNC)
         ce_plain = F.cross_entropy(logits_BNK.flatten(0, 1).float(), codes_BN.flatten())
         zero = ce_plain.new_zeros(())
@@ -369,18 +447,29 @@ class NextTokenSegmenter(nn.Module):
 
         nktp = self.nktp(h_BNC, codes_BN, self.mask_head) if self.nktp is not None else zero
         if self.tcl is not None:
-            code_emb_KC = self.tok_emb.weight[lay.mask_offset: lay.mask_offset + cfg.mask_codebook_size]
+            code_emb_KC = self.tok_emb.weight[
+                lay.mask_offset : lay.mask_offset + cfg.mask_codebook_size
+            ]
             tcl = self.tcl(h_BNC, code_emb_KC, codes_BHW)
         else:
             tcl = zero
-        dense = self.dense(h_BTC[:, 1:1 + lay.n_image], batch.get("mask")) if self.dense is not None else zero
+        dense = (
+            self.dense(h_BTC[:, 1 : 1 + lay.n_image], batch.get("mask"))
+            if self.dense is not None
+            else zero
+        )
         refine = zero
         if self.refiner is not None:  # from the codes the model itself predicts (teacher forced)
             predicted_BHW = logits_BNK.detach().argmax(-1).view_as(codes_BHW)
             if self.training and cfg.refine_code_noise > 0:
-                noisy = torch.rand(predicted_BHW.shape, device=predicted_BHW.device) < cfg.refine_code_noise
-                predicted_BHW = torch.where(noisy, torch.randint_like(predicted_BHW, cfg.mask_codebook_size), predicted_BHW)
-            refined = self.refiner(predicted_BHW, h_BTC[:, 1:1 + lay.n_image], skips, image)
+                noisy = (
+                    torch.rand(predicted_BHW.shape, device=predicted_BHW.device)
+                    < cfg.refine_code_noise
+                )
+                predicted_BHW = torch.where(
+                    noisy, torch.randint_like(predicted_BHW, cfg.mask_codebook_size), predicted_BHW
+                )
+            refined = self.refiner(predicted_BHW, h_BTC[:, 1 : 1 + lay.n_image], skips, image)
             refine = self.refiner.loss(refined, batch.get("mask"))
         loss = ce
         if self.dense is not None:
@@ -393,20 +482,36 @@ class NextTokenSegmenter(nn.Module):
             loss = loss + cfg.lambda_tcl * tcl
         with torch.no_grad():
             acc = (logits_BNK.argmax(-1) == codes_BN).float().mean()
-        return {"loss": loss, "ce": ce, "ce_plain": ce_plain, "nktp": nktp, "tcl": tcl, "dense": dense, "refine": refine,
-                "het_weight": het_weight, "acc": acc, "logits": logits_BNK}
+        return {
+            "loss": loss,
+            "ce": ce,
+            "ce_plain": ce_plain,
+            "nktp": nktp,
+            "tcl": tcl,
+            "dense": dense,
+            "refine": refine,
+            "het_weight": het_weight,
+            "acc": acc,
+            "logits": logits_BNK,
+        }
 
     # -- inference --------------------------------------------------------------------------
 
     def mask_outputs(
-        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, codes_BHW: torch.Tensor
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        codes_BHW: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """One pass over the prefix -> the (B, 1, S, S) logits of the heads that are on:
         ``refined`` (the refiner on the decided ``codes_BHW``) and ``dense`` (the dense
         supervision head, which never reads the codes)."""
         skips: list[torch.Tensor] = []
-        h_BPC = self._hidden(image, text_ids, text_mask, codes_BHW.new_zeros(codes_BHW.shape[0], 0), skips)
-        states_BNC = h_BPC[:, 1:1 + self.layout.n_image]
+        h_BPC = self._hidden(
+            image, text_ids, text_mask, codes_BHW.new_zeros(codes_BHW.shape[0], 0), skips
+        )
+        states_BNC = h_BPC[:, 1 : 1 + self.layout.n_image]
         out: dict[str, torch.Tensor] = {}
         if self.refiner is not None:
             out["refined"] = self.refiner(codes_BHW, states_BNC, skips, image)
@@ -430,11 +535,15 @@ class NextTokenSegmenter(nn.Module):
             rot = self._rot_T = self.transformer.rotation(self.pos_T2)
         return rot
 
-    def prefill(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(
+        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Run BOS..BOM into the caches -> (B, Km) logits of the first mask token."""
         return self.mask_head(self.prefill_state(image, text_ids, text_mask))
 
-    def prefill_state(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def prefill_state(
+        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Run BOS..BOM into the caches -> (B, C) hidden state that predicts mask token 0."""
         x_BPC, valid_BP = self._embed_prefix(image, text_ids, text_mask)
         B, P, _ = x_BPC.shape
@@ -444,7 +553,9 @@ class NextTokenSegmenter(nn.Module):
         h_BPC = tf.forward_cached(x_BPC, self.pos_T2[:P], tf.slots_S[:P], mask)
         return h_BPC[:, -1]
 
-    def decode_block(self, tok_BT: torch.Tensor, input_pos_T: torch.Tensor, n_keys: int) -> torch.Tensor:
+    def decode_block(
+        self, tok_BT: torch.Tensor, input_pos_T: torch.Tensor, n_keys: int
+    ) -> torch.Tensor:
         """Feed T consecutive mask codes per sequence at cache slots ``input_pos_T`` (T,), each
         attending to the filled slots up to its own, -> (B, T, C) hidden states; state t predicts
         the code after ``tok_BT[:, t]``. Slots [0, ``n_keys``) are read (n_keys > last slot)."""
@@ -459,7 +570,7 @@ class NextTokenSegmenter(nn.Module):
         """Embeddings of mask codes (any shape) -> (..., C): rows of the mask-code block of
         ``tok_emb`` (the same values as ``tok_emb(tok + mask_offset)``, one kernel fewer)."""
         off = self.layout.mask_offset
-        return F.embedding(tok, self.tok_emb.weight[off: off + self.config.mask_codebook_size])
+        return F.embedding(tok, self.tok_emb.weight[off : off + self.config.mask_codebook_size])
 
     def decode_next(self, tok_B: torch.Tensor, n_keys: int) -> torch.Tensor:
         """Feed mask codes ``tok_B`` (B,) at cache slot ``n_keys - 1``, the first free one, so the
@@ -470,8 +581,12 @@ class NextTokenSegmenter(nn.Module):
         """
         tf = self.transformer
         slot = n_keys - 1
-        h_B1C = tf.forward_step(self._embed_mask_codes(tok_B[:, None]), self._rot_table()[slot: slot + 1],
-                                tf.slots_S[slot: n_keys], tf.key_bias(tok_B.shape[0], n_keys))
+        h_B1C = tf.forward_step(
+            self._embed_mask_codes(tok_B[:, None]),
+            self._rot_table()[slot : slot + 1],
+            tf.slots_S[slot:n_keys],
+            tf.key_bias(tok_B.shape[0], n_keys),
+        )
         return F.linear(h_B1C[:, -1], self.mask_head.weight)
 
     def draft_logits(self, h_BC: torch.Tensor) -> torch.Tensor:
@@ -482,7 +597,9 @@ class NextTokenSegmenter(nn.Module):
             return main_B1K
         return torch.cat([main_B1K, self.nktp.logits(h_BC[:, None], self.mask_head)[:, 0]], 1)
 
-    def decode_step(self, tok_B: torch.Tensor, input_pos: torch.Tensor, n_keys: int | None = None) -> torch.Tensor:
+    def decode_step(
+        self, tok_B: torch.Tensor, input_pos: torch.Tensor, n_keys: int | None = None
+    ) -> torch.Tensor:
         """Feed mask codes ``tok_B`` (B,) at cache slot ``input_pos`` (1,) -> (B, Km) next logits.
 
         Mask token n goes to slot ``layout.prefix_len + n``. Attention reads cache slots
@@ -493,6 +610,8 @@ class NextTokenSegmenter(nn.Module):
         B = tok_B.shape[0]
         n_keys = tf.max_len if n_keys is None else n_keys
         x_B1C = self._embed_mask_codes(tok_B[:, None])
-        bias = tf.key_bias(B, n_keys).masked_fill(tf.slots_S[:n_keys] > input_pos, float("-inf"))  # (B, 1, 1, S)
+        bias = tf.key_bias(B, n_keys).masked_fill(
+            tf.slots_S[:n_keys] > input_pos, float("-inf")
+        )  # (B, 1, 1, S)
         h_B1C = tf.forward_step(x_B1C, self._rot_table()[input_pos], input_pos, bias)
         return F.linear(h_B1C[:, -1], self.mask_head.weight)

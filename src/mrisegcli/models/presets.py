@@ -19,7 +19,9 @@ from mrisegcli.models.transformer import TransformerConfig
 PRESETS: dict[str, Callable[[], TransformerConfig]] = {}
 
 
-def register(name: str) -> Callable[[Callable[[], TransformerConfig]], Callable[[], TransformerConfig]]:
+def register(
+    name: str,
+) -> Callable[[Callable[[], TransformerConfig]], Callable[[], TransformerConfig]]:
     """Decorator adding a preset function to :data:`PRESETS` under ``name``."""
 
     def add(fn: Callable[[], TransformerConfig]) -> Callable[[], TransformerConfig]:

@@ -33,7 +33,11 @@ from mrisegcli.tokenizers.vq import soft_dice_loss
 def _block(c_in: int, c_out: int, convs: int = 2) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(convs):
-        layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1), nn.GroupNorm(min(8, c_out), c_out), nn.SiLU()]
+        layers += [
+            nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1),
+            nn.GroupNorm(min(8, c_out), c_out),
+            nn.SiLU(),
+        ]
     return nn.Sequential(*layers)
 
 
@@ -44,7 +48,9 @@ class MaskRefiner(nn.Module):
     ``width``: channels at half resolution; level k (stride 2**k) has ``width * min(k, 4)``.
     """
 
-    def __init__(self, code_vocab: int, grid: int, state_dim: int, skip_channels: list[int], width: int = 16) -> None:
+    def __init__(
+        self, code_vocab: int, grid: int, state_dim: int, skip_channels: list[int], width: int = 16
+    ) -> None:
         super().__init__()
         self.grid = grid
         n = len(skip_channels)
@@ -61,7 +67,11 @@ class MaskRefiner(nn.Module):
         self.out = nn.Conv2d(widths[1], 1, 1)
 
     def forward(
-        self, codes_BHW: torch.Tensor, states_BNC: torch.Tensor, skips: list[torch.Tensor], image_B1SS: torch.Tensor
+        self,
+        codes_BHW: torch.Tensor,
+        states_BNC: torch.Tensor,
+        skips: list[torch.Tensor],
+        image_B1SS: torch.Tensor,
     ) -> torch.Tensor:
         B, g = codes_BHW.shape[0], self.grid
         if codes_BHW.shape[1:] != (g, g) or states_BNC.shape[1] != g * g:
@@ -70,12 +80,18 @@ class MaskRefiner(nn.Module):
                 f"got {tuple(codes_BHW.shape[1:])} and {states_BNC.shape[1]}"
             )
         code_BCgg = self.code_emb(codes_BHW).permute(0, 3, 1, 2)
-        state_BCgg = self.state_proj(states_BNC.to(self.state_proj.weight.dtype)).transpose(1, 2).reshape(B, -1, g, g)
+        state_BCgg = (
+            self.state_proj(states_BNC.to(self.state_proj.weight.dtype))
+            .transpose(1, 2)
+            .reshape(B, -1, g, g)
+        )
         x = self.top(torch.cat([code_BCgg, state_BCgg, skips[-1]], 1))
         for block, skip in zip(self.ups, reversed(skips[:-1]), strict=True):  # stride ..., 4, 2
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip.to(x.dtype)], 1))
-        return F.interpolate(self.out(x), size=image_B1SS.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(
+            self.out(x), size=image_B1SS.shape[-2:], mode="bilinear", align_corners=False
+        )
 
     @staticmethod
     def loss(logits_B1SS: torch.Tensor, mask_BSS: torch.Tensor | None) -> torch.Tensor:

@@ -73,7 +73,9 @@ class TransformerConfig:
 # ----------------------------------------------------------------------------- masks
 
 
-def causal_mask(n_query: int, n_key: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+def causal_mask(
+    n_query: int, n_key: int | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """(n_query, n_key) bool, True where key index <= query index (queries end-aligned at 0)."""
     n_key = n_query if n_key is None else n_key
     q_T1 = torch.arange(n_query, device=device)[:, None]
@@ -81,7 +83,9 @@ def causal_mask(n_query: int, n_key: int | None = None, device: torch.device | N
     return k_1S <= q_T1
 
 
-def block_causal_mask(block_sizes: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
+def block_causal_mask(
+    block_sizes: Sequence[int], device: torch.device | None = None
+) -> torch.Tensor:
     """(T, T) bool for consecutive blocks: a token sees its whole block and all earlier blocks."""
     sizes = torch.as_tensor(list(block_sizes), device=device)
     block_T = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)  # (T,)
@@ -96,7 +100,9 @@ def with_key_padding(mask_TS: torch.Tensor, key_valid_BS: torch.Tensor) -> torch
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean mask (True = attend) -> additive float mask in ``dtype``: 0 where True, -inf where
     False, the values ``scaled_dot_product_attention`` derives from a boolean mask itself."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf")
+    )
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -155,7 +161,9 @@ def apply_rope(x_BTxD: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """
     if rot.dim() == 3:
         rot = rot[None]  # (1, T, D/2, 2)
-    rot = rot.view(*rot.shape[:2], *([1] * (x_BTxD.dim() - 3)), *rot.shape[-2:])  # (B|1, T, 1.., D/2, 2)
+    rot = rot.view(
+        *rot.shape[:2], *([1] * (x_BTxD.dim() - 3)), *rot.shape[-2:]
+    )  # (B|1, T, 1.., D/2, 2)
     x_pairs = x_BTxD.float().unflatten(-1, (-1, 2))  # (B, T, ..., D/2, 2)
     if torch.compiler.is_compiling():
         x0, x1 = x_pairs.unbind(-1)
@@ -216,11 +224,19 @@ class KVCache(nn.Module):
     ) -> None:
         super().__init__()
         shape = (max_batch, n_heads, max_len, head_dim)
-        self.register_buffer("k_BHSD", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_BHSD", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "k_BHSD", torch.zeros(shape, dtype=dtype, device=device), persistent=False
+        )
+        self.register_buffer(
+            "v_BHSD", torch.zeros(shape, dtype=dtype, device=device), persistent=False
+        )
 
     def update(
-        self, input_pos_T: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor, n_keys: int | None = None
+        self,
+        input_pos_T: torch.Tensor,
+        k_BHTD: torch.Tensor,
+        v_BHTD: torch.Tensor,
+        n_keys: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values at ``input_pos``; return views (B, H, S, D) of slots [0, n_keys).
 
@@ -237,7 +253,9 @@ class KVCache(nn.Module):
         """Copy rows [0, batch) to rows b*samples .. b*samples+samples-1 (slots [0, n_slots))."""
         n = batch * samples
         for buf_BHSD in (self.k_BHSD, self.v_BHSD):
-            buf_BHSD[:n, :, :n_slots].copy_(buf_BHSD[:batch, :, :n_slots].repeat_interleave(samples, 0))
+            buf_BHSD[:n, :, :n_slots].copy_(
+                buf_BHSD[:batch, :, :n_slots].repeat_interleave(samples, 0)
+            )
 
 
 class Attention(nn.Module):
@@ -386,7 +404,9 @@ class Transformer(nn.Module):
 
     # -- training ---------------------------------------------------------------------------
 
-    def forward(self, x_BTC: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BTC: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Full-sequence pass without cache.
 
         ``pos``: (T, 2) or (B, T, 2) (row, col) positions; ``attn_mask``: boolean (T, T),
@@ -403,10 +423,14 @@ class Transformer(nn.Module):
     ) -> None:
         """Allocate one static KV cache per layer and the key validity (replacing any previous)."""
         if max_len > self.config.max_seq_len:
-            raise ConfigError(f"cache length {max_len} exceeds max_seq_len {self.config.max_seq_len}")
+            raise ConfigError(
+                f"cache length {max_len} exceeds max_seq_len {self.config.max_seq_len}"
+            )
         cfg = self.config
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(max_batch, cfg.n_heads, max_len, cfg.head_dim, dtype, device)
+            layer.attn.kv_cache = KVCache(
+                max_batch, cfg.n_heads, max_len, cfg.head_dim, dtype, device
+            )
         self.key_valid_BS = torch.ones(max_batch, max_len, dtype=torch.bool, device=device)
         self.key_bias_BS = torch.zeros(max_batch, max_len, dtype=dtype, device=device)
         self.slots_S = torch.arange(max_len, device=device)
@@ -414,7 +438,11 @@ class Transformer(nn.Module):
         self.max_batch, self.max_len = max_batch, max_len
 
     def ensure_caches(
-        self, max_batch: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+        self,
+        max_batch: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
     ) -> None:
         """:meth:`setup_caches` unless the current caches already hold ``max_batch`` x ``max_len``
         in ``dtype`` on ``device`` (defaults: those of the weights), so buffers are reused."""
@@ -443,7 +471,9 @@ class Transformer(nn.Module):
         """New batch of B sequences: slots [0, P) get key validity ``valid_BP`` (B, P), the rest True."""
         B, P = valid_BP.shape
         if B > self.max_batch:
-            raise RuntimeError(f"caches hold {self.max_batch} sequences, got {B}: call setup_caches")
+            raise RuntimeError(
+                f"caches hold {self.max_batch} sequences, got {B}: call setup_caches"
+            )
         self.key_valid_BS[:B].fill_(True)
         self.key_valid_BS[:B, :P].copy_(valid_BP)
         self.key_bias_BS[:B].copy_(attention_bias(self.key_valid_BS[:B], self.key_bias_BS.dtype))
@@ -456,7 +486,9 @@ class Transformer(nn.Module):
         """
         n = batch * samples
         if n > self.max_batch:
-            raise RuntimeError(f"caches hold {self.max_batch} sequences, need {n}: call setup_caches")
+            raise RuntimeError(
+                f"caches hold {self.max_batch} sequences, need {n}: call setup_caches"
+            )
         for layer in self.layers:
             layer.attn.kv_cache.repeat_rows(batch, samples, n_slots)
         self.key_valid_BS[:n].copy_(self.key_valid_BS[:batch].repeat_interleave(samples, 0))
@@ -498,6 +530,8 @@ class Transformer(nn.Module):
             raise RuntimeError("KV caches are not set up: call setup_caches first")
         mask = _as_4d(attn_mask)
         if mask.shape[-1] > self.max_len:
-            raise ValueError(f"mask covers {mask.shape[-1]} cache slots, the caches hold {self.max_len}")
+            raise ValueError(
+                f"mask covers {mask.shape[-1]} cache slots, the caches hold {self.max_len}"
+            )
         bias = attention_bias(mask, _compute_dtype(x_BTC))
         return self._run_cached(x_BTC, AttnContext(self.rotation(pos), bias, input_pos))

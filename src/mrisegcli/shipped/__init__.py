@@ -100,5 +100,14 @@ def choose_model(model: str | None, environ: dict[str, str] | None = None) -> Mo
     return ModelChoice(spec, source)
 
 
-__all__ = ["DEFAULT_MODEL", "ENV_VAR", "ModelChoice", "ShippedModel", "choose_model",
-           "shipped_models", "shipped_model", "SHIPPED_DIR", "RADIOGRAPH_MODALITIES"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "ENV_VAR",
+    "ModelChoice",
+    "ShippedModel",
+    "choose_model",
+    "shipped_models",
+    "shipped_model",
+    "SHIPPED_DIR",
+    "RADIOGRAPH_MODALITIES",
+]

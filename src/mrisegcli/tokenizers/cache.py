@@ -157,7 +157,9 @@ class CodeCache:
         index = index or {}
         self._shards: dict[str, int] = dict(index.get("shards", {}))  # name -> entries written
         sums = index.get("sums", {})
-        self._sums: dict[str, str] = dict(sums) if isinstance(sums, dict) else {}  # name -> fingerprint
+        self._sums: dict[str, str] = (
+            dict(sums) if isinstance(sums, dict) else {}
+        )  # name -> fingerprint
         self._next_shard = int(index.get("next_shard", 0))
         self._entries: dict[str, Entry] = {}
         for d in index.get("entries", []):
@@ -365,7 +367,9 @@ class CodeCache:
         for name in self._shards:
             path = self.folder / name
             if not path.is_file():
-                raise MrisegError(f"the cache index names this shard but it is missing; {_REDO}", path)
+                raise MrisegError(
+                    f"the cache index names this shard but it is missing; {_REDO}", path
+                )
             expected = self._sums.get(name)
             if expected is not None:
                 actual = file_fingerprint(path)

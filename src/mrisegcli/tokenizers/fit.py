@@ -98,9 +98,9 @@ def _crop(
                 yx = fg[torch.randint(0, fg.shape[0], (1,), generator=gen)][0] + jitter[b]
                 top_left = ((yx - size // 2).clamp(0, S - size) // align) * align
                 starts[b] = top_left
-    return torch.stack([
-        x_B1SS[b, :, y : y + size, x : x + size] for b, (y, x) in enumerate(starts.tolist())
-    ])
+    return torch.stack(
+        [x_B1SS[b, :, y : y + size, x : x + size] for b, (y, x) in enumerate(starts.tolist())]
+    )
 
 
 def _crop_size(crop: int | None, cfg: ConvVQConfig) -> int | None:
@@ -185,7 +185,7 @@ def _fit(
         if max_seconds is None:
             sched.step()
         restarted = model.quantizer.update_usage(out.idx, out.z_NC, generator=gen)
-        tail = (tail + [out.metrics["loss"]])[-max(1, steps // 10):]
+        tail = (tail + [out.metrics["loss"]])[-max(1, steps // 10) :]
         if progress is not None:
             progress(step + 1, steps, {**out.metrics, "restarted": float(restarted)})
     model.eval()
@@ -221,7 +221,9 @@ def recon_dice(tokenizer: Any, masks: np.ndarray | torch.Tensor) -> float:
         gt_BN = gt_B1SS.flatten(1)
         inter_B = (pred_BN * gt_BN).sum(1)
         denom_B = pred_BN.sum(1) + gt_BN.sum(1)
-        dice_B = torch.where(denom_B > 0, 2 * inter_B / denom_B.clamp_min(1), torch.ones_like(denom_B))
+        dice_B = torch.where(
+            denom_B > 0, 2 * inter_B / denom_B.clamp_min(1), torch.ones_like(denom_B)
+        )
         dices.append(dice_B.cpu())
     return float(torch.cat(dices).mean())
 
@@ -264,8 +266,12 @@ _MULTISCALE = _Recipe(
     MultiScaleMaskQuantizer, to_tensor_masks, "recon_dice", recon_dice, rotate=True, focus=False
 )
 _IMAGE_VQ = _Recipe(
-    ImageVQ, to_tensor_images, "psnr", lambda tok, x_N1SS: image_psnr(tok, x_N1SS[:, 0]),
-    rotate=False, focus=False,
+    ImageVQ,
+    to_tensor_images,
+    "psnr",
+    lambda tok, x_N1SS: image_psnr(tok, x_N1SS[:, 0]),
+    rotate=False,
+    focus=False,
 )
 
 
@@ -291,8 +297,14 @@ def _fit_and_report(
     train, held = _split(data_N1SS.shape[0], gen)
     model = _seeded_model(lambda: recipe.build(cfg), seed)
     loss = _fit(
-        model, data_N1SS[train], gen=gen, rotate=recipe.rotate, crop=crop_size,
-        align=cfg.downsample, focus=recipe.focus, **loop_kw,
+        model,
+        data_N1SS[train],
+        gen=gen,
+        rotate=recipe.rotate,
+        crop=crop_size,
+        align=cfg.downsample,
+        focus=recipe.focus,
+        **loop_kw,
     )
     usage, perplexity = usage_stats(_encode_all(model, data_N1SS[:2048]), model.codebook_size)
     report = {
@@ -329,8 +341,17 @@ def fit_mask_vq(
     ``max_seconds``: stop at this wall-clock budget if it comes before ``steps``.
     """
     return _fit_and_report(
-        _MASK_VQ, masks_NSS, cfg or MaskVQConfig(), crop=crop, seed=seed, steps=steps,
-        batch_size=batch_size, lr=lr, device=device, progress=progress, max_seconds=max_seconds,
+        _MASK_VQ,
+        masks_NSS,
+        cfg or MaskVQConfig(),
+        crop=crop,
+        seed=seed,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        device=device,
+        progress=progress,
+        max_seconds=max_seconds,
     )
 
 
@@ -352,8 +373,17 @@ def fit_multiscale(
     four times a cropped :func:`fit_mask_vq` step per sample: hence the smaller default batch.
     """
     return _fit_and_report(
-        _MULTISCALE, masks_NSS, cfg or MultiScaleConfig(), crop=None, seed=seed, steps=steps,
-        batch_size=batch_size, lr=lr, device=device, progress=progress, max_seconds=max_seconds,
+        _MULTISCALE,
+        masks_NSS,
+        cfg or MultiScaleConfig(),
+        crop=None,
+        seed=seed,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        device=device,
+        progress=progress,
+        max_seconds=max_seconds,
     )
 
 
@@ -372,8 +402,17 @@ def fit_image_vq(
 ) -> tuple[ImageVQ, dict]:
     """Fit an :class:`ImageVQ` on (N, S, S) grey images in [0, 1]; report has ``psnr``."""
     return _fit_and_report(
-        _IMAGE_VQ, images_NSS, cfg or ImageVQConfig(), crop=crop, seed=seed, steps=steps,
-        batch_size=batch_size, lr=lr, device=device, progress=progress, max_seconds=max_seconds,
+        _IMAGE_VQ,
+        images_NSS,
+        cfg or ImageVQConfig(),
+        crop=crop,
+        seed=seed,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        device=device,
+        progress=progress,
+        max_seconds=max_seconds,
     )
 
 

@@ -65,7 +65,11 @@ class MaskVQ(ConvVQTokenizer):
         q = self.quantizer(self.features(mask_B1SS))
         c = self.cfg
         loss, metrics = mask_objective(
-            self.decoder(q.zq_BChw), target_B1SS, q.loss,
-            bce_weight=c.bce_weight, dice_weight=c.dice_weight, vq_weight=c.vq_weight,
+            self.decoder(q.zq_BChw),
+            target_B1SS,
+            q.loss,
+            bce_weight=c.bce_weight,
+            dice_weight=c.dice_weight,
+            vq_weight=c.vq_weight,
         )
         return LossOutput(loss=loss, metrics=metrics, idx=q.idx_Bhw, z_NC=q.z_NC)

@@ -85,7 +85,12 @@ class MultiScaleMaskQuantizer(ConvVQTokenizer):
         cfg = self.cfg
         grid = cfg.image_size // cfg.downsample
         sc = cfg.scales
-        if not sc or sc[-1] != grid or sc[0] < 1 or any(a >= b for a, b in zip(sc[:-1], sc[1:], strict=True)):
+        if (
+            not sc
+            or sc[-1] != grid
+            or sc[0] < 1
+            or any(a >= b for a, b in zip(sc[:-1], sc[1:], strict=True))
+        ):
             raise ConfigError(f"scales must increase strictly from >= 1 to the grid {grid}: {sc}")
         if not 1 <= cfg.n_phi <= len(sc):
             raise ConfigError(f"n_phi must be in 1..{len(sc)}, got {cfg.n_phi}")
@@ -120,7 +125,9 @@ class MultiScaleMaskQuantizer(ConvVQTokenizer):
         """The f_hat generation starts from: zeros (B, C, H, W)."""
         dtype = self.quantizer.embedding.dtype
         device = device or self.quantizer.embedding.device
-        return torch.zeros(batch, self.cfg.code_dim, self.grid, self.grid, dtype=dtype, device=device)
+        return torch.zeros(
+            batch, self.cfg.code_dim, self.grid, self.grid, dtype=dtype, device=device
+        )
 
     def _check_idx(self, idx_list: list[torch.Tensor], n: int | None = None) -> None:
         n = len(self.scales) if n is None else n
@@ -231,8 +238,10 @@ class MultiScaleMaskQuantizer(ConvVQTokenizer):
             h_BChw = self.part(k, idx_Bpp)
             f_hat_BChw = f_hat_BChw + h_BChw
             rest_BChw = rest_BChw - h_BChw.detach()
-            vq = vq + F.mse_loss(f_hat_BChw, f_ng) + self.cfg.beta * F.mse_loss(
-                f_hat_BChw.detach(), f_BChw
+            vq = (
+                vq
+                + F.mse_loss(f_hat_BChw, f_ng)
+                + self.cfg.beta * F.mse_loss(f_hat_BChw.detach(), f_BChw)
             )
             idx_all.append(idx_Bpp.reshape(-1))
             z_all.append(z_NC)
@@ -240,7 +249,11 @@ class MultiScaleMaskQuantizer(ConvVQTokenizer):
         f_st_BChw = f_BChw + (f_hat_BChw - f_BChw).detach()
         c = self.cfg
         loss, metrics = mask_objective(
-            self.decoder(f_st_BChw), target_B1SS, vq,
-            bce_weight=c.bce_weight, dice_weight=c.dice_weight, vq_weight=c.vq_weight,
+            self.decoder(f_st_BChw),
+            target_B1SS,
+            vq,
+            bce_weight=c.bce_weight,
+            dice_weight=c.dice_weight,
+            vq_weight=c.vq_weight,
         )
         return LossOutput(loss=loss, metrics=metrics, idx=torch.cat(idx_all), z_NC=torch.cat(z_all))

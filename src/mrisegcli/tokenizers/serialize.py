@@ -95,7 +95,9 @@ def _open(path: str | Path, read_tensors: bool) -> tuple[dict[str, torch.Tensor]
             meta = dict(fh.metadata() or {})
             tensors = {k: fh.get_tensor(k) for k in fh.keys()} if read_tensors else {}
     except Exception as err:  # safetensors raises several types for damaged files
-        raise ConfigError(f"not a readable safetensors file, truncated or corrupt ({err})", path) from err
+        raise ConfigError(
+            f"not a readable safetensors file, truncated or corrupt ({err})", path
+        ) from err
     return tensors, meta
 
 

@@ -103,8 +103,12 @@ def _merged(syms: list[str], pair: tuple[str, str], new: str) -> list[str]:
 
 
 def _apply_merge(
-    pair: tuple[str, str], new: str, symbols: list[list[str]], freqs: list[int],
-    pair_counts: Counter[tuple[str, str]], pair_words: dict[tuple[str, str], set[int]],
+    pair: tuple[str, str],
+    new: str,
+    symbols: list[list[str]],
+    freqs: list[int],
+    pair_counts: Counter[tuple[str, str]],
+    pair_words: dict[tuple[str, str], set[int]],
 ) -> set[tuple[str, str]]:
     """Merge ``pair`` into ``new`` in every word that holds it, updating the pair counts and
     the word index in place; returns the pairs whose counts changed."""

@@ -134,7 +134,11 @@ def load_checkpoint(
     if restore_rng:
         torch.set_rng_state(tensors["rng.torch"])
         cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-        if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        if (
+            cuda_states
+            and torch.cuda.is_available()
+            and len(cuda_states) == torch.cuda.device_count()
+        ):
             torch.cuda.set_rng_state_all(cuda_states)
     extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
     return state, extra, config

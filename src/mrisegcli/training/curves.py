@@ -143,7 +143,9 @@ def _draw_grid(d: Any, ax: _Axes, small: Any) -> None:
     d.rectangle([x0, y0, x1, y1], outline="black")
 
 
-def _draw_lines(d: Any, ax: _Axes, loss: list[tuple[int, float]], dice: list[tuple[int, float]]) -> None:
+def _draw_lines(
+    d: Any, ax: _Axes, loss: list[tuple[int, float]], dice: list[tuple[int, float]]
+) -> None:
     """The curves: a polyline each, with dots so that one or two points still show."""
     for points, py, colour in ((loss, ax.py_loss, LOSS_COLOUR), (dice, ax.py_dice, DICE_COLOUR)):
         xy = [(ax.px(s), py(v)) for s, v in points]
@@ -165,19 +167,37 @@ def _draw_labels(
     d.text((16, (y0 + y1) / 2), "loss", fill=LOSS_COLOUR, font=font, anchor="lm")
     d.text((_W - 16, (y0 + y1) / 2), "Dice", fill=DICE_COLOUR, font=font, anchor="rm")
     lx, ly = x0 + 12, y0 + 10
-    for name, colour, n in (("training loss", LOSS_COLOUR, len(loss)), ("validation Dice", DICE_COLOUR, len(dice))):
+    for name, colour, n in (
+        ("training loss", LOSS_COLOUR, len(loss)),
+        ("validation Dice", DICE_COLOUR, len(dice)),
+    ):
         d.line([(lx, ly + 8), (lx + 26, ly + 8)], fill=colour, width=3)
-        d.text((lx + 34, ly + 8), name if n else f"{name} (none logged)", fill="black", font=small, anchor="lm")
+        d.text(
+            (lx + 34, ly + 8),
+            name if n else f"{name} (none logged)",
+            fill="black",
+            font=small,
+            anchor="lm",
+        )
         ly += 22
     best = max(dice, key=lambda p: p[1]) if dice else None
     if best is not None:
-        d.text((x1, y0 - 6), f"best val Dice {best[1]:.4f} (step {best[0]})", fill=DICE_COLOUR,
-               font=small, anchor="rb")
+        d.text(
+            (x1, y0 - 6),
+            f"best val Dice {best[1]:.4f} (step {best[0]})",
+            fill=DICE_COLOUR,
+            font=small,
+            anchor="rb",
+        )
 
 
 def draw_curves(
-    loss: list[tuple[int, float]], dice: list[tuple[int, float]], out: str | Path, *,
-    title: str = "training progress", overwrite: bool = True,
+    loss: list[tuple[int, float]],
+    dice: list[tuple[int, float]],
+    out: str | Path,
+    *,
+    title: str = "training progress",
+    overwrite: bool = True,
 ) -> Path:
     """Draw the two curves into a PNG at ``out`` (written atomically) and return its path."""
     from PIL import Image, ImageDraw
@@ -201,7 +221,9 @@ def write_progress_png(run_dir: str | Path) -> Path | None:
     log = run_dir / runfolder.TRAIN_LOG
     try:
         loss, dice = read_curves(log)
-        return draw_curves(loss, dice, run_dir / PICTURE_NAME, title=f"training progress: {run_dir.name}")
+        return draw_curves(
+            loss, dice, run_dir / PICTURE_NAME, title=f"training progress: {run_dir.name}"
+        )
     except (OSError, ValueError) as e:
         logger.warning("could not draw %s: %s", run_dir / PICTURE_NAME, e)
         return None

@@ -64,7 +64,9 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def mean_over_ranks(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
+def mean_over_ranks(
+    values: dict[str, float], info: DistInfo, device: torch.device
+) -> dict[str, float]:
     """The mean of each scalar over all ranks (a collective: every rank calls it, same keys).
 
     One small all-reduce for all values together; a plain copy for a single process.

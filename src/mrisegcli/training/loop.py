@@ -246,8 +246,11 @@ class _Loop:
         """Drop the log records past the checkpoint the run continues from."""
         if not self.log_path.is_file():
             return
-        kept = [line for line in self.log_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.state.step]
+        kept = [
+            line
+            for line in self.log_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= self.state.step
+        ]
         self.log_path.write_text("".join(f"{line}\n" for line in kept))
 
     # ------------------------------------------------------------------------ time budget
@@ -273,7 +276,9 @@ class _Loop:
     def step(self) -> _Step:
         """One optimiser step on the next batch; advances the data position and the clock."""
         state, cfg = self.state, self.cfg
-        idx = _rank_slice(next_batch_indices(state, self.n, cfg.batch_size, cfg.seed), self.dist_info)
+        idx = _rank_slice(
+            next_batch_indices(state, self.n, cfg.batch_size, cfg.seed), self.dist_info
+        )
         batch = _to_device({k: v[idx] for k, v in self.data.items()}, self.device)
         lr = lr_at(state.step, cfg, self.total, self.time_done())
         for group in self.optimizer.param_groups:
@@ -305,13 +310,22 @@ class _Loop:
             return
         dt = time.perf_counter() - self.window_t
         # Each rank saw its own slice: log the means over ranks (one all-reduce).
-        scalars = {k: float(v.detach()) for k, v in step.out.items() if torch.is_tensor(v) and v.dim() == 0}
+        scalars = {
+            k: float(v.detach()) for k, v in step.out.items() if torch.is_tensor(v) and v.dim() == 0
+        }
         self.last_metrics = mean_over_ranks(scalars, info, self.device)
-        self.log({
-            "step": self.state.step, "split": "train", "lr": step.lr, "grad_norm": step.grad_norm,
-            "epoch": self.state.epoch, "tokens_per_s": self.window_tokens / max(dt, 1e-9),
-            "elapsed_s": time.perf_counter() - self.t0, **self.last_metrics,
-        })
+        self.log(
+            {
+                "step": self.state.step,
+                "split": "train",
+                "lr": step.lr,
+                "grad_norm": step.grad_norm,
+                "epoch": self.state.epoch,
+                "tokens_per_s": self.window_tokens / max(dt, 1e-9),
+                "elapsed_s": time.perf_counter() - self.t0,
+                **self.last_metrics,
+            }
+        )
         self.window_t, self.window_tokens = time.perf_counter(), 0
 
     def show(self, progress: Callable[..., None] | None, step: _Step, total: int) -> None:
@@ -345,7 +359,10 @@ class _Loop:
         if self.dist_info.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             save_checkpoint(
-                self.ckpt_dir / checkpoint_name(self.state.step), self.model, self.optimizer, self.state,
+                self.ckpt_dir / checkpoint_name(self.state.step),
+                self.model,
+                self.optimizer,
+                self.state,
                 config=self.config_dict,
             )
             prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
@@ -410,8 +427,16 @@ def train(
     ``cfg.max_minutes`` it counts against the budget.
     """
     loop = _Loop(
-        model, data, cfg, run_dir, device=device, dist_info=dist_info, evaluate=evaluate,
-        on_best=on_best, config_dict=config_dict, tokens_per_sample=tokens_per_sample,
+        model,
+        data,
+        cfg,
+        run_dir,
+        device=device,
+        dist_info=dist_info,
+        evaluate=evaluate,
+        on_best=on_best,
+        config_dict=config_dict,
+        tokens_per_sample=tokens_per_sample,
     )
     loop.start(resume, prep_seconds)
     with _StopFlag() as stop:

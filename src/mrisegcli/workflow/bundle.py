@@ -26,8 +26,12 @@ FILES = runfolder.TOKENIZERS
 TEXT_FILE = runfolder.TEXT_TOKENIZER
 #: file -> role, of every file whose fingerprint a run records
 ROLES = {**{file: role for role, file in FILES.items()}, TEXT_FILE: "text"}
-_ROLE_NAMES = {"mask_vq": "mask tokenizer", "image_vq": "image tokenizer",
-               "multiscale": "multi-scale mask tokenizer", "text": "text tokenizer"}
+_ROLE_NAMES = {
+    "mask_vq": "mask tokenizer",
+    "image_vq": "image tokenizer",
+    "multiscale": "multi-scale mask tokenizer",
+    "text": "text tokenizer",
+}
 
 
 @dataclass
@@ -114,10 +118,15 @@ def verify_files(folder: Path, recorded: Any, config_path: Path | None = None) -
     if not isinstance(recorded, dict):
         raise ConfigError("corrupt config (tokenizers.files is not an object)", where)
     for name, entry in recorded.items():
-        ok = (isinstance(entry, dict) and isinstance(entry.get("role"), str)
-              and isinstance(entry.get("sha256"), str))
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("role"), str)
+            and isinstance(entry.get("sha256"), str)
+        )
         if name not in ROLES or not ok or entry["role"] != ROLES[name]:
-            raise ConfigError(f"corrupt config (tokenizers.files has a bad entry for {name!r})", where)
+            raise ConfigError(
+                f"corrupt config (tokenizers.files has a bad entry for {name!r})", where
+            )
     by_hash = {entry["sha256"]: name for name, entry in recorded.items()}
     for name, entry in recorded.items():
         path = folder / name
@@ -144,7 +153,9 @@ def has_bundle(folder: Path) -> bool:
     return (folder / TEXT_FILE).is_file() and any((folder / f).is_file() for f in FILES.values())
 
 
-def load_bundle(folder: Path, *, need: tuple[str, ...] = (), device: str = "cpu") -> TokenizerBundle:
+def load_bundle(
+    folder: Path, *, need: tuple[str, ...] = (), device: str = "cpu"
+) -> TokenizerBundle:
     """Load every tokenizer found in ``folder``; those named in ``need`` must be there."""
     from mrisegcli.errors import ConfigError
     from mrisegcli.tokenizers.serialize import kind_of, load_tokenizer
@@ -155,8 +166,14 @@ def load_bundle(folder: Path, *, need: tuple[str, ...] = (), device: str = "cpu"
         raise MrisegError(f"no tokenizers here (no {TEXT_FILE})", folder)
     missing = [FILES[n] for n in need if not (folder / FILES[n]).is_file()]
     if missing:
-        raise MrisegError(f"tokenizer folder lacks {', '.join(missing)} (needed for this paradigm)", folder)
-    parts = {n: load_tokenizer(folder / f, device=device) for n, f in FILES.items() if (folder / f).is_file()}
+        raise MrisegError(
+            f"tokenizer folder lacks {', '.join(missing)} (needed for this paradigm)", folder
+        )
+    parts = {
+        n: load_tokenizer(folder / f, device=device)
+        for n, f in FILES.items()
+        if (folder / f).is_file()
+    }
     for name, tok in parts.items():
         if kind_of(tok) != name:  # e.g. mask_vq.safetensors and image_vq.safetensors swapped
             raise ConfigError(

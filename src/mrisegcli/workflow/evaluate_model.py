@@ -52,12 +52,16 @@ def _score(samples: list[Sample], gts: list[np.ndarray], probs: np.ndarray) -> l
 
 
 @torch.no_grad()
-def tokenizer_ceiling(seg: Segmenter, masks_NSS: np.ndarray, gts: list[np.ndarray], samples: list[Sample]) -> list[CaseResult]:
+def tokenizer_ceiling(
+    seg: Segmenter, masks_NSS: np.ndarray, gts: list[np.ndarray], samples: list[Sample]
+) -> list[CaseResult]:
     """Dice of decode(encode(ground truth)) — the best any model on these tokens can do.
     The paradigm's own tokenizer: a next-scale run may also hold a single-scale one."""
     tok = seg.impl.ceiling_tokenizer(seg.bundle)
     if tok is None:
-        raise MrisegError(f"the {seg.paradigm} model's mask tokenizer is missing from its run folder")
+        raise MrisegError(
+            f"the {seg.paradigm} model's mask tokenizer is missing from its run folder"
+        )
     probs = []
     for s in range(0, len(masks_NSS), 64):
         m = torch.from_numpy(masks_NSS[s : s + 64]).float()[:, None].to(seg.device)
@@ -91,9 +95,13 @@ def evaluate_model(
     cases, images, masks, gts = split_data
     texts = [s.text for s in cases]
     with stage(f"decoding {len(cases)} masks", None):
-        pred = seg.predict(images, texts, samples=samples, temperature=temperature, seed=seed, parts=True)
+        pred = seg.predict(
+            images, texts, samples=samples, temperature=temperature, seed=seed, parts=True
+        )
     results = _score(cases, gts, pred.prob.numpy())
-    report = ModelEvalReport(results, _model_summary(seg, cases, gts, results, pred, samples, temperature))
+    report = ModelEvalReport(
+        results, _model_summary(seg, cases, gts, results, pred, samples, temperature)
+    )
     if ceiling:
         report.ceiling = summarize(tokenizer_ceiling(seg, masks, gts, cases))
     if pred.uncertainty is not None:
@@ -102,7 +110,9 @@ def evaluate_model(
     rng = np.random.default_rng(seed)
     decode = {"samples": samples, "temperature": temperature, "seed": seed}
     for a in ablations:
-        alt = [""] * len(texts) if a == "empty" else [texts[i] for i in _other_cases(rng, len(texts))]
+        alt = (
+            [""] * len(texts) if a == "empty" else [texts[i] for i in _other_cases(rng, len(texts))]
+        )
         with stage(f"decoding with {a} text", None):
             p = seg.predict(images, alt, **decode)
         report.ablations[a] = _ablation_row(report, cases, gts, p.prob.numpy(), kinds=True)
@@ -120,21 +130,30 @@ def evaluate_model(
 
 
 def _read_split(
-    seg: Segmenter, data_root: Path | list[Path], split: str, layout: str | None, limit: int | None,
-    workers: int, stage: StageFactory,
+    seg: Segmenter,
+    data_root: Path | list[Path],
+    split: str,
+    layout: str | None,
+    limit: int | None,
+    workers: int,
+    stage: StageFactory,
 ) -> tuple[list[Sample], np.ndarray, np.ndarray, list[np.ndarray]]:
     """The cases of a split with masks -> (cases, model-size images, model-size masks, ground truths)."""
     from mrisegcli.data.loading import load_split_arrays
     from mrisegcli.io.read import read_mask
 
-    roots = [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
+    roots = (
+        [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
+    )
     ds = open_dataset(roots, layout, check=False)
     cases = ds.split(split)
     if not cases:
         raise MrisegError(f"dataset has no {split!r} split (it has {ds.splits()})", data_root)
     cases = cases[:limit] if limit else cases
     if any(s.mask is None for s in cases):
-        raise MrisegError(f"the {split!r} split has samples without masks; cannot evaluate", data_root)
+        raise MrisegError(
+            f"the {split!r} split has samples without masks; cannot evaluate", data_root
+        )
     with stage(f"reading {len(cases)} {split} cases", len(cases)) as progress:
         images, masks = load_split_arrays(cases, seg.image_size, workers=workers, progress=progress)
     gts = [read_mask(s.mask, binary=True) for s in cases]
@@ -145,8 +164,13 @@ def _read_split(
 
 
 def _model_summary(
-    seg: Segmenter, cases: list[Sample], gts: list[np.ndarray], results: list[CaseResult], pred: Any,
-    samples: int, temperature: float | None,
+    seg: Segmenter,
+    cases: list[Sample],
+    gts: list[np.ndarray],
+    results: list[CaseResult],
+    pred: Any,
+    samples: int,
+    temperature: float | None,
 ) -> dict[str, Any]:
     summary = summarize(results)
     if pred.parts:  # the same decoded codes drawn several ways: what each part contributes
@@ -160,7 +184,9 @@ def _model_summary(
             summary[f"{key}s"] = groups
     summary["samples"] = samples
     summary["uses_text"] = seg.cfg.use_text
-    summary["temperature"] = temperature if temperature is not None else (1.0 if samples > 1 else 0.0)
+    summary["temperature"] = (
+        temperature if temperature is not None else (1.0 if samples > 1 else 0.0)
+    )
     return summary
 
 
@@ -174,7 +200,11 @@ def _uncertainties(pred: Any) -> list[float]:
 
 
 def _ablation_row(
-    report: ModelEvalReport, cases: list[Sample], gts: list[np.ndarray], probs: np.ndarray, kinds: bool = False
+    report: ModelEvalReport,
+    cases: list[Sample],
+    gts: list[np.ndarray],
+    probs: np.ndarray,
+    kinds: bool = False,
 ) -> dict[str, Any]:
     scored = _score(cases, gts, probs)
     s = summarize(scored)
@@ -193,25 +223,33 @@ def _other_cases(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def teacher_forced_probs(seg: Segmenter, images: np.ndarray, masks: np.ndarray, texts: list[str]) -> np.ndarray:
+def teacher_forced_probs(
+    seg: Segmenter, images: np.ndarray, masks: np.ndarray, texts: list[str]
+) -> np.ndarray:
     """Probabilities decoded from the argmax codes of one teacher-forced pass: each code is
     predicted from the ground truth's previous codes, not the model's own."""
     if not seg.impl.teacher_forcing:
-        raise MrisegError(f"the teacher-forced evaluation is for next-token models, not {seg.paradigm}")
+        raise MrisegError(
+            f"the teacher-forced evaluation is for next-token models, not {seg.paradigm}"
+        )
     out = []
     for s in range(0, len(images), 32):
         img = torch.from_numpy(images[s : s + 32])[:, None].to(seg.device)
         gt = torch.from_numpy(masks[s : s + 32]).float()[:, None].to(seg.device)
         codes_BN = seg.bundle.mask_vq.encode(gt).flatten(1)
         ids, tmask = seg.encode_text(texts[s : s + 32])
-        logits = seg.model.mask_logits(seg._image_input(img), ids, seg.hide_text(tmask), codes_BN[:, :-1])
+        logits = seg.model.mask_logits(
+            seg._image_input(img), ids, seg.hide_text(tmask), codes_BN[:, :-1]
+        )
         g = seg.model.config.mask_grid
         pred = logits.argmax(-1).view(-1, g, g)
         out.append(torch.sigmoid(seg.bundle.mask_vq.decode(pred).float())[:, 0].cpu().numpy())
     return np.concatenate(out)
 
 
-def group_summaries(cases: list[Sample], results: list[CaseResult], key: str) -> dict[str, dict[str, Any]]:
+def group_summaries(
+    cases: list[Sample], results: list[CaseResult], key: str
+) -> dict[str, dict[str, Any]]:
     """Dice / mIoU per value of a manifest column (``kind`` or ``target``); {} when it is unset.
 
     A group whose ground truths are all empty (a finding that is not there) also reports

@@ -104,7 +104,6 @@ class PredictResult:
     error: str | None = None
     text: str | None = None  # the prompt this input was segmented with
 
-
     @property
     def found(self) -> bool:
         return self.error is None and self.foreground_pixels > 0
@@ -419,8 +418,15 @@ def run_plans(
         texts = [validate_text(text)] * len(plans)
     else:
         texts = [validate_text(t) for t in text]
-    return _run_checked(model, plans, texts, overwrite=overwrite, threshold=threshold,
-                        keep_going=keep_going, on_result=on_result)
+    return _run_checked(
+        model,
+        plans,
+        texts,
+        overwrite=overwrite,
+        threshold=threshold,
+        keep_going=keep_going,
+        on_result=on_result,
+    )
 
 
 def _run_checked(
@@ -435,7 +441,9 @@ def _run_checked(
 ) -> list[PredictResult]:
     """:func:`run_plans` with ``texts`` already validated, one per plan."""
     if len(texts) != len(plans):
-        raise MrisegError(f"{len(texts)} texts for {len(plans)} inputs: give one text, or one per input")
+        raise MrisegError(
+            f"{len(texts)} texts for {len(plans)} inputs: give one text, or one per input"
+        )
     if not 0.0 <= threshold <= 1.0:
         raise MrisegError(f"threshold must be in [0, 1], got {threshold}")
     results = []
@@ -505,10 +513,21 @@ class SegmenterSlices:
     and the sampling restarts from ``seed`` for every input."""
 
     def __init__(
-        self, seg: Any, *, samples: int = 1, temperature: float | None = None, seed: int | None = 0,
+        self,
+        seg: Any,
+        *,
+        samples: int = 1,
+        temperature: float | None = None,
+        seed: int | None = 0,
         steps: bool = False,
     ) -> None:
-        self.seg, self.samples, self.temperature, self.seed, self.steps = seg, samples, temperature, seed, steps
+        self.seg, self.samples, self.temperature, self.seed, self.steps = (
+            seg,
+            samples,
+            temperature,
+            seed,
+            steps,
+        )
         self.image_size = seg.image_size
         self._tokens: dict[str, tuple[Any, Any]] = {}
 
@@ -529,11 +548,18 @@ class SegmenterSlices:
         per = max(1, seg.batch_size // max(1, self.samples))
         probs, uncs, step_lists = [], [], []
         for start in range(0, len(images_NSS), per):
-            img = torch.from_numpy(np.ascontiguousarray(images_NSS[start : start + per], np.float32))
+            img = torch.from_numpy(
+                np.ascontiguousarray(images_NSS[start : start + per], np.float32)
+            )
             n = img.shape[0]
             p = seg.predict_tensors(
-                img[:, None].to(seg.device), ids_1L.repeat(n, 1), mask_1L.repeat(n, 1),
-                samples=self.samples, temperature=self.temperature, generator=generator, steps=self.steps,
+                img[:, None].to(seg.device),
+                ids_1L.repeat(n, 1),
+                mask_1L.repeat(n, 1),
+                samples=self.samples,
+                temperature=self.temperature,
+                generator=generator,
+                steps=self.steps,
             )
             probs.append(p.prob.float().cpu().numpy())
             if p.uncertainty is not None:
@@ -543,7 +569,9 @@ class SegmenterSlices:
         return SlicePrediction(
             prob=np.concatenate(probs),
             uncertainty=np.concatenate(uncs) if uncs else None,
-            steps=[np.concatenate(parts) for parts in zip(*step_lists, strict=True)] if step_lists else None,
+            steps=[np.concatenate(parts) for parts in zip(*step_lists, strict=True)]
+            if step_lists
+            else None,
         )
 
 
@@ -569,17 +597,24 @@ class PredictOptions:
 
 
 def _gather(
-    inputs: Sequence[str | Path], text: str | None, prompts: str | Path | None,
-    stdin: TextIO | None, errors: dict[Path, str] | None,
+    inputs: Sequence[str | Path],
+    text: str | None,
+    prompts: str | Path | None,
+    stdin: TextIO | None,
+    errors: dict[Path, str] | None,
 ) -> tuple[list[Path], list[str]]:
     """The inputs and one validated prompt per input: from a prompts file, or ``text`` for all."""
     if prompts is not None:
         if text is not None or inputs:
-            raise MrisegError("a prompts file gives the inputs and their texts: give no text and no input paths")
+            raise MrisegError(
+                "a prompts file gives the inputs and their texts: give no text and no input paths"
+            )
         rows = read_prompts(prompts, stdin)
         return prompt_inputs(rows, errors), [row.text for row in rows]
     if text is None:
-        raise MrisegError("no text: give one for every input, or a prompts file with a text per input")
+        raise MrisegError(
+            "no text: give one for every input, or a prompts file with a text per input"
+        )
     prompt = validate_text(text)
     paths = expand_inputs(inputs, stdin, errors=errors)
     return paths, [prompt] * len(paths)
@@ -610,19 +645,54 @@ def predict_batch(
         raise ModelOptionError("an uncertainty map needs 2 or more samples")
     errors: dict[Path, str] | None = {} if o.keep_going else None
     paths, texts = _gather(inputs, text, prompts, stdin, errors)
-    plans = plan_outputs(paths, o.out_dir, o.fmt, overwrite=o.overwrite, uncertainty=o.uncertainty,
-                         overlay=o.overlay, steps_png=o.steps_png, keep_going=o.keep_going, input_errors=errors)
+    plans = plan_outputs(
+        paths,
+        o.out_dir,
+        o.fmt,
+        overwrite=o.overwrite,
+        uncertainty=o.uncertainty,
+        overlay=o.overlay,
+        steps_png=o.steps_png,
+        keep_going=o.keep_going,
+        input_errors=errors,
+    )
     seg = load_model()
     if o.steps_png and not seg.impl.has_steps:
         raise ModelOptionError("coarse-to-fine steps (--steps-png) need a next-scale model")
-    model = SegmenterSlices(seg, samples=o.samples, temperature=o.temperature, seed=o.seed, steps=o.steps_png)
-    return _run_checked(model, plans, texts, overwrite=o.overwrite, threshold=o.threshold,
-                        keep_going=o.keep_going, on_result=on_result)
+    model = SegmenterSlices(
+        seg, samples=o.samples, temperature=o.temperature, seed=o.seed, steps=o.steps_png
+    )
+    return _run_checked(
+        model,
+        plans,
+        texts,
+        overwrite=o.overwrite,
+        threshold=o.threshold,
+        keep_going=o.keep_going,
+        on_result=on_result,
+    )
 
 
 __all__ = [
-    "FORMATS", "IMAGE_SUFFIXES", "MAX_TEXT_CHARS", "OUTPUT_SUFFIXES", "ModelOptionError", "ModelOutputError",
-    "PlannedOutput", "PredictOptions", "PredictResult", "PromptRow", "SegmenterSlices", "SlicePrediction",
-    "SliceModel", "expand_inputs", "plan_outputs", "predict_batch", "predict_files", "prompt_inputs",
-    "read_prompts", "run_plans", "validate_text",
+    "FORMATS",
+    "IMAGE_SUFFIXES",
+    "MAX_TEXT_CHARS",
+    "OUTPUT_SUFFIXES",
+    "ModelOptionError",
+    "ModelOutputError",
+    "PlannedOutput",
+    "PredictOptions",
+    "PredictResult",
+    "PromptRow",
+    "SegmenterSlices",
+    "SlicePrediction",
+    "SliceModel",
+    "expand_inputs",
+    "plan_outputs",
+    "predict_batch",
+    "predict_files",
+    "prompt_inputs",
+    "read_prompts",
+    "run_plans",
+    "validate_text",
 ]

@@ -58,7 +58,9 @@ def open_dataset(
     return ds
 
 
-def load_arrays(samples: list[Sample], size: int, workers: int, stage: StageFactory) -> tuple[np.ndarray, np.ndarray]:
+def load_arrays(
+    samples: list[Sample], size: int, workers: int, stage: StageFactory
+) -> tuple[np.ndarray, np.ndarray]:
     from mrisegcli.data.loading import load_split_arrays
 
     with stage(f"reading {len(samples)} images", len(samples)) as progress:
@@ -90,16 +92,31 @@ def fit_bundle(
     reports: dict[str, dict] = {}
     plan = [
         ("mask_vq", "fitting mask tokenizer", fit_mask_vq, masks_NSS, cfg.mask_vq, f.mask_steps),
-        ("image_vq", "fitting image tokenizer", fit_image_vq, images_NSS, cfg.image_vq, f.image_steps),
-        ("multiscale", "fitting multi-scale mask tokenizer", fit_multiscale, masks_NSS, cfg.multiscale,
-         f.multiscale_steps),
+        (
+            "image_vq",
+            "fitting image tokenizer",
+            fit_image_vq,
+            images_NSS,
+            cfg.image_vq,
+            f.image_steps,
+        ),
+        (
+            "multiscale",
+            "fitting multi-scale mask tokenizer",
+            fit_multiscale,
+            masks_NSS,
+            cfg.multiscale,
+            f.multiscale_steps,
+        ),
     ]
     plan = [row for row in plan if row[0] in need]
     all_steps = sum(row[5] for row in plan)
     for name, title, fit, data, tcfg, steps in plan:
         limit = None if max_seconds is None else max_seconds * steps / max(1, all_steps)
         with stage(title, steps) as progress:
-            tok, report = fit(data, tcfg, steps=steps, progress=progress, max_seconds=limit, **common)
+            tok, report = fit(
+                data, tcfg, steps=steps, progress=progress, max_seconds=limit, **common
+            )
         parts[name] = tok.eval()
         reports[name] = report
     text = train_text_tokenizer([s.text for s in train_samples], vocab_size=f.text_vocab_size)
@@ -123,7 +140,9 @@ def obtain_bundle(
     from mrisegcli.workflow.bundle import copy_bundle, save_bundle
 
     need = needed_tokenizers(cfg.paradigm, cfg.strategies.image_input)
-    source = tokenizer_dir if tokenizer_dir is not None else (save_dir if has_bundle(save_dir) else None)
+    source = (
+        tokenizer_dir if tokenizer_dir is not None else (save_dir if has_bundle(save_dir) else None)
+    )
     if source is not None:
         bundle = load_bundle(source, need=need)
         if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != Path(save_dir).resolve():
@@ -132,9 +151,13 @@ def obtain_bundle(
         return bundle.to(device), {}, None
     train = ds.split("train")
     if not train:
-        raise MrisegError("no training samples to fit the tokenizers on (give --tokenizer)", ds.root)
+        raise MrisegError(
+            "no training samples to fit the tokenizers on (give --tokenizer)", ds.root
+        )
     arrays = load_arrays(train, cfg.image_size, workers, stage)
-    bundle, reports = fit_bundle(cfg, train, *arrays, device=device, stage=stage, max_seconds=max_seconds)
+    bundle, reports = fit_bundle(
+        cfg, train, *arrays, device=device, stage=stage, max_seconds=max_seconds
+    )
     save_bundle(bundle, save_dir, overwrite=True)
     return bundle.to(device), reports, arrays
 
@@ -153,8 +176,12 @@ def cache_fields(bundle: TokenizerBundle) -> list[str]:
 
 @torch.no_grad()
 def encode_batch(
-    bundle: TokenizerBundle, images_NSS: np.ndarray, masks_NSS: np.ndarray, texts: list[str],
-    text_len: int, device: torch.device,
+    bundle: TokenizerBundle,
+    images_NSS: np.ndarray,
+    masks_NSS: np.ndarray,
+    texts: list[str],
+    text_len: int,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Everything a model needs of a batch of samples, as compact CPU tensors."""
     from mrisegcli.tokenizers.text import encode_texts
@@ -215,19 +242,31 @@ def build_cache(
         with stage(f"encoding {len(todo)} samples", len(todo)) as progress:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
-                images, masks = load_split_arrays([s for s, _ in chunk], cfg.image_size, workers=workers)
-                tensors = encode_batch(bundle, images, masks, [s.text for s, _ in chunk], cfg.text_len, device)
+                images, masks = load_split_arrays(
+                    [s for s, _ in chunk], cfg.image_size, workers=workers
+                )
+                tensors = encode_batch(
+                    bundle, images, masks, [s.text for s, _ in chunk], cfg.text_len, device
+                )
                 for i, (s, sfp) in enumerate(chunk):
                     size = _original_size(s)
                     cache.add(
                         s.id,
-                        {"split": s.split, "source_fp": sfp, "image": str(s.image),
-                         "mask": str(s.mask or ""), "text": s.text, "size": size},
+                        {
+                            "split": s.split,
+                            "source_fp": sfp,
+                            "image": str(s.image),
+                            "mask": str(s.mask or ""),
+                            "text": s.text,
+                            "size": size,
+                        },
                         {k: v[i] for k, v in tensors.items()},
                     )
                 if progress is not None:
                     progress(min(start + batch_size, len(todo)), len(todo))
-    return CacheReport(encoded=len(todo), reused=len(samples) - len(todo), seconds=time.perf_counter() - t0)
+    return CacheReport(
+        encoded=len(todo), reused=len(samples) - len(todo), seconds=time.perf_counter() - t0
+    )
 
 
 def _original_size(s: Sample) -> tuple[int, int]:

@@ -73,7 +73,9 @@ def upload_plan(run_dir: Path) -> list[str]:
 
     run_dir = Path(run_dir)
     files = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
-    return list(filter_repo_objects(files, allow_patterns=RUN_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
+    return list(
+        filter_repo_objects(files, allow_patterns=RUN_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
+    )
 
 
 def _hub_error(e: Exception, repo_id: str) -> MrisegError:
@@ -134,8 +136,12 @@ def push_run(
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         api.upload_folder(
-            folder_path=str(run_dir), repo_id=repo_id, revision=revision,
-            allow_patterns=RUN_PATTERNS, ignore_patterns=IGNORE_PATTERNS, commit_message=message,
+            folder_path=str(run_dir),
+            repo_id=repo_id,
+            revision=revision,
+            allow_patterns=RUN_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
+            commit_message=message,
         )
     except MrisegError:
         raise

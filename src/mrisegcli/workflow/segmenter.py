@@ -56,8 +56,16 @@ class Segmenter:
     """Inference for one loaded model + tokenizers; batches of (B, S, S) images in [0, 1]."""
 
     def __init__(
-        self, paradigm: str, model: torch.nn.Module, bundle: TokenizerBundle, cfg: RunConfig,
-        device: torch.device, *, batch_size: int = 32, compile: bool = False, speculative: bool = True,
+        self,
+        paradigm: str,
+        model: torch.nn.Module,
+        bundle: TokenizerBundle,
+        cfg: RunConfig,
+        device: torch.device,
+        *,
+        batch_size: int = 32,
+        compile: bool = False,
+        speculative: bool = True,
     ) -> None:
         self.paradigm, self.model, self.bundle, self.cfg = paradigm, model.eval(), bundle, cfg
         self.impl = get_paradigm(paradigm)
@@ -72,7 +80,9 @@ class Segmenter:
         self.amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     @classmethod
-    def load(cls, model: str | Path | None = None, *, device: str | torch.device = "cpu", **kw: Any) -> Segmenter:
+    def load(
+        cls, model: str | Path | None = None, *, device: str | torch.device = "cpu", **kw: Any
+    ) -> Segmenter:
         """A model ready to segment: a run folder, a Hub id ``user/repo[@revision]``, a shipped
         model's name, or ``None`` for ``$MRISEG_MODEL`` else the shipped chest-radiograph model."""
         from mrisegcli.hub import resolve_run
@@ -97,15 +107,26 @@ class Segmenter:
         for im in images:
             if isinstance(im, (str, Path)):
                 scan = read_scan(Path(im))
-                pixels = scan.pixels[0] if scan.pixels.ndim == 3 and scan.pixels.shape[0] == 1 else scan.pixels
+                pixels = (
+                    scan.pixels[0]
+                    if scan.pixels.ndim == 3 and scan.pixels.shape[0] == 1
+                    else scan.pixels
+                )
                 if pixels.ndim != 2:
-                    raise MrisegError("is not a 2-D image (use mriseg predict for volumes)", Path(im))
+                    raise MrisegError(
+                        "is not a 2-D image (use mriseg predict for volumes)", Path(im)
+                    )
                 arrays.append(pixels)
                 windows.append(scan.meta.get("window"))
             else:
                 arrays.append(np.asarray(im))
                 windows.append(None)
-        model_in = np.stack([to_model_input(a, self.image_size, window=w) for a, w in zip(arrays, windows, strict=True)])
+        model_in = np.stack(
+            [
+                to_model_input(a, self.image_size, window=w)
+                for a, w in zip(arrays, windows, strict=True)
+            ]
+        )
         prob = self.predict(model_in, texts).prob.numpy()
         return [resize_prob(p, a.shape[-2:]) > threshold for p, a in zip(prob, arrays, strict=True)]
 
@@ -119,8 +140,10 @@ class Segmenter:
         for text, row in zip(new, _token_ids(self.bundle.text, new), strict=True):
             self._checked.add(text)
             if len(row) > n and self.warn is not None:
-                self.warn(f"the prompt has {len(row)} tokens; the model reads the first {n} "
-                          f"and {len(row) - n} token(s) are dropped: {text[:60]!r}")
+                self.warn(
+                    f"the prompt has {len(row)} tokens; the model reads the first {n} "
+                    f"and {len(row) - n} token(s) are dropped: {text[:60]!r}"
+                )
         ids, mask = encode_texts(self.bundle.text, texts, n)
         return ids.to(self.device), mask.to(self.device)
 
@@ -136,9 +159,17 @@ class Segmenter:
 
     @torch.no_grad()
     def predict_tensors(
-        self, image_B1SS: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, *,
-        samples: int = 1, temperature: float | None = None, top_k: int | None = None,
-        generator: torch.Generator | None = None, steps: bool = False, parts: bool = False,
+        self,
+        image_B1SS: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        *,
+        samples: int = 1,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        steps: bool = False,
+        parts: bool = False,
     ) -> Prediction:
         """One batch already on the device. ``samples`` > 1 draws that many masks per image
         (temperature defaults to 1 then, 0 = greedy otherwise) and fuses them by consensus.
@@ -149,11 +180,25 @@ class Segmenter:
         temp = (1.0 if samples > 1 else 0.0) if temperature is None else temperature
         B = image_B1SS.shape[0]
         opts = DecodeOptions(
-            samples=samples, temperature=temp, top_k=top_k, generator=generator, steps=steps, parts=parts,
-            speculative=self.speculative, compile=self.compile, amp_dtype=self.amp_dtype,
+            samples=samples,
+            temperature=temp,
+            top_k=top_k,
+            generator=generator,
+            steps=steps,
+            parts=parts,
+            speculative=self.speculative,
+            compile=self.compile,
+            amp_dtype=self.amp_dtype,
         )
-        out = self.impl.decode(self.model, self.bundle, image_B1SS, text_ids, self.hide_text(text_mask), opts,
-                               self._decode_cache)
+        out = self.impl.decode(
+            self.model,
+            self.bundle,
+            image_B1SS,
+            text_ids,
+            self.hide_text(text_mask),
+            opts,
+            self._decode_cache,
+        )
 
         def mean_prob(logits: torch.Tensor) -> torch.Tensor:  # (B * samples, 1, S, S) -> (B, S, S)
             return torch.sigmoid(logits.float()).view(B, samples, *logits.shape[-2:]).mean(1)
@@ -162,12 +207,21 @@ class Segmenter:
         part_probs = {k: mean_prob(v) for k, v in out.parts.items()} if out.parts else None
         if samples == 1:
             return Prediction(mean_prob(out.logits), None, step_probs, part_probs)
-        fused = consensus(torch.sigmoid(out.logits.float()).view(B, samples, *out.logits.shape[-2:]))
+        fused = consensus(
+            torch.sigmoid(out.logits.float()).view(B, samples, *out.logits.shape[-2:])
+        )
         return Prediction(fused.mean_prob, fused.uncertainty, step_probs, part_probs)
 
     def predict(
-        self, images_NSS: np.ndarray, texts: list[str], *, samples: int = 1,
-        temperature: float | None = None, seed: int | None = None, steps: bool = False, parts: bool = False,
+        self,
+        images_NSS: np.ndarray,
+        texts: list[str],
+        *,
+        samples: int = 1,
+        temperature: float | None = None,
+        seed: int | None = None,
+        steps: bool = False,
+        parts: bool = False,
     ) -> Prediction:
         """Numpy images (N, S, S) in [0, 1] with one text each -> CPU probabilities, batched."""
         if len(texts) != len(images_NSS):
@@ -177,13 +231,23 @@ class Segmenter:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         probs, uncs, step_lists, part_lists = [], [], [], []
         per = max(1, self.batch_size // max(1, samples))
-        all_ids, all_tmask = self.encode_text(list(texts))  # every prompt checked and tokenised once
+        all_ids, all_tmask = self.encode_text(
+            list(texts)
+        )  # every prompt checked and tokenised once
         for start in range(0, len(images_NSS), per):
-            img = torch.from_numpy(np.ascontiguousarray(images_NSS[start : start + per], np.float32))
+            img = torch.from_numpy(
+                np.ascontiguousarray(images_NSS[start : start + per], np.float32)
+            )
             ids, tmask = all_ids[start : start + per], all_tmask[start : start + per]
             p = self.predict_tensors(
-                img[:, None].to(self.device), ids, tmask, samples=samples, temperature=temperature,
-                generator=generator, steps=steps, parts=parts,
+                img[:, None].to(self.device),
+                ids,
+                tmask,
+                samples=samples,
+                temperature=temperature,
+                generator=generator,
+                steps=steps,
+                parts=parts,
             )
             probs.append(p.prob.cpu())
             if p.parts is not None:
@@ -192,8 +256,14 @@ class Segmenter:
                 uncs.append(p.uncertainty.cpu())
             if p.steps is not None:
                 step_lists.append([s.cpu() for s in p.steps])
-        steps_out = [torch.cat(parts) for parts in zip(*step_lists, strict=True)] if step_lists else None
-        parts_out = {k: torch.cat([d[k] for d in part_lists]) for k in part_lists[0]} if part_lists else None
+        steps_out = (
+            [torch.cat(parts) for parts in zip(*step_lists, strict=True)] if step_lists else None
+        )
+        parts_out = (
+            {k: torch.cat([d[k] for d in part_lists]) for k in part_lists[0]}
+            if part_lists
+            else None
+        )
         return Prediction(torch.cat(probs), torch.cat(uncs) if uncs else None, steps_out, parts_out)
 
 
@@ -214,11 +284,27 @@ def save_model(model: torch.nn.Module, run_dir: Path) -> Path:
 #: hostile config.json must not make mriseg allocate without bound. Generous for real models
 #: (the presets are far below) and checked again against the weights' own header.
 SIZE_LIMITS = {
-    "dim": 16384, "n_layers": 512, "n_heads": 1024, "mlp_hidden": 65536, "max_seq_len": 16384,
-    "image_codebook_size": 1 << 20, "mask_codebook_size": 1 << 20, "text_vocab_size": 1 << 21,
-    "image_grid": 512, "mask_grid": 512, "text_len": 8192, "image_size": 8192, "code_dim": 16384,
-    "patch": 4096, "channels": 16384, "res_blocks": 256, "out_dim": 16384, "nktp_k": 256,
-    "tcl_proj_dim": 16384, "het_buckets": 10_000_000, "scales": 512,
+    "dim": 16384,
+    "n_layers": 512,
+    "n_heads": 1024,
+    "mlp_hidden": 65536,
+    "max_seq_len": 16384,
+    "image_codebook_size": 1 << 20,
+    "mask_codebook_size": 1 << 20,
+    "text_vocab_size": 1 << 21,
+    "image_grid": 512,
+    "mask_grid": 512,
+    "text_len": 8192,
+    "image_size": 8192,
+    "code_dim": 16384,
+    "patch": 4096,
+    "channels": 16384,
+    "res_blocks": 256,
+    "out_dim": 16384,
+    "nktp_k": 256,
+    "tcl_proj_dim": 16384,
+    "het_buckets": 10_000_000,
+    "scales": 512,
 }
 MAX_LIST = 256  # entries of a list setting (encoder channels, scales)
 #: memory a model may need beyond its weights file (buffers not stored in it: the hard-token
@@ -234,17 +320,30 @@ def check_config_sizes(section: Any, where: str, path: Path) -> None:
             limit = SIZE_LIMITS.get(key)
             if isinstance(value, list):
                 if len(value) > MAX_LIST:
-                    raise ConfigError(f"{name} has {len(value)} entries, above the limit {MAX_LIST} "
-                                      "(a damaged config.json?)", path)
+                    raise ConfigError(
+                        f"{name} has {len(value)} entries, above the limit {MAX_LIST} "
+                        "(a damaged config.json?)",
+                        path,
+                    )
                 if limit is not None:
                     for v in value:
                         if isinstance(v, int) and not isinstance(v, bool) and v > limit:
-                            raise ConfigError(f"{name} holds {v}, above the limit {limit} "
-                                              "(a damaged config.json?)", path)
+                            raise ConfigError(
+                                f"{name} holds {v}, above the limit {limit} "
+                                "(a damaged config.json?)",
+                                path,
+                            )
             elif isinstance(value, dict):
                 check_config_sizes(value, name, path)
-            elif limit is not None and isinstance(value, int) and not isinstance(value, bool) and value > limit:
-                raise ConfigError(f"{name} is {value}, above the limit {limit} (a damaged config.json?)", path)
+            elif (
+                limit is not None
+                and isinstance(value, int)
+                and not isinstance(value, bool)
+                and value > limit
+            ):
+                raise ConfigError(
+                    f"{name} is {value}, above the limit {limit} (a damaged config.json?)", path
+                )
 
 
 def _weights_header(path: Path) -> dict[str, tuple[int, ...]]:
@@ -266,7 +365,9 @@ def _shapes_only() -> Any:
     from torch.overrides import TorchFunctionMode
 
     class ShapesOnly(TorchFunctionMode):
-        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        def __torch_function__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
             kwargs = dict(kwargs or {})
             if func in (torch.empty, torch.zeros):
                 kwargs["device"] = "meta"
@@ -275,8 +376,13 @@ def _shapes_only() -> Any:
     return ShapesOnly()
 
 
-def _check_weights_fit(paradigm: str, mcfg: Any, bundle: TokenizerBundle, header: dict[str, tuple[int, ...]],
-                       path: Path) -> None:
+def _check_weights_fit(
+    paradigm: str,
+    mcfg: Any,
+    bundle: TokenizerBundle,
+    header: dict[str, tuple[int, ...]],
+    path: Path,
+) -> None:
     """Build the model's parameters on the meta device (no memory) and compare every tensor it
     expects with the weights file's header: the first mismatch is one error naming the tensor."""
     with _shapes_only():
@@ -288,24 +394,42 @@ def _check_weights_fit(paradigm: str, mcfg: Any, bundle: TokenizerBundle, header
             if name.startswith("het_memory"):  # training-only: a shipped model leaves it out
                 unstored += t.numel() * t.element_size()
                 continue
-            raise ConfigError(f"weights do not match config.json: the model needs tensor {name} "
-                              f"{tuple(t.shape)}, the file has none", path)
+            raise ConfigError(
+                f"weights do not match config.json: the model needs tensor {name} "
+                f"{tuple(t.shape)}, the file has none",
+                path,
+            )
         if tuple(t.shape) != header[name]:
-            raise ConfigError(f"weights do not match config.json: tensor {name} has shape "
-                              f"{header[name]} in the file, the config makes {tuple(t.shape)}", path)
+            raise ConfigError(
+                f"weights do not match config.json: tensor {name} has shape "
+                f"{header[name]} in the file, the config makes {tuple(t.shape)}",
+                path,
+            )
     for name in header:
         if name not in state:
-            raise ConfigError(f"weights do not match config.json: the file has tensor {name}, "
-                              "which the model of this config does not have", path)
+            raise ConfigError(
+                f"weights do not match config.json: the file has tensor {name}, "
+                "which the model of this config does not have",
+                path,
+            )
     persistent = set(state)
-    unstored += sum(b.numel() * b.element_size() for n, b in meta.named_buffers() if n not in persistent)
+    unstored += sum(
+        b.numel() * b.element_size() for n, b in meta.named_buffers() if n not in persistent
+    )
     if unstored > MAX_UNSTORED_BYTES:
-        raise ConfigError(f"config.json asks for {unstored / 2**30:.1f} GiB of buffers beyond the weights "
-                          f"(the limit is {MAX_UNSTORED_BYTES >> 30} GiB; a damaged config.json?)", path)
+        raise ConfigError(
+            f"config.json asks for {unstored / 2**30:.1f} GiB of buffers beyond the weights "
+            f"(the limit is {MAX_UNSTORED_BYTES >> 30} GiB; a damaged config.json?)",
+            path,
+        )
 
 
 def load_segmenter(
-    run_dir: Path, device: torch.device, *, batch_size: int = 32, compile: bool = False,
+    run_dir: Path,
+    device: torch.device,
+    *,
+    batch_size: int = 32,
+    compile: bool = False,
     speculative: bool = True,
 ) -> Segmenter:
     """Rebuild tokenizers, model and config of a run folder (weights from safetensors only).
@@ -336,7 +460,9 @@ def load_segmenter(
     header = _weights_header(path)
     bundle = load_bundle(run_dir, need=needed_tokenizers(paradigm, cfg.strategies.image_input))
     tokenizers = raw.get("tokenizers")  # a damaged file was named above; now: the right files?
-    verify_files(run_dir, tokenizers.get("files") if isinstance(tokenizers, dict) else None, config_path)
+    verify_files(
+        run_dir, tokenizers.get("files") if isinstance(tokenizers, dict) else None, config_path
+    )
     _check_weights_fit(paradigm, mcfg, bundle, header, path)
     bundle.to(device)
     model = build_model(paradigm, mcfg, bundle)
@@ -346,9 +472,25 @@ def load_segmenter(
         raise MrisegError(f"corrupt or truncated weights ({e})", path) from e
     model.load_state_dict(state, strict=False)
     model.to(device)
-    return Segmenter(paradigm, model, bundle, cfg, device, batch_size=batch_size, compile=compile,
-                     speculative=speculative)
+    return Segmenter(
+        paradigm,
+        model,
+        bundle,
+        cfg,
+        device,
+        batch_size=batch_size,
+        compile=compile,
+        speculative=speculative,
+    )
 
 
-__all__ = ["Segmenter", "Prediction", "build_model", "model_config", "load_segmenter", "save_model",
-           "training_tensors", "to_dict"]
+__all__ = [
+    "Segmenter",
+    "Prediction",
+    "build_model",
+    "model_config",
+    "load_segmenter",
+    "save_model",
+    "training_tensors",
+    "to_dict",
+]

@@ -81,17 +81,26 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (run_dir / runfolder.CONFIG).is_file():
             if entries:  # stopped before it wrote its config: nothing to continue
-                raise MrisegError(f"nothing to resume: the run stopped before it wrote config.json; {again}", run_dir)
+                raise MrisegError(
+                    f"nothing to resume: the run stopped before it wrote config.json; {again}",
+                    run_dir,
+                )
             raise MrisegError("--resume needs an existing run folder with config.json", run_dir)
         if not _has_checkpoint(run_dir):
-            raise MrisegError(f"nothing to resume: the run stopped before its first checkpoint; {again}", run_dir)
+            raise MrisegError(
+                f"nothing to resume: the run stopped before its first checkpoint; {again}", run_dir
+            )
         return
     if not entries:
         return
     if not overwrite:
         if (run_dir / runfolder.CONFIG).is_file() and _has_checkpoint(run_dir):
-            raise MrisegError("run folder is not empty (use --resume to continue it or --overwrite)", run_dir)
-        raise MrisegError(f"run folder is not empty and has no checkpoint to resume; {again}", run_dir)
+            raise MrisegError(
+                "run folder is not empty (use --resume to continue it or --overwrite)", run_dir
+            )
+        raise MrisegError(
+            f"run folder is not empty and has no checkpoint to resume; {again}", run_dir
+        )
     foreign = foreign_entry(run_dir)
     if foreign is not None:
         raise MrisegError(
@@ -107,12 +116,22 @@ def _clear_run(run_dir: Path) -> None:
     the folder holds nothing else)."""
     from mrisegcli.runinfo import RUN_FOLDERS
 
-    for name in (runfolder.MODEL, runfolder.TRAIN_LOG, runfolder.METRICS, runfolder.CONFIG, runfolder.PROGRESS):
+    for name in (
+        runfolder.MODEL,
+        runfolder.TRAIN_LOG,
+        runfolder.METRICS,
+        runfolder.CONFIG,
+        runfolder.PROGRESS,
+    ):
         (run_dir / name).unlink(missing_ok=True)
     ckpts = run_dir / runfolder.CHECKPOINTS
     if ckpts.is_dir() and not ckpts.is_symlink():
         for p in ckpts.iterdir():
-            if RUN_FOLDERS[runfolder.CHECKPOINTS].match(p.name) and p.is_file() and not p.is_symlink():
+            if (
+                RUN_FOLDERS[runfolder.CHECKPOINTS].match(p.name)
+                and p.is_file()
+                and not p.is_symlink()
+            ):
                 p.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             ckpts.rmdir()
@@ -146,7 +165,9 @@ def _holding_run_lock(fn: Any) -> Any:
     return locked
 
 
-def fit_text_len(cfg: RunConfig, bundle: Any, ds: Any, stage: StageFactory = _no_stage) -> RunConfig:
+def fit_text_len(
+    cfg: RunConfig, bundle: Any, ds: Any, stage: StageFactory = _no_stage
+) -> RunConfig:
     """The run's text context, lengthened (to a multiple of 8) when a text of the dataset has
     more tokens than ``cfg.text_len``: no prompt is ever cut in training."""
     from dataclasses import replace
@@ -157,7 +178,9 @@ def fit_text_len(cfg: RunConfig, bundle: Any, ds: Any, stage: StageFactory = _no
     if longest <= cfg.text_len:
         return cfg
     new = -(-longest // 8) * 8
-    with stage(f"text context {cfg.text_len} -> {new} tokens (the longest text has {longest})", None):
+    with stage(
+        f"text context {cfg.text_len} -> {new} tokens (the longest text has {longest})", None
+    ):
         pass
     return replace(cfg, text_len=new)
 
@@ -183,8 +206,14 @@ def val_dice_fn(segmenter: Segmenter, val: dict[str, torch.Tensor], batch: int =
 
 
 def _start_run(
-    run_dir: Path, cfg: RunConfig, *, resume: bool, overwrite: bool, tokenizer_dir: Path | None,
-    given: frozenset[str], dist_info: DistInfo,
+    run_dir: Path,
+    cfg: RunConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    tokenizer_dir: Path | None,
+    given: frozenset[str],
+    dist_info: DistInfo,
 ) -> tuple[RunConfig, dict | None]:
     """Check the run folder; with ``resume`` the saved config (changes applied and recorded),
     with ``overwrite`` the previous run's files removed. Returns the config and the saved one."""
@@ -202,7 +231,9 @@ def _start_run(
 
 
 def _roots(data_root: Any) -> list[Path]:
-    return [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
+    return (
+        [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
+    )
 
 
 @dataclass
@@ -216,8 +247,17 @@ class _Prepared:
 
 
 def _prepare(
-    ds: Any, cfg: RunConfig, run_dir: Path, cache_dir: Path, *, device: torch.device,
-    resume: bool, overwrite: bool, tokenizer_dir: Path | None, workers: int, stage: StageFactory,
+    ds: Any,
+    cfg: RunConfig,
+    run_dir: Path,
+    cache_dir: Path,
+    *,
+    device: torch.device,
+    resume: bool,
+    overwrite: bool,
+    tokenizer_dir: Path | None,
+    workers: int,
+    stage: StageFactory,
     dist_info: DistInfo,
 ) -> _Prepared:
     """Rank 0 fits (or reuses) the tokenizers and builds the code cache; the others wait and
@@ -228,37 +268,76 @@ def _prepare(
         if cfg.train.max_minutes is not None:  # the tokenizers' share of a time-budgeted run
             fit_budget = TOKENIZER_SHARE * cfg.train.max_minutes * 60.0
         bundle, reports, _ = obtain_bundle(
-            cfg, ds, tokenizer_dir=tokenizer_dir, save_dir=run_dir, device=device, workers=workers, stage=stage,
+            cfg,
+            ds,
+            tokenizer_dir=tokenizer_dir,
+            save_dir=run_dir,
+            device=device,
+            workers=workers,
+            stage=stage,
             max_seconds=fit_budget,
         )
         cfg = fit_text_len(cfg, bundle, ds, stage)
-        rep = build_cache(cache_dir, ds, bundle, cfg, device=device, workers=workers,
-                          overwrite=overwrite and not resume, stage=stage)
+        rep = build_cache(
+            cache_dir,
+            ds,
+            bundle,
+            cfg,
+            device=device,
+            workers=workers,
+            overwrite=overwrite and not resume,
+            stage=stage,
+        )
         cache_info = {"encoded": rep.encoded, "reused": rep.reused, "seconds": rep.seconds}
         prepared = _Prepared(cfg, bundle, reports, cache_info)
     barrier(dist_info)
     if prepared is None:
-        bundle = load_bundle(run_dir, need=needed_tokenizers(cfg.paradigm, cfg.strategies.image_input)).to(device)
+        bundle = load_bundle(
+            run_dir, need=needed_tokenizers(cfg.paradigm, cfg.strategies.image_input)
+        ).to(device)
         prepared = _Prepared(fit_text_len(cfg, bundle, ds), bundle, {}, {})
     return prepared
 
 
 def _run_record(
-    cfg: RunConfig, mcfg: Any, bundle: Any, ds: Any, roots: list[Path], run_dir: Path, command: str,
+    cfg: RunConfig,
+    mcfg: Any,
+    bundle: Any,
+    ds: Any,
+    roots: list[Path],
+    run_dir: Path,
+    command: str,
 ) -> dict[str, Any]:
     """The run's config.json: paradigm, data, tokenizers (with file fingerprints), model, run."""
     return {
-        "paradigm": cfg.paradigm, "preset": cfg.preset, "seed": cfg.seed,
-        "data": {"root": [str(r) for r in roots] if len(roots) > 1 else str(roots[0]), "layout": ds.layout, "image_size": cfg.image_size,
-                 "splits": ds.splits()},
-        "tokenizers": {"present": bundle.present(), "fingerprint": bundle.fingerprint(),
-                       "files": file_fingerprints(run_dir)},
-        "model": to_dict(mcfg), "run": to_dict(cfg), "command": command,
+        "paradigm": cfg.paradigm,
+        "preset": cfg.preset,
+        "seed": cfg.seed,
+        "data": {
+            "root": [str(r) for r in roots] if len(roots) > 1 else str(roots[0]),
+            "layout": ds.layout,
+            "image_size": cfg.image_size,
+            "splits": ds.splits(),
+        },
+        "tokenizers": {
+            "present": bundle.present(),
+            "fingerprint": bundle.fingerprint(),
+            "files": file_fingerprints(run_dir),
+        },
+        "model": to_dict(mcfg),
+        "run": to_dict(cfg),
+        "command": command,
     }
 
 
-def _validation(val_codes: Any, model: torch.nn.Module, bundle: Any, cfg: RunConfig,
-                device: torch.device, dist_info: DistInfo) -> Any:
+def _validation(
+    val_codes: Any,
+    model: torch.nn.Module,
+    bundle: Any,
+    cfg: RunConfig,
+    device: torch.device,
+    dist_info: DistInfo,
+) -> Any:
     """The loop's ``evaluate`` (rank 0, when the data have a validation split) or None."""
     if not val_codes.ids or not dist_info.is_main:
         return None
@@ -272,9 +351,12 @@ def _write_metrics(result: TrainResult, run_dir: Path, resume: bool) -> None:
     """RUN/metrics.json (a resumed run keeps the tokenizer reports of its first part) and
     RUN/progress.png."""
     metrics = {
-        "best_val_dice": result.best_val_dice, "best_step": result.best_step,
-        "steps": result.steps, "train_seconds": result.train_seconds,
-        "tokenizers": result.tokenizer_reports, "cache": result.cache,
+        "best_val_dice": result.best_val_dice,
+        "best_step": result.best_step,
+        "steps": result.steps,
+        "train_seconds": result.train_seconds,
+        "tokenizers": result.tokenizer_reports,
+        "cache": result.cache,
     }
     old = run_dir / runfolder.METRICS
     if old.is_file() and resume:
@@ -311,23 +393,43 @@ def train_run(
 
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
-    cfg, saved = _start_run(run_dir, cfg, resume=resume, overwrite=overwrite, tokenizer_dir=tokenizer_dir,
-                            given=given, dist_info=dist_info)
+    cfg, saved = _start_run(
+        run_dir,
+        cfg,
+        resume=resume,
+        overwrite=overwrite,
+        tokenizer_dir=tokenizer_dir,
+        given=given,
+        dist_info=dist_info,
+    )
     cache_dir = Path(cache_dir) if cache_dir is not None else run_dir / runfolder.CACHE
     torch.manual_seed(cfg.seed)
     roots = _roots(data_root)
     ds = open_dataset(roots, layout, seed=cfg.seed, check=dist_info.is_main and not resume)
     ds = add_paraphrases(ds, cfg.paraphrases, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the data are known to be usable
-    prep = _prepare(ds, cfg, run_dir, cache_dir, device=device, resume=resume, overwrite=overwrite,
-                    tokenizer_dir=tokenizer_dir, workers=workers, stage=stage, dist_info=dist_info)
+    prep = _prepare(
+        ds,
+        cfg,
+        run_dir,
+        cache_dir,
+        device=device,
+        resume=resume,
+        overwrite=overwrite,
+        tokenizer_dir=tokenizer_dir,
+        workers=workers,
+        stage=stage,
+        dist_info=dist_info,
+    )
     cfg, bundle = prep.cfg, prep.bundle
 
     train_codes = load_cached_split(cache_dir, bundle, cfg, "train")
     if not train_codes.ids:
         raise MrisegError("no training samples", data_root)
     val_codes = load_cached_split(cache_dir, bundle, cfg, "val")
-    if saved is not None and "model" in saved:  # the model as it was built, whatever today's defaults are
+    if (
+        saved is not None and "model" in saved
+    ):  # the model as it was built, whatever today's defaults are
         mcfg = model_config_from_dict(cfg.paradigm, saved["model"])
     else:
         mcfg = model_config(cfg, bundle, n_train=len(train_codes.ids))
@@ -343,16 +445,30 @@ def train_run(
     tokens = data["mask_codes"][0].numel() if "mask_codes" in data else data["ms_codes"].shape[1]
     t0 = time.perf_counter()
     summary = train(
-        model, data, cfg.train, run_dir, device=device, dist_info=dist_info, evaluate=evaluate,
-        on_best=lambda m, metrics: save_model(m, run_dir), resume=resume, progress=train_progress,
-        config_dict=full, tokens_per_sample=tokens, prep_seconds=time.perf_counter() - t_start,
+        model,
+        data,
+        cfg.train,
+        run_dir,
+        device=device,
+        dist_info=dist_info,
+        evaluate=evaluate,
+        on_best=lambda m, metrics: save_model(m, run_dir),
+        resume=resume,
+        progress=train_progress,
+        config_dict=full,
+        tokens_per_sample=tokens,
+        prep_seconds=time.perf_counter() - t_start,
     )
     if dist_info.is_main and evaluate is None:
         save_model(model, run_dir)  # no validation split: keep the last weights
     result = TrainResult(
-        run_dir=run_dir, best_val_dice=summary["best_dice"], best_step=summary["best_step"],
-        steps=summary["steps"], train_seconds=time.perf_counter() - t0,
-        tokenizer_reports=prep.reports, cache=prep.cache_info,
+        run_dir=run_dir,
+        best_val_dice=summary["best_dice"],
+        best_step=summary["best_step"],
+        steps=summary["steps"],
+        train_seconds=time.perf_counter() - t0,
+        tokenizer_reports=prep.reports,
+        cache=prep.cache_info,
     )
     if dist_info.is_main:
         _write_metrics(result, run_dir, resume)
