@@ -68,6 +68,10 @@ class Paradigm:
         """The mask tokenizer whose reconstruction bounds this paradigm's Dice."""
         raise NotImplementedError
 
+    def model_input(self, model: nn.Module, bundle: Any, image_B1SS: torch.Tensor) -> torch.Tensor:
+        """What the model reads of (B, 1, S, S) images: the pixels by default."""
+        return image_B1SS
+
     def model_config(self, cfg: RunConfig, bundle: Any, n_train: int) -> Any:
         """The model config of a run: the preset's transformer, sized by the tokenizers."""
         raise NotImplementedError
@@ -177,6 +181,13 @@ class NextToken(Paradigm):
         data["sample_ids"] = torch.arange(len(codes.ids)) % mcfg.het_buckets
         return data
 
+    def model_input(self, model: nn.Module, bundle: Any, image_B1SS: torch.Tensor) -> torch.Tensor:
+        return (
+            bundle.image_vq.encode(image_B1SS)
+            if model.config.image_input == "codes"
+            else image_B1SS
+        )
+
     def decode(
         self,
         model: nn.Module,
@@ -189,11 +200,7 @@ class NextToken(Paradigm):
     ) -> Decoded:
         from mrisegcli.decode.next_token import MaskGenerator, generate_masks_speculative
 
-        x = (
-            bundle.image_vq.encode(image_B1SS)
-            if model.config.image_input == "codes"
-            else image_B1SS
-        )
+        x = self.model_input(model, bundle, image_B1SS)
         if opts.samples > 1:
             x, text_ids, text_mask = (
                 t.repeat_interleave(opts.samples, 0) for t in (x, text_ids, text_mask)

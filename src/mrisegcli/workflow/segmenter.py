@@ -153,9 +153,7 @@ class Segmenter:
 
     def _image_input(self, image_B1SS: torch.Tensor) -> torch.Tensor:
         """What the model reads: the pixels, or the image tokenizer's codes of them."""
-        if getattr(self.model.config, "image_input", "pixels") == "codes":
-            return self.bundle.image_vq.encode(image_B1SS)
-        return image_B1SS
+        return self.impl.model_input(self.model, self.bundle, image_B1SS)
 
     @torch.no_grad()
     def predict_tensors(
