@@ -181,6 +181,8 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
             "6",
             "--lambda-refine",
             "1",
+            "--refine-code-noise",
+            "0.25",
             "--device",
             "cpu",
             "--workers",
@@ -191,6 +193,9 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
     assert r.exit_code == 0, (r.output, r.exception)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["lambda_refine"] == 1.0
+    assert (
+        cfg["model"]["refine_code_noise"] == 0.25 == cfg["run"]["strategies"]["refine_code_noise"]
+    )
     r = runner.invoke(
         app,
         ["evaluate", "--model", str(run), "--data", str(synth_data), "--json", "--device", "cpu"],
