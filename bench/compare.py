@@ -39,6 +39,8 @@ VARIANTS: dict[str, list[str]] = {
     "refine": ["--lambda-refine", "1"],  # the full-resolution refiner (models/refiner.py)
     # the refiner trained on codes of which half are replaced by random ones: it must check them
     "refine-robust": ["--lambda-refine", "1", "--refine-code-noise", "0.5"],
+    # and half of the teacher-forced inputs are the model's own predictions (exposure bias)
+    "refine-ss": ["--lambda-refine", "1", "--scheduled-sampling", "0.5"],
 }
 #: (dataset, method, minutes): the grid
 GRID = [

@@ -183,6 +183,8 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
             "1",
             "--refine-code-noise",
             "0.25",
+            "--scheduled-sampling",
+            "0.25",
             "--device",
             "cpu",
             "--workers",
@@ -195,6 +197,9 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
     assert cfg["model"]["lambda_refine"] == 1.0
     assert (
         cfg["model"]["refine_code_noise"] == 0.25 == cfg["run"]["strategies"]["refine_code_noise"]
+    )
+    assert (
+        cfg["model"]["scheduled_sampling"] == 0.25 == cfg["run"]["strategies"]["scheduled_sampling"]
     )
     r = runner.invoke(
         app,

@@ -698,6 +698,14 @@ def train(
             help="Share of teacher-forced mask tokens replaced by random codes (0 = off)."
         ),
     ] = None,
+    scheduled_sampling: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=0.99,
+            help="Share of teacher-forced mask tokens replaced by the model's own predictions (0 = off).",
+        ),
+    ] = None,
     lambda_dense: Annotated[
         float | None, typer.Option(help="Dense prefix supervision weight (0 = off).")
     ] = None,
@@ -788,6 +796,7 @@ def train(
         prefix_attention=prefix_attention,
         lambda_dense=lambda_dense,
         input_noise=input_noise,
+        scheduled_sampling=scheduled_sampling,
         lambda_refine=lambda_refine,
         refine_code_noise=refine_code_noise,
     )

@@ -51,6 +51,8 @@ class StrategyConfig:
     prefix_attention: Literal["causal", "bidirectional"] = "bidirectional"
     lambda_dense: float = 1.0
     input_noise: float = 0.3
+    # parallel scheduled sampling of the next-token model (models/next_token.py)
+    scheduled_sampling: float = 0.0
     # full-resolution refiner of the next-token model (models/refiner.py; pixels input only)
     lambda_refine: float = 0.0
     refine_code_noise: float = 0.0

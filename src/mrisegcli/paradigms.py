@@ -154,6 +154,7 @@ class NextToken(Paradigm):
             het_decay=s.het_decay,
             lambda_dense=s.lambda_dense,
             input_noise=s.input_noise,
+            scheduled_sampling=s.scheduled_sampling,
             lambda_refine=s.lambda_refine,
             refine_code_noise=s.refine_code_noise,
             het_buckets=max(1, n_train),

@@ -83,6 +83,11 @@ class NextTokenConfig:
     # code with this probability (targets unchanged), so that a state cannot just copy its
     # neighbours' codes and must read the image. 0 switches it off.
     input_noise: float = 0.0
+    # exposure bias, from the model's own errors (parallel scheduled sampling): in training a
+    # first pass without gradients predicts every mask token from the true codes, and each
+    # teacher-forced input is replaced by that prediction with this probability, so that the
+    # model learns to continue from the mistakes it makes when decoding. 0 switches it off.
+    scheduled_sampling: float = 0.0
     # full-resolution refiner (models/refiner.py): a U-Net decoder from the decided codes, the
     # image-token states and the encoder's feature maps (pixels mode only). 0 switches it off.
     lambda_refine: float = 0.0
@@ -127,7 +132,7 @@ class NextTokenConfig:
             < 0
         ):
             raise ConfigError("loss weights must be >= 0")
-        for name in ("input_noise", "refine_code_noise"):
+        for name in ("input_noise", "scheduled_sampling", "refine_code_noise"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         self._check_heads()
@@ -404,6 +409,41 @@ class NextTokenSegmenter(nn.Module):
         """Teacher-forced logits (B, N+1, Km) for mask tokens 0..N given the first N codes."""
         return self.mask_head(self._mask_hidden(image, text_ids, text_mask, mask_codes_BN))
 
+    def scheduled_inputs(
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        codes_BN: torch.Tensor,
+    ) -> torch.Tensor:
+        """The (B, N-1) teacher-forced inputs with scheduled sampling: each of the true codes
+        0..N-2 is replaced, with probability ``scheduled_sampling``, by the model's own greedy
+        prediction of it from the true codes before it (one pass without gradients)."""
+        inputs_BN = codes_BN[:, :-1]
+        with torch.no_grad():
+            own_BN = self.mask_logits(image, text_ids, text_mask, inputs_BN).argmax(-1)[:, :-1]
+        fed = torch.rand(inputs_BN.shape, device=inputs_BN.device) < self.config.scheduled_sampling
+        return torch.where(fed, own_BN, inputs_BN)
+
+    def _teacher_inputs(
+        self, image: torch.Tensor, batch: Mapping[str, torch.Tensor], codes_BN: torch.Tensor
+    ) -> torch.Tensor:
+        """The (B, N-1) mask codes a teacher-forced pass reads: the true codes 0..N-2, in
+        training with scheduled sampling, then input noise, applied."""
+        cfg = self.config
+        inputs_BN = codes_BN[:, :-1]
+        if not self.training:
+            return inputs_BN
+        if cfg.scheduled_sampling > 0:
+            inputs_BN = self.scheduled_inputs(
+                image, batch["text_ids"], batch["text_mask"], codes_BN
+            )
+        if cfg.input_noise > 0:
+            noisy = torch.rand(inputs_BN.shape, device=inputs_BN.device) < cfg.input_noise
+            random_BN = torch.randint_like(inputs_BN, cfg.mask_codebook_size)
+            inputs_BN = torch.where(noisy, random_BN, inputs_BN)
+        return inputs_BN
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training losses for a batch.
 
@@ -423,11 +463,7 @@ class NextTokenSegmenter(nn.Module):
             )
         _check_range("mask codes", codes_BHW, cfg.mask_codebook_size)
         codes_BN = codes_BHW.flatten(1)
-        inputs_BN = codes_BN[:, :-1]
-        if self.training and cfg.input_noise > 0:
-            noisy = torch.rand(inputs_BN.shape, device=inputs_BN.device) < cfg.input_noise
-            random_BN = torch.randint_like(inputs_BN, cfg.mask_codebook_size)
-            inputs_BN = torch.where(noisy, random_BN, inputs_BN)
+        inputs_BN = self._teacher_inputs(image, batch, codes_BN)
         skips: list[torch.Tensor] = []
         h_BTC = self._hidden(image, batch["text_ids"], batch["text_mask"], inputs_BN, skips)
         h_BNC = h_BTC[:, lay.prefix_len - 1 :]
