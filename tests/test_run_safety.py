@@ -1176,3 +1176,18 @@ def test_every_row_of_the_robustness_table_names_tests_that_exist():
             assert name in defined, (name, row[:40])
         for case in cases:  # a parametrised case of tests/test_robustness.py
             assert f'"{case}"' in robustness or f"'{case}'" in robustness, (case, row[:40])
+
+
+def test_every_train_option_that_sets_the_config_is_checked_on_resume():
+    """A --resume refuses a changed setting only if OPTION_FIELDS knows it: every train option
+    except those naming files, devices and output is there (a new option must be added)."""
+    import typer.main
+
+    from mrisegcli.cli import app
+    from mrisegcli.runinfo import OPTION_FIELDS
+
+    train = typer.main.get_command(app).commands["train"]
+    not_config = {"data", "out_dir", "layout", "tokenizer", "cache", "device", "workers"}
+    not_config |= {"resume", "overwrite", "quiet", "json_out"}
+    options = {p.name for p in train.params} - not_config
+    assert options == set(OPTION_FIELDS)
