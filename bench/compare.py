@@ -41,6 +41,8 @@ VARIANTS: dict[str, list[str]] = {
     "refine-robust": ["--lambda-refine", "1", "--refine-code-noise", "0.5"],
     # and half of the teacher-forced inputs are the model's own predictions (exposure bias)
     "refine-ss": ["--lambda-refine", "1", "--scheduled-sampling", "0.5"],
+    # and 80% of the training samples randomly rotated, zoomed, shifted and re-contrasted
+    "refine-aug": ["--lambda-refine", "1", "--augment", "0.8"],
 }
 #: (dataset, method, minutes): the grid
 GRID = [

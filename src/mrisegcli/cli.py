@@ -706,6 +706,14 @@ def train(
             help="Share of teacher-forced mask tokens replaced by the model's own predictions (0 = off).",
         ),
     ] = None,
+    augment: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of training samples randomly rotated, zoomed, shifted and re-contrasted (0 = off; no flips).",
+        ),
+    ] = None,
     lambda_dense: Annotated[
         float | None, typer.Option(help="Dense prefix supervision weight (0 = off).")
     ] = None,
@@ -797,6 +805,7 @@ def train(
         lambda_dense=lambda_dense,
         input_noise=input_noise,
         scheduled_sampling=scheduled_sampling,
+        augment=augment,
         lambda_refine=lambda_refine,
         refine_code_noise=refine_code_noise,
     )

@@ -53,6 +53,9 @@ class StrategyConfig:
     input_noise: float = 0.3
     # parallel scheduled sampling of the next-token model (models/next_token.py)
     scheduled_sampling: float = 0.0
+    # share of training samples given a random rotation, zoom, shift and intensity change
+    # (training/augment.py; both paradigms); 0 switches it off
+    augment: float = 0.0
     # full-resolution refiner of the next-token model (models/refiner.py; pixels input only)
     lambda_refine: float = 0.0
     refine_code_noise: float = 0.0

@@ -146,6 +146,7 @@ OPTION_FIELDS = {
     "image_input": "strategies.image_input",
     "input_noise": "strategies.input_noise",
     "scheduled_sampling": "strategies.scheduled_sampling",
+    "augment": "strategies.augment",
     "lambda_refine": "strategies.lambda_refine",
     "refine_code_noise": "strategies.refine_code_noise",
     "lambda_dense": "strategies.lambda_dense",

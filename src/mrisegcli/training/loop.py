@@ -193,8 +193,10 @@ class _Loop:
         on_best: Callable[[torch.nn.Module, dict[str, float]], None] | None,
         config_dict: dict | None,
         tokens_per_sample: int,
+        augment: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.model, self.data, self.cfg, self.run_dir = model, data, cfg, run_dir
+        self.augment = augment
         self.device, self.dist_info = device, dist_info
         self.evaluate, self.on_best = evaluate, on_best
         self.config_dict = config_dict
@@ -280,6 +282,8 @@ class _Loop:
             next_batch_indices(state, self.n, cfg.batch_size, cfg.seed), self.dist_info
         )
         batch = _to_device({k: v[idx] for k, v in self.data.items()}, self.device)
+        if self.augment is not None:
+            batch = self.augment(batch, state.step)
         lr = lr_at(state.step, cfg, self.total, self.time_done())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -418,13 +422,15 @@ def train(
     config_dict: dict | None = None,
     tokens_per_sample: int = 0,
     prep_seconds: float = 0.0,
+    augment: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data`` for the configured steps; returns a summary dict.
 
     ``evaluate`` (rank 0) returns metrics with a ``dice`` key; the best weights are handed to
     ``on_best``; state outside the weights (the hard-token memory) lives in model buffers and
     travels with them. ``prep_seconds``: time this invocation spent before the loop; with
-    ``cfg.max_minutes`` it counts against the budget.
+    ``cfg.max_minutes`` it counts against the budget. ``augment(batch, step)``, when given,
+    transforms each batch on the device before the step (:mod:`mrisegcli.training.augment`).
     """
     loop = _Loop(
         model,
@@ -437,6 +443,7 @@ def train(
         on_best=on_best,
         config_dict=config_dict,
         tokens_per_sample=tokens_per_sample,
+        augment=augment,
     )
     loop.start(resume, prep_seconds)
     with _StopFlag() as stop:

@@ -195,13 +195,26 @@ def encode_batch(
         "text_ids": ids_BL.to(torch.int32),
         "text_mask": tmask_BL.to(torch.uint8),
     }
+    for key, codes in tokenize_tensors(bundle, img_B1SS, msk_B1SS).items():
+        out[key] = codes.to(torch.int16).cpu()
+    return out
+
+
+@torch.no_grad()
+def tokenize_tensors(
+    bundle: TokenizerBundle, img_B1SS: torch.Tensor, msk_B1SS: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The int64 codes of every tokenizer of ``bundle`` for images and masks (B, 1, S, S)
+    float: ``mask_codes`` (B, g, g), ``image_codes`` (B, g, g), ``ms_codes`` (B, L) with the
+    scales flattened coarse to fine."""
+    out: dict[str, torch.Tensor] = {}
     if bundle.mask_vq is not None:
-        out["mask_codes"] = bundle.mask_vq.encode(msk_B1SS).to(torch.int16).cpu()
+        out["mask_codes"] = bundle.mask_vq.encode(msk_B1SS)
     if bundle.image_vq is not None:
-        out["image_codes"] = bundle.image_vq.encode(img_B1SS).to(torch.int16).cpu()
+        out["image_codes"] = bundle.image_vq.encode(img_B1SS)
     if bundle.multiscale is not None:
         idx_list = bundle.multiscale.encode(msk_B1SS)
-        out["ms_codes"] = torch.cat([i.flatten(1) for i in idx_list], 1).to(torch.int16).cpu()
+        out["ms_codes"] = torch.cat([i.flatten(1) for i in idx_list], 1)
     return out
 
 
