@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+#: idle-machine cells (compare_loaded.jsonl: an earlier sitting on a loaded machine)
 RESULTS = HERE / "results" / "compare.jsonl"
 #: extra ``mriseg train`` settings of a method variant (``next-token@refine``)
 VARIANTS: dict[str, list[str]] = {
