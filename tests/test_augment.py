@@ -110,6 +110,10 @@ def test_augmenter_replaces_the_codes_by_those_of_the_transformed_mask(one_threa
     again = Augmenter(bundle, 1.0, seed=0)(batch, step=5)
     assert torch.equal(again["mask"], out["mask"])
     assert not torch.equal(Augmenter(bundle, 1.0, seed=0)(batch, step=6)["mask"], out["mask"])
+    # another DDP rank draws its own transforms for the same step
+    assert not torch.equal(
+        Augmenter(bundle, 1.0, seed=0, rank=1)(batch, step=5)["mask"], out["mask"]
+    )
     with pytest.raises(ValueError, match="augmentation probability"):
         Augmenter(bundle, 0.0, seed=0)
 

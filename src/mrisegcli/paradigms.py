@@ -101,11 +101,16 @@ class Paradigm:
         raise NotImplementedError
 
 
+def image_pixels(codes: Any) -> torch.Tensor:
+    """The cached uint8 images of a split as the (N, 1, S, S) float input in [0, 1]."""
+    return codes.fields["image"].float().div(255.0)[:, None]
+
+
 def _common_tensors(codes: Any, mcfg: Any, pixels: bool) -> dict[str, torch.Tensor]:
     f = codes.fields
     data = {"text_ids": f["text_ids"].long(), "text_mask": f["text_mask"].bool()}
     if pixels:
-        data["image"] = f["image"].float().div(255.0)[:, None]
+        data["image"] = image_pixels(codes)
     if getattr(mcfg, "lambda_dense", 0.0) > 0 or getattr(mcfg, "lambda_refine", 0.0) > 0:
         data["mask"] = f["mask"]  # (N, S, S) uint8 0/1, the dense and refiner target
     return data

@@ -77,24 +77,31 @@ def augment_pair(
 class Augmenter:
     """Transforms a training batch (``image`` (B, 1, S, S) float, ``mask`` (B, S, S)) with
     :func:`augment_pair` and replaces the code fields it holds by the tokens of the result.
-    Reproducible: the draws of step ``s`` depend only on the seed and ``s`` (a resumed run
-    draws what an uninterrupted one would)."""
+    Reproducible: the draws of step ``s`` depend only on the seed, the DDP ``rank`` and ``s``
+    (a resumed run draws what an uninterrupted one would; each rank its own transforms)."""
 
     def __init__(
-        self, bundle: Any, p: float, seed: int, ranges: AugmentRanges = AugmentRanges()
+        self,
+        bundle: Any,
+        p: float,
+        seed: int,
+        ranges: AugmentRanges = AugmentRanges(),
+        rank: int = 0,
     ) -> None:
+        from mrisegcli.workflow.prepare import tokenize_tensors
+
         if not 0.0 < p <= 1.0:
             raise ValueError(f"augmentation probability must lie in (0, 1], got {p}")
-        self.bundle, self.p, self.seed, self.ranges = bundle, p, seed, ranges
+        self.bundle, self.p, self.ranges = bundle, p, ranges
+        self.seed = (seed * 1_000_003 + rank) * 1_000_003
+        self._tokenize = tokenize_tensors
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        from mrisegcli.workflow.prepare import tokenize_tensors
-
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(self.seed + step)
         image, mask = augment_pair(batch["image"], batch["mask"], self.p, gen, self.ranges)
         out = dict(batch, image=image, mask=mask)
-        codes = tokenize_tensors(self.bundle, image, mask[:, None].float())
+        codes = self._tokenize(self.bundle, image, mask[:, None].float())
         for key, value in codes.items():
             if key in batch:
                 out[key] = value.to(batch[key].dtype)

@@ -330,18 +330,20 @@ def _run_record(
     }
 
 
-def _augmenter(cfg: Any, bundle: Any, train_codes: Any, data: dict[str, torch.Tensor]) -> Any:
+def _augmenter(
+    cfg: Any, bundle: Any, train_codes: Any, data: dict[str, torch.Tensor], rank: int
+) -> Any:
     """The batch transform of ``--augment P`` (None when off); adds the pixels and masks it
     transforms to ``data`` when the model's own tensors do not hold them."""
     if cfg.strategies.augment <= 0:
         return None
+    from mrisegcli.paradigms import image_pixels
     from mrisegcli.training.augment import Augmenter
 
-    f = train_codes.fields
     if "image" not in data:
-        data["image"] = f["image"].float().div(255.0)[:, None]
-    data.setdefault("mask", f["mask"])
-    return Augmenter(bundle, cfg.strategies.augment, cfg.seed)
+        data["image"] = image_pixels(train_codes)
+    data.setdefault("mask", train_codes.fields["mask"])
+    return Augmenter(bundle, cfg.strategies.augment, cfg.seed, rank=rank)
 
 
 def _validation(
@@ -451,7 +453,7 @@ def train_run(
     data = training_tensors(cfg.paradigm, train_codes, mcfg)
     if not cfg.use_text:  # image-only baseline: every text position is padding
         data["text_mask"] = torch.zeros_like(data["text_mask"])
-    augment = _augmenter(cfg, bundle, train_codes, data)
+    augment = _augmenter(cfg, bundle, train_codes, data, dist_info.rank)
     full = _run_record(cfg, mcfg, bundle, ds, roots, run_dir, command)
     if dist_info.is_main and not resume:
         write_config(run_dir, full)
