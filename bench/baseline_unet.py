@@ -8,7 +8,10 @@ channels and tiled over the image; the U-Net sees image + text channels. Trainin
 BCE + soft Dice, warm-up then cosine over the wall-clock budget, validation Dice every
 ``--eval-every`` steps with the best weights kept. The test split is scored exactly as
 ``mriseg evaluate`` scores it (probabilities resized to each ground truth's resolution,
-thresholded at 0.5; per-kind rows when the manifest has a ``kind`` column).
+thresholded at 0.5; per-kind rows when the manifest has a ``kind`` column). ``--augment P``
+applies mriseg's own training augmentation (``mrisegcli.training.augment.augment_pair``, the
+transforms of ``mriseg train --augment P``) to each batch, so that a comparison with an
+augmented mriseg run is fair.
 
     pip install "mrisegcli[bench]"        # MONAI
     python bench/baseline_unet.py --data ../shared/data/kvasir-seg --max-minutes 15 --json
@@ -93,6 +96,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--features", type=int, nargs=6, default=(16, 16, 32, 64, 128, 16))
     ap.add_argument("--text-channels", type=int, default=8)
     ap.add_argument("--no-text", action="store_true", help="The image-only U-Net.")
+    ap.add_argument(
+        "--augment",
+        type=float,
+        default=0.0,
+        help="share of training samples randomly rotated, zoomed, shifted and re-contrasted "
+        "(the transforms of mriseg train --augment)",
+    )
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -104,9 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
     from mrisegcli.io.read import read_mask
     from mrisegcli.metrics import summarize
     from mrisegcli.tokenizers.text import text_vocab_size, train_text_tokenizer
+    from mrisegcli.training.augment import augment_pair
     from mrisegcli.workflow.evaluate_model import _score, group_summaries
     from mrisegcli.workflow.prepare import open_dataset
 
+    if not 0.0 <= args.augment <= 1.0:
+        ap.error(f"--augment must lie in [0, 1], got {args.augment}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -140,8 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
         for group in opt.param_groups:
             group["lr"] = max(lr, args.lr * 0.01)
         idx = torch.randint(0, len(train), (args.batch_size,), generator=g)
-        logits = model(x_tr[idx], bow_tr[idx])
-        loss = F.binary_cross_entropy_with_logits(logits, y_tr[idx]) + dice_loss(logits, y_tr[idx])
+        x, y = x_tr[idx], y_tr[idx]
+        if args.augment > 0:
+            x, y = augment_pair(x, y, args.augment, g)
+        logits = model(x, bow_tr[idx])
+        loss = F.binary_cross_entropy_with_logits(logits, y) + dice_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -170,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = _score(test, gts, predict(model, img_te, bow_te))
     summary = summarize(results)
     out = {
-        "model": "unet" if text_ch else "unet-no-text",
+        "model": ("unet" if text_ch else "unet-no-text") + ("@aug" if args.augment else ""),
+        "augment": args.augment,
         "data": [str(d) for d in args.data],
         "size": args.size,
         "max_minutes": args.max_minutes,

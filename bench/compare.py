@@ -69,7 +69,16 @@ def done_keys(path: Path) -> set[str]:
     return {json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()}
 
 
-def run_unet(data: Path, minutes: float, size: int, threads: int) -> dict:
+#: extra ``baseline_unet.py`` settings of a U-Net variant (``unet@aug``)
+UNET_VARIANTS: dict[str, list[str]] = {"": [], "aug": ["--augment", "0.8"]}
+
+
+def run_unet(data: Path, method: str, minutes: float, size: int, threads: int) -> dict:
+    variant = method.partition("@")[2]
+    if variant not in UNET_VARIANTS:
+        raise SystemExit(
+            f"unknown variant {variant!r} in {method!r}; choose from {sorted(UNET_VARIANTS)}"
+        )
     cmd = [
         sys.executable,
         str(HERE / "baseline_unet.py"),
@@ -82,6 +91,7 @@ def run_unet(data: Path, minutes: float, size: int, threads: int) -> dict:
         "--json",
         "--threads",
         str(threads),
+        *UNET_VARIANTS[variant],
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "command": " ".join(cmd[1:])}
@@ -163,8 +173,9 @@ def table(path: Path) -> str:
     )
     for r in rows:
         r.setdefault("method", r["model"])  # rows written before variants existed
-    methods = ["unet", *sorted({r["method"] for r in rows} - {"unet"})]
-    names = {"unet": "U-Net + text"}
+    unets = ["unet", *sorted({r["method"] for r in rows if r["method"].startswith("unet@")})]
+    methods = [*unets, *sorted({r["method"] for r in rows} - set(unets))]
+    names = {"unet": "U-Net + text", "unet@aug": "U-Net + text, --augment 0.8"}
     lines = [
         "| data | budget | "
         + " | ".join(f"{names.get(m, 'mriseg ' + m)} Dice" for m in methods)
@@ -184,8 +195,9 @@ def table(path: Path) -> str:
         return text
 
     for (dataset, minutes), by in sorted(cells.items()):
-        ours = [by[m]["dice"] for m in methods[1:] if m in by]
-        lead = f"{max(ours) - by['unet']['dice']:+.3f}" if "unet" in by and ours else "-"
+        ours = [by[m]["dice"] for m in methods if m in by and m not in unets]
+        theirs = [by[m]["dice"] for m in unets if m in by]
+        lead = f"{max(ours) - max(theirs):+.3f}" if theirs and ours else "-"
         loads = [x for r in by.values() for x in r.get("load", [])]
         load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
         cols = " | ".join(fmt(by.get(m)) for m in methods)
@@ -219,8 +231,8 @@ def main() -> None:
         data = args.data_root / dataset
         print(f"> {cell_key(dataset, method, minutes)}", file=sys.stderr, flush=True)
         load_before = os.getloadavg()[1]  # 5-minute average
-        if method == "unet":
-            row = run_unet(data, minutes, args.size, args.threads)
+        if method.partition("@")[0] == "unet":
+            row = run_unet(data, method, minutes, args.size, args.threads)
         else:
             row = run_mriseg(data, method, minutes, args.preset, args.work, args.threads)
         row.update(

@@ -228,6 +228,11 @@ def test_unet_baseline_and_comparison_table(tmp_path: Path) -> None:
     )
     assert out["steps"] == 4 and out["n"] == 4 and 0 <= out["dice"] <= 1 and out["model"] == "unet"
     assert 0 <= out["best_val_dice"] <= 1
+    tiny = ["--features", "4", "4", "8", "8", "8", "4", "--threads", "1", "--max-steps", "2"]
+    augmented = baseline_unet.main(["--data", str(data), "--size", "32", "--augment", "1", *tiny])
+    assert augmented["model"] == "unet@aug" and augmented["augment"] == 1.0
+    with pytest.raises(SystemExit):  # a share outside [0, 1]
+        baseline_unet.main(["--data", str(data), "--size", "32", "--augment", "1.5", *tiny])
     results = tmp_path / "r.jsonl"
     rows = [
         {
@@ -261,19 +266,40 @@ def test_unet_baseline_and_comparison_table(tmp_path: Path) -> None:
         }
     )
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "unet@aug" not in compare.table(results)
+    rows.append(
+        {
+            "key": "jsrt:unet@aug:15",
+            "dataset": "jsrt",
+            "model": "unet@aug",
+            "method": "unet@aug",
+            "max_minutes": 15,
+            "dice": 0.83,
+            "steps": 2000,
+        }
+    )
+    rows.append({**rows[0], "key": "jsrt:unet:15", "dataset": "jsrt", "max_minutes": 15})
+    rows.append({**rows[2], "key": "jsrt:next-token@refine:15", "dataset": "jsrt", "max_minutes": 15})
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = compare.table(results)
+    # the lead is over the better U-Net: 0.75 - 0.83
+    assert "| U-Net + text Dice | U-Net + text, --augment 0.8 Dice | mriseg next-token Dice" in table
+    assert "| jsrt | 15 min | 0.700 (900 steps) | 0.830 (2000 steps) | - |" in table
+    assert "| -0.080 |" in table
     # one column per method (rows written before variants count as their model), the best
     # mriseg method's lead over the U-Net, the token-only Dice beside a refined one, the load
     assert (
-        "| U-Net + text Dice | mriseg next-token Dice | mriseg next-token@refine Dice | mriseg lead | load |"
-        in table
+        "| mriseg next-token Dice | mriseg next-token@refine Dice | mriseg lead | load |" in table
     )
     assert (
-        "| kvasir-seg | 5 min | 0.700 (900 steps) | 0.720 (300 steps) "
+        "| kvasir-seg | 5 min | 0.700 (900 steps) | - | 0.720 (300 steps) "
         "| 0.750 (250 steps), tokens only 0.610 | +0.050 | 2.0-2.5 |"
     ) in table
     assert compare.done_keys(results) == {
         "kvasir-seg:unet:5",
         "kvasir-seg:next-token:5",
         "kvasir-seg:next-token@refine:5",
+        "jsrt:unet@aug:15",
+        "jsrt:unet:15",
+        "jsrt:next-token@refine:15",
     }

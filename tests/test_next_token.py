@@ -101,6 +101,50 @@ def test_positions_mask_shares_image_grid():
     assert coarse[-3:].tolist() == [[0.5, 0.5], [0.5, 2.5], [2.5, 0.5]]
 
 
+def test_target_positions_put_each_query_on_the_cell_it_predicts():
+    fed, target = sequence_positions(_cfg()), sequence_positions(_cfg(mask_positions="target"))
+    lay = SequenceLayout.from_config(_cfg())
+    P = lay.prefix_len
+    img = fed[1 : 1 + GI * GI]
+    # the state at input position P - 1 + n predicts mask cell n: BOM cell 0, mask input n
+    # (which feeds code n) cell n + 1, so every query lies on the image patch of its target
+    torch.testing.assert_close(target[P - 1 :], img[: GM * GM])
+    assert torch.equal(target[: P - 1], fed[: P - 1])  # BOS, image, BOT and text unchanged
+    assert fed[P - 1].tolist() == [GI + L + 1] * 2 and torch.equal(fed[P:], img[: GM * GM - 1])
+    with pytest.raises(ConfigError, match="mask_positions"):
+        _cfg(mask_positions="next")
+    # the two layouts are different models: the first mask logits already differ
+    image, text, tmask, codes = _inputs()
+    with torch.no_grad():
+        a = _model(mask_positions="fed").mask_logits(image, text, tmask, codes.flatten(1)[:, :-1])
+        b = _model(mask_positions="target").mask_logits(
+            image, text, tmask, codes.flatten(1)[:, :-1]
+        )
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_cell_image_input_reaches_every_decoding_path():
+    """With ``mask_cell_image`` each fed code carries its target cell's image token: the
+    teacher-forced logits of cell n move when only the image under cell n changes, and the
+    cached, uncached, fixed-shape and speculative decoders agree."""
+    from mrisegcli.decode.next_token import generate_masks_speculative
+
+    model = _model(mask_cell_image=True, mask_positions="target", nktp_k=3)
+    image, text, tmask, codes = _inputs()
+    with torch.no_grad():
+        cells = model._cell_inputs(model._embed_prefix(image, text, tmask)[0])
+    assert cells.shape == (3, GM * GM, 32)
+    greedy = generate_masks(model, image, text, tmask)
+    assert torch.equal(greedy, generate_masks_uncached(model, image, text, tmask))
+    assert torch.equal(greedy, MaskGenerator(model, fixed_shapes=True)(image, text, tmask))
+    assert torch.equal(greedy, generate_masks_speculative(model, image, text, tmask))
+    # a smaller batch after a larger one reuses the buffer's first rows
+    assert torch.equal(generate_masks(model, image[:1], text[:1], tmask[:1]), greedy[:1])
+    with pytest.raises(ConfigError, match="mask_cell_image"):
+        _cfg(mask_cell_image=True, mask_grid=2)
+    assert _model().cell_proj is None  # off by default: old configs load as they were
+
+
 def test_config_round_trip_and_validation():
     cfg = _cfg(nktp_k=2, het_alpha=0.0)
     from mrisegcli.config import from_dict, to_dict
@@ -119,10 +163,13 @@ def test_config_round_trip_and_validation():
 # ----------------------------------------------------------------------------- decoding
 
 
+@pytest.mark.parametrize(
+    "positions,cells", [("fed", False), ("target", False), ("target", True), ("fed", True)]
+)
 @pytest.mark.parametrize("prefix", ["causal", "bidirectional"])
 @pytest.mark.parametrize("keys", ["whole_cache", "filled_prefix"])
-def test_cached_logits_match_full_forward(keys, prefix):
-    model = _model(prefix_attention=prefix)
+def test_cached_logits_match_full_forward(keys, prefix, positions, cells):
+    model = _model(prefix_attention=prefix, mask_positions=positions, mask_cell_image=cells)
     image, text, tmask, codes = _inputs()
     codes_BN = codes.flatten(1)
     P = model.layout.prefix_len

@@ -209,6 +209,11 @@ class PrefixAttention(_Choice):
     causal = "causal"
 
 
+class MaskPositions(_Choice):
+    target = "target"
+    fed = "fed"
+
+
 class TextAblation(_Choice):  # mrisegcli.workflow.evaluate_model.ABLATIONS
     empty = "empty"
     shuffle = "shuffle"
@@ -732,6 +737,20 @@ def train(
     prefix_attention: Annotated[
         PrefixAttention | None, typer.Option(help="next-token image+text attention.")
     ] = None,
+    mask_positions: Annotated[
+        MaskPositions | None,
+        typer.Option(
+            help="next-token: RoPE place of the state predicting a mask cell: on that cell "
+            "(target) or on the cell of the code fed in (fed)."
+        ),
+    ] = None,
+    mask_cell_image: Annotated[
+        bool | None,
+        typer.Option(
+            "--mask-cell-image/--no-mask-cell-image",
+            help="next-token: each fed mask token also carries the image token of the cell it predicts.",
+        ),
+    ] = None,
     no_text: Annotated[
         bool,
         typer.Option("--no-text", help="Image-only baseline: the model never sees the prompt."),
@@ -808,6 +827,8 @@ def train(
         augment=augment,
         lambda_refine=lambda_refine,
         refine_code_noise=refine_code_noise,
+        mask_positions=mask_positions,
+        mask_cell_image=mask_cell_image,
     )
     cfg = _with_text_options(cfg, no_text, paraphrases, text_len)
     dev = _device(device)

@@ -59,6 +59,10 @@ class StrategyConfig:
     # full-resolution refiner of the next-token model (models/refiner.py; pixels input only)
     lambda_refine: float = 0.0
     refine_code_noise: float = 0.0
+    # RoPE position of the next-token model's mask queries (models/next_token.py)
+    mask_positions: Literal["fed", "target"] = "fed"
+    # the next-token model's fed mask tokens also carry the image token of their target cell
+    mask_cell_image: bool = False
 
 
 @dataclass(frozen=True)

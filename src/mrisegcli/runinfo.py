@@ -151,6 +151,8 @@ OPTION_FIELDS = {
     "refine_code_noise": "strategies.refine_code_noise",
     "lambda_dense": "strategies.lambda_dense",
     "prefix_attention": "strategies.prefix_attention",
+    "mask_positions": "strategies.mask_positions",
+    "mask_cell_image": "strategies.mask_cell_image",
     "no_text": "use_text",
     "paraphrases": "paraphrases",
     "text_len": "text_len",

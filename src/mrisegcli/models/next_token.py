@@ -96,10 +96,22 @@ class NextTokenConfig:
     # so that it learns to check the codes against the image (free-running codes are worse than
     # the teacher-forced ones it is trained on). 0 switches it off.
     refine_code_noise: float = 0.0
+    # RoPE position of the token whose state predicts mask cell n: "fed" puts it where the fed
+    # code lies (cell n-1; BOM on the text diagonal), "target" on cell n itself, so that the
+    # query predicting a cell sits on the image patch under it (relative offset zero)
+    mask_positions: Literal["fed", "target"] = "fed"
+    # each fed mask token also carries a projection of the image token of the cell its state
+    # predicts (needs image_grid == mask_grid): the local evidence for a cell's code sits in
+    # the residual stream of the token that decides it, not only behind an attention lookup
+    mask_cell_image: bool = False
 
     def __post_init__(self) -> None:
         if self.image_input not in ("codes", "pixels"):
             raise ConfigError(f"image_input must be 'codes' or 'pixels', got {self.image_input!r}")
+        if self.mask_positions not in ("fed", "target"):
+            raise ConfigError(
+                f"mask_positions must be 'fed' or 'target', got {self.mask_positions!r}"
+            )
         if self.prefix_attention not in ("causal", "bidirectional"):
             raise ConfigError(
                 f"prefix_attention must be 'causal' or 'bidirectional', got {self.prefix_attention!r}"
@@ -138,7 +150,11 @@ class NextTokenConfig:
         self._check_heads()
 
     def _check_heads(self) -> None:
-        """What the dense head and the refiner need from the rest of the config."""
+        """What the dense head, the refiner and the cell image input need from the config."""
+        if self.mask_cell_image and self.image_grid != self.mask_grid:
+            raise ConfigError(
+                f"mask_cell_image needs image_grid == mask_grid, got {self.image_grid} and {self.mask_grid}"
+            )
         if self.lambda_refine > 0:
             if self.image_input != "pixels":
                 raise ConfigError(
@@ -204,8 +220,10 @@ def sequence_positions(cfg: NextTokenConfig) -> torch.Tensor:
 
     Image tokens sit on their grid (0..Gi-1); BOS, BOT, text and BOM lie on the diagonal
     (t, t) just outside the image (BOS at -1, the rest from Gi on); mask tokens share the image
-    coordinates (cell centres rescaled when Gm != Gi), so mask cell (r, c) and the image patch
-    under it are at relative offset zero.
+    coordinates (cell centres rescaled when Gm != Gi). With ``mask_positions`` "fed" the token
+    that feeds code n-1 sits on cell n-1; with "target" it sits on cell n, the cell its state
+    predicts (and BOM, which predicts cell 0, on cell 0), so that the query predicting a cell
+    and the image patch under it are at relative offset zero.
     """
     gi, gm, L = cfg.image_grid, cfg.mask_grid, cfg.text_len
     r, c = torch.meshgrid(torch.arange(gi), torch.arange(gi), indexing="ij")
@@ -217,8 +235,9 @@ def sequence_positions(cfg: NextTokenConfig) -> torch.Tensor:
     msk = torch.stack([rm.flatten(), cm.flatten()], -1).float()
     msk = (msk + 0.5) * scale - 0.5  # (Nm, 2) in image-grid units
     bos = torch.full((1, 2), -1.0)
-    pos = torch.cat([bos, img, diag[:1], diag[1:-1], diag[-1:], msk[:-1]])
-    return pos
+    if cfg.mask_positions == "target":
+        return torch.cat([bos, img, diag[:1], diag[1:-1], msk])
+    return torch.cat([bos, img, diag[:1], diag[1:-1], diag[-1:], msk[:-1]])
 
 
 def sequence_mask(
@@ -301,6 +320,9 @@ class NextTokenSegmenter(nn.Module):
             if cfg.lambda_refine > 0 and self.encoder is not None
             else None
         )
+        # (B, Nm, C) projected image tokens of the cells, filled by prefill for decoding
+        self.cell_proj = nn.Linear(dim, dim, bias=False) if cfg.mask_cell_image else None
+        self._cells_BNC: torch.Tensor | None = None
 
     # -- sequence building ------------------------------------------------------------------
 
@@ -377,6 +399,8 @@ class NextTokenSegmenter(nn.Module):
             raise ValueError(f"at most {lay.n_mask - 1} mask tokens can be fed, got {N}")
         x_BPC, valid_BP = self._embed_prefix(image, text_ids, text_mask, skips)
         m_BNC = self.tok_emb(mask_codes_BN + lay.mask_offset)
+        if self.cell_proj is not None:  # fed code n predicts cell n + 1
+            m_BNC = m_BNC + self._cell_inputs(x_BPC)[:, 1 : N + 1]
         x_BTC = torch.cat([x_BPC, m_BNC], 1)
         T = x_BTC.shape[1]
         valid_BT = torch.cat([valid_BP, valid_BP.new_ones(valid_BP.shape[0], N)], 1)
@@ -384,6 +408,11 @@ class NextTokenSegmenter(nn.Module):
             self._structure(T, x_BTC.device)[None, None] & valid_BT[:, None, None, :]
         )  # (B, 1, T, T)
         return self.transformer(x_BTC, self.pos_T2[:T], mask)
+
+    def _cell_inputs(self, x_BPC: torch.Tensor) -> torch.Tensor:
+        """Prefix embeddings -> (B, Nm, C) the cell image inputs (row n: mask cell n)."""
+        assert self.cell_proj is not None
+        return self.cell_proj(x_BPC[:, 1 : 1 + self.layout.n_image])
 
     def _mask_hidden(
         self,
@@ -562,6 +591,18 @@ class NextTokenSegmenter(nn.Module):
         and the RoPE rotation of every sequence position, so that a decode step computes none."""
         self.transformer.ensure_caches(max_batch, self.layout.input_len, dtype, device)
         self._rot_table()
+        if self.cell_proj is not None:  # a static buffer, so that a compiled step can read it
+            dtype = dtype or self.tok_emb.weight.dtype
+            device = device or self.tok_emb.weight.device
+            cells = self._cells_BNC
+            if (
+                cells is None
+                or cells.shape[0] < max_batch
+                or cells.dtype != dtype
+                or cells.device != torch.device(device)
+            ):
+                shape = (max_batch, self.layout.n_mask, self.config.transformer.dim)
+                self._cells_BNC = torch.zeros(shape, dtype=dtype, device=device)
 
     def _rot_table(self) -> torch.Tensor:
         """RoPE rotation (input_len, D/2, 2) of every position, computed once per device
@@ -583,6 +624,10 @@ class NextTokenSegmenter(nn.Module):
         """Run BOS..BOM into the caches -> (B, C) hidden state that predicts mask token 0."""
         x_BPC, valid_BP = self._embed_prefix(image, text_ids, text_mask)
         B, P, _ = x_BPC.shape
+        if self.cell_proj is not None:
+            if self._cells_BNC is None or self._cells_BNC.shape[0] < B:
+                raise RuntimeError("call setup_caches(max_batch) before prefill")
+            self._cells_BNC[:B].copy_(self._cell_inputs(x_BPC))
         tf = self.transformer
         tf.start_sequences(valid_BP)
         mask = self._structure(P, x_BPC.device)[None, None] & tf.key_padding(B, P)  # (B, 1, P, P)
@@ -597,16 +642,28 @@ class NextTokenSegmenter(nn.Module):
         the code after ``tok_BT[:, t]``. Slots [0, ``n_keys``) are read (n_keys > last slot)."""
         tf = self.transformer
         B = tok_BT.shape[0]
-        x_BTC = self._embed_mask_codes(tok_BT)
+        x_BTC = self._embed_mask_codes(tok_BT, input_pos_T)
         causal_TS = tf.slots_S[:n_keys][None, :] <= input_pos_T[:, None]
         bias = tf.key_bias(B, n_keys).masked_fill(~causal_TS, float("-inf"))  # (B, 1, T, S)
         return tf.forward_step(x_BTC, self._rot_table()[input_pos_T], input_pos_T, bias)
 
-    def _embed_mask_codes(self, tok: torch.Tensor) -> torch.Tensor:
-        """Embeddings of mask codes (any shape) -> (..., C): rows of the mask-code block of
-        ``tok_emb`` (the same values as ``tok_emb(tok + mask_offset)``, one kernel fewer)."""
+    def _embed_mask_codes(self, tok_BT: torch.Tensor, slots_T: torch.Tensor | int) -> torch.Tensor:
+        """Embeddings of mask codes (B, T) fed at cache slots ``slots_T`` (T,) (or the first
+        slot, an int) -> (B, T, C): rows of the mask-code block of ``tok_emb`` (the same values
+        as ``tok_emb(tok + mask_offset)``, one kernel fewer), plus the cell image inputs that
+        :meth:`prefill_state` stored when ``mask_cell_image`` is on."""
         off = self.layout.mask_offset
-        return F.embedding(tok, self.tok_emb.weight[off : off + self.config.mask_codebook_size])
+        x_BTC = F.embedding(tok_BT, self.tok_emb.weight[off : off + self.config.mask_codebook_size])
+        if self.cell_proj is None:
+            return x_BTC
+        assert self._cells_BNC is not None
+        B, T = tok_BT.shape
+        first = 1 - self.layout.prefix_len  # the code fed at slot s predicts cell s + first
+        if isinstance(slots_T, int):
+            cells_BTC = self._cells_BNC[:B, slots_T + first : slots_T + first + T]
+        else:
+            cells_BTC = self._cells_BNC[:B].index_select(1, slots_T + first)
+        return x_BTC + cells_BTC.to(x_BTC.dtype)
 
     def decode_next(self, tok_B: torch.Tensor, n_keys: int) -> torch.Tensor:
         """Feed mask codes ``tok_B`` (B,) at cache slot ``n_keys - 1``, the first free one, so the
@@ -618,7 +675,7 @@ class NextTokenSegmenter(nn.Module):
         tf = self.transformer
         slot = n_keys - 1
         h_B1C = tf.forward_step(
-            self._embed_mask_codes(tok_B[:, None]),
+            self._embed_mask_codes(tok_B[:, None], slot),
             self._rot_table()[slot : slot + 1],
             tf.slots_S[slot:n_keys],
             tf.key_bias(tok_B.shape[0], n_keys),
@@ -645,7 +702,7 @@ class NextTokenSegmenter(nn.Module):
         tf = self.transformer
         B = tok_B.shape[0]
         n_keys = tf.max_len if n_keys is None else n_keys
-        x_B1C = self._embed_mask_codes(tok_B[:, None])
+        x_B1C = self._embed_mask_codes(tok_B[:, None], input_pos)
         bias = tf.key_bias(B, n_keys).masked_fill(
             tf.slots_S[:n_keys] > input_pos, float("-inf")
         )  # (B, 1, 1, S)
