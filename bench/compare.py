@@ -44,6 +44,28 @@ VARIANTS: dict[str, list[str]] = {
     "refine-ss": ["--lambda-refine", "1", "--scheduled-sampling", "0.5"],
     # and 80% of the training samples randomly rotated, zoomed, shifted and re-contrasted
     "refine-aug": ["--lambda-refine", "1", "--augment", "0.8"],
+    # the query predicting a cell sits on it and carries its image token; scheduled sampling
+    "refine-cell-ss": [
+        "--lambda-refine",
+        "1",
+        "--mask-positions",
+        "target",
+        "--mask-cell-image",
+        "--scheduled-sampling",
+        "0.5",
+    ],
+    # the same with augmentation
+    "refine-cell-ss-aug": [
+        "--lambda-refine",
+        "1",
+        "--mask-positions",
+        "target",
+        "--mask-cell-image",
+        "--scheduled-sampling",
+        "0.5",
+        "--augment",
+        "0.8",
+    ],
 }
 #: (dataset, method, minutes): the grid
 GRID = [

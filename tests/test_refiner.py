@@ -185,6 +185,9 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
             "0.25",
             "--scheduled-sampling",
             "0.25",
+            "--mask-positions",
+            "target",
+            "--mask-cell-image",
             "--device",
             "cpu",
             "--workers",
@@ -201,6 +204,8 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
     assert (
         cfg["model"]["scheduled_sampling"] == 0.25 == cfg["run"]["strategies"]["scheduled_sampling"]
     )
+    assert cfg["model"]["mask_positions"] == "target" == cfg["run"]["strategies"]["mask_positions"]
+    assert cfg["model"]["mask_cell_image"] is True is cfg["run"]["strategies"]["mask_cell_image"]
     r = runner.invoke(
         app,
         ["evaluate", "--model", str(run), "--data", str(synth_data), "--json", "--device", "cpu"],
@@ -214,6 +219,7 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
     from mrisegcli.workflow.segmenter import load_segmenter
 
     seg = load_segmenter(run, torch.device("cpu"))
+    assert seg.model.cell_proj is not None and seg.model.config.mask_positions == "target"
     images = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
     pred = seg.predict(images, ["left lung opacity", "right lung opacity"], parts=True)
     torch.testing.assert_close(pred.prob, pred.parts["refined"])
