@@ -303,3 +303,66 @@ def test_unet_baseline_and_comparison_table(tmp_path: Path) -> None:
         "jsrt:unet:15",
         "jsrt:next-token@refine:15",
     }
+
+
+def test_fixed_steps_runs_each_variant_from_the_reference_tokenizers(tmp_path: Path) -> None:
+    """Every variant trains the same steps from the reference run's tokenizers and code cache
+    and is scored on the test split; the row records what it ran."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import fixed_steps
+    finally:
+        sys.path.remove(str(BENCH))
+    from typer.testing import CliRunner
+
+    from mrisegcli.cli import app
+
+    data, ref = tmp_path / "data", tmp_path / "ref"
+    runner = CliRunner()
+    synth = ["synth", str(data), "--n-train", "16", "--n-val", "4", "--n-test", "4"]
+    assert runner.invoke(app, [*synth, "--size", "32", "-q"]).exit_code == 0
+    base = "--preset cpu --size 32 --batch-size 8 --lambda-refine 1 --workers 0"
+    r = runner.invoke(
+        app,
+        ["train", "--data", str(data), "--out", str(ref), *base.split(), "--steps", "2"]
+        + ["--mask-steps", "20", "--device", "cpu", "-q"],
+    )
+    assert r.exit_code == 0, r.output
+    results = tmp_path / "fixed.jsonl"
+    rows = fixed_steps.main(
+        [
+            "--data",
+            str(data),
+            "--reference",
+            str(ref),
+            "--steps",
+            "3",
+            "--eval-every",
+            "3",
+            "--base-options",
+            base,
+            "--variant",
+            "base=",
+            "--variant",
+            "cell=--mask-positions target --mask-cell-image",
+            "--work",
+            str(tmp_path / "work"),
+            "--results",
+            str(results),
+            "--threads",
+            "1",
+        ]
+    )
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [r["variant"] for r in lines] == ["base", "cell"] == [r["variant"] for r in rows]
+    assert lines[1]["options"] == ["--mask-positions", "target", "--mask-cell-image"]
+    for row in lines:
+        assert row["n"] == 4 and 0 <= row["dice"] <= 1 and row["val_curve"][-1][0] == 3
+        assert set(row["parts"]) == {"tokens", "refined", "dense"}
+        assert f"--tokenizer {ref}" in row["command"]
+    cfg = json.loads((tmp_path / "work" / "cell" / "config.json").read_text())
+    assert cfg["model"]["mask_cell_image"] is True
+    # the reference's tokenizer was reused, not refitted
+    assert (tmp_path / "work" / "cell" / "mask_vq.safetensors").read_bytes() == (
+        ref / "mask_vq.safetensors"
+    ).read_bytes()
