@@ -279,11 +279,15 @@ def test_unet_baseline_and_comparison_table(tmp_path: Path) -> None:
         }
     )
     rows.append({**rows[0], "key": "jsrt:unet:15", "dataset": "jsrt", "max_minutes": 15})
-    rows.append({**rows[2], "key": "jsrt:next-token@refine:15", "dataset": "jsrt", "max_minutes": 15})
+    rows.append(
+        {**rows[2], "key": "jsrt:next-token@refine:15", "dataset": "jsrt", "max_minutes": 15}
+    )
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = compare.table(results)
     # the lead is over the better U-Net: 0.75 - 0.83
-    assert "| U-Net + text Dice | U-Net + text, --augment 0.8 Dice | mriseg next-token Dice" in table
+    assert (
+        "| U-Net + text Dice | U-Net + text, --augment 0.8 Dice | mriseg next-token Dice" in table
+    )
     assert "| jsrt | 15 min | 0.700 (900 steps) | 0.830 (2000 steps) | - |" in table
     assert "| -0.080 |" in table
     # one column per method (rows written before variants count as their model), the best
