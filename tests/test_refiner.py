@@ -251,3 +251,23 @@ def test_refine_code_noise_replaces_the_codes_the_refiner_reads_in_training_only
     seen.clear()
     model(b)
     assert torch.equal(seen[-1], model(b)["logits"].argmax(-1).view(8, 4, 4))  # off in eval mode
+
+
+def test_cxr_preset_trains_with_the_levers_measured_on_chest_radiographs() -> None:
+    """docs/benchmarks.md: the refiner, target-cell queries with the cell's image token and
+    scheduled sampling, measured on cxr-infection and JSRT; the shipped model's script pins the
+    settings it was trained with."""
+    from mrisegcli.config import run_preset
+
+    s = run_preset("cxr").strategies
+    assert (s.lambda_refine, s.mask_positions, s.mask_cell_image, s.scheduled_sampling) == (
+        1.0,
+        "target",
+        True,
+        0.5,
+    )
+    assert s.image_input == "pixels"  # the refiner and the cell image input need it
+    script = (Path(__file__).resolve().parents[1] / "examples" / "train_cxr_model.sh").read_text()
+    assert "--lambda-refine 0 --mask-positions fed --no-mask-cell-image --scheduled-sampling 0" in (
+        script
+    )

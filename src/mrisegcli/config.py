@@ -103,9 +103,11 @@ def _cpu() -> RunConfig:
 
 
 def _cxr() -> RunConfig:
-    """The shipped chest-radiograph model: 128-px input through the conv encoder, 8x8 mask
-    tokens of 16x16 pixels (a deeper mask tokenizer), the cpu transformer, two reworded copies
-    of every training row. About 1 s a step on two CPU cores."""
+    """The chest-radiograph preset: 128-px input through the conv encoder, 8x8 mask tokens of
+    16x16 pixels (a deeper mask tokenizer), the cpu transformer, two reworded copies of every
+    training row; the full-resolution refiner, mask queries on their target cells with the
+    cell's image token, parallel scheduled sampling (docs/method.md; the levers measured in
+    docs/benchmarks.md). About 0.8 s a step on two CPU cores."""
     from mrisegcli.tokenizers.mask_vq import MaskVQConfig
     from mrisegcli.tokenizers.multiscale import MultiScaleConfig
 
@@ -115,7 +117,13 @@ def _cxr() -> RunConfig:
         paraphrases=2,
         mask_vq=MaskVQConfig(downsample=16, channels=(16, 32, 64, 64)),
         multiscale=MultiScaleConfig(downsample=16, channels=(16, 32, 64, 64)),
-        strategies=StrategyConfig(image_input="pixels"),
+        strategies=StrategyConfig(
+            image_input="pixels",
+            lambda_refine=1.0,
+            mask_positions="target",
+            mask_cell_image=True,
+            scheduled_sampling=0.5,
+        ),
         fit=FitConfig(mask_steps=1500, image_steps=600, multiscale_steps=1500),
         train=TrainConfig(
             steps=3500, batch_size=32, lr=3e-3, warmup_steps=100, eval_every=250, ckpt_every=250
