@@ -35,16 +35,20 @@ HERE = Path(__file__).resolve().parent
 #: idle-machine cells (compare_loaded.jsonl: an earlier sitting on a loaded machine)
 RESULTS = HERE / "results" / "compare.jsonl"
 #: extra ``mriseg train`` settings of a method variant (``next-token@refine``)
+#: the ``cxr`` preset's levers switched off: the preset as the first cells measured it
+OLD = ["--mask-positions", "fed", "--no-mask-cell-image", "--scheduled-sampling", "0"]
 VARIANTS: dict[str, list[str]] = {
-    "": [],
-    "refine": ["--lambda-refine", "1"],  # the full-resolution refiner (models/refiner.py)
+    "": [],  # the preset as it is (refiner, target-cell queries, scheduled sampling 0.5)
+    "aug": ["--augment", "0.8"],
+    "refine": ["--lambda-refine", "1", *OLD],  # the full-resolution refiner (models/refiner.py)
     # the refiner trained on codes of which half are replaced by random ones: it must check them
-    "refine-robust": ["--lambda-refine", "1", "--refine-code-noise", "0.5"],
+    "refine-robust": ["--lambda-refine", "1", *OLD, "--refine-code-noise", "0.5"],
     # and half of the teacher-forced inputs are the model's own predictions (exposure bias)
-    "refine-ss": ["--lambda-refine", "1", "--scheduled-sampling", "0.5"],
+    "refine-ss": ["--lambda-refine", "1", *OLD[:-1], "0.5"],
     # and 80% of the training samples randomly rotated, zoomed, shifted and re-contrasted
-    "refine-aug": ["--lambda-refine", "1", "--augment", "0.8"],
+    "refine-aug": ["--lambda-refine", "1", *OLD, "--augment", "0.8"],
     # the query predicting a cell sits on it and carries its image token; scheduled sampling
+    # (what the preset now does by itself)
     "refine-cell-ss": [
         "--lambda-refine",
         "1",
@@ -73,10 +77,10 @@ GRID = [
         (d, m, b)
         for d in ("kvasir-seg", "cxr-infection", "jsrt")
         for b in (5, 15)
-        for m in ("unet", "next-token@refine")
+        for m in ("unet", "next-token")
     ],
-    ("kvasir-seg", "unet", 45),
-    ("kvasir-seg", "next-token@refine", 45),
+    ("kvasir-seg", "unet@aug", 45),
+    ("kvasir-seg", "next-token@aug", 45),
     *[(d, "next-scale", 15) for d in ("kvasir-seg", "cxr-infection", "jsrt")],
 ]
 

@@ -12,7 +12,8 @@ the lever. Wall time is recorded but depends on the machine's load.
 
 ``--reference`` is a finished run whose tokenizers and code cache are reused (``mriseg train
 --tokenizer REF --cache REF/cache``); every variant also gets ``--base-options`` (default: the
-``cxr`` preset with the refiner). One JSON line per variant goes to
+``cxr`` preset with the refiner and the levers measured here switched off, as it was before
+them; a variant's own options come after and override them). One JSON line per variant goes to
 ``bench/results/fixed_steps.jsonl``: test Dice, the token-only / refined / dense parts and
 the Dice per kind of row.
 """
@@ -94,7 +95,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--base-options", default="--preset cxr --lambda-refine 1")
+    ap.add_argument(
+        "--base-options",
+        default="--preset cxr --lambda-refine 1 --mask-positions fed --no-mask-cell-image "
+        "--scheduled-sampling 0",
+        help="train options of every variant (default: the cxr preset as it was before "
+        "target-cell queries and scheduled sampling)",
+    )
     ap.add_argument(
         "--variant", action="append", required=True, help='NAME="extra train options" (repeatable)'
     )
