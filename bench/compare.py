@@ -34,9 +34,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 #: idle-machine cells (compare_loaded.jsonl: an earlier sitting on a loaded machine)
 RESULTS = HERE / "results" / "compare.jsonl"
-#: extra ``mriseg train`` settings of a method variant (``next-token@refine``)
 #: the ``cxr`` preset's levers switched off: the preset as the first cells measured it
 OLD = ["--mask-positions", "fed", "--no-mask-cell-image", "--scheduled-sampling", "0"]
+#: the levers the ``cxr`` preset now has on
+CELL_SS = ["--mask-positions", "target", "--mask-cell-image", "--scheduled-sampling", "0.5"]
+#: extra ``mriseg train`` settings of a method variant (``next-token@refine``)
 VARIANTS: dict[str, list[str]] = {
     "": [],  # the preset as it is (refiner, target-cell queries, scheduled sampling 0.5)
     "aug": ["--augment", "0.8"],
@@ -48,28 +50,9 @@ VARIANTS: dict[str, list[str]] = {
     # and 80% of the training samples randomly rotated, zoomed, shifted and re-contrasted
     "refine-aug": ["--lambda-refine", "1", *OLD, "--augment", "0.8"],
     # the query predicting a cell sits on it and carries its image token; scheduled sampling
-    # (what the preset now does by itself)
-    "refine-cell-ss": [
-        "--lambda-refine",
-        "1",
-        "--mask-positions",
-        "target",
-        "--mask-cell-image",
-        "--scheduled-sampling",
-        "0.5",
-    ],
-    # the same with augmentation
-    "refine-cell-ss-aug": [
-        "--lambda-refine",
-        "1",
-        "--mask-positions",
-        "target",
-        "--mask-cell-image",
-        "--scheduled-sampling",
-        "0.5",
-        "--augment",
-        "0.8",
-    ],
+    # (what the preset now does by itself), and the same with augmentation
+    "refine-cell-ss": ["--lambda-refine", "1", *CELL_SS],
+    "refine-cell-ss-aug": ["--lambda-refine", "1", *CELL_SS, "--augment", "0.8"],
 }
 #: (dataset, method, minutes): the grid
 GRID = [
