@@ -254,6 +254,28 @@ def test_killed_writer_leaves_consistent_cache(tmp_path):
     assert cache.needs(f"s{n}", str(n)) and not cache.needs("s0", "0")
 
 
+def test_temp_files_of_a_killed_shard_write_are_removed_on_open(built):
+    """A writer killed inside safetensors' own save leaves its ``.tmpXXXXXX`` file (and one
+    killed in our atomic write ``.shard-N.*.tmp...``); opening the cache removes both, and a
+    run folder holding them is still recognised as a run's own."""
+    from mrisegcli.runinfo import foreign_entry
+
+    folder, samples = built
+    for name in (".tmpAb12Cd", ".shard-00009.x1y2.tmp.safetensors"):
+        (folder / name).write_bytes(b"partial")
+    run = folder.parent / "run"  # a run folder whose saves were all killed inside safetensors
+    for sub in ("cache", "checkpoints", "."):
+        (run / sub).mkdir(parents=True, exist_ok=True)
+        (run / sub / ".tmpXy12Ab").write_bytes(b"partial")
+    assert foreign_entry(run) is None
+    (run / "cache" / "notes.txt").write_bytes(b"")
+    assert foreign_entry(run) == "cache/notes.txt"
+    (folder / "notes.tmpAb12Cd").write_bytes(b"")  # not a temp name of ours: left alone
+    open_cache(folder, FP, FIELDS).load()
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
+    assert (folder / "notes.tmpAb12Cd").exists()
+
+
 def test_corrupt_or_missing_shard(built):
     folder, _ = built
     shard = folder / "shard-00001.safetensors"

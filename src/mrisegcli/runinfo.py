@@ -256,16 +256,21 @@ RUN_FILES = frozenset(
         LOCK_NAME,
     }
 )
+#: ``\.tmpXXXXXX``: the temp file safetensors' own writer leaves when killed mid-write
+_ST_TEMP = r"\.tmp[A-Za-z0-9]{6}"
 RUN_FOLDERS = {
     runfolder.CHECKPOINTS: re.compile(
-        r"^(step_\d{8}\.safetensors|\.step_\d{8}\.[A-Za-z0-9_]+\.tmp\.safetensors)$"
+        rf"^(step_\d{{8}}\.safetensors|\.step_\d{{8}}\.[A-Za-z0-9_]+\.tmp\.safetensors|{_ST_TEMP})$"
     ),
     runfolder.CACHE: re.compile(
-        r"^(index\.json|shard-\d{5,}\.safetensors|\.(shard-\d{5,}|index)\.[A-Za-z0-9_]+\.tmp.*)$"
+        r"^(index\.json|shard-\d{5,}\.safetensors|\.(shard-\d{5,}|index)\.[A-Za-z0-9_]+\.tmp.*|"
+        rf"{_ST_TEMP})$"
     ),
 }
 _STEMS = "|".join(re.escape(Path(n).name.split(".")[0]) for n in RUN_FILES if not n.startswith("."))
-_RUN_TEMP = re.compile(rf"^(\.({_STEMS})\.[A-Za-z0-9_]+\.tmp.*|{re.escape(LOCK_NAME)}\..+)$")
+_RUN_TEMP = re.compile(
+    rf"^(\.({_STEMS})\.[A-Za-z0-9_]+\.tmp.*|{re.escape(LOCK_NAME)}\..+|{_ST_TEMP})$"
+)
 
 
 def _json(path: Path) -> Any:

@@ -39,6 +39,8 @@ FORMAT = "mriseg-code-cache"
 VERSION = 1
 INDEX = "index.json"
 _SHARD = re.compile(r"^shard-(\d{5,})\.safetensors$")
+#: the temp file safetensors' own writer makes beside its target before renaming it
+SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 _REDO = "re-run with --overwrite to rebuild the cache"
 _META_KEYS = ("split", "image", "mask", "source_fp", "size", "text")
 
@@ -415,6 +417,8 @@ class CodeCache:
             if _SHARD.match(f.name) and f.name not in self._shards:
                 f.unlink(missing_ok=True)
             elif f.name.startswith((".shard-", ".index.")) and ".tmp" in f.name:
+                f.unlink(missing_ok=True)
+            elif SAFETENSORS_TEMP.match(f.name):  # a shard write killed inside safetensors
                 f.unlink(missing_ok=True)
 
     def _read_shard(self, name: str) -> dict[str, torch.Tensor]:
