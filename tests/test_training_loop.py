@@ -163,11 +163,14 @@ def test_stale_checkpoint_temp_is_removed_on_resume_and_nothing_else(tmp_path):
     assert stale.name.startswith(".step_00000050.") and ".tmp" in stale.name
     for name in FOREIGN:
         (ckpt_dir / name).write_text("keep me")
-    kept_before = sorted(p.name for p in ckpt_dir.iterdir() if p != stale)
+    st_stale = ckpt_dir / ".tmpAb12Cd"  # a save killed inside safetensors' own writer
+    st_stale.write_bytes(b"half-written")
+    (ckpt_dir / ".tmpAb12Cd.bak").write_text("keep me")  # not its name: kept
+    kept_before = sorted(p.name for p in ckpt_dir.iterdir() if p not in (stale, st_stale))
     # the run is complete: resuming only loads the checkpoint (and tidies the folder)
     summary = train(Toy(), _data(), CFG, tmp_path, device=torch.device("cpu"), resume=True)
     assert summary["steps"] == CFG.steps
-    assert not stale.exists()
+    assert not stale.exists() and not st_stale.exists()
     assert sorted(p.name for p in ckpt_dir.iterdir()) == kept_before
     assert latest_checkpoint(ckpt_dir).name == "step_00000040.safetensors"
 

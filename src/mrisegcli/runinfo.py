@@ -31,7 +31,7 @@ from typing import Any
 
 from mrisegcli import __version__, runfolder
 from mrisegcli.errors import ConfigError, MrisegError
-from mrisegcli.io.atomic import atomic_write_text
+from mrisegcli.io.atomic import SAFETENSORS_TEMP, atomic_write_text
 
 CONFIG_SCHEMA = 1
 CONFIG_NAME = runfolder.CONFIG
@@ -256,20 +256,18 @@ RUN_FILES = frozenset(
         LOCK_NAME,
     }
 )
-#: ``\.tmpXXXXXX``: the temp file safetensors' own writer leaves when killed mid-write
-_ST_TEMP = r"\.tmp[A-Za-z0-9]{6}"
 RUN_FOLDERS = {
     runfolder.CHECKPOINTS: re.compile(
-        rf"^(step_\d{{8}}\.safetensors|\.step_\d{{8}}\.[A-Za-z0-9_]+\.tmp\.safetensors|{_ST_TEMP})$"
+        rf"^(step_\d{{8}}\.safetensors|\.step_\d{{8}}\.[A-Za-z0-9_]+\.tmp\.safetensors|{SAFETENSORS_TEMP})$"
     ),
     runfolder.CACHE: re.compile(
         r"^(index\.json|shard-\d{5,}\.safetensors|\.(shard-\d{5,}|index)\.[A-Za-z0-9_]+\.tmp.*|"
-        rf"{_ST_TEMP})$"
+        rf"{SAFETENSORS_TEMP})$"
     ),
 }
 _STEMS = "|".join(re.escape(Path(n).name.split(".")[0]) for n in RUN_FILES if not n.startswith("."))
 _RUN_TEMP = re.compile(
-    rf"^(\.({_STEMS})\.[A-Za-z0-9_]+\.tmp.*|{re.escape(LOCK_NAME)}\..+|{_ST_TEMP})$"
+    rf"^(\.({_STEMS})\.[A-Za-z0-9_]+\.tmp.*|{re.escape(LOCK_NAME)}\..+|{SAFETENSORS_TEMP})$"
 )
 
 

@@ -19,6 +19,9 @@ from pathlib import Path
 from mrisegcli.errors import MrisegError, OutputExistsError
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+#: name pattern (no anchors) of the temp file safetensors' own writer makes beside its target
+#: and renames onto it: ``.tmp`` + 6 characters; a writer killed mid-save leaves it behind
+SAFETENSORS_TEMP = r"\.tmp[A-Za-z0-9]{6}"
 _FULL_WORDS = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28")
 
 

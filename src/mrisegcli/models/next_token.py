@@ -399,7 +399,7 @@ class NextTokenSegmenter(nn.Module):
             raise ValueError(f"at most {lay.n_mask - 1} mask tokens can be fed, got {N}")
         x_BPC, valid_BP = self._embed_prefix(image, text_ids, text_mask, skips)
         m_BNC = self.tok_emb(mask_codes_BN + lay.mask_offset)
-        if self.cell_proj is not None:  # fed code n predicts cell n + 1
+        if self.cell_proj is not None and N > 0:  # fed code n predicts cell n + 1
             m_BNC = m_BNC + self._cell_inputs(x_BPC)[:, 1 : N + 1]
         x_BTC = torch.cat([x_BPC, m_BNC], 1)
         T = x_BTC.shape[1]

@@ -33,14 +33,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mrisegcli.errors import ConfigError, InputError, MrisegError
-from mrisegcli.io.atomic import atomic_path
+from mrisegcli.io.atomic import SAFETENSORS_TEMP, atomic_path
 
 FORMAT = "mriseg-code-cache"
 VERSION = 1
 INDEX = "index.json"
 _SHARD = re.compile(r"^shard-(\d{5,})\.safetensors$")
-#: the temp file safetensors' own writer makes beside its target before renaming it
-SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+_ST_TEMP = re.compile(rf"^{SAFETENSORS_TEMP}$")
 _REDO = "re-run with --overwrite to rebuild the cache"
 _META_KEYS = ("split", "image", "mask", "source_fp", "size", "text")
 
@@ -418,7 +417,7 @@ class CodeCache:
                 f.unlink(missing_ok=True)
             elif f.name.startswith((".shard-", ".index.")) and ".tmp" in f.name:
                 f.unlink(missing_ok=True)
-            elif SAFETENSORS_TEMP.match(f.name):  # a shard write killed inside safetensors
+            elif _ST_TEMP.match(f.name):  # a shard write killed inside safetensors
                 f.unlink(missing_ok=True)
 
     def _read_shard(self, name: str) -> dict[str, torch.Tensor]:

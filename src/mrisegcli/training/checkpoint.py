@@ -20,14 +20,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mrisegcli.errors import ConfigError
-from mrisegcli.io.atomic import atomic_path
+from mrisegcli.io.atomic import SAFETENSORS_TEMP, atomic_path
 
 CKPT_FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8})\.safetensors$")
 # The temp name ``atomic_path`` gives a checkpoint while it is written: ``.<stem>.<random>.tmp``
-# + the suffixes, e.g. ``.step_00000040.k3j_x9a2.tmp.safetensors``. A ``kill -9`` mid-write
-# leaves one behind; nothing else in the folder is ever taken for one.
-_TEMP_NAME = re.compile(r"^\.step_\d{8}\.[A-Za-z0-9_]+\.tmp\.safetensors$")
+# + the suffixes, e.g. ``.step_00000040.k3j_x9a2.tmp.safetensors``, and inside it safetensors
+# writes its own ``.tmpXXXXXX``. A ``kill -9`` mid-write leaves either behind; nothing else in
+# the folder is ever taken for one.
+_TEMP_NAME = re.compile(rf"^(\.step_\d{{8}}\.[A-Za-z0-9_]+\.tmp\.safetensors|{SAFETENSORS_TEMP})$")
 
 
 @dataclass
