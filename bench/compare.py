@@ -46,7 +46,7 @@ VARIANTS: dict[str, list[str]] = {
     # the refiner trained on codes of which half are replaced by random ones: it must check them
     "refine-robust": ["--lambda-refine", "1", *OLD, "--refine-code-noise", "0.5"],
     # and half of the teacher-forced inputs are the model's own predictions (exposure bias)
-    "refine-ss": ["--lambda-refine", "1", *OLD[:-1], "0.5"],
+    "refine-ss": ["--lambda-refine", "1", *OLD, "--scheduled-sampling", "0.5"],
     # and 80% of the training samples randomly rotated, zoomed, shifted and re-contrasted
     "refine-aug": ["--lambda-refine", "1", *OLD, "--augment", "0.8"],
     # the query predicting a cell sits on it and carries its image token; scheduled sampling
@@ -79,7 +79,7 @@ def done_keys(path: Path) -> set[str]:
 
 
 #: extra ``baseline_unet.py`` settings of a U-Net variant (``unet@aug``)
-UNET_VARIANTS: dict[str, list[str]] = {"": [], "aug": ["--augment", "0.8"]}
+UNET_VARIANTS: dict[str, list[str]] = {"": [], "aug": VARIANTS["aug"]}  # same transforms
 
 
 def run_unet(data: Path, method: str, minutes: float, size: int, threads: int) -> dict:

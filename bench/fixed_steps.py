@@ -7,7 +7,7 @@ number of steps with the same schedule, tokenizers and cached codes, so the only
 the lever. Wall time is recorded but depends on the machine's load.
 
     python bench/fixed_steps.py --data ../shared/data/cxr-infection \\
-        --reference /work/compare_idle/cxr-infection-next-token-refine-15 --steps 500 \\
+        --reference RUN --steps 500 \\
         --variant base= --variant target="--mask-positions target"
 
 ``--reference`` is a finished run whose tokenizers and code cache are reused (``mriseg train
