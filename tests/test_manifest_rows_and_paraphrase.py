@@ -145,6 +145,15 @@ def test_every_known_target_gets_varied_wordings(target: str) -> None:
         other = "right" if side == "left" else "left"
         assert all(side in t and other not in t for t in texts), texts
     assert paraphrase("spleen", rng) is None
+    assert not any("the the" in t or "the both" in t for t in texts), texts
+
+
+def test_some_wordings_sit_in_a_request_frame() -> None:
+    rng = random.Random(1)
+    texts = [paraphrase("left_lung", rng) for _ in range(400)]
+    framed = [t for t in texts if "radiograph" in t or "locate" in t or "please" in t]
+    assert 0.1 < len(framed) / len(texts) < 0.5
+    assert all("left" in t and "right" not in t for t in texts)
 
 
 def test_paraphrases_are_added_to_training_rows_only_and_reproducibly(tmp_path: Path) -> None:
@@ -176,6 +185,14 @@ def test_synonyms_fold_users_wordings_onto_training_words() -> None:
     assert norm("the left lung field") == "the left lung"
     assert norm("cardiac silhouette") == "heart"
     assert norm("GGO in the RLL") == "infection in the right lower zone"
+    # organs named by their outline, tissue or a plural; questions and the picture they ask of
+    squash = lambda t: " ".join(norm(t).split())  # noqa: E731
+    assert squash("silhouette of the heart") == squash("cardiomediastinal contour") == "heart"
+    assert squash("both hemithoraces") == squash("left and right lungs") == "both lungs"
+    assert squash("left lung parenchyma") == "left lung"
+    assert squash("Where is the heart?") == "the heart?"
+    assert squash("Can you show me the heart on this radiograph") == "the heart"
+    assert squash("opacity in the image of the right lung") == "infection of the right lung"
     # every word of a folded prompt is a whole word of the vocabulary: nothing falls to pieces
     ids, _ = encode_texts(tok, ["right-sided consolidation", "cardiac silhouette"], 8)
     vocab = tok.get_vocab()

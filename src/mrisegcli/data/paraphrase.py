@@ -42,14 +42,23 @@ SYNONYM_RULES: tuple[tuple[str, str], ...] = (
         r"|infiltrations?|pneumonia|pneumonitis|shadowing|haziness|infections|lesions?)\b",
         "infection",
     ),
-    # anatomy
-    (r"\b(?:cardiac|heart) (?:silhouette|shadow|contour|outline|border)\b", "heart"),
+    # anatomy: the organ named by its outline, region or tissue is the organ
+    (
+        r"\b(?:cardio(?:mediastinal|thoracic)?|cardiac|heart) (?:silhouette|shadow|contour"
+        r"|outline|borders?|margins?|region|area)\b",
+        "heart",
+    ),
+    (r"\b(?:silhouette|shadow|contour|outline|borders?|margins?) of the heart\b", "heart"),
     (r"\bcardiac\b", "heart"),
     (r"\bcollar[- ]?bones?\b", "clavicle"),
     (r"\bclavicular\b", "clavicle"),
     (r"\b(?:lung|pulmonary) fields\b", "lungs"),
     (r"\b(?:lung|pulmonary) field\b", "lung"),
-    (r"\bhemithora(?:x|ces)\b", "lung"),
+    (r"\b(?:lung|pulmonary) parenchyma\b", "lung"),
+    (r"\bparenchyma(?:l)?\b", "lung"),
+    (r"\bhemithoraces\b", "lungs"),
+    (r"\bhemithorax\b", "lung"),
+    (r"\b(?:the two|both the|two|left and right|right and left) lungs\b", "both lungs"),
     # places
     (r"\brul\b", "right upper zone"),
     (r"\brml\b", "right middle zone"),
@@ -72,8 +81,19 @@ SYNONYM_RULES: tuple[tuple[str, str], ...] = (
     (r"\blt\b", "left"),
     (r"\bboth sides\b", "both lungs"),
     (r"\bbilaterally\b", "bilateral"),
-    # words that ask rather than describe
-    (r"\b(?:please|segment|outline|delineate|highlight|show|find|mark|locate|display)\b", " "),
+    # words that ask rather than describe, and the picture they are asked of
+    (r"\b(?:where|which) (?:is|are)\b", " "),
+    (r"\b(?:can|could|would) you\b", " "),
+    (
+        r"\b(?:please|segment|outline|delineate|highlight|show|find|mark|locate|display|identify"
+        r"|detect|label|annotate|indicate|draw|me)\b",
+        " ",
+    ),
+    (
+        r"\b(?:on|in|of) (?:this|the) (?:chest )?(?:image|radiograph|x-?ray|film|scan|cxr"
+        r"|picture)\b",
+        " ",
+    ),
     (r"\b(?:patchy|hazy|diffuse|subtle|faint|multifocal|scattered|ill-defined)\b", " "),
 )
 
@@ -92,6 +112,33 @@ _ZONE = {
     "middle": ("middle", "mid", "middle"),
     "lower": ("lower", "lower", "basal"),
 }
+
+
+#: Frames around a request: how people ask, and the picture they ask it of. The words that ask
+#: are folded away by :data:`SYNONYM_RULES`; the rest ("region", "area", "mask of", "visible")
+#: the model learns to read past.
+_FRAMES = (
+    "{p}",
+    "{p}",
+    "{p}",
+    "{p} on this radiograph",
+    "{p} on the chest x-ray",
+    "locate the {p}",
+    "the {p}, please",
+    "mask of the {p}",
+    "can you find the {p}",
+    "region of the {p}",
+    "{p} area",
+    "{p}, frontal chest film",
+    "visible {p}",
+)
+
+
+def _framed(r: random.Random, text: str) -> str:
+    frame = r.choice(_FRAMES)
+    if text.split(" ", 1)[0] in ("the", "both", "all", "every", "areas", "bilateral"):
+        frame = frame.replace("the {p}", "{p}")  # no "the the left lung", "the both lungs"
+    return frame.format(p=text)
 
 
 def _side_words(side: str) -> tuple[str, ...]:
@@ -171,6 +218,11 @@ def _lung(r: random.Random, which: str) -> str:
                 "both lung fields",
                 "the lung fields",
                 "bilateral lungs",
+                "entire lungs",
+                "lungs on both sides",
+                "the whole of both lungs",
+                "right and left lung",
+                "pulmonary regions",
             ]
         )
     return r.choice(
@@ -181,6 +233,12 @@ def _lung(r: random.Random, which: str) -> str:
             f"the {which} hemithorax",
             f"segment the {which} lung",
             f"{which} lung region",
+            f"entire {which} lung",
+            f"whole {which} lung",
+            f"{which} lung outline",
+            f"lung, {which} side",
+            f"the lung on the {which} side",
+            f"{which} pulmonary region",
         ]
     )
 
@@ -205,7 +263,13 @@ def _nodule(r: random.Random, side: str, zone: str) -> str:
 def paraphrase(target: str, rng: random.Random) -> str | None:
     """Another wording of the request ``target`` (the manifest's fixed grammar), or ``None``
     when the target is not one this module knows. "none" (a finding that is not there) gets any
-    infection request: the answer to it is the empty mask."""
+    infection request: the answer to it is the empty mask. One wording in four or so sits in a
+    frame ("locate the ...", "... on this radiograph", "... area")."""
+    text = _phrase(target, rng)
+    return None if text is None else _framed(rng, text)
+
+
+def _phrase(target: str, rng: random.Random) -> str | None:
     t = target.strip().lower()
     if t == "none":
         sides = rng.choice([["left"], ["right"], ["left", "right"], []])
@@ -233,6 +297,12 @@ def paraphrase(target: str, rng: random.Random) -> str | None:
                 "cardiac shadow",
                 "segment the heart",
                 "cardiac contour",
+                "heart outline",
+                "outline of the heart",
+                "the cardiac border",
+                "heart area",
+                "shadow of the heart",
+                "whole heart",
             ]
         )
     if t in ("left_clavicle", "right_clavicle"):
@@ -244,6 +314,9 @@ def paraphrase(target: str, rng: random.Random) -> str | None:
                 f"{side} collarbone",
                 f"clavicle on the {side}",
                 f"{side} clavicular bone",
+                f"clavicle, {side} side",
+                f"{side} clavicle outline",
+                f"the {side} collar bone region",
             ]
         )
     if head == "nodule":
