@@ -263,8 +263,8 @@ def _nodule(r: random.Random, side: str, zone: str) -> str:
 def paraphrase(target: str, rng: random.Random) -> str | None:
     """Another wording of the request ``target`` (the manifest's fixed grammar), or ``None``
     when the target is not one this module knows. "none" (a finding that is not there) gets any
-    infection request: the answer to it is the empty mask. One wording in four or so sits in a
-    frame ("locate the ...", "... on this radiograph", "... area")."""
+    infection request: the answer to it is the empty mask. Ten draws in thirteen (about three
+    wordings in four) sit in a frame ("locate the ...", "... on this radiograph", "... area")."""
     text = _phrase(target, rng)
     return None if text is None else _framed(rng, text)
 
