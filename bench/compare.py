@@ -53,6 +53,8 @@ VARIANTS: dict[str, list[str]] = {
     # (what the preset now does by itself), and the same with augmentation
     "refine-cell-ss": ["--lambda-refine", "1", *CELL_SS],
     "refine-cell-ss-aug": ["--lambda-refine", "1", *CELL_SS, "--augment", "0.8"],
+    # and the refiner's last level at the input side, reading the pixels
+    "aug-full": ["--augment", "0.8", "--refine-full-res"],
 }
 #: (dataset, method, minutes): the grid
 GRID = [

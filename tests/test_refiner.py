@@ -124,6 +124,45 @@ def test_refiner_learns_boundaries_the_codes_cannot_carry(one_thread) -> None:
     assert dice > 0.85
 
 
+def test_full_res_level_places_single_pixel_detail(one_thread) -> None:
+    """A mask of one-pixel stripes that the image shows: the half-resolution logits upsampled
+    bilinearly cannot draw it, the level at the input side that reads the pixels can."""
+    S, B = 32, 4
+    g = torch.Generator().manual_seed(0)
+    stripes = (torch.rand(B, 1, S, generator=g) > 0.5).float().expand(B, S, S)  # per column
+    image = (0.25 + 0.5 * stripes + 0.02 * torch.randn(B, S, S, generator=g))[:, None]
+    codes = torch.zeros(B, 4, 4, dtype=torch.long)
+    states = torch.zeros(B, 16, 8)
+
+    def fit(full_res: bool) -> float:
+        torch.manual_seed(0)
+        enc = ConvImageEncoder(ImageEncoderConfig(patch=8, channels=(8, 16), res_blocks=0), S)
+        ref = MaskRefiner(16, 4, 8, enc.skip_channels(), width=8, full_res=full_res)
+        opt = torch.optim.Adam([*enc.parameters(), *ref.parameters()], lr=1e-2)
+        for _ in range(80):
+            logits = ref(codes, states, enc.pyramid(image)[1], image)
+            loss = MaskRefiner.loss(logits, stripes)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert logits.shape == (B, 1, S, S)
+        pred = (logits[:, 0] > 0).float()
+        return float(2 * (pred * stripes).sum() / (pred.sum() + stripes.sum()))
+
+    full, half = fit(True), fit(False)
+    assert full > 0.95
+    assert full > half + 0.05, (full, half)  # measured: 1.00 against 0.87
+
+
+def test_full_res_level_is_optional_and_off_by_default() -> None:
+    """Off, the refiner has exactly the weights it had before (earlier runs load strictly)."""
+    off = NextTokenSegmenter(_cfg()).refiner.state_dict()
+    on = NextTokenSegmenter(_cfg(refine_full_res=True)).refiner.state_dict()
+    assert not any(k.startswith(("stem.", "fine.")) for k in off)
+    assert {k.split(".")[0] for k in set(on) - set(off)} == {"stem", "fine"}
+    assert off["out.weight"].shape[1] == 8 and on["out.weight"].shape[1] == 4
+
+
 def test_mask_outputs_match_the_training_path(one_thread) -> None:
     torch.manual_seed(0)
     model = NextTokenSegmenter(_cfg(lambda_dense=1.0)).eval()
@@ -188,6 +227,7 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
             "--mask-positions",
             "target",
             "--mask-cell-image",
+            "--refine-full-res",
             "--device",
             "cpu",
             "--workers",
@@ -206,6 +246,7 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
     )
     assert cfg["model"]["mask_positions"] == "target" == cfg["run"]["strategies"]["mask_positions"]
     assert cfg["model"]["mask_cell_image"] is True is cfg["run"]["strategies"]["mask_cell_image"]
+    assert cfg["model"]["refine_full_res"] is True is cfg["run"]["strategies"]["refine_full_res"]
     r = runner.invoke(
         app,
         ["evaluate", "--model", str(run), "--data", str(synth_data), "--json", "--device", "cpu"],

@@ -85,3 +85,19 @@ def test_without_nktp_heads_it_is_plain_greedy() -> None:
     )
     assert torch.equal(fast, generate_masks(model, b["image_codes"], b["text_ids"], b["text_mask"]))
     assert stats["drafted"] == 0 and stats["passes"] == G * G - 1
+
+
+def test_draft_logits_are_the_training_heads_for_any_leading_shape() -> None:
+    """The fused inference form (adapters as one matmul, the head over k inputs at once) gives
+    the logits the NkTP loss trains, for one state per sequence and for a block of states."""
+    model = _trained("bidirectional", steps=0)
+    for adapter in model.nktp.adapters:  # trained adapters are not zero
+        torch.nn.init.normal_(adapter.weight, std=0.3)
+    h = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        reference = torch.cat(
+            [model.mask_head(h)[:, :, None], model.nktp.logits(h, model.mask_head)], 2
+        )
+        torch.testing.assert_close(model.draft_logits(h), reference)
+        torch.testing.assert_close(model.draft_logits(h[:, 2]), reference[:, 2])
+    assert model.draft_logits(h).shape == (3, 5, 3, K)

@@ -734,6 +734,13 @@ def train(
             help="Share of the refiner's training codes replaced by random ones (0 = off).",
         ),
     ] = None,
+    refine_full_res: Annotated[
+        bool | None,
+        typer.Option(
+            "--refine-full-res/--no-refine-full-res",
+            help="The refiner's last level at the input side, reading the pixels.",
+        ),
+    ] = None,
     prefix_attention: Annotated[
         PrefixAttention | None, typer.Option(help="next-token image+text attention.")
     ] = None,
@@ -827,6 +834,7 @@ def train(
         augment=augment,
         lambda_refine=lambda_refine,
         refine_code_noise=refine_code_noise,
+        refine_full_res=refine_full_res,
         mask_positions=mask_positions,
         mask_cell_image=mask_cell_image,
     )

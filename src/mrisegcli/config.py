@@ -59,6 +59,8 @@ class StrategyConfig:
     # full-resolution refiner of the next-token model (models/refiner.py; pixels input only)
     lambda_refine: float = 0.0
     refine_code_noise: float = 0.0
+    # the refiner's last level at the input side, reading the pixels (models/refiner.py)
+    refine_full_res: bool = False
     # RoPE position of the next-token model's mask queries (models/next_token.py)
     mask_positions: Literal["fed", "target"] = "fed"
     # the next-token model's fed mask tokens also carry the image token of their target cell

@@ -162,6 +162,7 @@ class NextToken(Paradigm):
             scheduled_sampling=s.scheduled_sampling,
             lambda_refine=s.lambda_refine,
             refine_code_noise=s.refine_code_noise,
+            refine_full_res=s.refine_full_res,
             mask_positions=s.mask_positions,
             mask_cell_image=s.mask_cell_image,
             het_buckets=max(1, n_train),

@@ -149,6 +149,7 @@ OPTION_FIELDS = {
     "augment": "strategies.augment",
     "lambda_refine": "strategies.lambda_refine",
     "refine_code_noise": "strategies.refine_code_noise",
+    "refine_full_res": "strategies.refine_full_res",
     "lambda_dense": "strategies.lambda_dense",
     "prefix_attention": "strategies.prefix_attention",
     "mask_positions": "strategies.mask_positions",

@@ -171,10 +171,11 @@ def generate_masks_speculative(
         lay.prefix_len, lay.input_len + 1, device=device
     )  # slot of code n is slots[n]
     codes_BN = torch.empty(B, N, dtype=torch.long, device=device)
-    h_BC = model.prefill_state(image, text_ids, text_mask)
+    # (B, k): code n, then the guesses; the verify pass below drafts the next block too
+    draft_Bk = model.draft_logits(model.prefill_state(image, text_ids, text_mask)).argmax(-1)
     n, passes, accepted, drafted, uneven = 0, 0, 0, 0, 0
     while n < N:
-        block_BL = model.draft_logits(h_BC).argmax(-1)[:, : N - n]  # (B, L): code n, then guesses
+        block_BL = draft_Bk[:, : N - n]  # (B, L): code n, then guesses
         L = block_BL.shape[1]
         L_feed = L - 1 if n + L == N else L  # the mask's last code is never fed back
         if L_feed == 0:
@@ -184,9 +185,9 @@ def generate_masks_speculative(
             block_BL[:, :L_feed], slots[n : n + L_feed], lay.prefix_len + n + L_feed
         )
         passes += 1
-        choice_BL = model.mask_head(h_BLC).argmax(
-            -1
-        )  # (B, L_feed): code n+1+t after block[:, :t+1]
+        # (B, L_feed, k): after block[:, :t+1], the main head's code n+1+t, then the guesses
+        next_BLk = model.draft_logits(h_BLC).argmax(-1)
+        choice_BL = next_BLk[:, :, 0]
         agree_BL = choice_BL[:, : L - 1] == block_BL[:, 1:]  # guess t+1 matches the main head
         kept_B = agree_BL.long().cumprod(1).sum(1)  # guesses kept per sequence
         a = int(kept_B.min())
@@ -196,7 +197,7 @@ def generate_masks_speculative(
         codes_BN[:, n : n + a + 1] = block_BL[:, : a + 1]
         n += a + 1
         if n < N:  # then a < L_feed: the state after the kept codes predicts code n
-            h_BC = h_BLC[:, a]
+            draft_Bk = next_BLk[:, a]
     if stats is not None:
         stats.update(
             passes=float(passes),
@@ -242,14 +243,14 @@ def _speculative_sampling(
     model.setup_caches(B, dtype=_param(model).dtype, device=device)
     slots = torch.arange(lay.prefix_len, lay.input_len + 1, device=device)
     codes_BN = torch.empty(B, N, dtype=torch.long, device=device)
-    h_BC = model.prefill_state(image, text_ids, text_mask)
+    # (B, k, K) logits of code n (p), then of the guesses (q_1 .. q_{k-1}); the verify pass
+    # below gives the next block's
+    draft_BkK = model.draft_logits(model.prefill_state(image, text_ids, text_mask))
     gen, T, top_k = sampler.generator, sampler.temperature, sampler.top_k
     first_B: torch.Tensor | None = None  # code n when the previous pass decided it
     n, passes, accepted, drafted, uneven = 0, 0, 0, 0, 0
     while n < N:
-        probs_BLK = logits_to_probs(
-            model.draft_logits(h_BC)[:, : N - n], T, top_k
-        )  # p, then q_1 .. q_{L-1}
+        probs_BLK = logits_to_probs(draft_BkK[:, : N - n], T, top_k)  # p, then q_1 .. q_{L-1}
         L = probs_BLK.shape[1]
         block_BL = _draw(probs_BLK, gen)
         if first_B is not None:
@@ -262,9 +263,8 @@ def _speculative_sampling(
             block_BL[:, :L_feed], slots[n : n + L_feed], lay.prefix_len + n + L_feed
         )
         passes += 1
-        p_BLK = logits_to_probs(
-            model.mask_head(h_BLC), T, top_k
-        )  # p of code n+1+t after block[:, :t+1]
+        next_BLkK = model.draft_logits(h_BLC)  # (B, L_feed, k, K)
+        p_BLK = logits_to_probs(next_BLkK[:, :, 0], T, top_k)  # p of code n+1+t after block[:, :t+1]
         g_BG = block_BL[:, 1:]  # guesses (B, L-1), verified by p_BLK[:, : L-1]
         q_BGK = probs_BLK[:, 1:]
         p_g = p_BLK[:, : L - 1].gather(-1, g_BG[..., None])[..., 0]
@@ -280,7 +280,7 @@ def _speculative_sampling(
         n += a + 1
         if n >= N:
             break
-        h_BC = h_BLC[:, a]  # predicts code n
+        draft_BkK = next_BLkK[:, a]  # from the state that predicts code n
         if a + 1 < L:  # guess a+1 exists: the accepted guess, or a draw from the residual
             residual_BK = (p_BLK[:, a] - q_BGK[:, a]).clamp_min(0)
             norm_B1 = residual_BK.sum(-1, keepdim=True)

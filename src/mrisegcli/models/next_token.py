@@ -92,6 +92,9 @@ class NextTokenConfig:
     # image-token states and the encoder's feature maps (pixels mode only). 0 switches it off.
     lambda_refine: float = 0.0
     refine_width: int = 16
+    # the refiner's last level at the input side, reading the image pixels (boundaries to the
+    # pixel); off: its logits come at half the side, upsampled bilinearly
+    refine_full_res: bool = False
     # in training, each code the refiner reads is replaced by a random one with this probability,
     # so that it learns to check the codes against the image (free-running codes are worse than
     # the teacher-forced ones it is trained on). 0 switches it off.
@@ -316,6 +319,7 @@ class NextTokenSegmenter(nn.Module):
                 dim,
                 self.encoder.skip_channels(),
                 cfg.refine_width,
+                cfg.refine_full_res,
             )
             if cfg.lambda_refine > 0 and self.encoder is not None
             else None
@@ -682,13 +686,22 @@ class NextTokenSegmenter(nn.Module):
         )
         return F.linear(h_B1C[:, -1], self.mask_head.weight)
 
-    def draft_logits(self, h_BC: torch.Tensor) -> torch.Tensor:
-        """(B, C) state -> (B, k, Km) logits of the next k codes: the main head, then the NkTP
-        heads (k = 1 without them). Only the first is exact; the rest are guesses to verify."""
-        main_B1K = self.mask_head(h_BC)[:, None]
+    def draft_logits(self, h_xC: torch.Tensor) -> torch.Tensor:
+        """(..., C) states -> (..., k, Km) logits of the next k codes: the main head, then the
+        NkTP heads (k = 1 without them). Only the first is exact; the rest are guesses to verify.
+
+        Inference form, a handful of kernels for any number of states: the k-1 adapters as one
+        matmul (their weights side by side), then the shared head over the k inputs at once.
+        """
+        head_w = self.mask_head.weight
         if self.nktp is None:
-            return main_B1K
-        return torch.cat([main_B1K, self.nktp.logits(h_BC[:, None], self.mask_head)[:, 0]], 1)
+            return F.linear(h_xC, head_w)[..., None, :]
+        adapters = self.nktp.adapters
+        a_xJC = F.linear(h_xC, torch.cat([a.weight for a in adapters])).unflatten(
+            -1, (len(adapters), -1)
+        )  # (..., k-1, C)
+        heads_xkC = torch.cat([h_xC[..., None, :], h_xC[..., None, :] + F.silu(a_xJC)], -2)
+        return F.linear(heads_xkC, head_w)
 
     def decode_step(
         self, tok_B: torch.Tensor, input_pos: torch.Tensor, n_keys: int | None = None

@@ -14,7 +14,10 @@ U-Net decoder that starts from the same codes and adds what the tokens cannot ca
 Coarse to fine, each level upsamples by two, concatenates the skip features of its resolution
 and applies 3x3 conv + GroupNorm + SiLU layers (two on the coarse levels, one on the two finest);
 a 1x1 conv gives the mask logits at half the input side, upsampled bilinearly to the input side
-(boundaries to within a pixel or two at a fraction of the cost of full-resolution convs). Trained
+(boundaries to within a pixel or two at a fraction of the cost of full-resolution convs). With
+``full_res`` a last level works at the input side itself: the half-resolution features upsampled
+and concatenated with a 3x3 conv stem of the image pixels (the only input that carries
+single-pixel edges), one conv layer, then the 1x1 logits. Trained
 with BCE + soft Dice against the ground truth, from the codes the model itself predicts under
 teacher forcing (argmax, detached), so that it learns to correct the kind of code errors the
 model makes. ``mriseg evaluate`` reports the token-only mask (the tokenizer's decoder on the
@@ -46,10 +49,17 @@ class MaskRefiner(nn.Module):
 
     ``skip_channels``: widths of the encoder's maps, finest (S/2) to coarsest (S/2**n = grid).
     ``width``: channels at half resolution; level k (stride 2**k) has ``width * min(k, 4)``.
+    ``full_res``: add a level at the input side (``width // 2`` channels) that reads the pixels.
     """
 
     def __init__(
-        self, code_vocab: int, grid: int, state_dim: int, skip_channels: list[int], width: int = 16
+        self,
+        code_vocab: int,
+        grid: int,
+        state_dim: int,
+        skip_channels: list[int],
+        width: int = 16,
+        full_res: bool = False,
     ) -> None:
         super().__init__()
         self.grid = grid
@@ -64,7 +74,10 @@ class MaskRefiner(nn.Module):
             _block(widths[k + 1] + skip_channels[k - 1], widths[k], convs=1 if k <= 2 else 2)
             for k in reversed(range(1, n))
         )
-        self.out = nn.Conv2d(widths[1], 1, 1)
+        fine = max(4, width // 2)
+        self.stem = _block(1, fine, convs=1) if full_res else None
+        self.fine = _block(widths[1] + fine, fine, convs=1) if full_res else None
+        self.out = nn.Conv2d(fine if full_res else widths[1], 1, 1)
 
     def forward(
         self,
@@ -89,6 +102,10 @@ class MaskRefiner(nn.Module):
         for block, skip in zip(self.ups, reversed(skips[:-1]), strict=True):  # stride ..., 4, 2
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip.to(x.dtype)], 1))
+        if self.stem is not None and self.fine is not None:  # the level at the input side
+            x = F.interpolate(x, size=image_B1SS.shape[-2:], mode="bilinear", align_corners=False)
+            pixels = self.stem(image_B1SS.to(x.dtype) * 2.0 - 1.0)  # [0, 1] -> [-1, 1]
+            return self.out(self.fine(torch.cat([x, pixels], 1)))
         return F.interpolate(
             self.out(x), size=image_B1SS.shape[-2:], mode="bilinear", align_corners=False
         )
