@@ -67,6 +67,32 @@ def test_decode_next_equals_decode_step_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(steps, fast, strict=True))
 
 
+def test_block_pass_equals_the_codes_fed_one_at_a_time():
+    """decode_block (the verify pass of speculative decoding) reads its causal mask as a slice
+    of a table made once: it must give each position the state decode_next gives it."""
+    model = _model()
+    image, text, tmask = _inputs(model, 3)
+    P, N = model.layout.prefix_len, model.layout.n_mask
+    codes = torch.randint(0, 8, (3, N), generator=torch.Generator().manual_seed(3))
+    tf = model.transformer
+    with torch.no_grad():
+        model.setup_caches(3)
+        model.prefill(image, text, tmask)
+        one = torch.stack([model.decode_next(codes[:, t], P + t + 1) for t in range(N - 1)], 1)
+        model.prefill(image, text, tmask)
+        blocks = []
+        for first, T in ((0, 3), (3, 1), (4, 5), (9, N - 10)):  # uneven blocks, as accepted
+            h = model.decode_block(codes[:, first : first + T], P + first)
+            blocks.append(torch.nn.functional.linear(h, model.mask_head.weight))
+        # the additive mask is the boolean one: valid keys up to each query's own slot
+        S = P + 6
+        want = tf.key_padding(3, S)[:, :, :, :] & (
+            torch.arange(S)[None, :] <= torch.arange(P + 4, S)[:, None]
+        )
+        assert torch.equal(tf.block_bias(3, P + 4, 2) == 0, want)
+    torch.testing.assert_close(torch.cat(blocks, 1), one, rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_fast_path_equals_uncached_and_fixed_shapes():
     model = _model()
     image, text, tmask = _inputs(model, 3)

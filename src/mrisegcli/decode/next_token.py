@@ -167,9 +167,6 @@ def generate_masks_speculative(
     B, N = text_ids.shape[0], lay.n_mask
     device = _param(model).device
     model.setup_caches(B, dtype=_param(model).dtype, device=device)
-    slots = torch.arange(
-        lay.prefix_len, lay.input_len + 1, device=device
-    )  # slot of code n is slots[n]
     codes_BN = torch.empty(B, N, dtype=torch.long, device=device)
     # (B, k): code n, then the guesses; the verify pass below drafts the next block too
     draft_Bk = model.draft_logits(model.prefill_state(image, text_ids, text_mask)).argmax(-1)
@@ -181,19 +178,17 @@ def generate_masks_speculative(
         if L_feed == 0:
             codes_BN[:, n] = block_BL[:, 0]
             break
-        h_BLC = model.decode_block(
-            block_BL[:, :L_feed], slots[n : n + L_feed], lay.prefix_len + n + L_feed
-        )
+        h_BLC = model.decode_block(block_BL[:, :L_feed], lay.prefix_len + n)
         passes += 1
         # (B, L_feed, k): after block[:, :t+1], the main head's code n+1+t, then the guesses
         next_BLk = model.draft_logits(h_BLC).argmax(-1)
         choice_BL = next_BLk[:, :, 0]
         agree_BL = choice_BL[:, : L - 1] == block_BL[:, 1:]  # guess t+1 matches the main head
-        kept_B = agree_BL.long().cumprod(1).sum(1)  # guesses kept per sequence
-        a = int(kept_B.min())
-        uneven += int(kept_B.max()) != a
+        kept = agree_BL.long().cumprod(1).sum(1).tolist()  # guesses kept per sequence
+        a = min(kept)
+        uneven += max(kept) != a
         drafted += (L - 1) * B
-        accepted += int(kept_B.sum())
+        accepted += sum(kept)
         codes_BN[:, n : n + a + 1] = block_BL[:, : a + 1]
         n += a + 1
         if n < N:  # then a < L_feed: the state after the kept codes predicts code n
@@ -241,7 +236,6 @@ def _speculative_sampling(
     B, N = text_ids.shape[0], lay.n_mask
     device = _param(model).device
     model.setup_caches(B, dtype=_param(model).dtype, device=device)
-    slots = torch.arange(lay.prefix_len, lay.input_len + 1, device=device)
     codes_BN = torch.empty(B, N, dtype=torch.long, device=device)
     # (B, k, K) logits of code n (p), then of the guesses (q_1 .. q_{k-1}); the verify pass
     # below gives the next block's
@@ -259,9 +253,7 @@ def _speculative_sampling(
         if L_feed == 0:
             codes_BN[:, n] = block_BL[:, 0]
             break
-        h_BLC = model.decode_block(
-            block_BL[:, :L_feed], slots[n : n + L_feed], lay.prefix_len + n + L_feed
-        )
+        h_BLC = model.decode_block(block_BL[:, :L_feed], lay.prefix_len + n)
         passes += 1
         next_BLkK = model.draft_logits(h_BLC)  # (B, L_feed, k, K)
         p_BLK = logits_to_probs(next_BLkK[:, :, 0], T, top_k)  # p of code n+1+t after block[:, :t+1]
@@ -271,11 +263,11 @@ def _speculative_sampling(
         q_g = q_BGK.gather(-1, g_BG[..., None])[..., 0]
         u_BG = torch.rand(g_BG.shape, generator=gen, device=device)
         ok_BG = u_BG * q_g < p_g  # u < p/q without dividing (q(g) > 0: g was drawn from q)
-        kept_B = ok_BG.long().cumprod(1).sum(1)
-        a = int(kept_B.min())
-        uneven += int(kept_B.max()) != a
+        kept = ok_BG.long().cumprod(1).sum(1).tolist()
+        a = min(kept)
+        uneven += max(kept) != a
         drafted += (L - 1) * B
-        accepted += int(kept_B.sum())
+        accepted += sum(kept)
         codes_BN[:, n : n + a + 1] = block_BL[:, : a + 1]
         n += a + 1
         if n >= N:

@@ -638,18 +638,21 @@ class NextTokenSegmenter(nn.Module):
         h_BPC = tf.forward_cached(x_BPC, self.pos_T2[:P], tf.slots_S[:P], mask)
         return h_BPC[:, -1]
 
-    def decode_block(
-        self, tok_BT: torch.Tensor, input_pos_T: torch.Tensor, n_keys: int
-    ) -> torch.Tensor:
-        """Feed T consecutive mask codes per sequence at cache slots ``input_pos_T`` (T,), each
+    def decode_block(self, tok_BT: torch.Tensor, first: int) -> torch.Tensor:
+        """Feed T consecutive mask codes per sequence at cache slots first .. first+T-1, each
         attending to the filled slots up to its own, -> (B, T, C) hidden states; state t predicts
-        the code after ``tok_BT[:, t]``. Slots [0, ``n_keys``) are read (n_keys > last slot)."""
+        the code after ``tok_BT[:, t]``. Slots [0, first + T) are read.
+
+        Like :meth:`decode_next`, nothing is built per pass but the mask (one add of two views):
+        positions, rotations and cell inputs are slices."""
         tf = self.transformer
-        B = tok_BT.shape[0]
-        x_BTC = self._embed_mask_codes(tok_BT, input_pos_T)
-        causal_TS = tf.slots_S[:n_keys][None, :] <= input_pos_T[:, None]
-        bias = tf.key_bias(B, n_keys).masked_fill(~causal_TS, float("-inf"))  # (B, 1, T, S)
-        return tf.forward_step(x_BTC, self._rot_table()[input_pos_T], input_pos_T, bias)
+        B, T = tok_BT.shape
+        return tf.forward_step(
+            self._embed_mask_codes(tok_BT, first),
+            self._rot_table()[first : first + T],
+            tf.slots_S[first : first + T],
+            tf.block_bias(B, first, T),
+        )
 
     def _embed_mask_codes(self, tok_BT: torch.Tensor, slots_T: torch.Tensor | int) -> torch.Tensor:
         """Embeddings of mask codes (B, T) fed at cache slots ``slots_T`` (T,) (or the first

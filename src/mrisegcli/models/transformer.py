@@ -367,6 +367,7 @@ class Transformer(nn.Module):
         self.register_buffer("key_valid_BS", None, persistent=False)
         self.register_buffer("key_bias_BS", None, persistent=False)  # 0 / -inf of key_valid_BS
         self.register_buffer("slots_S", None, persistent=False)
+        self.register_buffer("causal_bias_SS", None, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -435,6 +436,11 @@ class Transformer(nn.Module):
         self.key_valid_BS = torch.ones(max_batch, max_len, dtype=torch.bool, device=device)
         self.key_bias_BS = torch.zeros(max_batch, max_len, dtype=dtype, device=device)
         self.slots_S = torch.arange(max_len, device=device)
+        # causal_bias_SS[q, s] = 0 where slot s <= q else -inf: a block of consecutive queries
+        # reads its causal mask as a slice (:meth:`block_bias`) instead of building one per pass
+        self.causal_bias_SS = torch.zeros(max_len, max_len, dtype=dtype, device=device).masked_fill(
+            self.slots_S[None, :] > self.slots_S[:, None], float("-inf")
+        )
         self.refresh_fused()
         self.max_batch, self.max_len = max_batch, max_len
 
@@ -504,6 +510,12 @@ class Transformer(nn.Module):
 
         A step whose keys are exactly the filled prefix needs no other mask: this view is it."""
         return self.key_bias_BS[:batch, None, None, :n_keys]
+
+    def block_bias(self, batch: int, first: int, T: int) -> torch.Tensor:
+        """(B, 1, T, first + T) additive mask of T queries at consecutive slots first ..
+        first+T-1: each reads the valid filled slots up to its own. One add of two views."""
+        n_keys = first + T
+        return self.key_bias(batch, n_keys) + self.causal_bias_SS[first:n_keys, :n_keys]
 
     def forward_step(
         self, x_BTC: torch.Tensor, rot: torch.Tensor, input_pos: torch.Tensor, bias: torch.Tensor
