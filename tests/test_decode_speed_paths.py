@@ -86,9 +86,7 @@ def test_block_pass_equals_the_codes_fed_one_at_a_time():
             blocks.append(torch.nn.functional.linear(h, model.mask_head.weight))
         # the additive mask is the boolean one: valid keys up to each query's own slot
         S = P + 6
-        want = tf.key_padding(3, S)[:, :, :, :] & (
-            torch.arange(S)[None, :] <= torch.arange(P + 4, S)[:, None]
-        )
+        want = tf.key_padding(3, S) & (torch.arange(S)[None, :] <= torch.arange(P + 4, S)[:, None])
         assert torch.equal(tf.block_bias(3, P + 4, 2) == 0, want)
     torch.testing.assert_close(torch.cat(blocks, 1), one, rtol=1e-5, atol=1e-5)
 

@@ -256,7 +256,9 @@ def _speculative_sampling(
         h_BLC = model.decode_block(block_BL[:, :L_feed], lay.prefix_len + n)
         passes += 1
         next_BLkK = model.draft_logits(h_BLC)  # (B, L_feed, k, K)
-        p_BLK = logits_to_probs(next_BLkK[:, :, 0], T, top_k)  # p of code n+1+t after block[:, :t+1]
+        p_BLK = logits_to_probs(
+            next_BLkK[:, :, 0], T, top_k
+        )  # p of code n+1+t after block[:, :t+1]
         g_BG = block_BL[:, 1:]  # guesses (B, L-1), verified by p_BLK[:, : L-1]
         q_BGK = probs_BLK[:, 1:]
         p_g = p_BLK[:, : L - 1].gather(-1, g_BG[..., None])[..., 0]

@@ -71,11 +71,19 @@ class NextKHeads(nn.Module):
         for a in self.adapters:
             nn.init.zeros_(a.weight)
 
+    def adapted(self, h_xC: torch.Tensor) -> torch.Tensor:
+        """(..., C) hidden states -> (..., k-1, C) inputs h + silu(W_j h) of the extra heads,
+        the k-1 adapters as one matmul (their weights side by side)."""
+        w = torch.cat([a.weight for a in self.adapters])
+        return h_xC[..., None, :] + F.silu(
+            F.linear(h_xC, w).unflatten(-1, (len(self.adapters), -1))
+        )
+
     def logits(
         self, h_BNC: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         """(B, N, C) hidden states -> (B, N, k-1, K) logits of the extra heads."""
-        return torch.stack([head(h_BNC + F.silu(a(h_BNC))) for a in self.adapters], dim=2)
+        return head(self.adapted(h_BNC))
 
     def forward(
         self,

@@ -693,18 +693,13 @@ class NextTokenSegmenter(nn.Module):
         """(..., C) states -> (..., k, Km) logits of the next k codes: the main head, then the
         NkTP heads (k = 1 without them). Only the first is exact; the rest are guesses to verify.
 
-        Inference form, a handful of kernels for any number of states: the k-1 adapters as one
-        matmul (their weights side by side), then the shared head over the k inputs at once.
+        Inference form, a handful of kernels for any number of states: the adapters as one
+        matmul (:meth:`NextKHeads.adapted`), then the shared head over the k inputs at once.
         """
-        head_w = self.mask_head.weight
-        if self.nktp is None:
-            return F.linear(h_xC, head_w)[..., None, :]
-        adapters = self.nktp.adapters
-        a_xJC = F.linear(h_xC, torch.cat([a.weight for a in adapters])).unflatten(
-            -1, (len(adapters), -1)
-        )  # (..., k-1, C)
-        heads_xkC = torch.cat([h_xC[..., None, :], h_xC[..., None, :] + F.silu(a_xJC)], -2)
-        return F.linear(heads_xkC, head_w)
+        heads_xkC = h_xC[..., None, :]
+        if self.nktp is not None:
+            heads_xkC = torch.cat([heads_xkC, self.nktp.adapted(h_xC)], -2)
+        return F.linear(heads_xkC, self.mask_head.weight)
 
     def decode_step(
         self, tok_B: torch.Tensor, input_pos: torch.Tensor, n_keys: int | None = None
