@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="share of training samples randomly rotated, zoomed, shifted and re-contrasted "
         "(the transforms of mriseg train --augment)",
     )
+    ap.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="train under bf16 autocast where the CPU has native bf16 (as mriseg train --cpu-bf16)",
+    )
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mrisegcli.metrics import summarize
     from mrisegcli.tokenizers.text import text_vocab_size, train_text_tokenizer
     from mrisegcli.training.augment import augment_pair
+    from mrisegcli.training.loop import cpu_has_native_bf16
     from mrisegcli.workflow.evaluate_model import _score, group_summaries
     from mrisegcli.workflow.prepare import open_dataset
 
@@ -123,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    bf16 = args.cpu_bf16 and cpu_has_native_bf16()
+    if args.cpu_bf16 and not bf16:
+        print("this CPU has no native bf16 (AVX512-BF16/AMX): training in float32", file=sys.stderr)
     t0 = time.perf_counter()
     budget = args.max_minutes * 60.0
     ds = open_dataset(args.data, None, seed=args.seed, check=False)
@@ -156,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         x, y = x_tr[idx], y_tr[idx]
         if args.augment > 0:
             x, y = augment_pair(x, y, args.augment, g)
-        logits = model(x, bow_tr[idx])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x, bow_tr[idx]).float()
         loss = F.binary_cross_entropy_with_logits(logits, y) + dice_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -188,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "model": ("unet" if text_ch else "unet-no-text") + ("@aug" if args.augment else ""),
         "augment": args.augment,
+        "precision": "bf16" if bf16 else "fp32",
         "data": [str(d) for d in args.data],
         "size": args.size,
         "max_minutes": args.max_minutes,

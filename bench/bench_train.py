@@ -3,9 +3,11 @@
     python bench/bench_train.py                              # tiny preset, 128 px, both paradigms
     python bench/bench_train.py --batch 8 --threads 1 --steps 3
     python bench/bench_train.py --device cuda --preset base --batch 64
+    python bench/bench_train.py --threads 2 --batch 16 --cpu-bf16     # bf16 on a native-bf16 CPU
 
 One training step = forward (all losses of the preset) + backward + gradient clipping + AdamW,
-as in the training loop (bf16 autocast on CUDA, float32 on a CPU), on random codes at the
+as in the training loop (bf16 autocast on CUDA; float32 on a CPU, bf16 autocast with
+``--cpu-bf16`` where the CPU has native bf16), on random codes at the
 preset with a randomly initialised model.
 
 FLOPs of one step (a lower bound: embeddings, output heads, losses, norms and the conv image
@@ -16,14 +18,16 @@ encoder are left out)::
 N = parameters of the transformer blocks, T = tokens in the sequence (condition + mask inputs).
 6 N T counts the block matmuls forward (2 N T) and backward (4 N T); the attention term counts
 QK^T and attention-times-V (2 T^2 dim each forward per layer, x3 with backward). The peak is a
-square float32 ``torch.matmul`` (2 n^3 FLOPs) timed in the same run, plus bf16 on CUDA, where
-training runs under bf16 autocast and the fraction is taken against the bf16 peak.
+square float32 ``torch.matmul`` (2 n^3 FLOPs) timed in the same run, plus bf16 on CUDA (and with
+``--cpu-bf16``), where training runs under bf16 autocast and the fraction is taken against the
+bf16 peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -43,7 +47,7 @@ from common import (
 )
 
 from mrisegcli.tokenizers.text import text_vocab_size
-from mrisegcli.training.loop import make_optimizer
+from mrisegcli.training.loop import autocast_bf16, make_optimizer
 
 PARADIGMS = ("next-token", "next-scale")
 
@@ -128,7 +132,7 @@ def bench_paradigm(
             {"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups
         ]
         opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, fused=True)
-    use_amp = cfg.train.amp and device.type == "cuda"
+    use_amp = autocast_bf16(replace(cfg.train, cpu_bf16=args.cpu_bf16), device)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -180,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paradigm", default="both", choices=[*PARADIGMS, "both"])
     p.add_argument("--steps", type=int, default=5, help="timed training steps (after --warmup)")
     p.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="on a CPU with native bf16: the step under bf16 autocast (mriseg train --cpu-bf16), "
+        "its fraction taken against the bf16 matmul peak",
+    )
+    p.add_argument(
         "--fused-adamw",
         action="store_true",
         help="AdamW(fused=True) with make_optimizer's groups instead of make_optimizer's own",
@@ -202,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads, median of {args.steps} steps after {args.warmup} warm-up"
     )
     peaks = {"float32": matmul_peak(args.matmul_size, torch.float32, device, args.repeats)}
-    if device.type == "cuda":
+    if device.type == "cuda" or args.cpu_bf16:
         peaks["bfloat16"] = matmul_peak(args.matmul_size, torch.bfloat16, device, args.repeats)
     for name, pk in peaks.items():
         rep.line(f"matmul peak {name} ({pk['n']}^2): {pk['flops_per_s'] / 1e9:.1f} GFLOP/s")

@@ -152,6 +152,28 @@ def test_train(outputs):
     assert d["results"]["next_scale"]["predicted_tokens_per_sample"] == 1 + 4 + 9 + 16
 
 
+def test_train_under_cpu_bf16(tmp_path: Path) -> None:
+    """``--cpu-bf16`` runs the step as ``mriseg train --cpu-bf16`` does and takes the fraction
+    against the bf16 peak, measured in the same run (float32 where the CPU has no native bf16)."""
+    from mrisegcli.training.loop import cpu_has_native_bf16
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_train
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "train.json"
+    argv = [*SMALL, "--steps", "1", "--matmul-size", "64", "--paradigm", "next-token"]
+    assert bench_train.main([*argv, "--cpu-bf16", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    r, native = d["results"]["next_token"], cpu_has_native_bf16()
+    assert r["amp_bf16"] is native and r["peak_dtype"] == ("bfloat16" if native else "float32")
+    assert d["matmul_peak"]["bfloat16"]["flops_per_s"] > 0
+    assert r["fraction_of_peak"] == pytest.approx(
+        r["flops_per_s"] / d["matmul_peak"][r["peak_dtype"]]["flops_per_s"]
+    )
+
+
 def test_predict(outputs):
     d = _result(outputs, "predict")
     for name in ("next_token", "next_scale"):
@@ -231,6 +253,12 @@ def test_unet_baseline_and_comparison_table(tmp_path: Path) -> None:
     tiny = ["--features", "4", "4", "8", "8", "8", "4", "--threads", "1", "--max-steps", "2"]
     augmented = baseline_unet.main(["--data", str(data), "--size", "32", "--augment", "1", *tiny])
     assert augmented["model"] == "unet@aug" and augmented["augment"] == 1.0
+    assert augmented["precision"] == "fp32"
+    from mrisegcli.training.loop import cpu_has_native_bf16
+
+    bf16 = baseline_unet.main(["--data", str(data), "--size", "32", "--cpu-bf16", *tiny])
+    assert bf16["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert bf16["steps"] == 2 and 0 <= bf16["dice"] <= 1
     with pytest.raises(SystemExit):  # a share outside [0, 1]
         baseline_unet.main(["--data", str(data), "--size", "32", "--augment", "1.5", *tiny])
     results = tmp_path / "r.jsonl"

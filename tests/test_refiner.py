@@ -70,6 +70,30 @@ def test_encoder_pyramid_gives_the_tokens_and_one_map_per_stride() -> None:
     assert enc.skip_channels() == [8, 16, 16]
 
 
+def test_encoder_stage_blocks_deepen_the_finer_maps_and_keep_the_plain_layout() -> None:
+    cfg = ImageEncoderConfig(patch=8, channels=(8, 16), res_blocks=1)
+    plain = ConvImageEncoder(cfg, 32)
+    deep = ConvImageEncoder(ImageEncoderConfig(**{**cfg.__dict__, "stage_blocks": 2}), 32)
+    # the layout of every model trained without stage blocks (checkpoints load unchanged)
+    assert [type(m).__name__ for m in plain.net] == [
+        *("Conv2d", "SiLU") * 3,
+        "_ResBlock",
+        "SiLU",
+        "Conv2d",
+    ]
+    assert sum(type(m).__name__ == "_ResBlock" for m in deep.net) == 1 + 2 * 2
+    x = torch.rand(2, 1, 32, 32)
+    (t0, m0), (t1, m1) = plain.pyramid(x), deep.pyramid(x)
+    assert t0.shape == t1.shape and [m.shape for m in m0] == [m.shape for m in m1]
+    assert deep.skip_channels() == plain.skip_channels()
+    # the finer maps come after their blocks: they differ from the strided conv's output
+    first = deep.net[1](deep.net[0](x * 2 - 1))
+    assert not torch.allclose(m1[0], first)
+    torch.testing.assert_close(m1[0], deep.net[3](deep.net[2](first)))
+    with pytest.raises(ConfigError, match="stage_blocks"):
+        ImageEncoderConfig(stage_blocks=-1)
+
+
 def test_refiner_config_is_checked() -> None:
     with pytest.raises(ConfigError, match="pixels"):
         _cfg(image_input="codes", image_codebook_size=8)
@@ -228,6 +252,8 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
             "target",
             "--mask-cell-image",
             "--refine-full-res",
+            "--encoder-stage-blocks",
+            "1",
             "--device",
             "cpu",
             "--workers",
@@ -247,6 +273,8 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
     assert cfg["model"]["mask_positions"] == "target" == cfg["run"]["strategies"]["mask_positions"]
     assert cfg["model"]["mask_cell_image"] is True is cfg["run"]["strategies"]["mask_cell_image"]
     assert cfg["model"]["refine_full_res"] is True is cfg["run"]["strategies"]["refine_full_res"]
+    assert cfg["model"]["encoder"]["stage_blocks"] == 1
+    assert cfg["run"]["strategies"]["encoder_stage_blocks"] == 1
     r = runner.invoke(
         app,
         ["evaluate", "--model", str(run), "--data", str(synth_data), "--json", "--device", "cpu"],
@@ -261,6 +289,7 @@ def test_train_predict_evaluate_with_the_refiner(synth_data: Path, tmp_path: Pat
 
     seg = load_segmenter(run, torch.device("cpu"))
     assert seg.model.cell_proj is not None and seg.model.config.mask_positions == "target"
+    assert seg.model.encoder.config.stage_blocks == 1
     images = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
     pred = seg.predict(images, ["left lung opacity", "right lung opacity"], parts=True)
     torch.testing.assert_close(pred.prob, pred.parts["refined"])

@@ -902,7 +902,7 @@ def test_resume_refuses_other_changed_options_by_name(trained, tmp_path):
         and "--lr 0.5" in line
         and "--paradigm next-scale" in line
     )
-    assert "Only --steps, --eval-every, --ckpt-every, --max-minutes may change" in line
+    assert "Only --steps, --eval-every, --ckpt-every, --max-minutes, --cpu-bf16 may change" in line
     assert _digest(run) == before
     assert "--tokenizer" in cli_error(
         [

@@ -741,6 +741,14 @@ def train(
             help="The refiner's last level at the input side, reading the pixels.",
         ),
     ] = None,
+    encoder_stage_blocks: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=8,
+            help="Residual blocks after each finer stage of the conv image encoder (pixels input).",
+        ),
+    ] = None,
     prefix_attention: Annotated[
         PrefixAttention | None, typer.Option(help="next-token image+text attention.")
     ] = None,
@@ -774,6 +782,13 @@ def train(
             min=1,
             max=512,
             help="Text context in tokens (lengthened when a training text is longer).",
+        ),
+    ] = None,
+    cpu_bf16: Annotated[
+        bool | None,
+        typer.Option(
+            "--cpu-bf16/--no-cpu-bf16",
+            help="On a CPU with native bf16 (AVX512-BF16/AMX): train under bf16 autocast, ~1.5x the steps a minute.",
         ),
     ] = None,
     max_minutes: Annotated[
@@ -820,6 +835,7 @@ def train(
         eval_every=eval_every,
         ckpt_every=ckpt_every,
         max_minutes=max_minutes,
+        cpu_bf16=cpu_bf16,
         mask_steps=mask_steps,
         image_steps=image_steps,
         multiscale_steps=multiscale_steps,
@@ -835,6 +851,7 @@ def train(
         lambda_refine=lambda_refine,
         refine_code_noise=refine_code_noise,
         refine_full_res=refine_full_res,
+        encoder_stage_blocks=encoder_stage_blocks,
         mask_positions=mask_positions,
         mask_cell_image=mask_cell_image,
     )
@@ -906,6 +923,7 @@ def _report_training(result: Any, out_dir: Path, json_out: bool) -> None:
                 "best_val_dice": result.best_val_dice,
                 "best_step": result.best_step,
                 "seconds": round(result.train_seconds, 3),
+                "precision": result.precision,
                 "curves": None if result.curves is None else str(result.curves),
             }
         )

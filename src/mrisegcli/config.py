@@ -65,6 +65,9 @@ class StrategyConfig:
     mask_positions: Literal["fed", "target"] = "fed"
     # the next-token model's fed mask tokens also carry the image token of their target cell
     mask_cell_image: bool = False
+    # residual blocks after each finer stage of the conv image encoder (pixels input;
+    # models/image_encoder.py): deeper features for the refiner's skip connections
+    encoder_stage_blocks: int = 0
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,9 @@ class NextToken(Paradigm):
             image_input=s.image_input,
             image_size=cfg.image_size,
             prefix_attention=s.prefix_attention,
-            encoder=ImageEncoderConfig(patch=max(2, cfg.image_size // mask.grid)),
+            encoder=ImageEncoderConfig(
+                patch=max(2, cfg.image_size // mask.grid), stage_blocks=s.encoder_stage_blocks
+            ),
             nktp_k=s.nktp_k,
             nktp_gamma=s.nktp_gamma,
             lambda_nktp=s.lambda_nktp,

@@ -122,8 +122,9 @@ def read_config(run_dir: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- --resume
 
-#: train options a --resume may change: they set the schedule's length and bookkeeping only
-RESUMABLE = ("steps", "eval_every", "ckpt_every", "max_minutes")
+#: train options a --resume may change: the schedule's length, bookkeeping and the arithmetic
+#: precision on a CPU (the model, data and losses stay the run's)
+RESUMABLE = ("steps", "eval_every", "ckpt_every", "max_minutes", "cpu_bf16")
 #: train option (its Python name) -> the RunConfig field it sets
 OPTION_FIELDS = {
     "steps": "train.steps",
@@ -133,6 +134,7 @@ OPTION_FIELDS = {
     "eval_every": "train.eval_every",
     "ckpt_every": "train.ckpt_every",
     "max_minutes": "train.max_minutes",
+    "cpu_bf16": "train.cpu_bf16",
     "paradigm": "paradigm",
     "preset": "preset",
     "size": "image_size",
@@ -150,6 +152,7 @@ OPTION_FIELDS = {
     "lambda_refine": "strategies.lambda_refine",
     "refine_code_noise": "strategies.refine_code_noise",
     "refine_full_res": "strategies.refine_full_res",
+    "encoder_stage_blocks": "strategies.encoder_stage_blocks",
     "lambda_dense": "strategies.lambda_dense",
     "prefix_attention": "strategies.prefix_attention",
     "mask_positions": "strategies.mask_positions",

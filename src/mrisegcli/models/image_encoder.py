@@ -1,8 +1,9 @@
 """Continuous image features for the next-scale segmenter: (B, 1, S, S) -> (B, g*g, D).
 
 The default :class:`ConvImageEncoder` is a small conv stack trained end to end with the
-transformer: log2(patch) stride-2 4x4 convs (narrow at high resolution), residual blocks at
-the coarsest level, a 1x1 projection to ``out_dim`` and an RMSNorm per token. ``patch`` 8 or
+transformer: log2(patch) stride-2 4x4 convs (narrow at high resolution; ``stage_blocks``
+residual blocks after each of the finer ones), residual blocks at the coarsest level, a 1x1
+projection to ``out_dim`` and an RMSNorm per token. ``patch`` 8 or
 16 gives a grid of S/8 or S/16 tokens per side.
 
 Plugging in a pretrained encoder: anything that satisfies :class:`ImageEncoder` (an
@@ -50,6 +51,9 @@ class ImageEncoderConfig:
     channels: tuple[int, ...] = (32, 64, 128)  # width after each stride-2 stage (last repeats)
     res_blocks: int = 2  # residual blocks at the coarsest level
     out_dim: int = 128
+    # residual blocks after each finer stride-2 stage (S/2 .. 2*patch): features the refiner's
+    # skip connections read at those resolutions; 0 keeps one strided conv per stage
+    stage_blocks: int = 0
 
     def __post_init__(self) -> None:
         n = math.log2(self.patch) if self.patch > 0 else -1.0
@@ -57,9 +61,10 @@ class ImageEncoderConfig:
             raise ConfigError(f"encoder patch must be a power of two >= 2, got {self.patch}")
         if not self.channels or any(c < 1 for c in self.channels):
             raise ConfigError(f"encoder channels must be positive, got {self.channels}")
-        if self.res_blocks < 0 or self.out_dim < 1:
+        if self.res_blocks < 0 or self.stage_blocks < 0 or self.out_dim < 1:
             raise ConfigError(
-                f"invalid encoder sizes: res_blocks={self.res_blocks}, out_dim={self.out_dim}"
+                f"invalid encoder sizes: res_blocks={self.res_blocks}, "
+                f"stage_blocks={self.stage_blocks}, out_dim={self.out_dim}"
             )
 
     def grid(self, image_size: int) -> int:
@@ -97,12 +102,17 @@ class ConvImageEncoder(nn.Module):
         self.out_dim = cfg.out_dim
         n_down = int(math.log2(cfg.patch))
         layers: list[nn.Module] = []
+        self._skip_after: list[int] = []  # index of the layer whose output is each skip map
         prev = 1
         for i in range(n_down):
             width = cfg.channels[min(i, len(cfg.channels) - 1)]
             layers += [nn.Conv2d(prev, width, 4, stride=2, padding=1), nn.SiLU()]
+            if i < n_down - 1:
+                layers += [_ResBlock(width) for _ in range(cfg.stage_blocks)]
+                self._skip_after.append(len(layers) - 1)
             prev = width
         layers += [_ResBlock(prev) for _ in range(cfg.res_blocks)]
+        self._skip_after.append(len(layers) - 1)  # the coarsest: after the residual blocks
         layers += [nn.SiLU(), nn.Conv2d(prev, cfg.out_dim, 1)]
         self.net = nn.Sequential(*layers)
         self.norm = RMSNorm(cfg.out_dim)
@@ -122,12 +132,9 @@ class ConvImageEncoder(nn.Module):
         if image_B1SS.dim() != 4 or image_B1SS.shape[1:] != (1, S, S):
             raise ValueError(f"expected image (B, 1, {S}, {S}), got {tuple(image_B1SS.shape)}")
         x = image_B1SS * 2.0 - 1.0  # [0, 1] -> [-1, 1]
-        n_down = 2 * int(math.log2(self.config.patch))  # (conv, SiLU) per stride-2 stage
         skips: list[torch.Tensor] = []
         for i, layer in enumerate(self.net):
             x = layer(x)
-            if i < n_down and i % 2 == 1:
+            if i in self._skip_after:
                 skips.append(x)
-            elif i == len(self.net) - 3:  # after the residual blocks, before the projection
-                skips[-1] = x
         return self.norm(x.flatten(2).transpose(1, 2)), skips  # (B, g*g, D)

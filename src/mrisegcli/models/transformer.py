@@ -258,6 +258,21 @@ class KVCache(nn.Module):
             )
 
 
+def _float32_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float
+) -> torch.Tensor:
+    """bf16 attention computed in float32 (CPU training under bf16 autocast): PyTorch's CPU
+    flash-attention backward is about twice as slow in bf16 as in float32 at these sizes, while
+    the projections around it gain ~4x from bf16. Returns bf16 like the bf16 kernel would."""
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()  # an additive bias made in the compute dtype
+    with torch.autocast("cpu", enabled=False):
+        y = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout
+        )
+    return y.to(q.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with 2-D RoPE and an explicit boolean mask (True = attend)."""
 
@@ -277,10 +292,12 @@ class Attention(nn.Module):
         v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D)
         if ctx.input_pos is not None:
             k, v = self.kv_cache.update(ctx.input_pos, k, v, ctx.n_keys)  # (B, H, S, D)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+        dropout = self.dropout if self.training else 0.0
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
+            y = _float32_attention(q, k, v, ctx.mask, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, dropout_p=dropout)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))  # y: (B, H, T, D)
 
     def step(self, x_BTC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """Inference form of :meth:`forward` (no dropout, no submodule calls), cached passes only."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import signal
 import time
@@ -34,6 +35,8 @@ from mrisegcli.training.checkpoint import (
 )
 from mrisegcli.training.distributed import DistInfo, any_rank, barrier, mean_over_ranks, wrap_ddp
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -52,7 +55,10 @@ class TrainConfig:
     ckpt_every: int = 250
     keep_checkpoints: int = 2
     log_every: int = 10
-    amp: bool = True  # bf16 autocast, CUDA only
+    amp: bool = True  # bf16 autocast on CUDA
+    # bf16 autocast on a CPU as well, where the CPU computes in bf16 natively (AVX512-BF16, AMX):
+    # matmuls and convs run ~4x faster than float32 there; elsewhere the run stays in float32
+    cpu_bf16: bool = False
     seed: int = 0
     # wall-clock budget of the whole run in minutes (tokenizer fitting and code caching
     # included); the run stops at ``steps`` or at the budget, whichever comes first, and the
@@ -62,6 +68,33 @@ class TrainConfig:
 
 class TrainingInterrupted(MrisegError):
     """Raised after a checkpoint was saved because SIGTERM/SIGINT arrived."""
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX on x86, BF16 on Arm).
+
+    Without it PyTorch emulates bf16 on a CPU, several times slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if flags:
+        return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    try:  # no /proc (macOS, Windows): oneDNN's own check
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the training step runs under bf16 autocast on ``device``."""
+    if device.type == "cuda":
+        return cfg.amp
+    if device.type == "cpu" and cfg.cpu_bf16:
+        if cpu_has_native_bf16():
+            return True
+        logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX): training in float32")
+    return False
 
 
 #: with a time budget the warm-up lasts at most this share of it
@@ -211,7 +244,7 @@ class _Loop:
         self.optimizer = make_optimizer(model, cfg)
         self.state = TrainState()
         self.budget_s = cfg.max_minutes * 60.0 if cfg.max_minutes is not None else None
-        self.use_amp = cfg.amp and device.type == "cuda"
+        self.use_amp = autocast_bf16(cfg, device)
         self.net: torch.nn.Module = model
         self.last_metrics: dict[str, float] = {}  # the last logged scalars, means over all ranks
         self.val_metrics: dict[str, float] = {}
@@ -400,6 +433,7 @@ class _Loop:
             "seconds": time.perf_counter() - self.t0,
             "run_seconds": state.elapsed_s,
             "stopped_by": "time" if state.step < self.total else "steps",
+            "precision": "bf16" if self.use_amp else "fp32",
             "best_dice": state.best_metric if state.best_step >= 0 else None,
             "best_step": state.best_step,
             "last": self.last_metrics,

@@ -298,6 +298,7 @@ SIZE_LIMITS = {
     "patch": 4096,
     "channels": 16384,
     "res_blocks": 256,
+    "stage_blocks": 256,
     "out_dim": 16384,
     "nktp_k": 256,
     "tcl_proj_dim": 16384,

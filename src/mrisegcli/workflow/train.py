@@ -57,6 +57,7 @@ class TrainResult:
     tokenizer_reports: dict[str, dict]
     cache: dict[str, Any]
     curves: Path | None = None  # RUN/progress.png: training loss and validation Dice over steps
+    precision: str = "fp32"  # the training step's arithmetic: "bf16" (autocast) or "fp32"
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -371,6 +372,7 @@ def _write_metrics(result: TrainResult, run_dir: Path, resume: bool) -> None:
         "best_step": result.best_step,
         "steps": result.steps,
         "train_seconds": result.train_seconds,
+        "precision": result.precision,
         "tokenizers": result.tokenizer_reports,
         "cache": result.cache,
     }
@@ -487,6 +489,7 @@ def train_run(
         train_seconds=time.perf_counter() - t0,
         tokenizer_reports=prep.reports,
         cache=prep.cache_info,
+        precision=summary["precision"],
     )
     if dist_info.is_main:
         _write_metrics(result, run_dir, resume)
