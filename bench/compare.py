@@ -56,9 +56,13 @@ VARIANTS: dict[str, list[str]] = {
     # and the refiner's last level at the input side, reading the pixels
     "aug-full": ["--augment", "0.8", "--refine-full-res"],
     # bf16 autocast on the CPU (native bf16 CPUs only): more steps in the same minutes
+    "bf16": ["--cpu-bf16"],
     "bf16-aug": ["--augment", "0.8", "--cpu-bf16"],
     # and a residual block after each finer stage of the image encoder (the refiner's skips)
+    "bf16-enc": ["--cpu-bf16", "--encoder-stage-blocks", "1"],
     "bf16-aug-enc": ["--augment", "0.8", "--cpu-bf16", "--encoder-stage-blocks", "1"],
+    # bf16 with batches of 16 (the U-Net's): about twice the updates in the same minutes
+    "bf16-aug-b16": ["--augment", "0.8", "--cpu-bf16", "--batch-size", "16"],
 }
 #: (dataset, method, minutes): the grid
 GRID = [
@@ -88,6 +92,7 @@ def done_keys(path: Path) -> set[str]:
 UNET_VARIANTS: dict[str, list[str]] = {
     "": [],
     "aug": VARIANTS["aug"],
+    "bf16": VARIANTS["bf16"],
     "bf16-aug": VARIANTS["bf16-aug"],
 }
 
