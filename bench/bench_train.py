@@ -99,11 +99,14 @@ def random_batch(
             0, mcfg.mask_codebook_size, (batch, gm, gm), generator=gen
         )
         out["sample_ids"] = torch.randint(0, mcfg.het_buckets, (batch,), generator=gen)
+        if mcfg.image_input == "pixels":  # the conv encoder's input (the cxr preset)
+            out["image"] = torch.rand(batch, 1, cfg.image_size, cfg.image_size, generator=gen)
     else:
         L = model.layout.n_scale_tokens
         out["image"] = torch.rand(batch, 1, cfg.image_size, cfg.image_size, generator=gen)
         out["ms_codes"] = torch.randint(0, mcfg.mask_codebook_size, (batch, L), generator=gen)
-    if mcfg.lambda_dense > 0:  # dense supervision target: a binary mask at the model's input size
+    if mcfg.lambda_dense > 0 or getattr(mcfg, "lambda_refine", 0) > 0:
+        # dense supervision and refiner target: a binary mask at the model's input size
         S = cfg.image_size
         out["mask"] = (torch.rand(batch, S, S, generator=gen) > 0.5).to(torch.uint8)
     return {k: v.to(device) for k, v in out.items()}

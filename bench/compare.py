@@ -200,9 +200,16 @@ def table(path: Path) -> str:
     unets = ["unet", *sorted({r["method"] for r in rows if r["method"].startswith("unet@")})]
     methods = [*unets, *sorted({r["method"] for r in rows} - set(unets))]
     names = {"unet": "U-Net + text", "unet@aug": "U-Net + text, --augment 0.8"}
+
+    def label(method: str) -> str:
+        if method in names:
+            return names[method]
+        if method in unets:  # a U-Net variant: unet@bf16-aug
+            return "U-Net + text @" + method.partition("@")[2]
+        return "mriseg " + method
     lines = [
         "| data | budget | "
-        + " | ".join(f"{names.get(m, 'mriseg ' + m)} Dice" for m in methods)
+        + " | ".join(f"{label(m)} Dice" for m in methods)
         + " | mriseg lead | load |",
         "|---|---|" + "---|" * (len(methods) + 2),
     ]

@@ -327,7 +327,16 @@ def test_unet_baseline_and_comparison_table(tmp_path: Path) -> None:
         "| kvasir-seg | 5 min | 0.700 (900 steps) | - | 0.720 (300 steps) "
         "| 0.750 (250 steps), tokens only 0.610 | +0.050 | 2.0-2.5 |"
     ) in table
+    # a U-Net variant is a U-Net column and counts for the lead
+    rows.append(
+        {**rows[3], "key": "jsrt:unet@bf16-aug:15", "method": "unet@bf16-aug", "dice": 0.86}
+    )
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = compare.table(results)
+    assert "| U-Net + text @bf16-aug Dice | mriseg next-token Dice" in table
+    assert "| -0.110 |" in table
     assert compare.done_keys(results) == {
+        "jsrt:unet@bf16-aug:15",
         "kvasir-seg:unet:5",
         "kvasir-seg:next-token:5",
         "kvasir-seg:next-token@refine:5",

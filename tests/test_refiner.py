@@ -324,9 +324,10 @@ def test_refine_code_noise_replaces_the_codes_the_refiner_reads_in_training_only
 
 
 def test_cxr_preset_trains_with_the_levers_measured_on_chest_radiographs() -> None:
-    """docs/benchmarks.md: the refiner, target-cell queries with the cell's image token and
-    scheduled sampling, measured on cxr-infection and JSRT; the shipped model was trained with
-    the preset as it is, and its script does not override it."""
+    """docs/benchmarks.md: the refiner, target-cell queries with the cell's image token,
+    scheduled sampling and the encoder's stage blocks, measured on cxr-infection and JSRT; the
+    shipped model was trained with the preset's other levers, and its script pins the one it
+    predates (``--encoder-stage-blocks 0``) and overrides nothing else."""
     import json
 
     from mrisegcli.config import run_preset
@@ -340,9 +341,12 @@ def test_cxr_preset_trains_with_the_levers_measured_on_chest_radiographs() -> No
         0.5,
     )
     assert s.image_input == "pixels"  # the refiner and the cell image input need it
+    assert s.encoder_stage_blocks == 1
     shipped = json.loads((SHIPPED_DIR / "chest-xray" / "config.json").read_text())
     for field in ("lambda_refine", "mask_positions", "mask_cell_image", "scheduled_sampling"):
         assert shipped["run"]["strategies"][field] == getattr(s, field), field
     script = (Path(__file__).resolve().parents[1] / "examples" / "train_cxr_model.sh").read_text()
     assert "--preset cxr" in script
+    assert shipped["run"]["strategies"].get("encoder_stage_blocks", 0) == 0
+    assert "--encoder-stage-blocks 0" in script
     assert not any(flag in script for flag in ("--lambda-refine", "--mask-positions", "--sched"))

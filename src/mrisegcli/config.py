@@ -110,9 +110,10 @@ def _cpu() -> RunConfig:
 def _cxr() -> RunConfig:
     """The chest-radiograph preset: 128-px input through the conv encoder, 8x8 mask tokens of
     16x16 pixels (a deeper mask tokenizer), the cpu transformer, two reworded copies of every
-    training row; the full-resolution refiner, mask queries on their target cells with the
-    cell's image token, parallel scheduled sampling (docs/method.md; the levers measured in
-    docs/benchmarks.md). About 0.8 s a step on two CPU cores."""
+    training row; the full-resolution refiner reading an image encoder with a residual block
+    after each finer stage, mask queries on their target cells with the cell's image token,
+    parallel scheduled sampling (docs/method.md; the levers measured in docs/benchmarks.md).
+    About 0.8 s a step on two CPU cores with ``--cpu-bf16`` (AVX512-BF16), 1.1 s without."""
     from mrisegcli.tokenizers.mask_vq import MaskVQConfig
     from mrisegcli.tokenizers.multiscale import MultiScaleConfig
 
@@ -128,6 +129,7 @@ def _cxr() -> RunConfig:
             mask_positions="target",
             mask_cell_image=True,
             scheduled_sampling=0.5,
+            encoder_stage_blocks=1,
         ),
         fit=FitConfig(mask_steps=1500, image_steps=600, multiscale_steps=1500),
         train=TrainConfig(
