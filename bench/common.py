@@ -35,7 +35,7 @@ def add_common_args(
 ) -> None:
     """The options every benchmark shares; ``batch``/``warmup``/``repeats`` set the defaults."""
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base", "cpu", "cxr"])
     p.add_argument(
         "--size", type=int, default=128, help="image side in pixels (mask grid = size / 8)"
     )

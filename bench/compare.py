@@ -207,6 +207,7 @@ def table(path: Path) -> str:
         if method in unets:  # a U-Net variant: unet@bf16-aug
             return "U-Net + text @" + method.partition("@")[2]
         return "mriseg " + method
+
     lines = [
         "| data | budget | "
         + " | ".join(f"{label(m)} Dice" for m in methods)
