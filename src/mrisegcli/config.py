@@ -113,7 +113,8 @@ def _cxr() -> RunConfig:
     training row; the full-resolution refiner reading an image encoder with a residual block
     after each finer stage, mask queries on their target cells with the cell's image token,
     parallel scheduled sampling (docs/method.md; the levers measured in docs/benchmarks.md).
-    About 0.8 s a step on two CPU cores with ``--cpu-bf16`` (AVX512-BF16), 1.1 s without."""
+    A step of 32 takes 0.67 s on two CPU cores with ``--cpu-bf16`` (AVX512-BF16), 1.13 s
+    without (``bench/bench_train.py --preset cxr``)."""
     from mrisegcli.tokenizers.mask_vq import MaskVQConfig
     from mrisegcli.tokenizers.multiscale import MultiScaleConfig
 
