@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mrisegcli.metrics import summarize
     from mrisegcli.tokenizers.text import text_vocab_size, train_text_tokenizer
     from mrisegcli.training.augment import augment_pair
-    from mrisegcli.training.loop import cpu_has_native_bf16
+    from mrisegcli.training.loop import TrainConfig, autocast_bf16
     from mrisegcli.workflow.evaluate_model import _score, group_summaries
     from mrisegcli.workflow.prepare import open_dataset
 
@@ -129,9 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    bf16 = args.cpu_bf16 and cpu_has_native_bf16()
-    if args.cpu_bf16 and not bf16:
-        print("this CPU has no native bf16 (AVX512-BF16/AMX): training in float32", file=sys.stderr)
+    # mriseg train's own rule (and its warning where the CPU has no native bf16)
+    bf16 = autocast_bf16(TrainConfig(cpu_bf16=args.cpu_bf16), torch.device("cpu"))
     t0 = time.perf_counter()
     budget = args.max_minutes * 60.0
     ds = open_dataset(args.data, None, seed=args.seed, check=False)

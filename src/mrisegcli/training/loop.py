@@ -10,6 +10,7 @@ indexed along their first axis.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -70,16 +71,17 @@ class TrainingInterrupted(MrisegError):
     """Raised after a checkpoint was saved because SIGTERM/SIGINT arrived."""
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX on x86, BF16 on Arm).
 
     Without it PyTorch emulates bf16 on a CPU, several times slower than float32."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        flags = ""
+        flags = set()
     if flags:
-        return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     try:  # no /proc (macOS, Windows): oneDNN's own check
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
