@@ -61,9 +61,13 @@ def _batch(B: int, g: torch.Generator) -> dict[str, torch.Tensor]:
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.mark.parametrize("prefix_attention", ["causal", "bidirectional"])
-def test_speculative_equals_greedy_with_uneven_acceptance(prefix_attention: str) -> None:
-    model = _trained(prefix_attention)
+@pytest.mark.parametrize(
+    ("prefix_attention", "nktp_k"), [("causal", 3), ("bidirectional", 3), ("bidirectional", 4)]
+)
+def test_speculative_equals_greedy_with_uneven_acceptance(
+    prefix_attention: str, nktp_k: int
+) -> None:
+    model = _trained(prefix_attention, nktp_k=nktp_k)
     b = _batch(12, torch.Generator().manual_seed(7))
     lengths = torch.tensor([5, 3, 4, 5, 2, 5, 1, 5, 4, 3, 5, 2])
     tmask = torch.arange(L)[None, :] < lengths[:, None]  # padded prompts too
