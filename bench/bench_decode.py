@@ -23,7 +23,11 @@ machine's load hits both sides: the cached next-scale vs next-token decode (``he
 the summary's ``next_scale_over_next_token_time``) and, for next-token, steps that read only
 the filled prefix of the KV cache vs the whole cache (``keys_read``; the whole cache is what the
 compiled, fixed-shape step reads). For next-scale, ``parts_ms_per_mask`` splits the decode time
-into the conv image encoder, the quantiser's per-scale f_hat updates and the rest.
+into the conv image encoder, the quantiser's per-scale f_hat updates and the rest, and
+``arithmetic`` counts the transformer's FLOPs per mask, the FLOP/s it reached against a float32
+matmul peak measured in the same run (``--matmul-size``) and the next-scale speed-up over
+next-token that running at that peak would give (the summary's
+``next_scale_speedup_bound_at_peak``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from common import (
     add_common_args,
     args_dict,
     machine_info,
+    matmul_peak,
     random_model,
     random_text,
     run_config,
@@ -429,6 +434,7 @@ def bench_next_scale(args: argparse.Namespace, device: torch.device, rep: Report
     out["parts_ms_per_mask"] = next_scale_parts(
         model, q, image, idx, cached.median, args, device, rep
     )
+    out["arithmetic"] = next_scale_flops(model)
     out["detokenize_ms_per_mask"] = detokenize_ms(
         lambda: q.idx_to_logits(idx), B, args, device, rep
     )
@@ -480,6 +486,68 @@ def next_scale_parts(
     return ms
 
 
+def next_scale_flops(model: torch.nn.Module) -> dict[str, Any]:
+    """FLOPs of one cached next-scale decode per mask, counted from the model's shapes.
+
+    Each pass (the prefill over the condition and scale 0, then one pass per later scale) costs
+    2 * (the transformer's linear weights) per token it processes, plus the output head over the
+    scale tokens, plus attention 4 * dim * queries * keys per layer with every key before and
+    within the pass counted (the block mask is ignored: an upper bound of what attention needs).
+    The conv image encoder and the quantiser are timed apart (``parts_ms_per_mask``)."""
+    lay, tc = model.layout, model.config.transformer
+    lin = sum(
+        m.weight.numel() for m in model.transformer.modules() if isinstance(m, torch.nn.Linear)
+    )
+    head = model.head.weight.numel() + model.code_proj.weight.numel()
+    passes = [lay.n_cond + lay.scale_lengths[0], *lay.scale_lengths[1:]]
+    flops, keys = 0, 0
+    for n in passes:
+        keys += n
+        flops += 2 * n * (lin + head) + 4 * tc.n_layers * tc.dim * n * keys
+    return {
+        "flops_per_mask": flops,
+        "tokens_per_mask": sum(passes),
+        "formula": "sum over passes of 2 n (W_linear + W_head) + 4 n_layers dim n keys",
+    }
+
+
+def arithmetic_bound(
+    ns: dict[str, Any],
+    head_to_head: dict[str, Any] | None,
+    matmul_size: int,
+    repeats: int,
+    device: torch.device,
+    rep: Reporter,
+) -> dict[str, Any]:
+    """How close next-scale's transformer runs to this machine's float32 matmul peak (measured
+    here), and the next-scale speed-up over next-token that running at the peak would give:
+    next-token's ms/mask (head to head) over (FLOPs / peak + image encoder + quantiser)."""
+    peak = matmul_peak(matmul_size, torch.float32, device, repeats)
+    parts, flops = ns["parts_ms_per_mask"], ns["arithmetic"]["flops_per_mask"]
+    achieved = flops / (1e-3 * parts["transformer_and_rest"])
+    at_peak_ms = 1e3 * flops / peak["flops_per_s"] + parts["image_encoder"] + parts["quantiser"]
+    out: dict[str, Any] = {
+        "matmul_peak": peak,
+        "flops_per_s": achieved,
+        "fraction_of_peak": achieved / peak["flops_per_s"],
+        "ms_per_mask_at_peak": at_peak_ms,
+        "speedup_bound_at_peak": None,
+    }
+    rep.line(
+        f"next-scale arithmetic: {flops / 1e9:.2f} GFLOP/mask, {achieved / 1e9:.1f} GFLOP/s "
+        f"= {100 * out['fraction_of_peak']:.0f}% of the float32 matmul peak "
+        f"({peak['flops_per_s'] / 1e9:.0f} GFLOP/s, {matmul_size}^2); at the peak "
+        f"{at_peak_ms:.1f} ms/mask"
+    )
+    if head_to_head is not None:
+        out["speedup_bound_at_peak"] = head_to_head["next_token"]["ms_per_mask"] / at_peak_ms
+        rep.line(
+            f"  next-scale over next-token if its transformer ran at the peak: "
+            f"{out['speedup_bound_at_peak']:.1f}x"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -500,8 +568,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--compile", action="store_true", help="also time the compiled next-token step on a CPU"
     )
+    p.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        help="side of the peak-FLOP/s matmul for next-scale's arithmetic bound "
+        "(default: 2048 on a CPU, 8192 on CUDA; 0 skips it)",
+    )
     args = p.parse_args(argv)
     device = setup(args)
+    if args.matmul_size is None:
+        args.matmul_size = 8192 if device.type == "cuda" else 2048
     rep = Reporter(args)
     rep.line(
         f"decode benchmark: preset {args.preset}, {args.size} px, batch {args.batch}, {device}, "
@@ -534,7 +611,12 @@ def main(argv: list[str] | None = None) -> int:
             f"next-scale / next-token cached decode time: {ratio:.3f} "
             f"(next-scale {1 / ratio:.2f}x faster; {ns['forward_passes']} vs {nt['forward_passes']} forward passes)"
         )
+    if ns is not None and args.matmul_size > 0:
+        ns["arithmetic"].update(
+            arithmetic_bound(ns, head_to_head, args.matmul_size, args.repeats, device, rep)
+        )
     nt_, ns_ = nt or {}, ns or {}
+    bound = ns_.get("arithmetic", {})
     checks = [
         nt_.get("uncached", {}).get("identical"),
         nt_.get("keys_read", {}).get("identical"),
@@ -558,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
                 "next_scale_over_next_token_time": ratio,
                 "next_scale_speedup_over_next_token": None if ratio is None else 1 / ratio,
                 "next_token_prefix_speedup": nt_.get("keys_read", {}).get("prefix_speedup"),
+                "next_scale_fraction_of_peak": bound.get("fraction_of_peak"),
+                "next_scale_speedup_bound_at_peak": bound.get("speedup_bound_at_peak"),
                 "forward_passes_next_token": nt_.get("forward_passes"),
                 "forward_passes_next_scale": ns_.get("forward_passes"),
                 "masks_per_s_next_token_cached": nt_.get("cached", {}).get("masks_per_s"),

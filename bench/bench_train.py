@@ -37,6 +37,7 @@ from common import (
     add_common_args,
     args_dict,
     machine_info,
+    matmul_peak,
     param_count,
     process_peak_rss_mb,
     random_model,
@@ -50,30 +51,6 @@ from mrisegcli.tokenizers.text import text_vocab_size
 from mrisegcli.training.loop import autocast_bf16, make_optimizer
 
 PARADIGMS = ("next-token", "next-scale")
-
-
-def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict[str, Any]:
-    """FLOP/s of an (n, n) @ (n, n) matmul in ``dtype`` (best of ``repeats`` after one warm-up).
-
-    On CUDA each timed call runs 10 matmuls back to back, so launch and sync latency do not count.
-    """
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(device, dtype)
-    b = torch.randn(n, n, generator=gen).to(device, dtype)
-    inner = 10 if device.type == "cuda" else 1
-
-    def run() -> None:
-        for _ in range(inner):
-            torch.matmul(a, b)
-
-    t = time_it(run, device, warmup=1, repeats=repeats)
-    return {
-        "n": n,
-        "dtype": str(dtype).removeprefix("torch."),
-        "matmuls_per_call": inner,
-        **t.to_json(),
-        "flops_per_s": inner * 2 * n**3 / t.min,
-    }
 
 
 def random_batch(

@@ -166,6 +166,30 @@ def time_it(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats
 _MB = 1024 * 1024
 
 
+def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict[str, Any]:
+    """FLOP/s of an (n, n) @ (n, n) matmul in ``dtype`` (best of ``repeats`` after one warm-up).
+
+    On CUDA each timed call runs 10 matmuls back to back, so launch and sync latency do not count.
+    """
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
+    inner = 10 if device.type == "cuda" else 1
+
+    def run() -> None:
+        for _ in range(inner):
+            torch.matmul(a, b)
+
+    t = time_it(run, device, warmup=1, repeats=repeats)
+    return {
+        "n": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "matmuls_per_call": inner,
+        **t.to_json(),
+        "flops_per_s": inner * 2 * n**3 / t.min,
+    }
+
+
 def process_peak_rss_mb() -> float:
     """Peak resident memory of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

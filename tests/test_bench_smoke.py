@@ -34,7 +34,7 @@ SMALL = [
     "--json",
 ]
 RUNS = {
-    "decode": ["bench_decode.py", "--uncached-tokens", "4"],
+    "decode": ["bench_decode.py", "--uncached-tokens", "4", "--matmul-size", "64"],
     "train": ["bench_train.py", "--steps", "1", "--matmul-size", "64"],
     "predict": ["bench_predict.py", "--png-size", "40"],
 }
@@ -129,6 +129,27 @@ def test_decode(outputs):
     ):
         assert s[key] > 0, key
     assert nt["cached"]["memory"]["rss_peak_mb"] >= nt["cached"]["memory"]["rss_start_mb"] > 0
+    # next-scale's arithmetic: the prefill (condition + scale 0), then one pass per later scale
+    ar = ns["arithmetic"]
+    passes = [ns["cond_len"] + 1, 4, 9, 16]
+    assert ar["tokens_per_mask"] == sum(passes)
+    keys = [sum(passes[: i + 1]) for i in range(len(passes))]
+    attention = sum(4 * TINY_LAYERS * TINY_DIM * n * k for n, k in zip(passes, keys, strict=True))
+    qkvo = 2 * 4 * TINY_LAYERS * TINY_DIM**2 * sum(passes)  # the attention projections alone
+    assert ar["flops_per_mask"] > attention + qkvo
+    peak = ar["matmul_peak"]["flops_per_s"]
+    assert ar["fraction_of_peak"] == pytest.approx(ar["flops_per_s"] / peak)
+    parts = ns["parts_ms_per_mask"]
+    assert ar["flops_per_s"] == pytest.approx(
+        ar["flops_per_mask"] / (1e-3 * parts["transformer_and_rest"])
+    )
+    assert ar["ms_per_mask_at_peak"] == pytest.approx(
+        1e3 * ar["flops_per_mask"] / peak + parts["image_encoder"] + parts["quantiser"]
+    )
+    assert s["next_scale_speedup_bound_at_peak"] == pytest.approx(
+        d["head_to_head"]["next_token"]["ms_per_mask"] / ar["ms_per_mask_at_peak"]
+    )
+    assert s["next_scale_fraction_of_peak"] == ar["fraction_of_peak"]
 
 
 def test_train(outputs):
