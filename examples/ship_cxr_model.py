@@ -107,6 +107,9 @@ def card(config: dict, metrics: dict, ev: dict) -> str:
         if budget
         else ""
     )
+    precision = (
+        " (bf16 autocast, float32 weights)" if metrics.get("precision") == "bf16" else ""
+    )
     return f"""---
 library_name: mriseg
 license: cc-by-sa-4.0
@@ -136,7 +139,7 @@ mriseg predict chest.png --text "cardiac silhouette" --overlay
   prompts through a WordPiece text tokenizer with clinical synonym folding (e.g. "consolidation",
   "ground-glass opacity" -> "infection", "lobe" -> "zone", "cardiac silhouette" -> "heart").
 * Trained {metrics["steps"]} steps, {metrics["train_seconds"] / 60:.0f} minutes of training on a 2-core
-  CPU{budget}; best validation Dice {metrics["best_val_dice"]:.3f} at step {metrics["best_step"]}.
+  CPU{precision}{budget}; best validation Dice {metrics["best_val_dice"]:.3f} at step {metrics["best_step"]}.
 * Every training row also appeared in {run["paraphrases"]} generated rewordings of its `target`
   (`mrisegcli.data.paraphrase`). No left/right flips (they would swap the meaning of the text).
 
@@ -232,6 +235,11 @@ def main() -> None:
         else [config["data"]["root"]]
     )
     config["data"]["root"] = [Path(r).name for r in roots]
+    if isinstance(config.get("command"), str):  # the command line, without this machine's paths
+        words = config["command"].split()
+        names = {r: Path(r).name for r in roots} | {str(args.run): "runs/cxr"}
+        words[0] = Path(words[0]).name
+        config["command"] = " ".join(names.get(w.rstrip("/"), w) for w in words)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "evaluation.json").write_text(json.dumps(ev, indent=2) + "\n")
     (tmp / "README.md").write_text(card(config, metrics, ev))
