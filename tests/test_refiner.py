@@ -342,9 +342,20 @@ def test_cxr_preset_trains_with_the_levers_measured_on_chest_radiographs() -> No
     assert s.image_input == "pixels"  # the refiner and the cell image input need it
     assert s.encoder_stage_blocks == 1
     shipped = json.loads((SHIPPED_DIR / "chest-xray" / "config.json").read_text())
-    for field in ("lambda_refine", "mask_positions", "mask_cell_image", "scheduled_sampling"):
+    for field in (
+        "lambda_refine",
+        "mask_positions",
+        "mask_cell_image",
+        "scheduled_sampling",
+        "encoder_stage_blocks",
+    ):
         assert shipped["run"]["strategies"][field] == getattr(s, field), field
     script = (Path(__file__).resolve().parents[1] / "examples" / "train_cxr_model.sh").read_text()
     assert "--preset cxr" in script
     assert "--encoder-stage-blocks" not in script  # the preset's, as measured
     assert not any(flag in script for flag in ("--lambda-refine", "--mask-positions", "--sched"))
+    # the script trains what ships: every option of the shipped run's command is in it
+    options = [w for w in shipped["command"].split() if w.startswith("--")]
+    assert {"--preset", "--cpu-bf16", "--nktp-k", "--max-minutes"} <= set(options)
+    assert all(o in script for o in options), options
+    assert "--nktp-k 4" in script and shipped["run"]["strategies"]["nktp_k"] == 4

@@ -202,23 +202,19 @@ def test_png_radiograph_users_wording(tmp_path: Path) -> None:
 
 @needs_data
 def test_a_finding_that_is_not_there_gives_no_region_mostly(tmp_path: Path) -> None:
-    rows = _rows("cxr-infection", kind="absent")[:16]
-    images = [str(DATA / "cxr-infection" / r["image"]) for r in rows]
-    r = invoke(
-        [
-            "predict",
-            *images,
-            "--text",
-            "Pulmonary infection in the left lung.",
-            "--out",
-            str(tmp_path),
-            "--device",
-            "cpu",
-        ]
-    )
-    lines = r.stdout.strip().splitlines()
-    assert len(lines) == 16
-    assert sum("no region found" in line for line in lines) >= 10, lines
+    """Every normal test radiograph asked for the infection its manifest row names: the model
+    card reports 38 of 48 left empty; at least 70% must be."""
+    rows = _rows("cxr-infection", kind="absent")
+    assert len(rows) == 48
+    found = []
+    for text in sorted({r["text"] for r in rows}):
+        images = [str(DATA / "cxr-infection" / r["image"]) for r in rows if r["text"] == text]
+        out = tmp_path / str(len(found))
+        r = invoke(["predict", *images, "--text", text, "--out", str(out), "--device", "cpu"])
+        lines = r.stdout.strip().splitlines()
+        assert len(lines) == len(images)
+        found += ["no region found" not in line for line in lines]
+    assert len(found) == 48 and sum(found) <= 48 * 0.3, sum(found)
 
 
 def test_a_ct_slice_runs_with_a_warning(tmp_path: Path) -> None:
