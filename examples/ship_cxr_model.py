@@ -107,9 +107,7 @@ def card(config: dict, metrics: dict, ev: dict) -> str:
         if budget
         else ""
     )
-    precision = (
-        " (bf16 autocast, float32 weights)" if metrics.get("precision") == "bf16" else ""
-    )
+    precision = " (bf16 autocast, float32 weights)" if metrics.get("precision") == "bf16" else ""
     return f"""---
 library_name: mriseg
 license: cc-by-sa-4.0
