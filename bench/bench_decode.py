@@ -46,9 +46,11 @@ from common import (
     Reporter,
     Timing,
     add_common_args,
+    add_matmul_size_arg,
     args_dict,
     machine_info,
     matmul_peak,
+    matmul_size,
     random_model,
     random_text,
     run_config,
@@ -514,7 +516,7 @@ def next_scale_flops(model: torch.nn.Module) -> dict[str, Any]:
 def arithmetic_bound(
     ns: dict[str, Any],
     head_to_head: dict[str, Any] | None,
-    matmul_size: int,
+    matmul_side: int,
     repeats: int,
     device: torch.device,
     rep: Reporter,
@@ -522,7 +524,7 @@ def arithmetic_bound(
     """How close next-scale's transformer runs to this machine's float32 matmul peak (measured
     here), and the next-scale speed-up over next-token that running at the peak would give:
     next-token's ms/mask (head to head) over (FLOPs / peak + image encoder + quantiser)."""
-    peak = matmul_peak(matmul_size, torch.float32, device, repeats)
+    peak = matmul_peak(matmul_side, torch.float32, device, repeats)
     parts, flops = ns["parts_ms_per_mask"], ns["arithmetic"]["flops_per_mask"]
     achieved = flops / (1e-3 * parts["transformer_and_rest"])
     at_peak_ms = 1e3 * flops / peak["flops_per_s"] + parts["image_encoder"] + parts["quantiser"]
@@ -536,7 +538,7 @@ def arithmetic_bound(
     rep.line(
         f"next-scale arithmetic: {flops / 1e9:.2f} GFLOP/mask, {achieved / 1e9:.1f} GFLOP/s "
         f"= {100 * out['fraction_of_peak']:.0f}% of the float32 matmul peak "
-        f"({peak['flops_per_s'] / 1e9:.0f} GFLOP/s, {matmul_size}^2); at the peak "
+        f"({peak['flops_per_s'] / 1e9:.0f} GFLOP/s, {matmul_side}^2); at the peak "
         f"{at_peak_ms:.1f} ms/mask"
     )
     if head_to_head is not None:
@@ -568,17 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--compile", action="store_true", help="also time the compiled next-token step on a CPU"
     )
-    p.add_argument(
-        "--matmul-size",
-        type=int,
-        default=None,
-        help="side of the peak-FLOP/s matmul for next-scale's arithmetic bound "
-        "(default: 2048 on a CPU, 8192 on CUDA; 0 skips it)",
-    )
+    add_matmul_size_arg(p, also="; next-scale's arithmetic bound, 0 skips it")
     args = p.parse_args(argv)
     device = setup(args)
-    if args.matmul_size is None:
-        args.matmul_size = 8192 if device.type == "cuda" else 2048
+    args.matmul_size = matmul_size(args, device)
     rep = Reporter(args)
     rep.line(
         f"decode benchmark: preset {args.preset}, {args.size} px, batch {args.batch}, {device}, "

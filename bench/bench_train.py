@@ -35,9 +35,11 @@ from common import (
     PeakMemory,
     Reporter,
     add_common_args,
+    add_matmul_size_arg,
     args_dict,
     machine_info,
     matmul_peak,
+    matmul_size,
     param_count,
     process_peak_rss_mb,
     random_model,
@@ -174,18 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="AdamW(fused=True) with make_optimizer's groups instead of make_optimizer's own",
     )
-    p.add_argument(
-        "--matmul-size",
-        type=int,
-        default=None,
-        help="side of the peak-FLOP/s matmul (default: 2048 on a CPU, 8192 on CUDA)",
-    )
+    add_matmul_size_arg(p)
     args = p.parse_args(argv)
     device = setup(args)
+    args.matmul_size = matmul_size(args, device)
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
-    if args.matmul_size is None:
-        args.matmul_size = 8192 if device.type == "cuda" else 2048
     rep = Reporter(args)
     rep.line(
         f"train benchmark: preset {args.preset}, {args.size} px, batch {args.batch}, {device}, "

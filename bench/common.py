@@ -166,6 +166,23 @@ def time_it(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats
 _MB = 1024 * 1024
 
 
+def add_matmul_size_arg(p: argparse.ArgumentParser, also: str = "") -> None:
+    """``--matmul-size``: the side of the peak-FLOP/s matmul (see :func:`matmul_size`)."""
+    p.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        help=f"side of the peak-FLOP/s matmul (default: 2048 on a CPU, 8192 on CUDA{also})",
+    )
+
+
+def matmul_size(args: argparse.Namespace, device: torch.device) -> int:
+    """``--matmul-size`` as given, else large enough to reach the peak on ``device``."""
+    if args.matmul_size is None:
+        return 8192 if device.type == "cuda" else 2048
+    return args.matmul_size
+
+
 def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict[str, Any]:
     """FLOP/s of an (n, n) @ (n, n) matmul in ``dtype`` (best of ``repeats`` after one warm-up).
 

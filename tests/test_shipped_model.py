@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +298,35 @@ def test_python_api_on_files_matches_the_ground_truth() -> None:
     rows = _rows("jsrt", target="heart")[:3]
     masks = Segmenter.load().segment([DATA / "jsrt" / r["image"] for r in rows], "heart")
     assert np.mean([dice_iou(m, _gt("jsrt", r))[0] for m, r in zip(masks, rows, strict=True)]) > 0.8
+
+
+@needs_data
+def test_the_readme_first_command_script(tmp_path: Path) -> None:
+    """examples/readme_first_command.py: a 12-bit MONOCHROME1 CR file of a cxr-infection test
+    radiograph, the README's command on it, a DICOM SEG referencing it that covers the
+    radiologists' infection mask; run twice, the second run replaces its own output."""
+    import subprocess
+    import sys
+
+    import pydicom
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "readme_first_command.py"
+    cmd = [sys.executable, str(script), "--data", str(DATA), "--out", str(tmp_path)]
+    for _ in range(2):
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, ENV_VAR: ""})
+        assert r.returncode == 0, r.stderr
+    assert 'predict chest.dcm --text "bilateral lower lobe opacity"' in r.stderr
+    assert "chest.dcm -> chest_mask.dcm (" in r.stdout and "presence" in r.stdout
+    cr = pydicom.dcmread(tmp_path / "chest.dcm")
+    assert (cr.Modality, cr.PhotometricInterpretation, cr.BitsStored, cr.Rows) == (
+        "CR",
+        "MONOCHROME1",
+        12,
+        2048,
+    )
+    seg = pydicom.dcmread(tmp_path / "chest_mask.dcm")
+    assert seg.Modality == "SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == cr.SeriesInstanceUID
+    row = _rows("cxr-infection", target="infection:left+right:lower")[0]  # the script's row
+    pred = np.asarray(Image.fromarray(seg.pixel_array.astype(np.uint8) * 255).resize((256, 256)))
+    assert dice_iou(pred > 127, _gt("cxr-infection", row))[0] > 0.5
