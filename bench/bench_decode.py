@@ -63,6 +63,7 @@ from mrisegcli.decode.next_scale import generate_scales, generate_scales_uncache
 from mrisegcli.decode.next_token import MaskGenerator, generate_masks_uncached
 from mrisegcli.decode.sampling import sample
 from mrisegcli.tokenizers.text import text_vocab_size
+from mrisegcli.training.loop import cpu_has_native_bf16
 
 Result = tuple[dict[str, Any], Callable[[], Any]]  # (numbers, the cached decode to time again)
 
@@ -440,17 +441,28 @@ def bench_next_scale(args: argparse.Namespace, device: torch.device, rep: Report
     out["detokenize_ms_per_mask"] = detokenize_ms(
         lambda: q.idx_to_logits(idx), B, args, device, rep
     )
-    if device.type == "cuda":
-        t = time_it(
-            lambda: cached_fn(torch.bfloat16), device, warmup=args.warmup, repeats=args.repeats
+    if device.type == "cuda" or cpu_has_native_bf16():
+        # bf16 autocast (a CPU: only where it multiplies bf16 natively); greedy codes may differ
+        # from float32's where two codes are nearly tied, so they are compared and reported
+        pair = time_interleaved(
+            {"fp32": cached_fn, "bf16": lambda: cached_fn(torch.bfloat16)},
+            device,
+            warmup=args.warmup,
+            repeats=args.repeats,
         )
+        t, t32 = pair["bf16"], pair["fp32"]
+        idx16 = cached_fn(torch.bfloat16)
+        agree = sum(int((a == b).sum()) for a, b in zip(idx, idx16, strict=True))
         out["bf16"] = {
             **t.to_json(),
+            "ms_per_mask": 1e3 * t.median / B,
             "masks_per_s": B / t.median,
-            "speedup_vs_fp32": cached.median / t.median,
+            "speedup_vs_fp32": t32.median / t.median,
+            "codes_same_as_fp32": agree / sum(a.numel() for a in idx),
         }
         rep.line(
-            f"  bf16     : {B / t.median:9.2f} masks/s  ({cached.median / t.median:.2f}x fp32)"
+            f"  bf16     : {B / t.median:9.2f} masks/s  ({t32.median / t.median:.2f}x fp32 timed "
+            f"in turns; {100 * out['bf16']['codes_same_as_fp32']:.1f}% of codes as fp32)"
         )
     return out, cached_fn
 
@@ -635,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
                 "next_scale_over_next_token_time": ratio,
                 "next_scale_speedup_over_next_token": None if ratio is None else 1 / ratio,
                 "next_token_prefix_speedup": nt_.get("keys_read", {}).get("prefix_speedup"),
+                "next_scale_bf16_speedup_vs_fp32": ns_.get("bf16", {}).get("speedup_vs_fp32"),
                 "next_scale_fraction_of_peak": bound.get("fraction_of_peak"),
                 "next_scale_speedup_bound_at_peak": bound.get("speedup_bound_at_peak"),
                 "forward_passes_next_token": nt_.get("forward_passes"),

@@ -2,10 +2,10 @@
 # Evaluate the chest-radiograph run on the test splits (canonical texts, text removed) and on the
 # unseen-wording test set, then copy it into the package with its metrics and model card.
 #
-#   bash examples/evaluate_cxr_model.sh               # RUN=runs/cxr EVAL=work/cxr-eval DATA=../shared/data
+#   bash examples/evaluate_cxr_model.sh               # RUN=runs/cxr-fast EVAL=work/cxr-eval DATA=../shared/data
 set -euo pipefail
 DATA=${DATA:-../shared/data}
-RUN=${RUN:-runs/cxr}
+RUN=${RUN:-runs/cxr-fast}
 EVAL=${EVAL:-work/cxr-eval}
 mkdir -p "$EVAL"
 SECONDS=0

@@ -150,6 +150,16 @@ def test_decode(outputs):
         d["head_to_head"]["next_token"]["ms_per_mask"] / ar["ms_per_mask_at_peak"]
     )
     assert s["next_scale_fraction_of_peak"] == ar["fraction_of_peak"]
+    # bf16 next-scale decoding is timed where the CPU multiplies bf16 natively, never elsewhere
+    from mrisegcli.training.loop import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():
+        bf = ns["bf16"]
+        assert bf["speedup_vs_fp32"] == s["next_scale_bf16_speedup_vs_fp32"] > 0
+        assert 0 <= bf["codes_same_as_fp32"] <= 1
+        assert bf["ms_per_mask"] == pytest.approx(1e3 * bf["median_s"] / d["args"]["batch"])
+    else:
+        assert "bf16" not in ns and s["next_scale_bf16_speedup_vs_fp32"] is None
 
 
 def test_train(outputs):

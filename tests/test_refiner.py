@@ -358,4 +358,8 @@ def test_cxr_preset_trains_with_the_levers_measured_on_chest_radiographs() -> No
     options = [w for w in shipped["command"].split() if w.startswith("--")]
     assert {"--preset", "--cpu-bf16", "--nktp-k", "--max-minutes"} <= set(options)
     assert all(o in script for o in options), options
-    assert "--nktp-k 4" in script and shipped["run"]["strategies"]["nktp_k"] == 4
+    # trained with three drafting heads, then refitted to five (`mriseg draft-heads`)
+    assert "--nktp-k 4" in script and shipped["draft_heads"]["k_before"] == 4
+    heads = shipped["draft_heads"]["k"]
+    assert shipped["run"]["strategies"]["nktp_k"] == shipped["model"]["nktp_k"] == heads == 6
+    assert "mriseg draft-heads" in script and f"--heads {heads}" in script

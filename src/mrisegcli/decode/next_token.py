@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mrisegcli.decode.sampling import Sampler, logits_to_probs
 from mrisegcli.models.next_token import NextTokenSegmenter
@@ -180,9 +181,8 @@ def generate_masks_speculative(
             break
         h_BLC = model.decode_block(block_BL[:, :L_feed], lay.prefix_len + n)
         passes += 1
-        # (B, L_feed, k): after block[:, :t+1], the main head's code n+1+t, then the guesses
-        next_BLk = model.draft_logits(h_BLC).argmax(-1)
-        choice_BL = next_BLk[:, :, 0]
+        # (B, L_feed): after block[:, :t+1], the main head's code n+1+t
+        choice_BL = F.linear(h_BLC, model.mask_head.weight).argmax(-1)
         agree_BL = choice_BL[:, : L - 1] == block_BL[:, 1:]  # guess t+1 matches the main head
         kept = agree_BL.long().cumprod(1).sum(1).tolist()  # guesses kept per sequence
         a = min(kept)
@@ -191,8 +191,10 @@ def generate_masks_speculative(
         accepted += sum(kept)
         codes_BN[:, n : n + a + 1] = block_BL[:, : a + 1]
         n += a + 1
-        if n < N:  # then a < L_feed: the state after the kept codes predicts code n
-            draft_Bk = next_BLk[:, a]
+        if n < N:  # then a < L_feed: the state after the kept codes predicts code n; only
+            # its guesses are needed (drafting from every state would cost k x the logits)
+            draft_Bk = model.draft_logits(h_BLC[:, a]).argmax(-1)
+            draft_Bk[:, 0] = choice_BL[:, a]  # code n as verified (the same head, same state)
     if stats is not None:
         stats.update(
             passes=float(passes),

@@ -7,6 +7,7 @@ an uncertainty map) whatever the paradigm; ``load_segmenter`` rebuilds one from 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,14 +266,21 @@ class Segmenter:
         return Prediction(torch.cat(probs), torch.cat(uncs) if uncs else None, steps_out, parts_out)
 
 
-def save_model(model: torch.nn.Module, run_dir: Path) -> Path:
-    """``model.safetensors`` of a run (weights only; the config lives in config.json)."""
+def save_model(
+    model: torch.nn.Module, run_dir: Path, keep: Callable[[str], bool] | None = None
+) -> Path:
+    """``model.safetensors`` of a run (weights only; the config lives in config.json); ``keep``
+    chooses the tensors by name (default: all)."""
     from safetensors.torch import save_file
 
     from mrisegcli.io.atomic import atomic_path
 
     path = run_dir / MODEL_FILE
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if keep is None or keep(k)
+    }
     with atomic_path(path, overwrite=True) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "mriseg-model-1"})
     return path

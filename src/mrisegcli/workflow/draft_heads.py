@@ -1,0 +1,180 @@
+"""``mriseg draft-heads``: refit a next-token model's drafting heads to its own greedy decoding.
+
+Reads the train split of ``--data`` (fitting) and its val split (selection; without one, the
+last tenth of the train cases), fits the heads (:mod:`mrisegcli.training.draft_heads`) and
+writes a new run folder: the source run's files, the new weights and a config.json whose
+``model.nktp_k`` is the new head count and whose ``draft_heads`` entry records what was done.
+The source folder is never changed. Before anything is written, speculative decoding with the
+new heads is checked to give the plain greedy codes on the selection cases.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mrisegcli import runfolder
+from mrisegcli.errors import MrisegError
+from mrisegcli.runinfo import read_config, write_config
+from mrisegcli.workflow.prepare import StageFactory, _no_stage, open_dataset
+from mrisegcli.workflow.segmenter import (
+    Segmenter,
+    _weights_header,
+    load_segmenter,
+    save_model,
+)
+
+#: files of a run folder that are not carried over (training state, caches, locks)
+_SKIP = {runfolder.CHECKPOINTS, runfolder.CACHE, runfolder.LOCK}
+
+
+def _batches(seg: Segmenter, cases: list, batch: int, stage: StageFactory, what: str):
+    """(model input, text ids, text mask) per batch of ``cases``, read as needed."""
+    from mrisegcli.data.loading import load_split_arrays
+
+    with stage(f"decoding {len(cases)} {what} cases", len(cases)) as progress:
+        for s in range(0, len(cases), batch):
+            part = cases[s : s + batch]
+            images, _ = load_split_arrays(part, seg.image_size)
+            x = seg._image_input(torch.from_numpy(images)[:, None].to(seg.device))
+            ids, tmask = seg.encode_text([c.text for c in part])
+            yield x, ids.to(seg.device), tmask.to(seg.device)
+            progress(min(s + batch, len(cases)), len(cases))
+
+
+def _check_out(out: Path, source: Path, overwrite: bool) -> None:
+    if out.resolve() == source.resolve():
+        raise MrisegError("is the source run: write the new model to another folder", out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise MrisegError("exists and is not empty (pass --overwrite to replace it)", out)
+
+
+def _same_codes(seg: Segmenter, batches: list[tuple[torch.Tensor, ...]]) -> tuple[bool, float]:
+    """Speculative (batch 1) against plain greedy codes on ``batches``; passes per mask."""
+    from mrisegcli.decode.next_token import generate_masks, generate_masks_speculative
+
+    model, same, passes, n = seg.model, True, 0.0, 0
+    with torch.no_grad():
+        for x, ids, tmask in batches:
+            plain = generate_masks(model, x, ids, tmask)
+            for i in range(x.shape[0]):
+                stats: dict[str, float] = {}
+                fast = generate_masks_speculative(
+                    model, x[i : i + 1], ids[i : i + 1], tmask[i : i + 1], stats=stats
+                )
+                same &= bool(torch.equal(fast, plain[i : i + 1]))
+                passes += stats["passes"]
+                n += 1
+    return same, passes / max(n, 1)
+
+
+def refit_draft_heads(
+    run_dir: Path,
+    data: list[Path],
+    out: Path,
+    *,
+    heads: int,
+    steps: int = 1500,
+    max_cases: int | None = None,
+    seed: int = 0,
+    device: torch.device | None = None,
+    overwrite: bool = False,
+    command: str | None = None,
+    source: str | None = None,
+    stage: StageFactory = _no_stage,
+) -> dict[str, Any]:
+    """Fit ``heads`` - 1 drafting heads of the next-token model in ``run_dir`` on the train split
+    of ``data`` and write the model to ``out`` -> the report (also in out's config.json).
+    ``source`` and ``command`` are recorded as given (the model's name, the command line)."""
+    from mrisegcli.training.draft_heads import collect_states, fit_draft_heads
+
+    run_dir, out = Path(run_dir), Path(out)
+    _check_out(out, run_dir, overwrite)
+    if heads < 2:
+        raise MrisegError(f"--heads must be at least 2 (the main head and one draft), got {heads}")
+    t0 = time.perf_counter()
+    seg = load_segmenter(run_dir, device or torch.device("cpu"))
+    if seg.paradigm != "next-token":
+        raise MrisegError("draft heads are for next-token models (this one is next-scale)", run_dir)
+    ds = open_dataset([Path(d) for d in data], None, check=False)
+    train = ds.split("train")
+    if not train:
+        raise MrisegError(f"dataset has no 'train' split (it has {ds.splits()})", data[0])
+    val = ds.split("val")
+    rng = np.random.default_rng(seed)
+    if max_cases is not None and len(train) > max_cases:
+        train = [train[i] for i in sorted(rng.choice(len(train), max_cases, replace=False))]
+    if not val:  # hold out the last tenth of the train cases for the selection
+        n_val = max(1, len(train) // 10)
+        if len(train) - n_val < 1:
+            raise MrisegError("too few train cases to fit and select draft heads", data[0])
+        train, val = train[:-n_val], train[-n_val:]
+    val = val[:512]
+    batch = min(32, seg.batch_size)
+    seg.model.eval()
+    torch.manual_seed(seed)
+    tr = collect_states(seg.model, _batches(seg, train, batch, stage, "train"))
+    check = list(_batches(seg, val, batch, stage, "val"))
+    va = collect_states(seg.model, check)
+    with stage(f"fitting {heads - 1} draft heads, {steps} steps", None):
+        report = fit_draft_heads(seg.model, tr, va, k=heads, steps=steps, seed=seed)
+    with stage("checking speculative codes against greedy", None):
+        same, passes = _same_codes(seg, check[:2])
+    if not same:
+        raise MrisegError(
+            "speculative decoding with the new heads changed the greedy codes (nothing written)",
+            run_dir,
+        )
+    result = {
+        **report.to_json(),
+        "identical_codes_checked": sum(int(b[0].shape[0]) for b in check[:2]),
+        "check_passes_per_mask": passes,
+        "data": [str(d) for d in data],
+        "seed": seed,
+        "source": source or str(run_dir),
+        "command": command,
+        "total_seconds": time.perf_counter() - t0,
+    }
+    _write_run(run_dir, out, seg, result, overwrite)
+    return result
+
+
+def _write_run(
+    run_dir: Path, out: Path, seg: Segmenter, report: dict[str, Any], overwrite: bool
+) -> None:
+    """Copy the run to a temporary sibling of ``out``, replace its weights and config, then move
+    it into place (an interrupted write leaves ``out`` as it was)."""
+    tmp = out.with_name(f".{out.name}.tmp-draft-heads")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for p in run_dir.iterdir():
+            if p.name in _SKIP or p.name.startswith("."):
+                continue
+            if p.is_file():
+                shutil.copy2(p, tmp / p.name)
+        # the tensors the source stored (a shipped model leaves training-only buffers out), and
+        # the new heads
+        stored = set(_weights_header(run_dir / runfolder.MODEL))
+        save_model(seg.model, tmp, keep=lambda k: k in stored or k.startswith("nktp."))
+        config = read_config(run_dir)
+        config["model"]["nktp_k"] = report["k"]
+        config.setdefault("run", {}).setdefault("strategies", {})["nktp_k"] = report["k"]
+        config["draft_heads"] = report
+        config.pop("schema", None)
+        config.pop("mriseg_version", None)
+        write_config(tmp, config)
+        if out.exists():
+            if not overwrite:
+                raise MrisegError("exists (pass --overwrite to replace it)", out)
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
