@@ -12,7 +12,8 @@ of the machine's load hits both sides:
 
 * ``passes_per_mask``: forward passes after prefill, plain (one per code but the last) and
   speculative; ``acceptance``: the share of drafted codes the main head agreed with;
-* ``ms_per_mask`` at batch 1 (every case in turn) and at ``--batch``, and their ratio;
+* ``ms_per_mask`` at batch 1 (every case in turn) and at ``--batch``, and their ratio (medians
+  over ``--repeats`` turns; ``speedup_batch1_per_turn``: each turn's own ratio);
 * ``identical``: whether both decoders gave the same codes on every case (they must);
 * ``predict_ms``: one warm ``Segmenter.predict`` call on one image (what ``mriseg predict``
   does per 2-D input once the model is loaded), speculative on.
@@ -56,7 +57,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(out)
 
 
-def main() -> None:  # noqa: C901 -- split pending
+def main(argv: list[str] | None = None) -> dict:  # noqa: C901 -- split pending
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--model", default=None, help="run folder or shipped model (default: the shipped one)"
@@ -68,7 +69,7 @@ def main() -> None:  # noqa: C901 -- split pending
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -167,6 +168,9 @@ def main() -> None:  # noqa: C901 -- split pending
             f"speculative_batch{b}": 1e3 * med["spec_b"] / b,
         },
         "speedup_batch1": med["plain_1"] / med["spec_1"],
+        # each turn's own ratio (plain then speculative, back to back): the machine's speed
+        # drifts between turns more than within one
+        "speedup_batch1_per_turn": [p / q for p, q in zip(t["plain_1"], t["spec_1"], strict=True)],
         f"speedup_batch{b}": med["plain_b"] / med["spec_b"],
         "predict_ms": 1e3 * predict_s,
     }
@@ -177,6 +181,7 @@ def main() -> None:  # noqa: C901 -- split pending
         sys.stdout.write(json.dumps(out) + "\n")
     else:
         print(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":

@@ -438,3 +438,20 @@ def test_fixed_steps_runs_each_variant_from_the_reference_tokenizers(tmp_path: P
     assert (tmp_path / "work" / "cell" / "mask_vq.safetensors").read_bytes() == (
         ref / "mask_vq.safetensors"
     ).read_bytes()
+
+
+def test_trained_decode_on_the_shipped_model() -> None:
+    """``bench_trained_decode.py``: speculative against plain greedy on the shipped model (noise
+    images, as without --data): identical codes, the pass counts and ratios it prints."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_trained_decode
+    finally:
+        sys.path.remove(str(BENCH))
+    out = bench_trained_decode.main(["--n", "2", "--batch", "2", "--repeats", "2", "--json"])
+    assert out["model"] == "chest-xray" and out["cases"] == 2 and out["identical"] is True
+    passes = out["passes_per_mask"]
+    assert passes["plain"] == 63 and 0 < passes["speculative_batch1"] <= 63
+    assert out["fewer_passes_batch1"] == pytest.approx(63 / passes["speculative_batch1"])
+    assert len(out["speedup_batch1_per_turn"]) == 2 and out["speedup_batch1"] > 0
+    assert 0 <= out["acceptance"] <= 1 and out["predict_ms"] > 0

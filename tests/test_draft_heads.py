@@ -66,7 +66,12 @@ def test_refitted_heads_draft_more_and_keep_the_codes() -> None:
     before = passes()
     w = model.mask_head.weight.detach()
     predicted = passes_per_mask(draft_runs(model.nktp, w, *val[::-1]))
-    report = fit_draft_heads(model, train, val, k=4, steps=300, seed=0)
+    heard: list[tuple] = []
+    report = fit_draft_heads(
+        model, train, val, k=4, steps=300, seed=0, progress=lambda *a: heard.append(a)
+    )
+    assert [h[0] for h in heard] == list(range(100, 301, 100)) and heard[0][1] == 300
+    assert report.val_passes_per_mask <= min(h[2]["val_passes"] for h in heard)  # or step 0
     assert report.k_before == 2 and report.k == 4 and model.nktp.k == 4
     assert model.config.nktp_k == 4
     assert report.val_passes_per_mask_before == pytest.approx(predicted)

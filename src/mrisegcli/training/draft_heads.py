@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +130,7 @@ def fit_draft_heads(
     lr: float = 3e-3,
     seed: int = 0,
     eval_every: int = 100,
+    progress: Callable[..., None] | None = None,
 ) -> DraftReport:
     """Fit k-1 draft heads on (codes (M, N), states (M, N, C)) from :func:`collect_states` and
     install them in ``model`` (``model.nktp``, ``model.config.nktp_k``).
@@ -138,7 +139,9 @@ def fit_draft_heads(
     were kept; the selection below weighs that in). The model's own heads start the first ones
     (new heads start at zero, i.e. as the main head). Selection: the step with the fewest
     verifying passes per mask on ``val`` (:func:`passes_per_mask`); when the model's current
-    heads need fewer, they stay and the report says so (``k`` = ``k_before``).
+    heads need fewer, they stay and the report says so (``k`` = ``k_before``). ``progress``
+    (a :class:`mrisegcli.progress.StageProgress`, say) hears (step, steps, metrics) at
+    every evaluation.
     """
     if k < 2:
         raise ValueError(f"draft heads need k >= 2, got {k}")
@@ -182,6 +185,8 @@ def fit_draft_heads(
             p = passes_per_mask(draft_runs(heads, w, h_va, codes_va))
             if p < best[0]:
                 best = (p, step, copy.deepcopy(heads))
+            if progress is not None:
+                progress(step, steps, {"loss": loss.detach().item(), "val_passes": p})
     seconds = time.perf_counter() - t0
     passes, best_step, heads = best
     if before_heads is not None and passes_before <= passes:  # ours are no better: keep theirs

@@ -119,10 +119,18 @@ def refit_draft_heads(
     seg.model.eval()
     torch.manual_seed(seed)
     tr = collect_states(seg.model, _batches(seg, train, batch, stage, "train"))
-    check = list(_batches(seg, val, batch, stage, "val"))
-    va = collect_states(seg.model, check)
-    with stage(f"fitting {heads - 1} draft heads, {steps} steps", None):
-        report = fit_draft_heads(seg.model, tr, va, k=heads, steps=steps, seed=seed)
+    check: list[tuple[torch.Tensor, ...]] = []  # the val batches, kept for the final check
+
+    def kept(batches):
+        for b in batches:
+            check.append(b)
+            yield b
+
+    va = collect_states(seg.model, kept(_batches(seg, val, batch, stage, "val")))
+    with stage(f"fitting {heads - 1} draft heads", steps) as progress:
+        report = fit_draft_heads(
+            seg.model, tr, va, k=heads, steps=steps, seed=seed, progress=progress
+        )
     with stage("checking speculative codes against greedy", None):
         same, passes = _same_codes(seg, check[:2])
     if not same:
