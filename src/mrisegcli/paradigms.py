@@ -59,6 +59,8 @@ class Paradigm:
     has_steps: ClassVar[bool] = False
     #: ``evaluate --teacher-forced`` applies
     teacher_forcing: ClassVar[bool] = False
+    #: decoding is drafted by the model's own heads (``mriseg draft-heads`` applies)
+    drafts: ClassVar[bool] = False
 
     def tokenizers(self, image_input: str) -> tuple[str, ...]:
         """Names of the image/mask tokenizers a run needs (the text tokenizer always)."""
@@ -121,6 +123,7 @@ class NextToken(Paradigm):
 
     name = "next-token"
     teacher_forcing = True
+    drafts = True
 
     def tokenizers(self, image_input: str) -> tuple[str, ...]:
         return ("mask_vq", "image_vq") if image_input == "codes" else ("mask_vq",)

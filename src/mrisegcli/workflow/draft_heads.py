@@ -99,8 +99,10 @@ def refit_draft_heads(
         raise MrisegError(f"--heads must be at least 2 (the main head and one draft), got {heads}")
     t0 = time.perf_counter()
     seg = load_segmenter(run_dir, device or torch.device("cpu"))
-    if seg.paradigm != "next-token":
-        raise MrisegError("draft heads are for next-token models (this one is next-scale)", run_dir)
+    if not seg.impl.drafts:
+        raise MrisegError(
+            f"draft heads are for next-token models (this one is {seg.paradigm})", run_dir
+        )
     ds = open_dataset([Path(d) for d in data], None, check=False)
     train = ds.split("train")
     if not train:
