@@ -108,6 +108,15 @@ def card(config: dict, metrics: dict, ev: dict) -> str:
         else ""
     )
     precision = " (bf16 autocast, float32 weights)" if metrics.get("precision") == "bf16" else ""
+    dh = config.get("draft_heads")
+    drafting = (
+        f"\n* Greedy decoding is drafted by {dh['k'] - 1} heads refitted to the model's own greedy codes "
+        f"(`mriseg draft-heads`):\n  {dh['val_passes_per_mask']:.1f} verifying passes per mask on "
+        f"{dh['val_sequences']} validation cases instead of {dh['val_passes_per_mask_before']:.1f} "
+        "with the heads as trained; the masks are the same."
+        if dh
+        else ""
+    )
     return f"""---
 library_name: mriseg
 license: cc-by-sa-4.0
@@ -139,7 +148,7 @@ mriseg predict chest.png --text "cardiac silhouette" --overlay
 * Trained {metrics["steps"]} steps, {metrics["train_seconds"] / 60:.0f} minutes of training on a 2-core
   CPU{precision}{budget}; best validation Dice {metrics["best_val_dice"]:.3f} at step {metrics["best_step"]}.
 * Every training row also appeared in {run["paraphrases"]} generated rewordings of its `target`
-  (`mrisegcli.data.paraphrase`). No left/right flips (they would swap the meaning of the text).
+  (`mrisegcli.data.paraphrase`). No left/right flips (they would swap the meaning of the text).{drafting}
 
 ## Training data
 
@@ -191,8 +200,8 @@ Unseen-wording test set per kind:
 ## Reproduce
 
 ```bash
-bash examples/train_cxr_model.sh          # RUN=runs/cxr, DATA=../shared/data
-bash examples/evaluate_cxr_model.sh       # test splits, unseen wordings, copies the run here
+bash examples/train_cxr_model.sh          # RUN=runs/cxr (then runs/cxr-fast), DATA=../shared/data
+bash examples/evaluate_cxr_model.sh       # test splits, unseen wordings, copies runs/cxr-fast here
 ```
 """
 

@@ -2,7 +2,9 @@
 
 Besides the main head (hidden state at t -> token t+1), k-1 light heads predict tokens
 t+2 .. t+k from the same hidden state, so each state must carry information about a longer
-stretch of the mask than the single next code. The extra heads are used only in training.
+stretch of the mask than the single next code. At inference the extra heads draft codes for
+self-speculative decoding (:func:`mrisegcli.decode.next_token.generate_masks_speculative`;
+``mriseg draft-heads`` refits them to the model's own greedy codes for that).
 
     L_nktp = sum_{j=2..k} gamma^(j-1) * CE(head_j(h_t), y_{t+j-1})
 
