@@ -1356,7 +1356,8 @@ def draft_heads(
         ),
     ] = None,
     heads: Annotated[
-        int, typer.Option(min=2, help="Tokens drafted per pass: the main head plus heads-1 drafts.")
+        int,
+        typer.Option(min=2, help="Codes per verifying pass: the main head's and heads-1 drafted."),
     ] = 6,
     steps: Annotated[int, typer.Option(min=1, help="Optimisation steps of the heads.")] = 1500,
     max_cases: Annotated[
