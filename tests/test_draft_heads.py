@@ -140,6 +140,18 @@ def test_cli_writes_a_new_run_and_keeps_the_source(tmp_path: Path) -> None:
     r = invoke([*args, "--heads", "3", "--steps", "5", "--device", "cpu", "--overwrite", "--json"])
     assert json.loads((out / "config.json").read_text())["draft_heads"]["steps"] == 5
 
+    # --max-cases draws a subset of the train split; without a val split the loader carves one
+    # (a tenth of the 12 train cases) from train, as for training
+    noval = tmp_path / "noval"
+    invoke(
+        ["synth", str(noval), "--n-train", "12", "--n-val", "0", "--n-test", "2", "--size", "32"]
+    )
+    r = invoke(["draft-heads", "--model", str(run), "--data", str(noval), "--out",
+                str(tmp_path / "sub"), "--max-cases", "10", "--steps", "5", "--device", "cpu",
+                "--json"])  # fmt: skip
+    sub = json.loads(r.stdout)
+    assert (sub["train_sequences"], sub["val_sequences"]) == (10, 1)
+
 
 def test_cli_refuses_a_next_scale_model(tmp_path: Path) -> None:
     data = tmp_path / "data"

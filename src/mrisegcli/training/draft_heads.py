@@ -65,14 +65,28 @@ def collect_states(
     return torch.cat(codes), torch.cat(states)
 
 
-def draft_runs(heads: NextKHeads, head_weight: torch.Tensor, states_MNC, codes_MN) -> torch.Tensor:
-    """How many drafted codes verification would keep from every state -> (M, N) int: the run
-    of leading heads j = 1 .. k-1 whose guess at state n equals greedy code n + j."""
+def _hits(heads: NextKHeads, head_weight: torch.Tensor, states_MNC, codes_MN):
+    """-> (M, N, k-1) bool: head j's guess at state n equals greedy code n + j, and the (M, N,
+    k-1) bool of the targets that exist (inside the mask)."""
     with torch.no_grad():
         guess_MNJ = F.linear(heads.adapted(states_MNC), head_weight).argmax(-1)
     target_MNJ = shifted_targets(codes_MN, heads.k)
-    ok_MNJ = (guess_MNJ == target_MNJ) & (target_MNJ != IGNORE)
-    return ok_MNJ.long().cumprod(-1).sum(-1)
+    valid_MNJ = target_MNJ != IGNORE
+    return (guess_MNJ == target_MNJ) & valid_MNJ, valid_MNJ
+
+
+def draft_runs(heads: NextKHeads, head_weight: torch.Tensor, states_MNC, codes_MN) -> torch.Tensor:
+    """How many drafted codes verification would keep from every state -> (M, N) int: the run
+    of leading heads j = 1 .. k-1 whose guess at state n equals greedy code n + j."""
+    return _hits(heads, head_weight, states_MNC, codes_MN)[0].long().cumprod(-1).sum(-1)
+
+
+def _measure(heads: NextKHeads, w: torch.Tensor, states, codes) -> tuple[float, list[float]]:
+    """(:func:`passes_per_mask`, each head's share of right guesses) on (states, codes)."""
+    ok_MNJ, valid_MNJ = _hits(heads, w, states, codes)
+    passes = passes_per_mask(ok_MNJ.long().cumprod(-1).sum(-1))
+    acc = ok_MNJ.sum((0, 1)) / valid_MNJ.sum((0, 1)).clamp_min(1)
+    return passes, acc.tolist()
 
 
 def passes_per_mask(runs_MN: torch.Tensor) -> float:
@@ -108,17 +122,6 @@ class DraftReport:
         return dataclasses.asdict(self)
 
 
-def _head_accuracy(heads, w, states, codes) -> list[float]:
-    with torch.no_grad():
-        guess = F.linear(heads.adapted(states), w).argmax(-1)
-    tgt = shifted_targets(codes, heads.k)
-    valid = tgt != IGNORE
-    return [
-        float(((guess[..., j] == tgt[..., j]) & valid[..., j]).sum() / valid[..., j].sum())
-        for j in range(heads.k - 1)
-    ]
-
-
 def fit_draft_heads(
     model: NextTokenSegmenter,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -152,14 +155,11 @@ def fit_draft_heads(
     k_before = old.k if old is not None else 1
     before_heads = copy.deepcopy(old).float().cpu() if old is not None else None
     if before_heads is not None:
-        runs = draft_runs(before_heads, w, h_va, codes_va)
-        passes_before = passes_per_mask(runs)
-        acc_before = _head_accuracy(before_heads, w, h_va, codes_va)
+        passes_before, acc_before = _measure(before_heads, w, h_va, codes_va)
     else:
         passes_before, acc_before = float(codes_va.shape[1] - 1), []
 
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     heads = NextKHeads(w.shape[1], k, old.gamma if old is not None else 0.5)
     if before_heads is not None:
         with torch.no_grad():
@@ -190,10 +190,9 @@ def fit_draft_heads(
     seconds = time.perf_counter() - t0
     passes, best_step, heads = best
     if before_heads is not None and passes_before <= passes:  # ours are no better: keep theirs
-        heads, passes, k = before_heads, passes_before, k_before
-        acc = acc_before
+        passes, acc, k = passes_before, acc_before, k_before
     else:
-        acc = _head_accuracy(heads, w, h_va, codes_va)
+        acc = _measure(heads, w, h_va, codes_va)[1]
         param = next(model.parameters())
         model.nktp = heads.to(device=param.device, dtype=param.dtype)
         model.config = dataclasses.replace(model.config, nktp_k=k)

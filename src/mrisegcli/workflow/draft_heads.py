@@ -1,7 +1,7 @@
 """``mriseg draft-heads``: refit a next-token model's drafting heads to its own greedy decoding.
 
 Reads the train split of ``--data`` (fitting) and its val split (selection; without one, the
-last tenth of the train cases), fits the heads (:mod:`mrisegcli.training.draft_heads`) and
+dataset loader carves it from train, as for training), fits the heads (:mod:`mrisegcli.training.draft_heads`) and
 writes a new run folder: the source run's files, the new weights and a config.json whose
 ``model.nktp_k`` is the new head count and whose ``draft_heads`` entry records what was done.
 The source folder is never changed. Before anything is written, speculative decoding with the
@@ -103,23 +103,19 @@ def refit_draft_heads(
         raise MrisegError(
             f"draft heads are for next-token models (this one is {seg.paradigm})", run_dir
         )
-    ds = open_dataset([Path(d) for d in data], None, check=False)
-    train = ds.split("train")
-    if not train:
-        raise MrisegError(f"dataset has no 'train' split (it has {ds.splits()})", data[0])
-    val = ds.split("val")
-    rng = np.random.default_rng(seed)
+    # a dataset without a val split gets one carved from train by the loader (carve_val)
+    ds = open_dataset([Path(d) for d in data], None, seed=seed, check=False)
+    train, val = ds.split("train"), ds.split("val")[:512]
+    if not train or not val:
+        raise MrisegError(
+            f"need train and val cases to fit and select draft heads (the dataset has {ds.splits()})",
+            data[0],
+        )
     if max_cases is not None and len(train) > max_cases:
+        rng = np.random.default_rng(seed)
         train = [train[i] for i in sorted(rng.choice(len(train), max_cases, replace=False))]
-    if not val:  # hold out the last tenth of the train cases for the selection
-        n_val = max(1, len(train) // 10)
-        if len(train) - n_val < 1:
-            raise MrisegError("too few train cases to fit and select draft heads", data[0])
-        train, val = train[:-n_val], train[-n_val:]
-    val = val[:512]
     batch = min(32, seg.batch_size)
     seg.model.eval()
-    torch.manual_seed(seed)
     tr = collect_states(seg.model, _batches(seg, train, batch, stage, "train"))
     check: list[tuple[torch.Tensor, ...]] = []  # the val batches, kept for the final check
 
@@ -164,8 +160,8 @@ def _write_run(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        for p in run_dir.iterdir():
-            if p.name in _SKIP or p.name.startswith("."):
+        for p in run_dir.iterdir():  # the weights are written below, not copied
+            if p.name in _SKIP or p.name == runfolder.MODEL or p.name.startswith("."):
                 continue
             if p.is_file():
                 shutil.copy2(p, tmp / p.name)
@@ -175,7 +171,7 @@ def _write_run(
         save_model(seg.model, tmp, keep=lambda k: k in stored or k.startswith("nktp."))
         config = read_config(run_dir)
         config["model"]["nktp_k"] = report["k"]
-        config.setdefault("run", {}).setdefault("strategies", {})["nktp_k"] = report["k"]
+        config["run"]["strategies"]["nktp_k"] = report["k"]
         config["draft_heads"] = report
         config.pop("schema", None)
         config.pop("mriseg_version", None)
