@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
+from collections.abc import Iterable
 
 from mrisegcli.data.layouts import Dataset, Sample
 
 #: (regex, replacement) applied in order to the lower-cased text; word boundaries keep them from
 #: touching other words. Only words that carry no other meaning in the texts we know are folded.
-SYNONYM_RULES: tuple[tuple[str, str], ...] = (
+_CHEST_RULES: tuple[tuple[str, str], ...] = (
     # findings -> "infection" (multi-word forms first)
     (
         r"\bground[- ]?glass (?:opacit(?:y|ies)|opacifications?|changes?|densit(?:y|ies))\b",
@@ -81,7 +83,10 @@ SYNONYM_RULES: tuple[tuple[str, str], ...] = (
     (r"\blt\b", "left"),
     (r"\bboth sides\b", "both lungs"),
     (r"\bbilaterally\b", "bilateral"),
-    # words that ask rather than describe, and the picture they are asked of
+)
+
+#: Words that ask rather than describe, and the picture a request is asked of: every domain.
+_REQUEST_RULES: tuple[tuple[str, str], ...] = (
     (r"\b(?:where|which) (?:is|are)\b", " "),
     (r"\b(?:can|could|would) you\b", " "),
     (
@@ -90,12 +95,92 @@ SYNONYM_RULES: tuple[tuple[str, str], ...] = (
         " ",
     ),
     (
-        r"\b(?:on|in|of) (?:this|the) (?:chest )?(?:image|radiograph|x-?ray|film|scan|cxr"
-        r"|picture)\b",
+        r"\b(?:on|in|of) (?:this|the) (?:chest |brain |head |axial |flair |mr |mri )?(?:image"
+        r"|radiograph|x-?ray|film|scan|cxr|picture|mri|mr|slice|section|sequence|study)\b",
         " ",
     ),
     (r"\b(?:patchy|hazy|diffuse|subtle|faint|multifocal|scattered|ill-defined)\b", " "),
 )
+
+#: Neuroradiology report wording folded onto the words of the brain-MRI training texts
+#: ("FLAIR hyperintense lesion in the left hemisphere"): sequence names, signal words, what the
+#: lesion is called, and places named by lobe, side or midline.
+_BRAIN_RULES: tuple[tuple[str, str], ...] = (
+    # sequence: T2-weighted FLAIR, T2/FLAIR, T2w, fluid-attenuated inversion recovery -> flair
+    (r"\bfluid[- ]attenuated inversion[- ]recovery\b", "flair"),
+    (r"\bt2[- ]?(?:weighted|w)?[- /]*flair\b", "flair"),
+    (r"\bt2[- ]?(?:weighted|w)\b", "flair"),
+    (r"\bt2\b", "flair"),
+    # signal: hyperintensity, high/increased/bright/abnormal signal, signal abnormality
+    (r"\bsignal abnormalit(?:y|ies)\b", "hyperintense lesion"),
+    (r"\bhyper-?intensit(?:y|ies)\b", "hyperintense lesion"),
+    (
+        r"\b(?:high|bright|increased|elevated|abnormal|abnormally high) flair signal"
+        r"(?: intensity| change| changes)?\b",
+        "flair hyperintense",
+    ),
+    (
+        r"\b(?:high|bright|increased|elevated|abnormal|abnormally high) signal"
+        r"(?: intensity| change| changes)?\b",
+        "hyperintense",
+    ),
+    (r"\bhyper-?intense\b", "hyperintense"),
+    (r"\bhyperintense(?: hyperintense)+\b", "hyperintense"),
+    (r"\bflair(?:[ /]+flair)+\b", "flair"),
+    # what the lesion is called
+    (
+        r"\b(?:(?:low|lower)[- ]grade |diffuse |infiltrative |infiltrating )?(?:gliomas?"
+        r"|astrocytomas?|oligodendrogliomas?|oligoastrocytomas?|tumou?rs?|neoplasms?|neoplasia"
+        r"|masses|mass|lesions|abnormalit(?:y|ies)|o?edema|tumou?r burden|growths?)\b",
+        "lesion",
+    ),
+    # places: lobes and regions name a side's hemisphere; both sides, the midline
+    (
+        r"\b(?:fronto-?parietal|parieto-?occipital|temporo-?parietal|fronto-?temporal"
+        r"|temporo-?occipital|frontal|temporal|parietal|occipital|insular|insula)"
+        r"(?: lobes?| regions?| cortex| white matter| areas?)?\b",
+        "hemisphere",
+    ),
+    (r"\bhemispheric\b", "hemisphere"),
+    (r"\b(?:cerebral )?hemispheres\b", "hemispheres"),
+    (r"\bcerebral hemisphere\b", "hemisphere"),
+    (r"\b(?:side|half) of the (?:brain|head)\b", "hemisphere"),
+    (r"\bright[- ]?(?:sided|hand)\b", "right"),
+    (r"\bleft[- ]?(?:sided|hand)\b", "left"),
+    (r"\b(?:bilateral|bilaterally|bihemispheric|on both sides|both sides)\b", "both hemispheres"),
+    (r"\b(?:crossing|across|through|involving) the midline\b", "both hemispheres"),
+    (r"\b(?:in|of|within) the brain\b", " "),
+    (r"\b(?:brain|cerebral|supratentorial|white matter|subcortical|cortical)\b", " "),
+    # size
+    (r"\b(?:big|sizeable|sizable|extensive|bulky)\b", "large"),
+    (
+        r"\b(?:moderate|moderate[- ]sized|moderately sized|mid[- ]sized|intermediate)\b",
+        "medium-sized",
+    ),
+    (r"\b(?:tiny|little|minor)\b", "small"),
+)
+
+SYNONYM_RULES: tuple[tuple[str, str], ...] = _CHEST_RULES + _REQUEST_RULES
+"""The chest rule set (radiograph findings, organs, lung zones) and the request words."""
+BRAIN_SYNONYM_RULES: tuple[tuple[str, str], ...] = _BRAIN_RULES + _REQUEST_RULES
+"""The brain-MRI rule set (sequence, signal, lesion, lobes and sides) and the request words."""
+RULE_SETS: dict[str, tuple[tuple[str, str], ...]] = {
+    "chest": SYNONYM_RULES,
+    "brain": BRAIN_SYNONYM_RULES,
+}
+_BRAIN_WORDS = re.compile(r"\b(?:hemispheres?|flair|glioma|brain|cerebral|midline)\b", re.I)
+_CHEST_WORDS = re.compile(r"\b(?:lungs?|infection|pulmonary|heart|clavicle|nodule|chest)\b", re.I)
+
+
+def synonym_domain(texts: Iterable[str]) -> str:
+    """Which rule set fits a run's training texts: "brain" when brain words outnumber chest
+    words in them, else "chest" (the rules fold onto the words these texts use)."""
+    brain = chest = 0
+    for text in texts:
+        brain += len(_BRAIN_WORDS.findall(text))
+        chest += len(_CHEST_WORDS.findall(text))
+    return "brain" if brain > chest else "chest"
+
 
 _INF = (
     "infection",
@@ -260,13 +345,86 @@ def _nodule(r: random.Random, side: str, zone: str) -> str:
     )
 
 
-def paraphrase(target: str, rng: random.Random) -> str | None:
+_LESION = (
+    "FLAIR hyperintense lesion",
+    "hyperintense lesion",
+    "FLAIR hyperintensity",
+    "lesion",
+    "FLAIR lesion",
+    "tumour",
+    "glioma",
+    "abnormal FLAIR signal",
+)
+_BRAIN_FRAMES = (
+    "{p}",
+    "{p}",
+    "{p}",
+    "{p} on this MRI",
+    "{p} on the FLAIR image",
+    "locate the {p}",
+    "the {p}, please",
+    "mask of the {p}",
+    "can you find the {p}",
+    "region of the {p}",
+    "{p} on this slice",
+    "visible {p}",
+)
+
+
+def _lesion(r: random.Random, side: str) -> str:
+    """A request for the FLAIR lesion (``side``: "left", "right", "both" or "" for any)."""
+    les = r.choice(_LESION)
+    if side == "both":
+        return r.choice([f"{les} in both hemispheres", f"bilateral {les}", f"{les} on both sides"])
+    if side:
+        return r.choice(
+            [
+                f"{les} in the {side} hemisphere",
+                f"{side} hemisphere {les}",
+                f"{les}, {side} hemisphere",
+                f"{les} on the {side}",
+                f"{side} {les}",
+                f"{les} in the {side} cerebral hemisphere",
+            ]
+        )
+    return r.choice([les, f"the {les}", f"any {les}", f"{les} in the brain"])
+
+
+def _side_of(text: str) -> str:
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    if "both" in words or "bilateral" in words:
+        return "both"
+    sides = [s for s in ("left", "right") if s in words]
+    return sides[0] if len(sides) == 1 else ""
+
+
+def paraphrase(target: str, rng: random.Random, text: str = "") -> str | None:
     """Another wording of the request ``target`` (the manifest's fixed grammar), or ``None``
-    when the target is not one this module knows. "none" (a finding that is not there) gets any
-    infection request: the answer to it is the empty mask. Ten draws in thirteen (about three
-    wordings in four) sit in a frame ("locate the ...", "... on this radiograph", "... area")."""
-    text = _phrase(target, rng)
-    return None if text is None else _framed(rng, text)
+    when the target is not one this module knows. "none" (a finding that is not there) gets a
+    request of the row's own domain (``text``, the row's sentence: a brain lesion with the side
+    that sentence names, else any infection request): the answer to it is the empty mask. Most
+    draws (about three wordings in four) sit in a frame ("locate the ...", "... on this
+    radiograph", "... on this MRI")."""
+    if synonym_domain([text]) == "brain" or target.strip().lower().startswith("lesion"):
+        phrase = _brain_phrase(target, rng, text)
+        if phrase is None:
+            return None
+        frame = rng.choice(_BRAIN_FRAMES)
+        if phrase.split(" ", 1)[0] in ("the", "any", "bilateral"):
+            frame = frame.replace("the {p}", "{p}")
+        return frame.format(p=phrase)
+    phrase = _phrase(target, rng)
+    return None if phrase is None else _framed(rng, phrase)
+
+
+def _brain_phrase(target: str, rng: random.Random, text: str) -> str | None:
+    parts = target.strip().lower().split(":")
+    if parts[0] == "none":
+        return _lesion(rng, _side_of(text))
+    if parts[0] == "lesion":
+        side = parts[1] if len(parts) > 1 and parts[1] in ("left", "right", "both") else ""
+        return _lesion(rng, side)
+    return None
 
 
 def _phrase(target: str, rng: random.Random) -> str | None:
@@ -340,10 +498,17 @@ def add_paraphrases(ds: Dataset, n: int, seed: int = 0) -> Dataset:
         if s.split != "train" or not s.target:
             continue
         for k in range(1, n + 1):
-            text = paraphrase(s.target, random.Random(f"{seed}\0{s.id}\0{k}"))
+            text = paraphrase(s.target, random.Random(f"{seed}\0{s.id}\0{k}"), s.text)
             if text:
                 extra.append(dataclasses.replace(s, id=f"{s.id}~p{k}", text=text))
     return dataclasses.replace(ds, samples=ds.samples + extra)
 
 
-__all__ = ["SYNONYM_RULES", "paraphrase", "add_paraphrases"]
+__all__ = [
+    "BRAIN_SYNONYM_RULES",
+    "RULE_SETS",
+    "SYNONYM_RULES",
+    "add_paraphrases",
+    "paraphrase",
+    "synonym_domain",
+]

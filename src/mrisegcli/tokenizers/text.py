@@ -47,13 +47,16 @@ TOKENIZER_FILES = runfolder.TEXT_TOKENIZER_FILES
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _pipeline(vocab: dict[str, int], synonyms: bool = True) -> Tokenizer:
+def _pipeline(vocab: dict[str, int], synonyms: bool | str = True) -> Tokenizer:
     """The fixed normaliser / pre-tokenizer / WordPiece model around ``vocab``.
 
     ``synonyms``: fold clinical synonyms onto the training words (``data/paraphrase.py``) as the
-    last normalising steps; they are saved in ``tokenizer.json`` with the rest.
+    last normalising steps, the rule set named ("chest", "brain"; ``True`` is "chest"); they are
+    saved in ``tokenizer.json`` with the rest.
     """
-    from mrisegcli.data.paraphrase import SYNONYM_RULES
+    from mrisegcli.data.paraphrase import RULE_SETS
+
+    rules = RULE_SETS["chest" if synonyms is True else synonyms] if synonyms else ()
 
     tk = Tokenizer(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix=CONTINUE))
     steps = [
@@ -64,8 +67,7 @@ def _pipeline(vocab: dict[str, int], synonyms: bool = True) -> Tokenizer:
         normalizers.Lowercase(),
         normalizers.NFC(),
     ]
-    if synonyms:
-        steps += [normalizers.Replace(Regex(pattern), repl) for pattern, repl in SYNONYM_RULES]
+    steps += [normalizers.Replace(Regex(pattern), repl) for pattern, repl in rules]
     tk.normalizer = normalizers.Sequence(steps)
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
@@ -169,7 +171,11 @@ def _learn_vocab(word_counts: Counter[str], vocab_size: int, min_frequency: int)
 
 
 def train_text_tokenizer(
-    texts: Iterable[str], vocab_size: int = 1000, *, min_frequency: int = 1, synonyms: bool = True
+    texts: Iterable[str],
+    vocab_size: int = 1000,
+    *,
+    min_frequency: int = 1,
+    synonyms: bool | str = True,
 ) -> PreTrainedTokenizerFast:
     """Learn a WordPiece tokenizer from ``texts`` (deterministic: same texts -> same tokenizer).
 
@@ -177,10 +183,16 @@ def train_text_tokenizer(
     punctuation plus every character seen, each also in ``##`` form) are always included, so the
     result can be slightly larger than ``vocab_size`` when that is very small. Merges seen fewer
     than ``min_frequency`` times are not learnt. ``synonyms`` builds the synonym rules into the
-    normaliser (see ``_pipeline``).
+    normaliser (see ``_pipeline``): ``True`` picks the rule set whose words the texts use
+    (:func:`~mrisegcli.data.paraphrase.synonym_domain`), a name picks that set.
     """
+    from mrisegcli.data.paraphrase import synonym_domain
+
     if vocab_size < 1 or min_frequency < 1:
         raise ValueError("vocab_size and min_frequency must be >= 1")
+    texts = list(texts)
+    if synonyms is True:
+        synonyms = synonym_domain(texts)
     pipe = _pipeline({t: i for i, t in enumerate(SPECIAL_TOKENS)}, synonyms)
     counts: Counter[str] = Counter()
     n_texts = 0
