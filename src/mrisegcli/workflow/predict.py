@@ -33,7 +33,6 @@ from mrisegcli.errors import InputError, MrisegError, OutputExistsError
 from mrisegcli.io import (
     normalize_intensity,
     output_path_for,
-    read_scan,
     resize_prob,
     scan_model_inputs,
     write_mask,
@@ -45,6 +44,7 @@ from mrisegcli.io.overlay import write_steps_png
 from mrisegcli.io.prompts import MAX_TEXT_CHARS, PromptRow, read_prompts, validate_text
 from mrisegcli.io.read import detect_format
 from mrisegcli.io.scan import Scan
+from mrisegcli.io.volume import IDENTITY, read_input_scan, slice_view, view_scan, volume_facts
 from mrisegcli.io.write import OUTPUT_SUFFIXES, check_segmentation_source
 
 FORMATS = ("auto", "png", "nii", "dcm")
@@ -103,6 +103,9 @@ class PredictResult:
     seconds: float = 0.0
     error: str | None = None
     text: str | None = None  # the prompt this input was segmented with
+    # a volume's facts (:func:`~mrisegcli.io.volume.volume_facts`): how it was sliced, the
+    # slices with foreground, the foreground's volume in mL, the channel of a 4-D input
+    volume: dict[str, Any] | None = None
 
     @property
     def found(self) -> bool:
@@ -123,6 +126,7 @@ class PredictResult:
             "seconds": round(float(self.seconds), 4),
             "error": self.error,
             "text": self.text,
+            "volume": self.volume,
         }
 
 
@@ -280,7 +284,7 @@ def _check_folders_writable(plans: list[PlannedOutput], keep_going: bool) -> Non
 
 def _read(path: Path) -> Scan:
     try:
-        return read_scan(path)
+        return read_input_scan(path)  # a 4-D NIfTI gives its first channel
     except MrisegError:
         raise
     except (OSError, ValueError, EOFError) as err:
@@ -295,9 +299,20 @@ def _model_maps(maps_NSS: Any, n: int, size: int, what: str) -> np.ndarray:
 
 
 def _to_scan(maps_NSS: np.ndarray, scan: Scan) -> np.ndarray:
-    """(N, S, S) model-resolution maps -> scan.shape, each slice resized to its own (H, W)."""
-    hw = scan.pixels.shape[-2:]
-    return scan.stack([np.clip(resize_prob(m, hw), 0.0, 1.0) for m in maps_NSS])
+    """(N, S, S) model-resolution maps of the scan's slice view (``meta["slice_view"]``, see
+    :mod:`mrisegcli.io.volume`) -> scan.shape, each slice resized to its own (H, W)."""
+    view = scan.meta.get("slice_view", IDENTITY)
+    hw = view.to_view(scan.pixels).shape[-2:]
+    resized = [np.clip(resize_prob(m, hw), 0.0, 1.0) for m in maps_NSS]
+    if not view.moves:
+        return scan.stack(resized)
+    return np.ascontiguousarray(view.from_view(np.stack(resized)))
+
+
+def _view_slices(scan: Scan) -> int:
+    """How many slices the model sees of a scan (its view's first axis)."""
+    view = scan.meta.get("slice_view", IDENTITY)
+    return int(view.to_view(scan.pixels).shape[0]) if view.moves else scan.num_slices
 
 
 def _shown_slice(mask: np.ndarray) -> int:
@@ -319,7 +334,7 @@ def _write_outputs(
     overwrite: bool,
 ) -> dict[str, Path]:
     """Write the planned files; on any failure remove the ones written so far and re-raise."""
-    n = scan.num_slices
+    n = _view_slices(scan)
     written: dict[str, Path] = {}
     try:
         outs = plan.outputs
@@ -340,7 +355,8 @@ def _write_outputs(
                 image, mask if mask.ndim == 2 else mask[k], outs["overlay"], overwrite=overwrite
             )
         if "steps" in outs:
-            written["steps"] = _write_steps(pred, k, n, outs["steps"], threshold, overwrite)
+            k_view = _shown_slice(scan.meta.get("slice_view", IDENTITY).to_view(mask))
+            written["steps"] = _write_steps(pred, k_view, n, outs["steps"], threshold, overwrite)
     except BaseException:
         for path in written.values():
             path.unlink(missing_ok=True)
@@ -376,28 +392,48 @@ def _predict_one(
             plan.input,
         )
     size = int(model.image_size)
-    images_NSS = scan_model_inputs(scan, size)  # (N, S, S) in [0, 1]
-    pred = model(images_NSS, text)
+    scan.meta["slice_view"] = view = slice_view(scan)  # a volume: axial slices when oriented
+    images_NSS = scan_model_inputs(view_scan(scan, view), size)  # (N, S, S) in [0, 1]
+    pred = _decode(model, images_NSS, text, plan.input)
     if "uncertainty" in plan.outputs and pred.uncertainty is None:
         raise ModelOutputError("the model gave no uncertainty map (use --samples 2 or more)")
     if "steps" in plan.outputs and not pred.steps:
         raise ModelOutputError("the model gave no coarse-to-fine steps (needs next-scale)")
-    prob_NSS = _model_maps(pred.prob, scan.num_slices, size, "probability")
+    prob_NSS = _model_maps(pred.prob, len(images_NSS), size, "probability")
     prob = _to_scan(prob_NSS, scan)  # scan.shape
     mask = prob > threshold
     written = _write_outputs(plan, scan, pred, size, mask, text, threshold, overwrite)
     fg = int(mask.sum())
-    return PredictResult(
+    result = PredictResult(
         input=plan.input,
         outputs=written,
         shape=scan.shape,
         slices=scan.num_slices,
         foreground_pixels=fg,
         foreground_fraction=fg / mask.size,
-        presence=float(prob.max()) if prob.size else 0.0,
+        presence=_presence(pred, prob),
         modality=scan.meta.get("modality"),
         seconds=time.perf_counter() - start,
     )
+    if scan.is_volume:
+        result.volume = volume_facts(scan, view, mask)
+    return result
+
+
+def _presence(pred: SlicePrediction, prob: np.ndarray) -> float:
+    """The model's per-slice presence when it gives one (the highest over a volume's slices),
+    else the highest foreground probability anywhere in the scan."""
+    per_slice = getattr(pred, "presence", None)
+    if per_slice is not None and np.size(per_slice):
+        return float(np.max(per_slice))
+    return float(prob.max()) if prob.size else 0.0
+
+
+def _decode(model: SliceModel, images_NSS: np.ndarray, text: str, path: Path) -> SlicePrediction:
+    """The model on every slice; a volume shows a progress bar when the model has a stage."""
+    if len(images_NSS) > 1 and getattr(model, "stage", None) is not None:
+        return model(images_NSS, text, label=f"{path.name}: {len(images_NSS)} slices")
+    return model(images_NSS, text)
 
 
 def run_plans(
@@ -520,6 +556,7 @@ class SegmenterSlices:
         temperature: float | None = None,
         seed: int | None = 0,
         steps: bool = False,
+        stage: Callable[[str, int | None], Any] | None = None,
     ) -> None:
         self.seg, self.samples, self.temperature, self.seed, self.steps = (
             seg,
@@ -529,6 +566,7 @@ class SegmenterSlices:
             steps,
         )
         self.image_size = seg.image_size
+        self.stage = stage  # a progress factory: one bar per volume (see :func:`_decode`)
         self._tokens: dict[str, tuple[Any, Any]] = {}
 
     def tokens(self, text: str) -> tuple[Any, Any]:
@@ -537,7 +575,16 @@ class SegmenterSlices:
             self._tokens[text] = self.seg.encode_text([text])
         return self._tokens[text]
 
-    def __call__(self, images_NSS: np.ndarray, text: str) -> SlicePrediction:
+    def __call__(self, images_NSS: np.ndarray, text: str, label: str = "") -> SlicePrediction:
+        """Decode every slice; with a ``label`` and a stage, under a progress bar of that name."""
+        if self.stage is None or not label:
+            return self._decode_slices(images_NSS, text, None)
+        with self.stage(label, len(images_NSS)) as progress:
+            return self._decode_slices(images_NSS, text, progress)
+
+    def _decode_slices(
+        self, images_NSS: np.ndarray, text: str, progress: Callable[..., Any] | None
+    ) -> SlicePrediction:
         import torch
 
         seg = self.seg
@@ -566,6 +613,8 @@ class SegmenterSlices:
                 uncs.append(p.uncertainty.float().cpu().numpy())
             if p.steps is not None:
                 step_lists.append([s.float().cpu().numpy() for s in p.steps])
+            if progress is not None:
+                progress(start + n, len(images_NSS))
         return SlicePrediction(
             prob=np.concatenate(probs),
             uncertainty=np.concatenate(uncs) if uncs else None,
@@ -594,6 +643,9 @@ class PredictOptions:
     overwrite: bool = False
     keep_going: bool = False
     threshold: float = 0.5
+    # a progress factory ``stage(description, total)`` (a context manager giving a callable):
+    # a bar per volume while its slices are decoded; None: no progress
+    progress: Callable[[str, int | None], Any] | None = None
 
 
 def _gather(
@@ -660,7 +712,12 @@ def predict_batch(
     if o.steps_png and not seg.impl.has_steps:
         raise ModelOptionError("coarse-to-fine steps (--steps-png) need a next-scale model")
     model = SegmenterSlices(
-        seg, samples=o.samples, temperature=o.temperature, seed=o.seed, steps=o.steps_png
+        seg,
+        samples=o.samples,
+        temperature=o.temperature,
+        seed=o.seed,
+        steps=o.steps_png,
+        stage=o.progress,
     )
     return _run_checked(
         model,
