@@ -1050,6 +1050,7 @@ def predict(
 ) -> None:
     """Segment what the text describes in each input; one output line per input."""
     from mrisegcli.hub import resolve_run
+    from mrisegcli.shipped import chosen_by_user, route_input
     from mrisegcli.workflow import segmenter
     from mrisegcli.workflow.predict import ModelOptionError, PredictOptions, predict_batch
 
@@ -1081,12 +1082,13 @@ def predict(
         steps_png=steps_png,
         overwrite=overwrite,
         keep_going=keep_going,
+        progress=_stage(quiet=quiet),  # a bar per volume
     )
     lines = _PredictLines(json_out)
 
-    def load() -> Any:  # called once every input and output has been checked
+    def load(route: Any = None) -> Any:  # called once every input and output has been checked
         dev = _device(device)
-        choice = _chosen_model(model, quiet)
+        choice = _chosen_model(model, quiet, route)
         lines.shipped = choice.shipped
         seg = segmenter.load_segmenter(
             resolve_run(choice.spec),
@@ -1100,8 +1102,9 @@ def predict(
 
     try:
         results = predict_batch(
-            load, inputs=inputs or [], text=text, prompts=prompts, options=options, on_result=lines
-        )
+            load, inputs=inputs or [], text=text, prompts=prompts, options=options, on_result=lines,
+            route=None if chosen_by_user(model) else route_input,  # each input to its model
+        )  # fmt: skip
     except ModelOptionError as e:
         raise _fail(str(e), 2) from None
     if any(r.error for r in results):
@@ -1116,7 +1119,10 @@ class _PredictLines:
         self.json_out, self.shipped, self.warned = json_out, False, False
 
     def __call__(self, result: Any) -> None:
-        if self.shipped and not result.error and not self.warned and _not_a_radiograph(result):
+        from mrisegcli.shipped import DEFAULT_MODEL
+
+        chest = (result.model or self.shipped) == DEFAULT_MODEL  # routed, or the one model
+        if chest and not result.error and not self.warned and _not_a_radiograph(result):
             self.warned = True
             what = (
                 f"a {result.modality} scan"
@@ -1141,17 +1147,27 @@ class _PredictLines:
         else:
             mask = result.outputs.get("mask")
             out.print(
-                f"{result.input} -> {mask} ({result.foreground_fraction:.1%} foreground, "
-                f"presence {result.presence:.2f})",
+                f"{result.input} -> {mask} ({result.foreground_fraction:.1%} foreground"
+                f"{_volume_note(result.volume)}, presence {result.presence:.2f})",
                 markup=False,
             )
 
 
-def _chosen_model(model: str | None, quiet: bool = False) -> Any:
-    """--model > MRISEG_MODEL > the shipped default; says once on stderr which one runs."""
+def _volume_note(facts: dict[str, Any] | None) -> str:
+    """', 12.3 mL in 5 of 20 slices' for a volume's mask ('' for a 2-D image)."""
+    if not facts:
+        return ""
+    ml = facts.get("foreground_ml")
+    size = f"{ml:.1f} mL" if ml is not None else f"{facts['foreground_voxels']} voxels"
+    return f", {size} in {facts['slices_with_foreground']} of {facts['slices']} slices"
+
+
+def _chosen_model(model: str | None, quiet: bool = False, route: Any = None) -> Any:
+    """--model > MRISEG_MODEL > the shipped model of the input's route > the shipped default;
+    says once on stderr which one runs (and why)."""
     from mrisegcli.shipped import choose_model
 
-    choice = choose_model(model)
+    choice = choose_model(model, route=route)
     if not quiet:
         err.print(choice.describe(), markup=False)
     return choice

@@ -4,6 +4,10 @@ Each subfolder of this package that holds a ``config.json`` is a complete run fo
 tokenizers, config, model card, ``evaluation.json`` with its test metrics), so nothing is ever
 downloaded to use it. :func:`resolve_model` picks the model of a command:
 ``--model`` > the ``MRISEG_MODEL`` environment variable > :data:`DEFAULT_MODEL`.
+
+``predict`` without either routes each input to the shipped model for its kind of image
+(:func:`route_input`): a DICOM MR input or a 3-D NIfTI volume to :data:`BRAIN_MODEL` when the
+package holds it, anything else (CR/DX radiographs, 2-D images) to :data:`DEFAULT_MODEL`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from mrisegcli.errors import MrisegError
 
 SHIPPED_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "chest-xray"
+BRAIN_MODEL = "brain-mri"
 ENV_VAR = "MRISEG_MODEL"
+#: what each shipped model was trained on, for the line that names the model
+TRAINED_ON = {DEFAULT_MODEL: "chest radiographs", BRAIN_MODEL: "brain MRI"}
 #: modalities the shipped chest-radiograph model was trained on (DICOM Modality values)
 RADIOGRAPH_MODALITIES = ("CR", "DX", "DR", "RG", "OT", "")
 
@@ -70,28 +77,44 @@ class ModelChoice:
     spec: str  # a run folder, a Hub id, or the folder of a shipped model
     source: str  # "--model", "MRISEG_MODEL" or "shipped"
     shipped: str | None = None  # the shipped model's name, when it is one
+    reason: str = ""  # why a shipped model was routed to (see :func:`route_input`)
 
     def describe(self) -> str:
         if self.shipped is not None:
             how = {"shipped": "the default", "--model": "--model", ENV_VAR: ENV_VAR}[self.source]
-            return f"model: shipped {self.shipped} ({how}; trained on chest radiographs)"
+            how = self.reason or how
+            trained = TRAINED_ON.get(self.shipped)
+            trained = f"; trained on {trained}" if trained else ""
+            return f"model: shipped {self.shipped} ({how}{trained})"
         return f"model: {self.spec} (from {self.source})"
 
 
-def choose_model(model: str | None, environ: dict[str, str] | None = None) -> ModelChoice:
-    """``--model`` > ``MRISEG_MODEL`` > the shipped default. A shipped model can also be named
-    by its name (``--model chest-xray``) unless a folder of that name exists."""
+def chosen_by_user(model: str | None, environ: dict[str, str] | None = None) -> bool:
+    """Whether ``--model`` or ``MRISEG_MODEL`` names the model (else inputs are routed)."""
     env = os.environ if environ is None else environ
+    return bool(model) or bool(env.get(ENV_VAR, "").strip())
+
+
+def choose_model(
+    model: str | None, environ: dict[str, str] | None = None, route: Route | None = None
+) -> ModelChoice:
+    """``--model`` > ``MRISEG_MODEL`` > the shipped model of ``route`` (see
+    :func:`route_input`) > the shipped default. A shipped model can also be named by its name
+    (``--model chest-xray``) unless a folder of that name exists."""
+    env = os.environ if environ is None else environ
+    reason = ""
     if model:
         spec, source = model, "--model"
     elif env.get(ENV_VAR, "").strip():
         spec, source = env[ENV_VAR].strip(), ENV_VAR
+    elif route is not None:
+        spec, source, reason = route.model, "shipped", route.reason
     else:
         spec, source = DEFAULT_MODEL, "shipped"
     if not Path(spec).expanduser().exists():
         found = shipped_model(spec)
         if found is not None:
-            return ModelChoice(str(found.path), source, found.name)
+            return ModelChoice(str(found.path), source, found.name, reason)
         if source == "shipped":
             raise MrisegError(
                 f"no model given and the default model {DEFAULT_MODEL!r} is not in this "
@@ -100,12 +123,72 @@ def choose_model(model: str | None, environ: dict[str, str] | None = None) -> Mo
     return ModelChoice(spec, source)
 
 
+@dataclass(frozen=True)
+class Route:
+    """The shipped model an input goes to without ``--model``, and why (one phrase)."""
+
+    model: str
+    reason: str
+
+
+def _dicom_modality(path: Path) -> str:
+    """The Modality of a DICOM file, or of the first image of a series folder ("" if none)."""
+    from mrisegcli.io.discover import dicom_kind, scan_folder
+
+    try:
+        files = scan_folder(path).images if path.is_dir() else [path]
+        for f in files:
+            kind, ds = dicom_kind(f)
+            if kind == "image":
+                return str(ds.get("Modality", "") or "").upper()
+    except MrisegError:
+        pass
+    return ""
+
+
+def route_input(path: str | Path) -> Route:
+    """Which shipped model segments ``path`` when no model is named, from its headers alone.
+
+    A DICOM MR file or series and a 3-D NIfTI volume go to :data:`BRAIN_MODEL` when the package
+    holds it; everything else (CR/DX radiographs, 2-D images, and CT, which no shipped model
+    was trained on) goes to :data:`DEFAULT_MODEL`. An unreadable input goes to the default: its
+    reader reports why when it is read.
+    """
+    from mrisegcli.io.discover import is_volume
+    from mrisegcli.io.read import detect_format
+
+    path = Path(path)
+    try:
+        kind = detect_format(path)
+    except MrisegError:
+        return Route(DEFAULT_MODEL, "the default")
+    modality = _dicom_modality(path) if kind == "dicom" else ""
+    volume = is_volume(path, kind)
+    if modality == "MR":
+        brain = f"chosen for {path.name}, a DICOM MR {'series' if volume else 'image'}"
+    elif kind == "nifti" and volume:
+        brain = f"chosen for {path.name}, a 3-D NIfTI volume"
+    elif modality in ("CR", "DX", "DR", "RG"):
+        return Route(DEFAULT_MODEL, f"chosen for {path.name}, a {modality} radiograph")
+    elif not volume and modality in RADIOGRAPH_MODALITIES:
+        return Route(DEFAULT_MODEL, f"chosen for {path.name}, a 2-D image")
+    else:  # CT, a raster stack, ...: no shipped model was trained on these
+        return Route(DEFAULT_MODEL, "the default")
+    if shipped_model(BRAIN_MODEL) is None:  # not in this installation: today's default
+        return Route(DEFAULT_MODEL, "the default")
+    return Route(BRAIN_MODEL, brain)
+
+
 __all__ = [
+    "BRAIN_MODEL",
     "DEFAULT_MODEL",
     "ENV_VAR",
     "ModelChoice",
+    "Route",
     "ShippedModel",
     "choose_model",
+    "chosen_by_user",
+    "route_input",
     "shipped_models",
     "shipped_model",
     "SHIPPED_DIR",

@@ -106,6 +106,7 @@ class PredictResult:
     # a volume's facts (:func:`~mrisegcli.io.volume.volume_facts`): how it was sliced, the
     # slices with foreground, the foreground's volume in mL, the channel of a 4-D input
     volume: dict[str, Any] | None = None
+    model: str | None = None  # the shipped model the input was routed to (no --model given)
 
     @property
     def found(self) -> bool:
@@ -127,6 +128,7 @@ class PredictResult:
             "error": self.error,
             "text": self.text,
             "volume": self.volume,
+            "model": self.model,
         }
 
 
@@ -465,8 +467,31 @@ def run_plans(
     )
 
 
+class ModelPerInput:
+    """The model of each input when inputs are routed (:func:`predict_batch` with ``route``):
+    ``routes`` maps each input to its route (any object; its ``model`` attribute, else itself,
+    is the key), ``load(route)`` gives the SliceModel of a key, loaded once, on first use."""
+
+    def __init__(self, routes: Mapping[Path, Any], load: Callable[[Any], SliceModel]) -> None:
+        self.routes, self.load = dict(routes), load
+        self.loaded: dict[Any, SliceModel] = {}
+
+    def for_input(self, path: Path) -> tuple[SliceModel, Any]:
+        route = self.routes.get(path)
+        key = getattr(route, "model", route)
+        if key not in self.loaded:
+            self.loaded[key] = self.load(route)
+        return self.loaded[key], key
+
+
+def _model_for(model: SliceModel | ModelPerInput, plan: PlannedOutput) -> tuple[SliceModel, Any]:
+    if isinstance(model, ModelPerInput):
+        return model.for_input(plan.input)
+    return model, None
+
+
 def _run_checked(
-    model: SliceModel,
+    model: SliceModel | ModelPerInput,
     plans: Sequence[PlannedOutput],
     texts: Sequence[str],
     *,
@@ -488,7 +513,9 @@ def _run_checked(
         try:
             if plan.error is not None:
                 raise MrisegError(plan.error)
-            result = _predict_one(model, plan, prompt, threshold, overwrite)
+            slice_model, key = _model_for(model, plan)
+            result = _predict_one(slice_model, plan, prompt, threshold, overwrite)
+            result.model = key
         except ModelOutputError:
             raise
         except MrisegError as err:
@@ -681,9 +708,14 @@ def predict_batch(
     options: PredictOptions = PredictOptions(),
     stdin: TextIO | None = None,
     on_result: Callable[[PredictResult], None] | None = None,
+    route: Callable[[Path], Any] | None = None,
 ) -> list[PredictResult]:
     """``mriseg predict`` as one call: segment ``text`` in every input (files, folders, ``-``),
     or each row of a ``prompts`` file (CSV or JSON lines of path and text) in its input.
+
+    With ``route`` (e.g. :func:`mrisegcli.shipped.route_input`), each input goes to the model
+    of its route: ``load_model(route)`` is called once per model (its ``model`` attribute),
+    when the first input that needs it comes, and each result names it in ``model``.
 
     Inputs, texts and every output path are checked first; only then is the model loaded with
     ``load_model()`` (a :class:`~mrisegcli.workflow.segmenter.Segmenter`, or any object with
@@ -708,17 +740,24 @@ def predict_batch(
         keep_going=o.keep_going,
         input_errors=errors,
     )
-    seg = load_model()
-    if o.steps_png and not seg.impl.has_steps:
-        raise ModelOptionError("coarse-to-fine steps (--steps-png) need a next-scale model")
-    model = SegmenterSlices(
-        seg,
-        samples=o.samples,
-        temperature=o.temperature,
-        seed=o.seed,
-        steps=o.steps_png,
-        stage=o.progress,
-    )
+
+    def slice_model(seg: Any) -> SegmenterSlices:
+        if o.steps_png and not seg.impl.has_steps:
+            raise ModelOptionError("coarse-to-fine steps (--steps-png) need a next-scale model")
+        return SegmenterSlices(
+            seg,
+            samples=o.samples,
+            temperature=o.temperature,
+            seed=o.seed,
+            steps=o.steps_png,
+            stage=o.progress,
+        )
+
+    if route is None:
+        model: SliceModel | ModelPerInput = slice_model(load_model())
+    else:
+        routes = {p.input: route(p.input) for p in plans if p.error is None}
+        model = ModelPerInput(routes, lambda r: slice_model(load_model(r)))
     return _run_checked(
         model,
         plans,
@@ -737,6 +776,7 @@ __all__ = [
     "OUTPUT_SUFFIXES",
     "ModelOptionError",
     "ModelOutputError",
+    "ModelPerInput",
     "PlannedOutput",
     "PredictOptions",
     "PredictResult",
