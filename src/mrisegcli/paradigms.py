@@ -102,6 +102,13 @@ class Paradigm:
         caller's per-model dict for things worth keeping between calls."""
         raise NotImplementedError
 
+    def presence_states(
+        self, model: nn.Module, x: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over image and text (``x``: :meth:`model_input`) -> the (B, N, C) text-aware
+        image-token states and the (B, C) state that starts the mask (``presence.py``)."""
+        raise NotImplementedError
+
 
 def image_pixels(codes: Any) -> torch.Tensor:
     """The cached uint8 images of a split as the (N, 1, S, S) float input in [0, 1]."""
@@ -248,6 +255,13 @@ class NextToken(Paradigm):
         parts = {"tokens": tokens, **model.mask_outputs(x, text_ids, text_mask, codes)}
         return Decoded(parts.get("refined", tokens), parts if opts.parts else {})
 
+    def presence_states(
+        self, model: nn.Module, x: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lay = model.layout
+        h_BPC = model._hidden(x, text_ids, text_mask, text_ids.new_zeros(x.shape[0], 0))
+        return h_BPC[:, 1 : 1 + lay.n_image], h_BPC[:, lay.prefix_len - 1]
+
 
 class NextScale(Paradigm):
     """AR-Seg: multi-scale residual mask tokens, one whole scale per step, coarse to fine."""
@@ -324,6 +338,14 @@ class NextScale(Paradigm):
         )
         idx_list, step_logits = out if opts.steps else (out, None)
         return Decoded(bundle.multiscale.idx_to_logits(idx_list), steps=step_logits)
+
+    def presence_states(
+        self, model: nn.Module, x: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lay = model.layout
+        none = x.new_zeros(x.shape[0], 0, model.code_proj.in_features)
+        h_BTC = model._hidden(x, text_ids, text_mask, none)
+        return h_BTC[:, : lay.n_image], h_BTC[:, lay.n_cond :].mean(1)
 
 
 PARADIGMS: dict[str, Paradigm] = {p.name: p for p in (NextToken(), NextScale())}

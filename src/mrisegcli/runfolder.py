@@ -13,6 +13,8 @@
     RUN/multiscale.safetensors
     RUN/tokenizer.json          the text tokenizer (with tokenizer_config.json and, from the
                                 Hub, special_tokens_map.json)
+    RUN/presence.safetensors    the presence head (is the prompt's target there at all?),
+                                its threshold and report in config.json "presence"
     RUN/checkpoints/            step_NNNNNNNN.safetensors, the last few
     RUN/cache/                  the code cache (index.json, shard-NNNNN.safetensors)
     RUN/.mriseg.lock            held while ``train`` writes the folder
@@ -32,6 +34,7 @@ CARD = "README.md"
 CHECKPOINTS = "checkpoints"
 CACHE = "cache"
 LOCK = ".mriseg.lock"
+PRESENCE = "presence.safetensors"
 #: tokenizer role -> file (the text tokenizer is TEXT_TOKENIZER)
 TOKENIZERS = {"mask_vq": "mask_vq.safetensors", "image_vq": "image_vq.safetensors",
               "multiscale": "multiscale.safetensors"}  # fmt: skip

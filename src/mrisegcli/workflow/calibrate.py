@@ -1,0 +1,195 @@
+"""A model's presence head and scope, fitted on its data: ``mriseg calibrate`` and the last
+stage of ``mriseg train``.
+
+* :func:`fit_calibration` reads the train rows (with the rewordings training used) and the val
+  rows of a dataset, computes the frozen model's presence features of every row
+  (:func:`mrisegcli.presence.presence_features`), fits the presence head when the train rows
+  hold both empty and non-empty masks (:func:`mrisegcli.presence.fit_presence`: calibrated and
+  thresholded on val), and builds the scope (:func:`mrisegcli.scope.build_scope`).
+* :func:`record_calibration` writes both into a run folder (``presence.safetensors``,
+  ``config.json`` ``"presence"`` and ``"scope"``).
+* :func:`calibrate_run` does both for ``mriseg calibrate``: the source run is copied to a new
+  folder and never changed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mrisegcli import runfolder
+from mrisegcli.errors import MrisegError
+from mrisegcli.presence import PresenceFit, fit_presence, presence_config, save_presence
+from mrisegcli.runinfo import read_config, write_config
+from mrisegcli.scope import build_scope
+from mrisegcli.workflow.prepare import StageFactory, _no_stage, open_dataset
+from mrisegcli.workflow.segmenter import Segmenter, load_segmenter
+
+#: files of a run folder that are not carried over (training state, caches, locks)
+_SKIP = {runfolder.CHECKPOINTS, runfolder.CACHE, runfolder.LOCK}
+
+
+@dataclass
+class Calibration:
+    fit: PresenceFit | None  # None when the data has no empty (or no non-empty) train rows
+    scope: dict[str, Any]
+    note: str = ""
+
+
+def normalizer(seg: Segmenter) -> Any:
+    """The model's text normaliser (synonym folding included) as a str -> str function."""
+    return seg.bundle.text.backend_tokenizer.normalizer.normalize_str
+
+
+def features_and_labels(
+    seg: Segmenter, cases: list, stage: StageFactory, what: str, batch: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, F) presence features and (M,) bool "the mask is not empty" of ``cases``."""
+    from mrisegcli.data.loading import load_split_arrays
+    from mrisegcli.presence import presence_features
+
+    feats, labels = [], []
+    seg.model.eval()
+    with stage(f"presence features of {len(cases)} {what} rows", len(cases)) as progress:
+        for s in range(0, len(cases), batch):
+            part = cases[s : s + batch]
+            images, masks = load_split_arrays(part, seg.image_size)
+            image = torch.from_numpy(images)[:, None].to(seg.device)
+            x = seg.impl.model_input(seg.model, seg.bundle, image)
+            ids, tmask = seg.encode_text([c.text for c in part])
+            feats.append(presence_features(seg.impl, seg.model, x, ids, seg.hide_text(tmask)).cpu())
+            labels.append(torch.from_numpy(masks.reshape(len(part), -1).any(1)))
+            if progress is not None:
+                progress(min(s + batch, len(cases)), len(cases))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_calibration(
+    seg: Segmenter,
+    ds: Any,
+    *,
+    steps: int = 1500,
+    max_cases: int | None = 16000,
+    seed: int = 0,
+    stage: StageFactory = _no_stage,
+) -> Calibration:
+    """Presence head (when the data allow one) and scope of ``seg`` from dataset ``ds`` (its
+    train rows with their rewordings, its val rows for calibration and the threshold)."""
+    train, val = ds.split("train"), ds.split("val")
+    originals = [s for s in train if "~p" not in s.id]
+    norm = normalizer(seg)
+    scope = build_scope(
+        [s.text for s in originals],
+        [s.target for s in originals],
+        norm,
+        extra_texts=[s.text for s in train if "~p" in s.id],
+    )
+    if not train or not val:
+        return Calibration(None, scope, "no presence head: the data has no train or no val rows")
+    if max_cases is not None and len(train) > max_cases:
+        rng = np.random.default_rng(seed)
+        train = [train[i] for i in sorted(rng.choice(len(train), max_cases, replace=False))]
+    x_tr, y_tr = features_and_labels(seg, train, stage, "train")
+    if bool(y_tr.all()) or not bool(y_tr.any()):
+        return Calibration(
+            None, scope, "no presence head: every train row has a region (or none has)"
+        )
+    x_va, y_va = features_and_labels(seg, val, stage, "val")
+    with stage(f"fitting the presence head ({int((~y_tr).sum())} empty rows)", steps) as progress:
+        fit = fit_presence(x_tr, y_tr, x_va, y_va, steps=steps, seed=seed, progress=progress)
+    fit.report["train_rows"] = len(train)
+    fit.report["val_rows"] = len(val)
+    return Calibration(fit, scope)
+
+
+def record_calibration(
+    run_dir: Path, cal: Calibration, extra: dict[str, Any] | None = None
+) -> None:
+    """Write the presence head and the scope into ``run_dir`` (config.json updated)."""
+    config = read_config(run_dir)
+    if cal.fit is not None:
+        save_presence(cal.fit.head, run_dir)
+        config["presence"] = {**presence_config(cal.fit), **(extra or {})}
+    else:
+        config.pop("presence", None)
+        (run_dir / runfolder.PRESENCE).unlink(missing_ok=True)
+    config["scope"] = cal.scope
+    config.pop("schema", None)
+    config.pop("mriseg_version", None)
+    write_config(run_dir, config)
+
+
+def calibrate_run(
+    run_dir: Path,
+    data: list[Path],
+    out: Path,
+    *,
+    steps: int = 1500,
+    max_cases: int | None = 16000,
+    seed: int = 0,
+    device: torch.device | None = None,
+    overwrite: bool = False,
+    command: str | None = None,
+    source: str | None = None,
+    stage: StageFactory = _no_stage,
+) -> dict[str, Any]:
+    """Fit the presence head and scope of the model in ``run_dir`` on ``data`` and write the
+    model with them to ``out`` (a new folder) -> the report (also in out's config.json)."""
+    from mrisegcli.data.paraphrase import add_paraphrases
+    from mrisegcli.workflow.draft_heads import _check_out
+
+    run_dir, out = Path(run_dir), Path(out)
+    _check_out(out, run_dir, overwrite)
+    if run_dir.resolve().is_relative_to(out.resolve()):
+        raise MrisegError("holds the source run: write the new model to another folder", out)
+    if out.exists() and any(out.iterdir()) and not (out / runfolder.CONFIG).is_file():
+        raise MrisegError("is not a mriseg run folder: --overwrite replaces only a run", out)
+    t0 = time.perf_counter()
+    seg = load_segmenter(run_dir, device or torch.device("cpu"))
+    ds = open_dataset([Path(d) for d in data], None, seed=seed, check=False)
+    ds = add_paraphrases(ds, seg.cfg.paraphrases, seg.cfg.seed)
+    cal = fit_calibration(seg, ds, steps=steps, max_cases=max_cases, seed=seed, stage=stage)
+    if cal.fit is None:
+        raise MrisegError(cal.note, data[0])
+    extra = {
+        "data": [str(d) for d in data],
+        "seed": seed,
+        "source": source or str(run_dir),
+        "command": command,
+        "seconds": time.perf_counter() - t0,
+    }
+    tmp = out.with_name(f".{out.name}.tmp-calibrate")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for p in run_dir.iterdir():
+            if p.name in _SKIP or p.name.startswith(".") or not p.is_file():
+                continue
+            shutil.copy2(p, tmp / p.name)
+        record_calibration(tmp, cal, extra)
+        if out.exists():
+            if not overwrite:
+                raise MrisegError("exists (pass --overwrite to replace it)", out)
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**presence_config(cal.fit), **extra, "targets": len(cal.scope["targets"])}
+
+
+__all__ = [
+    "Calibration",
+    "calibrate_run",
+    "features_and_labels",
+    "fit_calibration",
+    "normalizer",
+    "record_calibration",
+]

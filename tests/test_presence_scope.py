@@ -1,0 +1,223 @@
+"""The presence head and the prompt scope: statistics, fitting, and end to end through the
+command line (train records both, predict refuses out-of-scope prompts and empties masks below
+the presence threshold, calibrate refits them, models lists them, evaluate reports detection)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mrisegcli.cli import app
+from mrisegcli.presence import auroc, choose_threshold, detection_report, fit_presence
+from mrisegcli.scope import build_scope, content_words, is_known, refusal, unknown_words
+
+runner = CliRunner()
+TINY = ["--size", "32", "--steps", "12", "--batch-size", "8", "--mask-steps", "30",
+        "--multiscale-steps", "30", "--image-steps", "20", "--device", "cpu", "--workers", "0"]  # fmt: skip
+
+
+def invoke(args, ok=True):
+    result = runner.invoke(app, args)
+    if ok:
+        assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_auroc_matches_torchmetrics_with_ties():
+    tm = pytest.importorskip("torchmetrics.functional")
+    rng = np.random.default_rng(0)
+    labels = rng.random(300) < 0.3
+    scores = np.round(rng.random(300) + labels * 0.4, 1)  # rounded: many ties
+    want = float(tm.auroc(torch.tensor(scores), torch.tensor(labels.astype(int)), task="binary"))
+    assert auroc(scores, labels) == pytest.approx(want, abs=1e-6)  # float32 there
+    assert auroc(np.array([0.1, 0.9]), np.array([False, True])) == 1.0
+    assert np.isnan(auroc(np.array([0.1, 0.9]), np.array([True, True])))
+
+
+def test_threshold_finds_most_present_at_the_specificity():
+    absent = np.linspace(0.0, 0.5, 20)  # 19 of 20 below 0.485: specificity 0.95
+    present = np.array([0.485, 0.6, 0.7, 0.8, 0.9])
+    probs = np.concatenate([absent, present])
+    labels = np.concatenate([np.zeros(20, bool), np.ones(5, bool)])
+    t = choose_threshold(probs, labels, min_specificity=0.95)
+    rep = detection_report(probs, labels, t)
+    assert rep["specificity"] >= 0.95 and rep["sensitivity"] == 1.0
+    # unreachable specificity: falls back to the best sensitivity + specificity
+    assert 0.0 <= choose_threshold(probs, labels, min_specificity=1.01) <= 1.0
+
+
+def test_fit_presence_separates_and_calibrates():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 12, generator=g)
+    y = x[:, 0] + 0.3 * torch.randn(600, generator=g) > 0.8
+    fit = fit_presence(x[:400], y[:400], x[400:], y[400:], steps=300, seed=0)
+    assert fit.report["val"]["auroc"] > 0.95
+    assert 0.0 < fit.threshold < 1.0
+    assert fit.report["val"]["calibration_error"] < 0.1
+    with pytest.raises(Exception, match="empty mask"):
+        fit_presence(x[:10], torch.ones(10, dtype=torch.bool), x[:10], y[:10], steps=5)
+
+
+# ----------------------------------------------------------------------------- scope
+
+
+def lower(t: str) -> str:
+    return t.lower()
+
+
+def test_scope_words_variants_and_typos():
+    scope = build_scope(
+        ["Tumor in the left hemisphere.", "Lesion edema, right side."],
+        ["lesion:left", "lesion:right"],
+        lower,
+    )
+    vocab = set(scope["vocabulary"])
+    assert {"tumor", "hemisphere", "left", "lesion", "edema"} <= vocab
+    assert "the" not in vocab and "in" not in vocab
+    for w in ("tumour", "oedema", "hemispheres", "lesions", "hemispere", "tumors"):
+        assert is_known(w, vocab), w
+    assert not is_known("pneumothorax", vocab)
+    assert unknown_words("asdf qwerty", scope, lower) == ["asdf", "qwerty"]
+    assert unknown_words("Please show the tumour on the LEFT", scope, lower) == []
+    why = refusal("pleural effusion", scope, lower)
+    assert "'pleural'" in why and "'effusion'" in why and "lesion:left" in why
+    assert refusal("the", scope, lower) is not None  # names nothing
+    assert refusal("left tumour", scope, lower) is None
+    assert refusal("anything", {}, lower) is None  # no scope recorded: nothing refused
+    assert content_words("the 15 mm nodule", lower) == ["mm", "nodule"]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def square_data(tmp_path_factory) -> Path:
+    """A manifest of 32-px images: "bright square" rows with a square, and the same request on
+    blank images with an empty mask (target none)."""
+    root = tmp_path_factory.mktemp("squares")
+    (root / "img").mkdir()
+    (root / "msk").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    splits = ["train"] * 40 + ["val"] * 12 + ["test"] * 12
+    for i, split in enumerate(splits):
+        img = (rng.random((32, 32)) * 40).astype(np.uint8)
+        mask = np.zeros((32, 32), np.uint8)
+        present = i % 2 == 0
+        if present:
+            y, x = rng.integers(2, 18, 2)
+            img[y : y + 12, x : x + 12] = 230
+            mask[y : y + 12, x : x + 12] = 255
+        Image.fromarray(img).save(root / "img" / f"{i}.png")
+        Image.fromarray(mask).save(root / "msk" / f"{i}.png")
+        rows.append(
+            {
+                "image": f"img/{i}.png",
+                "mask": f"msk/{i}.png",
+                "text": "bright square",
+                "split": split,
+                "kind": "describe" if present else "absent",
+                "target": "square" if present else "none",
+            }
+        )
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module", params=["next-token", "next-scale"])
+def square_run(request, square_data, tmp_path_factory, one_thread) -> Path:
+    run = tmp_path_factory.mktemp("runs") / request.param
+    invoke(["train", "--data", str(square_data), "--out", str(run), "--paradigm", request.param,
+            "--seed", "0", *TINY])  # fmt: skip
+    return run
+
+
+def test_train_records_presence_head_and_scope(square_run):
+    config = json.loads((square_run / "config.json").read_text())
+    assert (square_run / "presence.safetensors").is_file()
+    p = config["presence"]
+    assert 0.0 <= p["threshold"] <= 1.0 and p["report"]["val"]["n_absent"] == 6
+    scope = config["scope"]
+    assert [t["target"] for t in scope["targets"]] == ["square"]
+    assert scope["absent_rows"] == 20 and {"bright", "square"} <= set(scope["vocabulary"])
+    listed = invoke(["models", str(square_run)]).output
+    assert "square" in listed and "presence threshold" in listed
+
+
+def test_predict_refuses_out_of_scope_prompt(square_run, square_data, tmp_path):
+    image = square_data / "img" / "52.png"
+    out = tmp_path / "out"
+    res = invoke(["predict", str(image), "--text", "asdf qwerty", "--model", str(square_run),
+                  "--out", str(out), "--device", "cpu", "--json"], ok=False)  # fmt: skip
+    assert res.exit_code == 1
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    assert row["status"] == "refused" and "'asdf'" in row["error"] and "square" in row["error"]
+    assert not out.exists() or not any(out.iterdir())
+    # --force runs it anyway
+    res = invoke(["predict", str(image), "--text", "asdf qwerty", "--model", str(square_run),
+                  "--out", str(out), "--device", "cpu", "--json", "--force"])  # fmt: skip
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    assert row["status"] in ("found", "not found") and Path(row["outputs"]["mask"]).is_file()
+
+
+def test_presence_threshold_empties_the_mask(square_run, square_data, tmp_path):
+    image = square_data / "img" / "52.png"
+    args = ["predict", str(image), "--text", "bright square", "--model", str(square_run),
+            "--device", "cpu", "--json", "--overwrite"]  # fmt: skip
+    above = json.loads(
+        invoke([*args, "--out", str(tmp_path / "a"), "--presence-threshold", "1.0"]).stdout
+    )
+    assert above["status"] == "not found" and above["foreground_pixels"] == 0
+    assert 0.0 <= above["presence"] <= 1.0
+    mask = np.asarray(Image.open(above["outputs"]["mask"]))
+    assert mask.max() == 0  # an empty mask is written
+    text = invoke(
+        ["predict", str(image), "--text", "bright square", "--model", str(square_run),
+         "--device", "cpu", "--out", str(tmp_path / "b"), "--presence-threshold", "1.0"]
+    ).output  # fmt: skip
+    assert "not found (presence" in text
+
+
+def test_calibrate_writes_a_new_run(square_run, square_data, tmp_path):
+    out = tmp_path / "cal"
+    res = invoke(["calibrate", "--model", str(square_run), "--data", str(square_data),
+                  "--out", str(out), "--steps", "50", "--device", "cpu", "--json"])  # fmt: skip
+    report = json.loads(res.stdout)
+    assert report["report"]["val"]["n_absent"] == 6 and 0 <= report["threshold"] <= 1
+    assert (out / "presence.safetensors").is_file() and (out / "model.safetensors").is_file()
+    # the source is never the destination, and a folder that is not a run is not replaced
+    again = invoke(["calibrate", "--model", str(square_run), "--data", str(square_data),
+                    "--out", str(square_run), "--device", "cpu"], ok=False)  # fmt: skip
+    assert again.exit_code == 1
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    res = invoke(["calibrate", "--model", str(square_run), "--data", str(square_data),
+                  "--out", str(mine), "--device", "cpu", "--overwrite"], ok=False)  # fmt: skip
+    assert res.exit_code == 1 and (mine / "notes.txt").read_text() == "keep"
+
+
+def test_damaged_presence_head_is_refused(square_run, tmp_path):
+    import shutil
+
+    from mrisegcli.errors import MrisegError
+    from mrisegcli.workflow.segmenter import load_segmenter
+
+    copy = tmp_path / "copy"
+    shutil.copytree(square_run, copy)
+    (copy / "presence.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(MrisegError, match="presence"):
+        load_segmenter(copy, torch.device("cpu"))
