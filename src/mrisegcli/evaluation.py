@@ -4,6 +4,10 @@ Files are paired by case name (rules in :func:`case_key` and docs/metrics.md). A
 mask without a prediction is an error unless ``allow_missing`` counts it as an empty
 prediction: a missing prediction is never skipped silently. Predictions without ground truth
 are ignored and counted in the report.
+
+Volumes (3-D masks) are also scored as volumes (:mod:`mrisegcli.volume_metrics`: Dice, HD95 in
+mm, absolute volume difference in mL, with the voxel size of the ground truth's NIfTI header);
+the CSV then has one row per volume.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from rich.table import Table
 from mrisegcli.errors import InputError, MrisegError
 from mrisegcli.io.atomic import atomic_path
 from mrisegcli.metrics import CaseResult, summarize
+from mrisegcli.volume_metrics import VOLUME_CSV_COLUMNS, VolumeResult, summarize_volumes
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ class EvalReport:
     summary: dict
     unmatched_predictions: list[str] = field(default_factory=list)
     missing_predictions: list[str] = field(default_factory=list)
+    volumes: list[VolumeResult] = field(default_factory=list)  # 3-D cases scored as volumes
 
 
 def split_suffix(name: str) -> tuple[str, str]:
@@ -138,11 +144,15 @@ def match_folders(
             )
     pairs: list[Pair] = []
     missing: list[str] = []
+    used: set[str] = set()
     for key in sorted(gts, key=_natural):
         gt_path = gts[key][0]
-        pred = preds.get(key)
+        # nnU-Net: the mask of image <case>_0000.nii.gz pairs with the label <case>.nii.gz
+        pred_key = key if key in preds or f"{key}_0000" not in preds else f"{key}_0000"
+        pred = preds.get(pred_key)
         if pred is None:
             missing.append(gt_path.name)
+        used.add(pred_key)
         pairs.append((key, pred[0] if pred else None, gt_path))
     if missing and not allow_missing:
         raise InputError(
@@ -152,7 +162,7 @@ def match_folders(
             pred_dir,
         )
     unmatched = sorted(
-        (p.name for k, ps in preds.items() if k not in gts for p in ps), key=_natural
+        (p.name for k, ps in preds.items() if k not in used for p in ps), key=_natural
     )
     if unmatched:
         logger.warning(
@@ -186,9 +196,11 @@ def evaluate_folders(
 ) -> EvalReport:
     """Read, pair and score every case; ``progress(done, total)`` is called after each case."""
     from mrisegcli.io.read import read_mask
+    from mrisegcli.io.volume import check_same_grid, mask_geometry
 
     pairing = match_folders(pred_dir, gt_dir, allow_missing=allow_missing)
     cases: list[CaseResult] = []
+    volumes: list[VolumeResult] = []
     total = len(pairing.pairs)
     for i, (name, pred_path, gt_path) in enumerate(pairing.pairs):
         gt = read_mask(
@@ -206,19 +218,45 @@ def evaluate_folders(
                 pred_path,
             )
         cases.append(CaseResult.from_masks(name, pred, gt, pred_path=pred_path, gt_path=gt_path))
+        if gt.ndim == 3:
+            spacing = (
+                check_same_grid(pred_path, gt_path) if pred_path else mask_geometry(gt_path)[0]
+            )
+            volumes.append(
+                VolumeResult.from_masks(
+                    name, pred, gt, spacing, pred_path=pred_path, gt_path=gt_path
+                )
+            )
         if progress is not None:
             progress(i + 1, total)
+    if volumes and len(volumes) != len(cases):
+        raise InputError(
+            f"mixes {len(volumes)} volume(s) and {len(cases) - len(volumes)} 2-D mask(s); "
+            "evaluate volumes and 2-D images separately",
+            gt_dir,
+        )
     summary = summarize(cases)
     summary["n_missing_predictions"] = len(pairing.missing_predictions)
     summary["n_unmatched_predictions"] = len(pairing.unmatched_predictions)
-    return EvalReport(cases, summary, pairing.unmatched_predictions, pairing.missing_predictions)
+    if volumes:
+        summary["volumes"] = summarize_volumes(volumes)
+    return EvalReport(
+        cases, summary, pairing.unmatched_predictions, pairing.missing_predictions, volumes
+    )
 
 
 def write_cases_csv(report: EvalReport, path: str | Path, *, overwrite: bool = False) -> Path:
-    """One row per case (``name,dice,iou,pred_pixels,gt_pixels,pred,gt``), written atomically."""
+    """One row per case (``name,dice,iou,pred_pixels,gt_pixels,pred,gt``), written atomically;
+    for volumes one row per volume (:data:`~mrisegcli.volume_metrics.VOLUME_CSV_COLUMNS`)."""
     path = Path(path)
     with atomic_path(path, overwrite) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
+        if report.volumes:
+            w.writerow(VOLUME_CSV_COLUMNS)
+            for v in report.volumes:
+                row = v.row()
+                w.writerow(["" if row[c] is None else _cell(row[c]) for c in VOLUME_CSV_COLUMNS])
+            return path
         w.writerow(CSV_COLUMNS)
         for c in report.cases:
             w.writerow(
@@ -235,9 +273,16 @@ def write_cases_csv(report: EvalReport, path: str | Path, *, overwrite: bool = F
     return path
 
 
+def _cell(value: object) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def report_json(report: EvalReport, *, cases: bool = False) -> dict:
-    """Summary as a JSON-ready dict (plain floats in [0, 1]); per-case rows only if ``cases``."""
+    """Summary as a JSON-ready dict (plain floats in [0, 1]); per-case rows only if ``cases``.
+    Volumes: ``volumes`` holds their summary and one row per volume (``volumes["cases"]``)."""
     out = dict(report.summary)
+    if report.volumes:
+        out["volumes"] = {**report.summary["volumes"], "cases": [v.row() for v in report.volumes]}
     out["missing_predictions"] = list(report.missing_predictions)
     out["unmatched_predictions"] = list(report.unmatched_predictions)
     if cases:
@@ -267,7 +312,9 @@ def _is_missing(case: CaseResult, missing: set[str]) -> bool:
 
 def render_table(report: EvalReport, *, max_rows: int = 20) -> Table:
     """Rich table in percent: one row per case when there are at most ``max_rows``, then the
-    mean, median and global (micro) rows."""
+    mean, median and global (micro) rows. Volumes: one row per volume with HD95 and volumes."""
+    if report.volumes:
+        return render_volume_table(report, max_rows=max_rows)
     s = report.summary
     table = Table(title=f"Segmentation metrics ({s['n']} cases, empty policy {s['empty_policy']})")
     for col, justify in (
@@ -303,5 +350,40 @@ def render_table(report: EvalReport, *, max_rows: int = 20) -> Table:
         notes.append(
             f"{len(report.unmatched_predictions)} prediction(s) without ground truth ignored"
         )
+    table.caption = "; ".join(notes)
+    return table
+
+
+def _mm(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def render_volume_table(report: EvalReport, *, max_rows: int = 20) -> Table:
+    """One row per volume (Dice %, HD95 mm, |dV| mL, predicted and true mL), then mean and
+    median rows; the caption gives the per-slice Dice beside them."""
+    vs, s = report.volumes, report.summary
+    v = s["volumes"]
+    unit = "mm" if v["spacing_known"] else "voxels"
+    table = Table(title=f"Volume metrics ({v['n']} volumes, HD95 in {unit})")
+    for col in ("volume", "Dice %", f"HD95 {unit}", "|dV| mL", "pred mL", "GT mL"):
+        table.add_column(col, justify="left" if col == "volume" else "right")
+    if len(vs) <= max_rows:
+        for r in vs:
+            table.add_row(
+                r.name, f"{100 * r.dice:.2f}", _mm(r.hd95_mm), f"{r.avd_ml:.2f}",
+                f"{r.pred_ml:.2f}", f"{r.gt_ml:.2f}",
+            )  # fmt: skip
+        table.add_section()
+    table.add_row(
+        "mean", f"{100 * v['dice']:.2f} ± {100 * v['dice_std']:.2f}", _mm(v["hd95_mm"]),
+        _mm(v["avd_ml"]), "", "", style="bold",
+    )  # fmt: skip
+    table.add_row("median", f"{100 * v['dice_median']:.2f}", _mm(v["hd95_mm_median"]),
+                  _mm(v["avd_ml_median"]), "", "")  # fmt: skip
+    notes = [f"per slice: Dice {100 * s['dice']:.2f}, mIoU {100 * s['miou']:.2f} ({s['n']} slices)"]
+    if s["n"] == v["n"]:  # --pred/--gt: the cases are the volumes
+        notes = [f"global Dice {100 * s['dice_global']:.2f}"]
+    if v["n_hd95_undefined"]:
+        notes.append(f"HD95 undefined for {v['n_hd95_undefined']} volume(s) (one mask empty)")
     table.caption = "; ".join(notes)
     return table

@@ -6,6 +6,9 @@ Three layouts are read:
   MosMedData+ as LViT distributes them), or one ``Train_Val_text.xlsx`` for train and val.
 * ``qata-v2``: ``Train|Test/{Images,GTs}`` with ``prompt/train.csv`` and ``prompt/test.csv``.
 * ``manifest``: a CSV or JSONL file with ``image``, ``mask``, ``text`` and optional ``split``.
+* ``nnunet``: an nnU-Net v2 / Medical Segmentation Decathlon folder (``imagesTr``,
+  ``labelsTr``, ``imagesTs``, ``labelsTs``, ``dataset.json``): every slice of every volume is a
+  sample (see ``nnunet.py``).
 
 Loading only reads the index files; it never opens images (see ``validate.py`` for that). Every
 path taken from an index file is refused if it leaves the dataset folder, symlinks included.
@@ -24,7 +27,7 @@ from pathlib import Path
 from mrisegcli.errors import InputError
 
 SPLITS = ("train", "val", "test")
-LAYOUTS = ("lvit", "qata-v2", "manifest")
+LAYOUTS = ("lvit", "qata-v2", "manifest", "nnunet")
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
 
 _LVIT_FOLDERS = {"train": "Train_Folder", "val": "Val_Folder", "test": "Test_Folder"}
@@ -44,6 +47,22 @@ _SPLIT_ALIASES = {
 
 
 @dataclass(frozen=True)
+class VolumeSlice:
+    """Where a sample lies in a volume (nnU-Net layout): slice ``index`` of ``slices`` of case
+    ``case`` as the model sees it (axial, radiological; see ``mrisegcli.io.volume``), the image
+    ``channel``, the label values that make its mask (``label``: their name) and every value
+    its label map may hold (``known``)."""
+
+    case: str
+    index: int
+    slices: int
+    values: tuple[int, ...]
+    label: str
+    channel: int = 0
+    known: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Sample:
     """One case: an image, its binary mask (``None`` when unknown) and the referring text."""
 
@@ -57,6 +76,8 @@ class Sample:
     # other wordings of the same request, see ``data/paraphrase.py``)
     kind: str = ""
     target: str = ""
+    # a slice of a volume (nnU-Net layout): ``image`` and ``mask`` are the volume files
+    volume: VolumeSlice | None = None
 
 
 @dataclass
@@ -101,6 +122,10 @@ def detect_layout(root: str | Path) -> str:
     )
     if has_qata_split or (root / "prompt").is_dir():
         return "qata-v2"
+    from mrisegcli.data.nnunet import is_nnunet
+
+    if is_nnunet(root):
+        return "nnunet"
     manifests = [n for n in MANIFEST_NAMES if (root / n).is_file()]
     if len(manifests) == 1:
         return "manifest"
@@ -108,22 +133,35 @@ def detect_layout(root: str | Path) -> str:
         raise InputError("holds both manifest.csv and manifest.jsonl; pass one file", root)
     raise InputError(
         "no dataset layout found; looked for Train_Folder/Val_Folder/Test_Folder (lvit), "
-        "Train|Test/{Images,GTs} or prompt/ (qata-v2), manifest.csv or manifest.jsonl (manifest)",
+        "Train|Test/{Images,GTs} or prompt/ (qata-v2), imagesTr/imagesTs or dataset.json "
+        "(nnunet), manifest.csv or manifest.jsonl (manifest)",
         root,
     )
 
 
 def load_dataset(
-    root: str | Path, layout: str | None = None, *, val_fraction: float = 0.1, seed: int = 0
+    root: str | Path,
+    layout: str | None = None,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    texts: str | Path | None = None,
 ) -> Dataset:
     """Read the index of the dataset at ``root`` (layout detected unless given).
 
     When the dataset has training samples but no validation split, ``val_fraction`` of the
     training samples become validation samples (``carve_val``); ``val_fraction=0`` turns it off.
+    ``texts``: a texts file for the volumes of an nnU-Net folder (see ``nnunet.py``).
     """
     root = Path(root).absolute()
     layout = detect_layout(root) if layout is None else layout
-    if layout == "lvit":
+    if texts is not None and layout != "nnunet":
+        raise InputError(f"a texts file applies to nnU-Net volume folders, this is {layout}", root)
+    if layout == "nnunet":
+        from mrisegcli.data.nnunet import load_nnunet
+
+        base, samples = root, load_nnunet(root, texts=texts, val_fraction=val_fraction, seed=seed)
+    elif layout == "lvit":
         base, samples = root, _load_lvit(root)
     elif layout == "qata-v2":
         base, samples = root, _load_qata_v2(root)
@@ -131,7 +169,8 @@ def load_dataset(
         base, samples = _load_manifest(root)
     else:
         raise InputError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-    if val_fraction > 0 and not any(s.split == "val" for s in samples):
+    # (an nnU-Net folder carves whole cases itself: slices of one case never straddle splits)
+    if val_fraction > 0 and layout != "nnunet" and not any(s.split == "val" for s in samples):
         samples = carve_val(samples, val_fraction, seed)
     return Dataset(root=base, layout=layout, samples=samples)
 

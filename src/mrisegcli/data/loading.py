@@ -42,11 +42,16 @@ def load_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Read one sample: image (size, size) float32 in [0, 1], mask (size, size) uint8 {0, 1}.
 
     A sample without a mask gets an all-zero mask. 3-D images are refused: the dataset loader
-    works on 2-D images (predict handles volumes slice by slice).
+    works on 2-D images (predict handles volumes slice by slice), except for the slices of an
+    nnU-Net folder's volumes (``sample.volume``, read by ``volume_slices.py``).
     """
     from mrisegcli.io.intensity import to_model_input
     from mrisegcli.io.read import read_mask, read_scan
 
+    if sample.volume is not None:
+        from mrisegcli.data.volume_slices import load_volume_slice
+
+        return _guard(lambda: load_volume_slice(sample, size), sample.image)
     scan = _guard(lambda: read_scan(sample.image), sample.image)
     pixels = scan.pixels
     if pixels.ndim == 3 and pixels.shape[0] == 1:

@@ -69,8 +69,14 @@ def validate_dataset(
             )
     root = Path(ds.root).resolve()
     total = len(ds.samples)
+    seen: set[tuple] = set()  # a volume's files (and each text) are checked once, not per slice
     for done, sample in enumerate(ds.samples, 1):
-        problems.extend(_check_sample(sample, root, check_images, deep, require_masks))
+        if sample.volume is None:
+            problems.extend(_check_sample(sample, root, check_images, deep, require_masks))
+        elif (sample.image, sample.mask, sample.text) not in seen:
+            first = (sample.image, sample.mask) not in seen
+            seen.update({(sample.image, sample.mask), (sample.image, sample.mask, sample.text)})
+            problems.extend(_check_volume(sample, root, check_images and first, deep, require_masks))
         if progress is not None:
             progress(done, total)
     return problems
@@ -89,6 +95,22 @@ def _check_sample(
     ]
     if check_images and present:
         _check_contents(s, present, deep, out)
+    return out
+
+
+def _check_volume(
+    s: Sample, root: Path, contents: bool, deep: bool, require_masks: bool
+) -> list[Problem]:
+    """The slices of one volume (nnU-Net layout), checked once: text, paths, and with ``deep``
+    the label map's values (the grids were compared when the index was read)."""
+    out = _check_sample(s, root, False, deep, require_masks)
+    if contents and deep and s.mask is not None and not out:
+        from mrisegcli.data.volume_slices import volume_labels
+
+        try:
+            volume_labels(s.mask, set(s.volume.known) or None)
+        except Exception as err:  # any reader failure means the file cannot be used
+            out.append(Problem(s.id, s.mask, _short(err, s.mask), UNREADABLE))
     return out
 
 

@@ -113,9 +113,14 @@ def slice_view(scan: Scan) -> SliceView:
     if not scan.is_volume or not has_orientation(scan):
         return IDENTITY
     import nibabel as nib
+
+    return _view_of(nib.aff2axcodes(scan.ras_affine()), scan.shape)
+
+
+def _view_of(codes: tuple, shape_DHW: tuple[int, ...]) -> SliceView:
+    """The view of a volume (D, H, W) whose axes (w, h, d) point to ``codes``."""
     from nibabel.orientations import axcodes2ornt, ornt_transform
 
-    codes = nib.aff2axcodes(scan.ras_affine())
     if any(c is None for c in codes):
         return IDENTITY
     codes = tuple(str(c) for c in codes)
@@ -123,12 +128,42 @@ def slice_view(scan: Scan) -> SliceView:
     forward = ornt_transform(start, target)
     # the axis that becomes the slice axis is the superior-inferior one; the others must have
     # more than one voxel, or the axial slices would be single rows or columns
-    whd_shape = tuple(reversed(scan.shape))
+    whd_shape = tuple(reversed(shape_DHW))
     if any(whd_shape[a] == 1 for a in range(3) if int(forward[a][0]) != 2):
         return SliceView(source_codes=codes)
     if np.array_equal(forward, [[0, 1], [1, 1], [2, 1]]):  # already in the view
         return SliceView(source_codes=codes, oriented=True)
     return SliceView(forward, ornt_transform(target, start), codes, oriented=True)
+
+
+def file_view(path: str | Path) -> tuple[SliceView, tuple[int, ...]]:
+    """The view of an image file and the view's shape (D', H', W'), from the header alone for
+    NIfTI (the first three axes of a 4-D file); other files are read. A 2-D image is a view of
+    one slice, (1, H, W)."""
+    from mrisegcli.io.read import detect_format, read_scan
+
+    path = Path(path)
+    if detect_format(path) == "nifti":
+        import nibabel as nib
+
+        try:
+            img = nib.load(str(path))
+            shape = tuple(int(n) for n in img.shape)
+        except Exception as err:  # noqa: BLE001 - any reader failure: the file cannot be used
+            raise InputError(f"not a readable NIfTI file ({err})", path) from err
+        if len(shape) == 2 or (len(shape) >= 3 and shape[2] == 1 and len(shape) == 3):
+            return IDENTITY, (1, shape[1], shape[0])
+        dhw = (shape[2], shape[1], shape[0])
+        hdr = img.header
+        if int(hdr["sform_code"]) <= 0 and int(hdr["qform_code"]) <= 0:
+            return IDENTITY, dhw
+        view = _view_of(nib.aff2axcodes(img.affine), dhw)
+        return view, tuple(view.to_view(np.empty(dhw, dtype=np.uint8)).shape)
+    scan = read_scan(path)
+    if not scan.is_volume:
+        return IDENTITY, (1, *scan.shape)
+    view = slice_view(scan)
+    return view, tuple(view.to_view(scan.pixels).shape)
 
 
 def view_scan(scan: Scan, view: SliceView) -> Scan:
@@ -204,11 +239,54 @@ def volume_facts(scan: Scan, view: SliceView, mask_DHW: np.ndarray) -> dict:
     return facts
 
 
+def mask_geometry(path: str | Path) -> tuple[tuple[float, ...] | None, np.ndarray | None]:
+    """(voxel size in mm along the (D, H, W) axes of :func:`~mrisegcli.io.read.read_mask`, the
+    affine) of a NIfTI mask, from its header; (None, None) for other files (size unknown)."""
+    from mrisegcli.io.read import is_nifti_name
+
+    if not is_nifti_name(path):
+        return None, None
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception:  # noqa: BLE001 - the mask reader reports an unreadable file
+        return None, None
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    if len(zooms) < 3 or not all(np.isfinite(z) and z > 0 for z in zooms):
+        return None, None
+    return tuple(reversed(zooms)), np.asarray(img.affine, dtype=np.float64)
+
+
+def check_same_grid(pred: Path, gt: Path) -> tuple[float, ...] | None:
+    """The ground truth's voxel size (mm, (D, H, W)) after checking that a NIfTI prediction lies
+    on the same voxel grid (affine) as its NIfTI ground truth: scores of masks that do not
+    overlay each other would mean nothing."""
+    spacing, gt_affine = mask_geometry(gt)
+    _, pred_affine = mask_geometry(pred)
+    if gt_affine is not None and pred_affine is not None:
+        if not np.allclose(pred_affine, gt_affine, rtol=1e-4, atol=1e-3):
+            import nibabel as nib
+
+            raise InputError(
+                "lies on another voxel grid than its ground truth "
+                f"{Path(gt).name} (affines differ: {''.join(nib.aff2axcodes(pred_affine))} "
+                f"{np.round(np.diag(pred_affine)[:3], 3).tolist()} against "
+                f"{''.join(nib.aff2axcodes(gt_affine))} "
+                f"{np.round(np.diag(gt_affine)[:3], 3).tolist()})",
+                pred,
+            )
+    return spacing
+
+
 __all__ = [
     "IDENTITY",
     "VIEW_CODES",
     "SliceView",
+    "check_same_grid",
+    "file_view",
     "has_orientation",
+    "mask_geometry",
     "nifti_channels",
     "read_input_scan",
     "slice_view",

@@ -66,9 +66,28 @@ def file_fingerprint(path: str | Path) -> str:
     return f"{size}-{h.hexdigest()}"
 
 
-def sample_fingerprint(image: str | Path, mask: str | Path | None, text: str) -> str:
-    """One fingerprint for a sample's sources: image bytes, mask bytes and text."""
-    parts = [file_fingerprint(image), file_fingerprint(mask) if mask is not None else "-", text]
+_VOLUME_FPS: dict[tuple, str] = {}
+
+
+def _volume_fingerprint(path: str | Path) -> str:
+    """:func:`file_fingerprint` of a volume file, computed once per process for all its slices
+    (while its size, modification time and inode stay the same)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _VOLUME_FPS:
+        _VOLUME_FPS[key] = file_fingerprint(path)
+    return _VOLUME_FPS[key]
+
+
+def sample_fingerprint(
+    image: str | Path, mask: str | Path | None, text: str, part: Any = None
+) -> str:
+    """One fingerprint for a sample's sources: image bytes, mask bytes and text (and, for a
+    slice of a volume, which slice, channel and label values: ``part``)."""
+    fingerprint = file_fingerprint if part is None else _volume_fingerprint
+    parts = [fingerprint(image), fingerprint(mask) if mask is not None else "-", text]
+    if part is not None:
+        parts.append(repr(part))
     return hashlib.blake2b("\0".join(parts).encode("utf-8"), digest_size=16).hexdigest()
 
 
