@@ -47,4 +47,5 @@ assert not wrong, f"not at the floor: {wrong}"
 PY
 python -m pytest -q -p no:cacheprovider \
   tests/test_hub_and_runinfo.py tests/test_push.py tests/test_text_tokenizer.py \
-  tests/test_io_read.py tests/test_io_write.py tests/test_data_layouts.py tests/test_atomic_and_cli.py
+  tests/test_io_read.py tests/test_io_write.py tests/test_data_layouts.py tests/test_atomic_and_cli.py \
+  tests/test_volume_metrics.py tests/test_nnunet_layout.py
