@@ -83,6 +83,19 @@ _CHEST_RULES: tuple[tuple[str, str], ...] = (
     (r"\blt\b", "left"),
     (r"\bboth sides\b", "both lungs"),
     (r"\bbilaterally\b", "bilateral"),
+    # Fleischner glossary findings of the airspace (and COVID-19 reporting) -> "infection"
+    (r"\b(?:air[- ]?space|alveolar) (?:opacification|filling|consolidation)\b", "infection"),
+    (r"\bair[- ]?space\b", "infection"),
+    (r"\b(?:opacified|consolidated|pneumonic|bronchopneumonia)\b", "infection"),
+    (r"\b(?:sars[- ]?cov[- ]?2|coronavirus)\b", "covid-19"),
+    (r"\binfection infection\b", "infection"),
+    # descriptors of extent, density and distribution that do not change the target
+    (
+        r"\b(?:peripheral|perihilar|central|dense|confluent|extensive|mild|moderate|severe"
+        r"|marked|minimal|focal|multiple|widespread|predominantly|predominant|mainly|mostly"
+        r"|new|increased|involving|affecting|within|throughout|distribution|predominance)\b",
+        " ",
+    ),
 )
 
 #: Words that ask rather than describe, and the picture a request is asked of: every domain.

@@ -47,6 +47,32 @@ def normalizer(seg: Segmenter) -> Any:
     return seg.bundle.text.backend_tokenizer.normalizer.normalize_str
 
 
+def refresh_synonyms(seg: Segmenter, texts: list[str]) -> dict[str, Any]:
+    """Give ``seg``'s text tokenizer today's synonym rules of its domain when they read every
+    training text exactly as the rules it was trained with (so the model sees the same tokens
+    for what it learnt, and folds the new wordings onto them) -> what was done."""
+    from mrisegcli.data.paraphrase import synonym_domain
+    from mrisegcli.tokenizers.text import _pipeline, _wrap
+
+    old = seg.bundle.text
+    domain = synonym_domain(texts)
+    new = _wrap(_pipeline(dict(old.get_vocab()), domain))
+    if new.backend_tokenizer.to_str() == old.backend_tokenizer.to_str():
+        return {"refreshed": False, "domain": domain, "reason": "the rules are today's"}
+    before = old.backend_tokenizer.normalizer.normalize_str
+    after = new.backend_tokenizer.normalizer.normalize_str
+    differ = sum(before(t) != after(t) for t in texts)
+    if differ:
+        return {
+            "refreshed": False,
+            "domain": domain,
+            "reason": f"today's rules read {differ} training texts differently",
+        }
+    seg.bundle.text = new
+    seg._checked.clear()
+    return {"refreshed": True, "domain": domain, "texts_checked": len(texts)}
+
+
 def features_and_labels(
     seg: Segmenter, cases: list, stage: StageFactory, what: str, batch: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +134,26 @@ def fit_calibration(
     return Calibration(fit, scope)
 
 
+def _save_text_tokenizer(seg: Segmenter, folder: Path) -> None:
+    """Write ``seg``'s text tokenizer into run ``folder`` and record its new fingerprints."""
+    from mrisegcli.tokenizers.text import save_text_tokenizer
+    from mrisegcli.workflow.bundle import file_fingerprints
+
+    for name in runfolder.TEXT_TOKENIZER_FILES + (runfolder.SPECIAL_TOKENS_MAP,):
+        (folder / name).unlink(missing_ok=True)
+    save_text_tokenizer(seg.bundle.text, folder, overwrite=True)
+    config = read_config(folder)
+    files = config.get("tokenizers", {}).get("files")
+    if isinstance(files, dict):
+        fresh = file_fingerprints(folder)
+        for name in runfolder.TEXT_TOKENIZER_FILES:
+            if name in fresh:
+                files[name] = fresh[name]
+    config.pop("schema", None)
+    config.pop("mriseg_version", None)
+    write_config(folder, config)
+
+
 def record_calibration(
     run_dir: Path, cal: Calibration, extra: dict[str, Any] | None = None
 ) -> None:
@@ -154,10 +200,12 @@ def calibrate_run(
     seg = load_segmenter(run_dir, device or torch.device("cpu"))
     ds = open_dataset([Path(d) for d in data], None, seed=seed, check=False)
     ds = add_paraphrases(ds, seg.cfg.paraphrases, seg.cfg.seed)
+    synonyms = refresh_synonyms(seg, sorted({s.text for s in ds.split("train")}))
     cal = fit_calibration(seg, ds, steps=steps, max_cases=max_cases, seed=seed, stage=stage)
     if cal.fit is None:
         raise MrisegError(cal.note, data[0])
     extra = {
+        "synonyms": synonyms,
         "data": [str(d) for d in data],
         "seed": seed,
         "source": source or str(run_dir),
@@ -173,6 +221,8 @@ def calibrate_run(
             if p.name in _SKIP or p.name.startswith(".") or not p.is_file():
                 continue
             shutil.copy2(p, tmp / p.name)
+        if synonyms["refreshed"]:
+            _save_text_tokenizer(seg, tmp)
         record_calibration(tmp, cal, extra)
         if out.exists():
             if not overwrite:
