@@ -93,7 +93,8 @@ _CHEST_RULES: tuple[tuple[str, str], ...] = (
     (
         r"\b(?:peripheral|perihilar|central|dense|confluent|extensive|mild|moderate|severe"
         r"|marked|minimal|focal|multiple|widespread|predominantly|predominant|mainly|mostly"
-        r"|new|increased|involving|affecting|within|throughout|distribution|predominance)\b",
+        r"|new|increased|involving|affecting|within|throughout|distribution|predominance"
+        r"|changes?|solitary|single|spiculated|well-defined|rounded)\b",
         " ",
     ),
 )
