@@ -364,7 +364,8 @@ def render_volume_table(report: EvalReport, *, max_rows: int = 20) -> Table:
     vs, s = report.volumes, report.summary
     v = s["volumes"]
     unit = "mm" if v["spacing_known"] else "voxels"
-    table = Table(title=f"Volume metrics ({v['n']} volumes, HD95 in {unit})")
+    volumes = f"{v['n']} volume" + ("s" if v["n"] != 1 else "")
+    table = Table(title=f"Volume metrics ({volumes}, HD95 in {unit})")
     for col in ("volume", "Dice %", f"HD95 {unit}", "|dV| mL", "pred mL", "GT mL"):
         table.add_column(col, justify="left" if col == "volume" else "right")
     if len(vs) <= max_rows:
