@@ -206,16 +206,19 @@ bash examples/evaluate_cxr_model.sh       # test splits, unseen wordings, copies
 """
 
 
-def strip_training_buffers(src: Path, dst: Path) -> None:
+def strip_training_buffers(src: Path, dst_run: Path) -> None:
     """The weights without the hard-token memory (a training-only buffer, a float per training
-    row and mask token: most of the file), which inference never reads."""
+    row and mask token: most of the file), which inference never reads, written as
+    ``dst_run/model.safetensors`` with its fingerprint recorded in ``dst_run/config.json``
+    (written first)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from mrisegcli.weights import save_weights
 
     with safe_open(str(src), "pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("het_memory.")}
-    save_file(tensors, str(dst), metadata=meta)
+    save_weights(tensors, dst_run, metadata=meta)
 
 
 def main() -> None:
@@ -231,9 +234,7 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in FILES:
-        if name == "model.safetensors":
-            strip_training_buffers(args.run / name, tmp / name)
-        elif (args.run / name).is_file():
+        if name not in ("model.safetensors", "config.json") and (args.run / name).is_file():
             shutil.copyfile(args.run / name, tmp / name)
     # the training machine's paths mean nothing elsewhere: keep the datasets' names
     roots = (
@@ -242,12 +243,15 @@ def main() -> None:
         else [config["data"]["root"]]
     )
     config["data"]["root"] = [Path(r).name for r in roots]
+    config["data"].pop("paths", None)  # absolute paths of the training machine
     if isinstance(config.get("command"), str):  # the command line, without this machine's paths
         words = config["command"].split()
         names = {r: Path(r).name for r in roots} | {str(args.run): "runs/cxr"}
         words[0] = Path(words[0]).name
         config["command"] = " ".join(names.get(w.rstrip("/"), w) for w in words)
+    config.pop("weights", None)  # the run's file; the stripped one is recorded below
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    strip_training_buffers(args.run / "model.safetensors", tmp)
     (tmp / "evaluation.json").write_text(json.dumps(ev, indent=2) + "\n")
     (tmp / "README.md").write_text(card(config, metrics, ev))
     for f in tmp.iterdir():  # safetensors' writer leaves 0600: an installed package is read by all

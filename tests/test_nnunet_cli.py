@@ -27,20 +27,60 @@ def test_train_tokenize_evaluate_on_an_nnunet_folder(nnunet, tmp_path, one_threa
     assert config["data"]["layout"] == "nnunet"
     tok = tmp_path / "tok"
     first = invoke(
-        ["tokenize", "--data", str(nnunet), "--out", str(tok), "--tokenizer", str(run),
-         "--size", "32", "--workers", "0", "--device", "cpu"]  # fmt: skip
+        [
+            "tokenize",
+            "--data",
+            str(nnunet),
+            "--out",
+            str(tok),
+            "--tokenizer",
+            str(run),
+            "--size",
+            "32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]  # fmt: skip
     )
     assert "108 encoded" in first.output  # 6 cases x 6 slices x 3 labels, empty slices too
     again = invoke(
-        ["tokenize", "--data", str(nnunet), "--out", str(tok), "--tokenizer", str(run),
-         "--size", "32", "--workers", "0", "--device", "cpu"]  # fmt: skip
+        [
+            "tokenize",
+            "--data",
+            str(nnunet),
+            "--out",
+            str(tok),
+            "--tokenizer",
+            str(run),
+            "--size",
+            "32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]  # fmt: skip
     )
     assert "0 encoded, 108 up to date" in again.output
 
     out_csv = tmp_path / "volumes.csv"
     r = invoke(
-        ["evaluate", "--model", str(run), "--data", str(nnunet), "--split", "test", "--json",
-         "--csv", str(out_csv), "--device", "cpu", "--workers", "0"]  # fmt: skip
+        [
+            "evaluate",
+            "--model",
+            str(run),
+            "--data",
+            str(nnunet),
+            "--split",
+            "test",
+            "--json",
+            "--csv",
+            str(out_csv),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ]  # fmt: skip
     )
     summary = json.loads(r.stdout)
     assert summary["n"] == 36  # per slice: 2 cases x 6 slices x 3 labels
@@ -56,16 +96,38 @@ def test_train_tokenize_evaluate_on_an_nnunet_folder(nnunet, tmp_path, one_threa
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == names and "hd95_mm" in rows[0]
     table = invoke(
-        ["evaluate", "--model", str(run), "--data", str(nnunet), "--device", "cpu",
-         "--workers", "0", "--limit", "8"]  # fmt: skip
+        [
+            "evaluate",
+            "--model",
+            str(run),
+            "--data",
+            str(nnunet),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--limit",
+            "8",
+        ]  # fmt: skip
     ).stdout
     assert "Volume metrics" in table and "per slice" in table  # one complete volume of 8 slices
 
     # predict the test images, then score the masks against labelsTs by case
     pred = tmp_path / "pred"
     invoke(
-        ["predict", str(nnunet / "imagesTs"), "--text", "edema", "--model", str(run),
-         "--out", str(pred), "--device", "cpu", "--quiet"]  # fmt: skip
+        [
+            "predict",
+            str(nnunet / "imagesTs"),
+            "--text",
+            "edema",
+            "--model",
+            str(run),
+            "--out",
+            str(pred),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]  # fmt: skip
     )
     masks = sorted(p.name for p in pred.iterdir())
     assert masks == ["case_004_0000_mask.nii.gz", "case_004_0001_mask.nii.gz",

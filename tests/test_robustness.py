@@ -213,6 +213,11 @@ def _dangling_link(tmp: Path) -> Path:
     return tmp / "gone.png"
 
 
+def _all_nan_nifti(tmp: Path) -> Path:
+    nib.save(nib.Nifti1Image(np.full((8, 8), np.nan, np.float32), np.eye(4)), tmp / "nan.nii.gz")
+    return tmp / "nan.nii.gz"
+
+
 def _random_dcm(tmp: Path) -> Path:
     (tmp / "noise.dcm").write_bytes(np.random.default_rng(3).bytes(700))
     return tmp / "noise.dcm"
@@ -229,6 +234,7 @@ BAD_INPUTS = {
         "is 4-D with 2 volumes; mriseg segments one 2-D or 3-D image at a time",
     ),
     "NIfTI without voxels": (_empty_nifti, "NIfTI image has no voxels (shape (4, 0, 3))"),
+    "all-NaN NIfTI": (_all_nan_nifti, "has no finite voxels: all 64 are NaN or infinite (64 NaN)"),
     "0x0 PNG": (lambda t: _png_header(t / "zero.png", 0, 0), "not a valid PNG/JPEG/TIFF/BMP image"),
     "30000x30000 PNG": (lambda t: _png_header(t / "huge.png", 30000, 30000), "too large"),
     "text file named .png": (_text_as_png, "not a valid PNG/JPEG/TIFF/BMP image"),
@@ -272,16 +278,12 @@ def test_nan_inf_and_tiny_images_are_segmented_not_refused(trained, tmp_path):
     data = np.random.default_rng(0).random((24, 20)).astype(np.float32)
     data[0, :], data[1, :], data[2, :3] = np.nan, np.inf, -np.inf
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
-    nib.save(
-        nib.Nifti1Image(np.full((8, 8), np.nan, np.float32), np.eye(4)), tmp_path / "allnan.nii.gz"
-    )
     Image.fromarray(np.array([[200]], np.uint8)).save(tmp_path / "one.png")
     out = tmp_path / "out"
     stdout = cli_ok(
         [
             "predict",
             str(tmp_path / "nan.nii.gz"),
-            str(tmp_path / "allnan.nii.gz"),
             str(tmp_path / "one.png"),
             "--text",
             TEXT,
@@ -295,7 +297,7 @@ def test_nan_inf_and_tiny_images_are_segmented_not_refused(trained, tmp_path):
         ]
     )
     rows = [json.loads(x) for x in stdout.splitlines()]
-    assert [r["error"] for r in rows] == [None, None, None]
+    assert [r["error"] for r in rows] == [None, None]  # all-NaN: BAD_INPUTS
     assert nib.load(out / "nan_mask.nii.gz").shape == (24, 20)
     assert np.asarray(Image.open(out / "one_mask.png")).shape == (1, 1)
 
@@ -309,8 +311,10 @@ def test_nan_inf_and_tiny_images_are_segmented_not_refused(trained, tmp_path):
         ("", "--text is empty"),
         ("  \t\n ", "--text is empty"),
         ("x" * (MAX_TEXT_CHARS + 1), f"the limit is {MAX_TEXT_CHARS}"),
+        # a byte that is not UTF-8 reaches Python as a lone surrogate (surrogateescape)
+        ("left \udcff lung", "--text is not valid UTF-8 text (the byte 0xff at character 6)"),
     ],
-    ids=["empty", "whitespace", "too-long"],
+    ids=["empty", "whitespace", "too-long", "not-UTF-8"],
 )
 def test_bad_text_is_refused_before_the_model_loads(text, expected, trained, tmp_path):
     img = _grey_png(tmp_path / "a.png")

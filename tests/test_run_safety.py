@@ -404,6 +404,8 @@ def test_mixed_up_tokenizers_of_a_hub_model_are_refused(trained, tmp_path, monke
 def test_older_runs_and_shipped_copies_still_load(trained, tmp_path):
     """A run without per-file entries (written before them) loads; so does a shipped copy whose
     model.safetensors lost its training-only buffers and whose config.json was rewritten."""
+    from mrisegcli.weights import save_weights
+
     old = _copy_run(trained, tmp_path, "old", keep=())
     config = json.loads((old / "config.json").read_text())
     del config["tokenizers"]["files"]
@@ -412,7 +414,7 @@ def test_older_runs_and_shipped_copies_still_load(trained, tmp_path):
     with safe_open(str(shipped / "model.safetensors"), "pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("het_memory.")}
-    save_file(tensors, str(shipped / "model.safetensors"), metadata=meta)
+    save_weights(tensors, shipped, metadata=meta)  # as examples/ship_cxr_model.py writes it
     config = json.loads((shipped / "config.json").read_text())
     config["data"]["root"] = ["data"]
     (shipped / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -1191,3 +1193,388 @@ def test_every_train_option_that_sets_the_config_is_checked_on_resume():
     not_config |= {"resume", "overwrite", "quiet", "json_out"}
     options = {p.name for p in train.params} - not_config
     assert options == set(OPTION_FIELDS)
+
+
+# ----------------------------------------------------------------------------- 7. second round:
+# special output files, what --overwrite may delete, one mask per prompt, weights, DICOM
+
+
+def _device_node(tmp_path: Path, name: str, minor: int) -> Path:
+    """A character device like /dev/full (minor 7) or /dev/null (3), made in ``tmp_path`` when
+    this user may (root): the system's own would be replaced by a broken writer. A normal user
+    gets /dev's, which it cannot replace."""
+    node = tmp_path / name
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, minor))
+        return node
+    except OSError:
+        if os.geteuid() == 0:
+            pytest.skip("cannot make device nodes here")
+        return Path("/dev") / name
+
+
+def _evaluate_args(tmp_path: Path) -> list[str]:
+    m = np.zeros((8, 8), np.uint8)
+    m[2:5, 2:6] = 255
+    _save_mask(tmp_path / "gt" / "a.png", m)
+    _save_mask(tmp_path / "pred" / "a_mask.png", m)
+    return ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]
+
+
+def test_special_output_files_are_written_through_or_refused_never_replaced(tmp_path):
+    args = _evaluate_args(tmp_path)
+    full = _device_node(tmp_path, "full", 7)
+    line = cli_error([*args, "--csv", str(full), "--overwrite"])
+    assert line == (
+        f"mriseg: error: {full}: cannot write: no space left on device (it is a character device)"
+    )
+    assert full.is_char_device()
+    null = _device_node(tmp_path, "null", 3)
+    cli_ok([*args, "--csv", str(null)])  # written through: nothing replaced, no --overwrite
+    assert null.is_char_device()
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with deadline(30):
+        line = cli_error([*args, "--csv", str(fifo), "--overwrite"])  # no reader: never blocks
+        assert "is a FIFO (named pipe) that nothing reads from" in line
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            cli_ok([*args, "--csv", str(fifo)])
+            os.set_blocking(reader, True)
+            got = os.read(reader, 1 << 16).decode()
+        finally:
+            os.close(reader)
+    assert got.startswith("name,dice,iou") and stat.S_ISFIFO(fifo.stat().st_mode)
+    sock_path = tmp_path / "s.csv"
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(sock_path))
+        line = cli_error([*args, "--csv", str(sock_path), "--overwrite"])
+    finally:
+        sock.close()
+    assert "is a socket, not a file: refusing to write to it" in line
+    assert stat.S_ISSOCK(sock_path.lstat().st_mode)
+    stdout = tmp_path / "stdout.txt"  # mriseg ... --csv /dev/stdout > stdout.txt
+    with stdout.open("wb") as f:
+        run = subprocess.run([sys.executable, "-m", "mrisegcli", *args, "--csv", "/dev/stdout"],
+                             stdout=f, stderr=subprocess.PIPE, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert stdout.read_text().startswith("name,dice,iou") and "a,1.0,1.0" in stdout.read_text()
+    target, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    target.write_text("old")
+    link.symlink_to(target)
+    assert "already exist" in cli_error([*args, "--csv", str(link)])
+    cli_ok([*args, "--csv", str(link), "--overwrite"])
+    assert link.is_symlink() and target.read_text().startswith("name,dice,iou")
+
+
+def test_draft_heads_replaces_only_what_it_wrote(trained, tmp_path):
+    run = _copy_run(trained, tmp_path / "runs", "run", keep=())
+    base = ["draft-heads", "--model", str(run), "--data", str(trained["data"])]
+    base += ["--heads", "2", "--steps", "1", "--max-cases", "2", "--device", "cpu"]
+    before, source = _digest(tmp_path / "runs"), _digest(run)
+    line = cli_error([*base, "--out", str(tmp_path / "runs"), "--overwrite"])
+    assert f"{tmp_path / 'runs'}: holds the source run {run}" in line
+    line = cli_error([*base, "--out", str(run / "fast"), "--overwrite"])
+    assert "is inside the source run" in line
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    line = cli_error([*base, "--out", str(mine), "--overwrite"])
+    assert "not a mriseg run folder: it holds thesis.tex, which draft-heads does not write" in line
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    assert _digest(tmp_path / "runs") == before
+    fast = tmp_path / "fast"
+    cli_ok([*base, "--out", str(fast)])
+    cli_ok([*base, "--out", str(fast), "--overwrite"])  # its own output: replaced
+    recorded = read_config(fast)["weights"]  # the new file's fingerprint, not the source's
+    assert recorded["sha256"] == _sha256(fast / "model.safetensors")
+    assert _digest(run) == source
+
+
+def test_train_overwrite_keeps_files_named_like_a_runs_in_a_folder_without_config(
+    trained, tmp_path
+):
+    user = tmp_path / "plots"
+    user.mkdir()
+    for name in ("progress.png", "model.safetensors", "README.md"):
+        (user / name).write_bytes(b"mine")
+        before = _digest(user)
+        line = cli_error(
+            ["train", "--data", str(trained["data"]), "--out", str(user), *TRAIN, "--overwrite"]
+        )
+        assert f"it holds {name} (and no config.json of a mriseg run)" in line, line
+        assert _digest(user) == before
+        (user / name).unlink()
+
+
+def test_one_image_on_several_prompt_rows_gets_one_mask_per_prompt(trained, tmp_path):
+    from mrisegcli.workflow.predict import plan_outputs
+
+    (tmp_path / "in").mkdir()
+    img = _grey_png(tmp_path / "in" / "a.png")
+    prompts = tmp_path / "p.csv"
+    rows = ["left lung", "right lung", "Left lung!", "lower right lung"]
+    prompts.write_text("path,text\n" + "".join(f"{img},{t}\n" for t in rows))
+    out = tmp_path / "out"
+    args = ["predict", "--prompts", str(prompts), "--model", str(trained["run"])]
+    args += ["--device", "cpu", "--json"]
+    results = [json.loads(x) for x in cli_ok([*args, "--out", str(out)]).stdout.splitlines()]
+    names = [Path(r["outputs"]["mask"]).name for r in results]
+    assert names == [
+        "a_left-lung-row1_mask.png",
+        "a_right-lung_mask.png",
+        "a_left-lung-row3_mask.png",
+        "a_lower-right-lung_mask.png",
+    ]
+    assert [r["text"] for r in results] == rows
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    (out / names[1]).write_bytes(b"kept")  # every name is checked before the first is written
+    line = cli_error([*args[:-1], "--out", str(out)])
+    assert "4 output file(s) already exist" in line and (out / names[1]).read_bytes() == b"kept"
+    cli_ok(args[:-1])  # beside the image; the masks are not inputs of a later folder run
+    again = cli_ok(["predict", str(tmp_path / "in"), "--text", TEXT, "--model",
+                    str(trained["run"]), "--out", str(tmp_path / "o2"), "--device", "cpu",
+                    "--json"])  # fmt: skip
+    assert [json.loads(x)["input"] for x in again.stdout.splitlines()] == [str(img)]
+    plans = plan_outputs([img, img], tmp_path / "o3", texts=["两肺", "lung"])  # no ASCII left
+    assert [p.outputs["mask"].name for p in plans] == ["a_row1_mask.png", "a_lung_mask.png"]
+
+
+def test_resume_refuses_other_data(trained, tmp_path):
+    run = _copy_run(trained, tmp_path)
+    other = tmp_path / "other"
+    cli_ok(["synth", str(other), "--n-train", "8", "--n-val", "2", "--n-test", "2", "--size",
+            "32", "--seed", "7"])  # fmt: skip
+    resume = ["--out", str(run), *TRAIN, "--resume", "--steps", "3"]
+    line = cli_error(["train", "--data", str(other), *resume])
+    assert f"--data {other} (the run was trained on {trained['data']})" in line, line
+    assert read_config(run)["run"]["train"]["steps"] == 2
+    same = os.path.relpath(trained["data"])  # the same data, spelled another way
+    cli_ok(["train", "--data", same, *resume])
+    assert read_config(run)["run"]["train"]["steps"] == 3
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_weights_are_fingerprinted_and_non_finite_weights_refused(trained, tmp_path):
+    from mrisegcli.shipped import SHIPPED_DIR
+
+    img = _grey_png(tmp_path / "a.png")
+
+    def predict(run: Path) -> list[str]:
+        return ["predict", str(img), "--text", TEXT, "--model", str(run), "--out",
+                str(tmp_path / f"out-{run.name}"), "--device", "cpu"]  # fmt: skip
+
+    damaged = _copy_run(trained, tmp_path, "damaged", keep=())
+    raw = bytearray((damaged / "model.safetensors").read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 4000] = np.random.default_rng(0).bytes(4000)
+    (damaged / "model.safetensors").write_bytes(bytes(raw))
+    line = cli_error(predict(damaged))
+    assert f"{damaged / 'model.safetensors'}: not the weights this model's config.json records" in line
+    recorded = read_config(trained["run"])["weights"]
+    model = trained["run"] / "model.safetensors"
+    assert recorded == {"file": "model.safetensors", "sha256": _sha256(model),
+                        "bytes": model.stat().st_size}  # fmt: skip
+    from mrisegcli.weights import save_weights
+    with safe_open(str(model), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k, t in tensors.items() if t.is_floating_point() and t.numel() > 1)
+    tensors[name].view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+    nan = _copy_run(trained, tmp_path, "nan", keep=())
+    save_weights(tensors, nan, metadata=meta)  # the fingerprint fits: the values do not
+    line = cli_error(predict(nan))
+    assert f"weights hold NaN or infinite values (2 of {tensors[name].numel()} in tensor {name})" in line
+    for run in (damaged, nan):  # a run written before weights were recorded
+        config = json.loads((run / "config.json").read_text())
+        del config["weights"]
+        (run / "config.json").write_text(json.dumps(config))
+    assert "NaN or infinite" in cli_error(predict(nan))  # refused whatever the config says
+    older = _copy_run(trained, tmp_path, "older", keep=())
+    config = json.loads((older / "config.json").read_text())
+    del config["weights"]
+    (older / "config.json").write_text(json.dumps(config))
+    cli_ok(predict(older))
+    shipped = SHIPPED_DIR / "chest-xray"
+    recorded = json.loads((shipped / "config.json").read_text())["weights"]
+    assert recorded["sha256"] == _sha256(shipped / "model.safetensors")
+
+
+def _anonymised_radiograph(path: Path, how: str) -> Path:
+    """A DX radiograph (pydicom's CT_small pixels) stripped as anonymisers strip them: type 2
+    attributes removed, emptied, or a basic-profile pass (those and more removed, private tags
+    dropped, UIDs replaced)."""
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.Modality = "DX"
+    for kw in ("ImagePositionPatient", "ImageOrientationPatient", "SliceLocation",
+               "SliceThickness", "FrameOfReferenceUID", "KVP"):  # fmt: skip
+        ds.pop(kw, None)
+    type2 = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+             "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"]  # fmt: skip
+    if how == "emptied":
+        for kw in type2:
+            setattr(ds, kw, "")
+    else:
+        more = ["SeriesNumber", "InstanceNumber", "Manufacturer", "InstitutionName",
+                "ContentDate", "ContentTime", "AcquisitionDate", "StudyDescription",
+                "SeriesDescription", "PatientAge"] if how == "basic profile" else []  # fmt: skip
+        for kw in type2 + more:
+            ds.pop(kw, None)
+    if how == "basic profile":
+        ds.remove_private_tags()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("how", ["type 2 removed", "emptied", "basic profile"])
+def test_anonymised_radiograph_gets_a_dicom_seg(how, trained, tmp_path):
+    src = _anonymised_radiograph(tmp_path / "anon.dcm", how)
+    before = src.read_bytes()
+    out = tmp_path / "out"
+    cli_ok(["predict", str(src), "--text", TEXT, "--model", str(trained["run"]), "--out",
+            str(out), "--device", "cpu"])  # fmt: skip
+    seg = pydicom.dcmread(out / "anon_mask.dcm")
+    source = pydicom.dcmread(src)
+    assert seg.Modality == "SEG" and src.read_bytes() == before
+    for kw in ("PatientBirthDate", "PatientSex", "AccessionNumber", "ReferringPhysicianName"):
+        assert kw in seg and seg.data_element(kw).value in ("", None), kw
+    ref = seg.ReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == source.SeriesInstanceUID
+    assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def _seg_of_two_segments(path: Path, tmp_path: Path) -> Path:
+    """A DICOM SEG of two segments over one radiograph without a frame of reference: two
+    frames, which the SEG planning would have taken for slices."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    src = pydicom.dcmread(_anonymised_radiograph(tmp_path / "src.dcm", "emptied"))
+    described = [
+        hd.seg.SegmentDescription(
+            segment_number=i, segment_label=f"s{i}", segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
+        for i in (1, 2)
+    ]  # fmt: skip
+    pixels = np.zeros((1, src.Rows, src.Columns, 2), np.uint8)
+    pixels[0, 10:20, 10:20, 0] = pixels[0, 30:40, 30:40, 1] = 1
+    seg = hd.seg.Segmentation(
+        source_images=[src], pixel_array=pixels, segment_descriptions=described,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, series_instance_uid=hd.UID(),
+        series_number=2, sop_instance_uid=hd.UID(), instance_number=1, manufacturer="test",
+        manufacturer_model_name="test", software_versions="1", device_serial_number="1",
+    )  # fmt: skip
+    seg.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["auto", "dcm", "nii", "png"])
+def test_a_dicom_seg_given_as_input_is_called_a_segmentation(fmt, tmp_path):
+    seg = _seg_of_two_segments(tmp_path / "lungs_seg.dcm", tmp_path)
+    broken = tmp_path / "broken-run"  # loading it would fail: the check comes first
+    broken.mkdir()
+    line = cli_error(["predict", str(seg), "--text", TEXT, "--model", str(broken), "--out",
+                      str(tmp_path / "o"), "--format", fmt, "--device", "cpu"])  # fmt: skip
+    assert line == (
+        f"mriseg: error: {seg}: is a DICOM Segmentation (a mask), not an image to segment: give "
+        "the image it was made from"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompts_that_are_not_utf8_are_named_as_such(tmp_path):
+    img = _grey_png(tmp_path / "a.png")
+    broken = tmp_path / "broken-run"
+    broken.mkdir()
+    latin1 = tmp_path / "p.csv"
+    latin1.write_bytes(f"path,text\n{img},l\xe9sion\n".encode("latin-1"))
+    line = cli_error(["predict", "--prompts", str(latin1), "--model", str(broken)])
+    assert line.startswith(f"mriseg: error: {latin1}: is not UTF-8 text (byte 0xe9 at offset")
+    lines = tmp_path / "p.jsonl"
+    lines.write_text(json.dumps({"path": str(img), "text": "left \udcff lung"}) + "\n")
+    line = cli_error(["predict", "--prompts", str(lines), "--model", str(broken)])
+    assert "line 1 (row 1): the text is not valid UTF-8 text (the byte 0xff at character 6)" in line
+
+
+def test_synth_into_a_folder_that_cannot_be_made_is_one_line(tmp_path):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc")
+    line = cli_error(["synth", "/proc/mriseg-test", "--n-train", "2", "--size", "32"])
+    assert line == "mriseg: error: /proc/mriseg-test: cannot create folder (No such file or directory)"
+    (tmp_path / "file").write_text("a file")
+    line = cli_error(["synth", str(tmp_path / "file" / "ds"), "--n-train", "2", "--size", "32"])
+    assert line == f"mriseg: error: {tmp_path / 'file' / 'ds'}: cannot create folder (Not a directory)"
+
+
+@pytest.fixture(scope="module")
+def segmenter(trained):
+    from mrisegcli.workflow.segmenter import load_segmenter
+
+    return load_segmenter(trained["run"], torch.device("cpu"))
+
+
+def test_segment_takes_one_path_or_array_as_well_as_lists(segmenter, tmp_path):
+    png = _grey_png(tmp_path / "a.png", (40, 36))
+    rng = np.random.default_rng(0)
+    for images in (str(png), png, rng.random((30, 20)), rng.random((30, 20)) > 0.5,
+                   (rng.random((30, 20)), str(png))):  # fmt: skip
+        masks = segmenter.segment(images, "left lung")
+        n = len(images) if isinstance(images, tuple) else 1
+        assert len(masks) == n and all(m.dtype == bool and m.ndim == 2 for m in masks)
+    assert segmenter.segment(str(png), "left lung")[0].shape == (40, 36)
+    assert segmenter.segment(rng.random((30, 20)), ["left lung"])[0].shape == (30, 20)
+
+
+BAD_SEGMENT_ARGS = {
+    "None as text": (lambda: [np.zeros((8, 8))], None, TypeError, "texts must be a string"),
+    "int as text": (lambda: [np.zeros((8, 8))], 5, TypeError, "texts must be a string"),
+    "None in the texts": (lambda: [np.zeros((8, 8))], [None], TypeError, r"texts\[0\] is NoneType"),
+    "empty text": (lambda: [np.zeros((8, 8))], " ", MrisegError, "texts is empty"),
+    "no images": (lambda: [], "lung", ValueError, "no images"),
+    "empty array": (lambda: np.array([]), "lung", ValueError, r"array of shape \(0,\)"),
+    "0x0 array": (lambda: [np.zeros((0, 0))], "lung", ValueError, r"images\[0\] is empty"),
+    "colour array": (lambda: [np.zeros((8, 8, 3))], "lung", ValueError, r"shape \(8, 8, 3\)"),
+    "stack of slices": (lambda: np.zeros((2, 8, 8)), "lung", ValueError, "list of them"),
+    "None as image": (lambda: [None], "lung", TypeError, r"images\[0\] is NoneType"),
+    "int as images": (lambda: 3, "lung", TypeError, "images must be a path, a 2-D array"),
+    "array of strings": (lambda: [np.full((4, 4), "x")], "lung", TypeError, "numbers or booleans"),
+    "more texts": (lambda: [np.zeros((8, 8))], ["a", "b"], ValueError, "1 images but 2 texts"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SEGMENT_ARGS))
+def test_segment_refuses_bad_arguments_saying_what_it_expects(case, segmenter):
+    images, texts, error, match = BAD_SEGMENT_ARGS[case]
+    with pytest.raises(error, match=match):
+        segmenter.segment(images(), texts)
+
+
+def test_tokenize_refused_for_a_grey_mask_leaves_no_tokenizer_files(trained, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(trained["data"], data)
+    grey = sorted((data / "Test_Folder" / "labelcol").iterdir())[0]
+    shape = np.asarray(Image.open(grey)).shape
+    Image.fromarray((np.arange(np.prod(shape)) % 200).reshape(shape).astype(np.uint8)).save(grey)
+    args = ["tokenize", "--data", str(data), "--size", "32", "--mask-steps", "5",
+            "--image-steps", "5", "--device", "cpu", "--workers", "0"]  # fmt: skip
+    line = cli_error([*args, "--out", str(tmp_path / "tok")])
+    assert "dataset has 1 problem(s)" in line
+    assert not (tmp_path / "tok").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    cli_error([*args, "--out", str(mine)])
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]

@@ -553,7 +553,12 @@ def tokenize(
 ) -> None:
     """Fit the tokenizers (unless given) and cache the codes of every sample."""
     from mrisegcli.runfolder import RunPaths
-    from mrisegcli.workflow.prepare import build_cache, obtain_bundle, open_dataset
+    from mrisegcli.workflow.prepare import (
+        build_cache,
+        obtain_bundle,
+        open_dataset,
+        removed_on_error,
+    )
 
     cfg = _run_config(
         preset,
@@ -567,28 +572,31 @@ def tokenize(
     dev = _device(device)
     stage = _stage(quiet)
     ds = open_dataset(data, _value(layout), seed=seed)
-    bundle, reports, _ = obtain_bundle(
-        cfg, ds, tokenizer_dir=tokenizer, save_dir=out_dir, device=dev, workers=workers, stage=stage
-    )
-    if not json_out:
-        for name, rep in reports.items():
-            out.print(
-                f"{name}: "
-                + ", ".join(
-                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rep.items()
+    with removed_on_error(out_dir):  # a refused dataset leaves no tokenizers behind
+        bundle, reports, _ = obtain_bundle(
+            cfg, ds, tokenizer_dir=tokenizer, save_dir=out_dir, device=dev, workers=workers,
+            stage=stage,
+        )  # fmt: skip
+        if not json_out:
+            for name, rep in reports.items():
+                out.print(
+                    f"{name}: "
+                    + ", ".join(
+                        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in rep.items()
+                    )
                 )
-            )
-    _warn_weak_tokenizers(reports)
-    rep = build_cache(
-        RunPaths(out_dir).cache,
-        ds,
-        bundle,
-        cfg,
-        device=dev,
-        workers=workers,
-        overwrite=overwrite,
-        stage=stage,
-    )
+        _warn_weak_tokenizers(reports)
+        rep = build_cache(
+            RunPaths(out_dir).cache,
+            ds,
+            bundle,
+            cfg,
+            device=dev,
+            workers=workers,
+            overwrite=overwrite,
+            stage=stage,
+        )
     if json_out:
         _print_json(
             {

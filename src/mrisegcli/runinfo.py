@@ -187,11 +187,13 @@ def resume_config(
     run_dir: Path,
     *,
     tokenizer_dir: Path | None = None,
+    data: Iterable[Path] | None = None,
 ) -> tuple[Any, dict[str, tuple[Any, Any]]]:
     """The RunConfig a ``--resume`` continues with: the run's own, with the options of
     :data:`RESUMABLE` that the user gave (``given``: option names, their values in ``asked``,
     the config the command line would make) applied. Any other option given with a value that
-    differs from the run's is refused by name. Returns the config and ``{option: (old, new)}``
+    differs from the run's is refused by name, and so is ``data`` (the ``--data`` given) when
+    it is not the data the run was trained on. Returns the config and ``{option: (old, new)}``
     of what changed."""
     from mrisegcli.config import RunConfig, from_dict
 
@@ -220,6 +222,9 @@ def resume_config(
         theirs = {k: v["sha256"] for k, v in file_fingerprints(Path(tokenizer_dir)).items()}
         if any(theirs.get(k) != v for k, v in mine.items()):
             refused.append(f"--tokenizer {tokenizer_dir} (not the tokenizers of this run)")
+    other_data = _other_data(saved, data)
+    if other_data:
+        refused.append(other_data)
     if refused:
         allowed = ", ".join(_option(n) for n in RESUMABLE)
         raise MrisegError(
@@ -233,6 +238,30 @@ def resume_config(
     for name, (_, new) in changed.items():
         cfg = _set(cfg, OPTION_FIELDS[name], new)
     return cfg, changed
+
+
+def data_paths(roots: Iterable[Path]) -> list[str]:
+    """The datasets of a run as config.json records them in ``data.paths``: absolute, links
+    resolved, so that a resume from another folder compares them rightly."""
+    return [os.path.realpath(str(r)) for r in roots]
+
+
+def _other_data(saved: dict[str, Any], data: Iterable[Path] | None) -> str | None:
+    """``--data X (the run was trained on Y)`` when the data given to a resume are not the
+    run's (its ``data.paths``, or for an older run its ``data.root`` from the current folder)."""
+    record = saved.get("data")
+    if data is None or not isinstance(record, dict):
+        return None
+    recorded = record.get("paths") or record.get("root")
+    if isinstance(recorded, str):
+        recorded = [recorded]
+    if not isinstance(recorded, list) or not all(isinstance(r, str) for r in recorded):
+        return None
+    given = [Path(d) for d in data]
+    if sorted(data_paths(given)) == sorted(data_paths(Path(r) for r in recorded)):
+        return None
+    asked = " ".join(f"--data {d}" for d in given)
+    return f"{asked} (the run was trained on {', '.join(recorded)})"
 
 
 def record_resumed_config(run_dir: Path, saved: dict[str, Any], cfg: Any) -> None:
@@ -258,6 +287,17 @@ RUN_FILES = frozenset(
         *runfolder.TEXT_TOKENIZER_FILES,
         runfolder.SPECIAL_TOKENS_MAP,
         LOCK_NAME,
+    }
+)
+#: what train writes only once config.json is there
+AFTER_CONFIG = frozenset(
+    {
+        runfolder.MODEL,
+        runfolder.METRICS,
+        runfolder.TRAIN_LOG,
+        runfolder.PROGRESS,
+        runfolder.CARD,
+        runfolder.CHECKPOINTS,
     }
 )
 RUN_FOLDERS = {
@@ -307,11 +347,17 @@ def _not_ours(path: Path) -> str | None:
 def foreign_entry(run_dir: Path) -> str | None:
     """The first thing in ``run_dir`` that ``train`` would not have written, described for a
     message (``'notes.txt'``, ``'config.json (it is not a mriseg config)'``); None when the
-    folder holds only a run's own files."""
+    folder holds only a run's own files. Without a mriseg ``config.json`` the folder is at most
+    a run stopped before it wrote one (tokenizers, cache, lock): what train writes only after
+    its config (weights, log, metrics, curves, checkpoints) is then someone else's file."""
     run_dir = Path(run_dir)
+    config = run_dir / CONFIG_NAME
+    configured = config.is_file() and not config.is_symlink() and _not_ours(config) is None
     for p in sorted(run_dir.iterdir()):
         if p.is_symlink():
             return f"{p.name} (a symlink)"
+        if not configured and p.name in AFTER_CONFIG:
+            return f"{p.name} (and no config.json of a mriseg run)"
         if p.is_dir() and p.name in RUN_FOLDERS:
             pattern = RUN_FOLDERS[p.name]
             for q in sorted(p.iterdir()):

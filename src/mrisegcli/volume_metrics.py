@@ -67,9 +67,7 @@ def surface_distances(
     return to_gt[s_pred], to_pred[s_gt]
 
 
-def hd95(
-    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None
-) -> float | None:
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float | None:
     """The 95th-percentile Hausdorff distance in mm (voxels when ``spacing`` is None); 0 when
     both masks are empty, None when only one is."""
     pred, gt = _as_bool_array(pred, "prediction"), _as_bool_array(gt, "ground truth")

@@ -341,9 +341,8 @@ def synthesize(
     if mode not in MODES:
         raise InputError(f"unknown synth mode {mode!r}; expected one of {', '.join(MODES)}")
     _check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = _make_temp_dir(out)
     try:
         _write_all(tmp, counts, size, seed, mode, progress)
         _replace_dir(tmp, out, overwrite)
@@ -353,6 +352,22 @@ def synthesize(
     seconds = time.perf_counter() - start
     total = sum(counts.values())
     return SynthReport(out, counts, size, seed, mode, seconds, total / max(seconds, 1e-9))
+
+
+def _make_temp_dir(out: Path) -> Path:
+    """The temporary folder beside ``out`` (its parents created): a folder that cannot be made
+    there (``/proc/x``, under a file, read-only, a full disk) is one error naming ``out``."""
+    from mrisegcli.io.atomic import disk_full_error, is_disk_full
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(out, err) from err
+        # mkdir(parents=True) says "File exists" for a file on the way: it is not a folder
+        why = "Not a directory" if isinstance(err, FileExistsError) else err.strerror
+        raise MrisegError(f"cannot create folder ({why})", out) from err
 
 
 _SPLIT_DIR = re.compile(r"^(Train|Val|Test)_Folder$")

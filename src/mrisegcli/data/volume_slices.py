@@ -51,6 +51,7 @@ def clear_cache() -> None:
     with _lock:
         _images.clear()
         _labels.clear()
+        _shapes.clear()
 
 
 def volume_inputs(path: Path, channel: int, size: int) -> np.ndarray:
@@ -141,11 +142,17 @@ def slice_mask(sample: Sample) -> np.ndarray:
     return np.isin(labels[part.index], part.values)
 
 
+_shapes: dict[tuple, tuple[int, ...]] = {}
+
+
 def slice_size(sample: Sample) -> tuple[int, int]:
-    """(H', W') of the sample's slice as the model sees it."""
+    """(H', W') of the sample's slice as the model sees it (each volume's header read once)."""
     from mrisegcli.io.volume import file_view
 
-    shape = file_view(sample.image)[1]
+    key = _stamp(sample.image)
+    if key not in _shapes:
+        _shapes[key] = file_view(sample.image)[1]
+    shape = _shapes[key]
     return int(shape[1]), int(shape[2])
 
 

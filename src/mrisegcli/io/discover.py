@@ -20,7 +20,7 @@ import numpy as np
 
 from mrisegcli.errors import InputError, MrisegError
 from mrisegcli.io.read import check_input_path
-from mrisegcli.io.write import OUTPUT_SUFFIXES, output_path_for
+from mrisegcli.io.write import OUTPUT_SUFFIXES, PROMPT_TAG, output_path_for
 
 if TYPE_CHECKING:
     from mrisegcli.io.prompts import PromptRow
@@ -78,6 +78,20 @@ class Folder:
     subfolders: list[Path]
 
 
+def _is_tagged_output(name: str, stems: set[str]) -> bool:
+    """Whether ``name`` is ``<stem>_<prompt tag><suffix><ext>`` for one of ``stems``: an output
+    of an image segmented with several prompts (:func:`~mrisegcli.io.write.prompt_tag`)."""
+    for suffix in OUTPUT_SUFFIXES.values():
+        for ext in (".png", ".nii.gz", ".dcm"):
+            if not name.endswith(suffix + ext):
+                continue
+            rest = name[: -len(suffix + ext)]
+            for m in re.finditer("_", rest):
+                if rest[: m.start()] in stems and PROMPT_TAG.fullmatch(rest[m.start() + 1 :]):
+                    return True
+    return False
+
+
 def scan_folder(folder: Path) -> Folder:
     """Classify a folder's entries (one level): image files, DICOM series, sub-folders.
 
@@ -102,7 +116,11 @@ def scan_folder(folder: Path) -> Folder:
         for suffix in OUTPUT_SUFFIXES.values()
         for fmt in ("png", "nii", "dcm")
     }
-    candidates = [p for p in candidates if p.name not in own]
+    stems = {output_path_for(c, folder, "png").name[: -len("_mask.png")]
+             for c in candidates + subfolders}  # fmt: skip
+    candidates = [
+        p for p in candidates if p.name not in own and not _is_tagged_output(p.name, stems)
+    ]
     images, dicoms = [], []
     for p in candidates:
         if p.name.lower().endswith(_NAMED_SUFFIXES):  # raster or NIfTI by name

@@ -21,9 +21,14 @@ MAX_TEXT_CHARS = 10_000
 def validate_text(text: str, what: str = "--text") -> str:
     """The prompt without surrounding whitespace; empty or over 10000 characters is refused.
 
-    ``what`` names the prompt in the messages (``--text``, or a prompts file's row).
+    ``what`` names the prompt in the messages (``--text``, or a prompts file's row). A value
+    that is not a string, or text that is not valid UTF-8 (bytes a terminal could not decode
+    reach Python as lone surrogates), is refused naming what it is.
     """
+    if text is not None and not isinstance(text, str):
+        raise MrisegError(f"{what} must be a string, not {type(text).__name__}")
     stripped = (text or "").strip()
+    _check_utf8(stripped, what)
     if not stripped:
         raise MrisegError(f"{what} is empty")
     if len(stripped) > MAX_TEXT_CHARS:
@@ -33,6 +38,23 @@ def validate_text(text: str, what: str = "--text") -> str:
     if not any(unicodedata.category(c)[0] in "LN" for c in stripped):
         raise MrisegError(f"{what} has no letters or digits")
     return stripped
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        # surrogateescape keeps an undecodable byte b as U+DC00 + b
+        what_is = (
+            f"the byte 0x{code - 0xDC00:02x}"
+            if 0xDC80 <= code <= 0xDCFF
+            else f"a lone surrogate U+{code:04X}"
+        )
+        raise MrisegError(
+            f"{what} is not valid UTF-8 text ({what_is} at character {err.start + 1}); give the "
+            "text in UTF-8"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -143,7 +165,13 @@ def read_prompts(source: str | Path, stdin: TextIO | None = None) -> list[Prompt
             raise InputError("no such prompts file" if not path.exists() else "is not a file", path)
         try:
             content = path.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as err:
+        except UnicodeDecodeError as err:
+            raise InputError(
+                f"is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                "save the prompts file as UTF-8",
+                path,
+            ) from err
+        except OSError as err:
             raise InputError(f"cannot read the prompts file ({err})", path) from err
         kind = path.suffix.lower()
     content = content.lstrip("\ufeff")

@@ -6,6 +6,8 @@ not at all, and an existing file is replaced only with ``overwrite=True``.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,6 +50,19 @@ def _format(fmt: str) -> str:
 #: follows the format).
 OUTPUT_SUFFIXES = {"mask": "_mask", "uncertainty": "_uncertainty", "overlay": "_overlay",
                    "steps": "_steps"}  # fmt: skip
+
+
+#: what a prompt tag in an output name looks like (:func:`prompt_tag`, ``<stem>_<tag>_mask.png``)
+PROMPT_TAG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+_TAG_CHARS = 40
+
+
+def prompt_tag(text: str) -> str:
+    """A prompt as part of a file name: accents folded, lower case, runs of anything but ASCII
+    letters and digits as one ``-``, at most 40 characters ("Left lung!" -> "left-lung");
+    empty when nothing is left (a prompt in another script)."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    return re.sub(r"[^a-z0-9]+", "-", folded).strip("-")[:_TAG_CHARS].rstrip("-")
 
 
 def output_path_for(
@@ -208,6 +223,27 @@ def _check_seg_reference(src, num_slices: int, path: Path) -> None:
         )
 
 
+def check_not_segmentation(path: str | Path) -> None:
+    """Refuse a DICOM SEG file given as the image to segment, from its header: before the
+    model loads, and before a SEG of it is planned (whose checks would suggest a format)."""
+    from mrisegcli.errors import InputError
+    from mrisegcli.io.dicom import SEG_SOP_CLASSES, load_dataset
+
+    path = Path(path)
+    if path.is_dir():
+        return  # a folder's SEG files are never inputs (io.discover)
+    try:
+        ds = load_dataset(path, strict=False)
+    except MrisegError:
+        return  # unreadable: the reader says why when it reads the file
+    if ds is not None and str(ds.get("SOPClassUID", "")) in SEG_SOP_CLASSES:
+        raise InputError(
+            "is a DICOM Segmentation (a mask), not an image to segment: give the image it "
+            "was made from",
+            path,
+        )
+
+
 def check_segmentation_source(path: str | Path) -> None:
     """Whether a DICOM SEG can be written for the DICOM file or series folder ``path``, from
     its headers alone (no pixel data decoded): called before the model runs, so that an
@@ -232,6 +268,24 @@ def check_segmentation_source(path: str | Path) -> None:
     _check_seg_reference(src, slices, path)
 
 
+#: Type 2 attributes of the Patient and General Study modules that a SEG copies from its
+#: source: anonymisers often remove them, and DICOM lets them be empty (type 2: present, maybe
+#: without a value), so a source without them gets them empty
+_TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+
+
+def _fill_type2(datasets: list) -> None:
+    """Give the source datasets (in memory; the files are not touched) every type 2 attribute
+    the SEG copies, empty where an anonymiser removed it."""
+    for ds in datasets:
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+
+
 def build_segmentation(mask: np.ndarray, scan: Scan, description: str = "") -> hd.seg.Segmentation:
     """A BINARY DICOM SEG of ``mask`` (scan.shape) referencing the scan's source datasets.
 
@@ -249,6 +303,7 @@ def build_segmentation(mask: np.ndarray, scan: Scan, description: str = "") -> h
     import highdicom as hd
 
     fg = (np.asarray(mask) > 0).astype(np.uint8)  # (H, W) or (D, H, W)
+    _fill_type2(scan.datasets)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)

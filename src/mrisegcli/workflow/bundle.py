@@ -8,8 +8,9 @@ hash of every tokenizer's weights and config, ties a code cache to the tokenizer
 A run's ``config.json`` also records each tokenizer file with its role and the sha256 of its
 bytes (:func:`file_fingerprints`); loading a model checks them (:func:`verify_files`), so
 tokenizers swapped or copied in from another run are refused by name instead of producing
-nonsense. Only the tokenizer files are fingerprinted: the model weights and the config itself
-may be rewritten (a shipped model drops training-only buffers and edits its data paths).
+nonsense. The model weights are recorded the same way by the one function that writes them
+(:mod:`mrisegcli.weights`); the config itself is not fingerprinted (a shipped model edits its
+data paths).
 """
 
 from __future__ import annotations

@@ -48,10 +48,55 @@ def _batches(seg: Segmenter, cases: list, batch: int, stage: StageFactory, what:
 
 
 def _check_out(out: Path, source: Path, overwrite: bool) -> None:
-    if out.resolve() == source.resolve():
+    """Refuse an ``out`` that is, holds or lies inside the source run, and with ``overwrite``
+    one that is not a run folder (the files of a run, or of an earlier draft-heads, only)."""
+    real, src = out.resolve(), source.resolve()
+    if real == src:
         raise MrisegError("is the source run: write the new model to another folder", out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise MrisegError("exists and is not empty (pass --overwrite to replace it)", out)
+    if real in src.parents:
+        raise MrisegError(
+            f"holds the source run {source}; replacing it would delete that run: write the new "
+            "model to another folder",
+            out,
+        )
+    if src in real.parents:
+        raise MrisegError(
+            f"is inside the source run {source}, which draft-heads leaves as it is: write the "
+            "new model to another folder",
+            out,
+        )
+    if out.exists() and not out.is_dir():
+        raise MrisegError("exists and is not a folder", out)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise MrisegError("exists and is not empty (pass --overwrite to replace it)", out)
+        foreign = _foreign(out)
+        if foreign is not None:
+            raise MrisegError(
+                f"not a mriseg run folder: it holds {foreign}, which draft-heads does not write; "
+                "refusing to --overwrite it (choose another --out, or move that away)",
+                out,
+            )
+
+
+def _foreign(out: Path) -> str | None:
+    """What in ``out`` is not a run's (None: a run folder, or an earlier draft-heads output:
+    the plain files of a run with a config.json that records ``draft_heads``)."""
+    from mrisegcli.runinfo import foreign_entry
+
+    foreign = foreign_entry(out)
+    if foreign is None:
+        return None
+    try:
+        config = read_config(out)
+    except MrisegError:
+        return foreign
+    if "draft_heads" not in config:
+        return foreign
+    for p in sorted(out.iterdir()):
+        if p.is_symlink() or not p.is_file():
+            return p.name + ("/" if p.is_dir() else " (a symlink)" if p.is_symlink() else "")
+    return None
 
 
 def _same_codes(seg: Segmenter, batches: list[tuple[torch.Tensor, ...]]) -> tuple[bool, float]:
@@ -165,22 +210,32 @@ def _write_run(
                 continue
             if p.is_file():
                 shutil.copy2(p, tmp / p.name)
-        # the tensors the source stored (a shipped model leaves training-only buffers out), and
-        # the new heads
-        stored = set(_weights_header(run_dir / runfolder.MODEL))
-        save_model(seg.model, tmp, keep=lambda k: k in stored or k.startswith("nktp."))
         config = read_config(run_dir)
         config["model"]["nktp_k"] = report["k"]
         config["run"]["strategies"]["nktp_k"] = report["k"]
         config["draft_heads"] = report
         config.pop("schema", None)
         config.pop("mriseg_version", None)
+        config.pop("weights", None)  # the source's: save_model records the new file's
         write_config(tmp, config)
-        if out.exists():
-            if not overwrite:
-                raise MrisegError("exists (pass --overwrite to replace it)", out)
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
+        # the tensors the source stored (a shipped model leaves training-only buffers out), and
+        # the new heads
+        stored = set(_weights_header(run_dir / runfolder.MODEL))
+        save_model(seg.model, tmp, keep=lambda k: k in stored or k.startswith("nktp."))
+        _check_out(out, run_dir, overwrite)  # again: it may have changed meanwhile
+        old = None
+        if out.is_dir():
+            old = out.with_name(f".{out.name}.old-draft-heads")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old is not None:
+                old.rename(out)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

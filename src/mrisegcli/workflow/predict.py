@@ -45,7 +45,12 @@ from mrisegcli.io.prompts import MAX_TEXT_CHARS, PromptRow, read_prompts, valida
 from mrisegcli.io.read import detect_format
 from mrisegcli.io.scan import Scan
 from mrisegcli.io.volume import IDENTITY, read_input_scan, slice_view, view_scan, volume_facts
-from mrisegcli.io.write import OUTPUT_SUFFIXES, check_segmentation_source
+from mrisegcli.io.write import (
+    OUTPUT_SUFFIXES,
+    check_not_segmentation,
+    check_segmentation_source,
+    prompt_tag,
+)
 
 FORMATS = ("auto", "png", "nii", "dcm")
 _FORMAT_ALIASES = {"nii.gz": "nii", "nifti": "nii", "dicom": "dcm", "seg": "dcm"}
@@ -162,8 +167,13 @@ def _mask_format(path: Path, kind: str, fmt: str) -> str:
     return fmt
 
 
-def _plan_one(path: Path, out_dir: Path | None, fmt: str, keys: Iterable[str]) -> PlannedOutput:
-    mask_fmt = _mask_format(path, detect_format(path), fmt)
+def _plan_one(
+    path: Path, out_dir: Path | None, fmt: str, keys: Iterable[str], tag: str = ""
+) -> PlannedOutput:
+    kind = detect_format(path)
+    if kind == "dicom":
+        check_not_segmentation(path)  # a mask given as the image, whatever the --format
+    mask_fmt = _mask_format(path, kind, fmt)
     if mask_fmt == "dcm":
         check_segmentation_source(path)  # from the headers, before any model work
     outputs = {}
@@ -176,11 +186,12 @@ def _plan_one(path: Path, out_dir: Path | None, fmt: str, keys: Iterable[str]) -
 
 
 def _check_names(plans: list[PlannedOutput], out_dir: Path | None) -> None:
-    """Refuse outputs outside ``out_dir``, outputs shared by two inputs, outputs onto inputs."""
+    """Refuse outputs outside ``out_dir``, outputs shared by two inputs (or two prompts of one
+    input), outputs onto inputs."""
     root = out_dir.resolve() if out_dir is not None else None
     inputs = {p.input.resolve(): p.input for p in plans}
-    owner: dict[Path, Path] = {}
-    for plan in plans:
+    owner: dict[Path, tuple[int, Path]] = {}
+    for row, plan in enumerate(plans, start=1):
         for out in plan.outputs.values():
             real = out.resolve()
             if root is not None and real.parent != root:
@@ -190,14 +201,42 @@ def _check_names(plans: list[PlannedOutput], out_dir: Path | None) -> None:
                     f"the output of {plan.input} would replace the input {inputs[real]}; "
                     "use --out to write elsewhere",
                     out,
+def _prompt_tags(inputs: Sequence[Path], texts: Sequence[str] | None) -> list[str]:
+    """The tag each input's output names carry: none for an input named once; for an image on
+    several rows of a prompts file, its row's prompt (``a_left-lung_mask.png``), with the row
+    number where two rows' prompts give the same tag (``a_left-lung-row3_mask.png``)."""
+    import os
+
+    tags = [""] * len(inputs)
+    if texts is None:
+        return tags
+    rows: dict[str, list[int]] = {}
+    for i, path in enumerate(inputs):
+        rows.setdefault(os.path.realpath(path), []).append(i)
+    for same in rows.values():
+        if len(same) < 2:
+            continue
+        wanted = [prompt_tag(texts[i]) for i in same]
+        for i, tag in zip(same, wanted, strict=True):
+            unique = tag and wanted.count(tag) == 1
+            tags[i] = tag if unique else "-".join(filter(None, [tag, f"row{i + 1}"]))
+    return tags
+
+
                 )
-            if real in owner and owner[real] != plan.input:
+            if real in owner and owner[real][0] != row:
+                first = owner[real][1]
+                both = (
+                    f"inputs {owner[real][0]} and {row} (both {first})"
+                    if first == plan.input
+                    else f"{first} and {plan.input}"
+                )
                 raise MrisegError(
-                    f"{owner[real]} and {plan.input} would both write this output; rename one "
-                    "or run them with different --out folders",
+                    f"{both} would both write this output; rename one or run them with "
+                    "different --out folders",
                     out,
                 )
-            owner[real] = plan.input
+            owner[real] = (row, plan.input)
 
 
 def _check_existing(plans: list[PlannedOutput], overwrite: bool) -> None:
@@ -234,23 +273,26 @@ def plan_outputs(
     cannot be planned (unreadable, a volume as PNG, SEG for a non-DICOM source) raises, or with
     ``keep_going`` gets ``error`` set. Name collisions, outputs outside ``out_dir`` and existing
     outputs (without ``overwrite``; all counted in one message) always raise. An input found
-    in ``input_errors`` (see :func:`expand_inputs`) is planned with that error.
+    in ``input_errors`` (see :func:`expand_inputs`) is planned with that error. With
+    ``texts`` (one prompt per input), an image named on several rows gets one set of outputs
+    per row, named after the row's prompt (:func:`_prompt_tags`).
     """
     fmt = _canonical_format(fmt)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise MrisegError("is not a folder (--out needs a folder)", out)
     keys = ["mask"] + [k for k, on in
+    texts: Sequence[str] | None = None,
                        (("uncertainty", uncertainty), ("overlay", overlay), ("steps", steps_png))
                        if on]  # fmt: skip
     plans = []
-    for path in inputs:
+    for path, tag in zip(inputs, _prompt_tags(inputs, texts), strict=True):
         path = Path(path)
         if input_errors and path in input_errors:
             plans.append(PlannedOutput(path, error=input_errors[path]))
             continue
         try:
-            plans.append(_plan_one(path, out, fmt, keys))
+            plans.append(_plan_one(path, out, fmt, keys, tag))
         except MrisegError as err:
             if not keep_going:
                 raise
@@ -394,6 +436,20 @@ def _predict_one(
             plan.input,
         )
     size = int(model.image_size)
+def _check_finite(scan: Scan, path: Path) -> None:
+    """Refuse a scan none of whose voxels is a number (the readers replace some NaN or Inf
+    voxels and count them in ``meta["nonfinite"]``): there is no image to segment."""
+    counts = scan.meta.get("nonfinite") or {}
+    bad = sum(int(v) for v in counts.values())
+    if bad and bad >= scan.pixels.size:
+        names = {"nan": "NaN", "posinf": "+Inf", "neginf": "-Inf"}
+        kinds = ", ".join(f"{n} {names.get(k, k)}" for k, n in counts.items() if n)
+        raise InputError(
+            f"has no finite voxels: all {bad} are NaN or infinite ({kinds}); nothing to segment",
+            path,
+        )
+
+
     scan.meta["slice_view"] = view = slice_view(scan)  # a volume: axial slices when oriented
     images_NSS = scan_model_inputs(view_scan(scan, view), size)  # (N, S, S) in [0, 1]
     pred = _decode(model, images_NSS, text, plan.input)
@@ -403,6 +459,7 @@ def _predict_one(
         raise ModelOutputError("the model gave no coarse-to-fine steps (needs next-scale)")
     prob_NSS = _model_maps(pred.prob, len(images_NSS), size, "probability")
     prob = _to_scan(prob_NSS, scan)  # scan.shape
+    _check_finite(scan, plan.input)
     mask = prob > threshold
     written = _write_outputs(plan, scan, pred, size, mask, text, threshold, overwrite)
     fg = int(mask.sum())
@@ -793,3 +850,4 @@ __all__ = [
     "run_plans",
     "validate_text",
 ]
+        texts=texts,

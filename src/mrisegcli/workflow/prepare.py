@@ -302,3 +302,50 @@ def load_cached_split(cache_dir: Path, bundle: TokenizerBundle, cfg: RunConfig, 
     fp = f"{bundle.fingerprint()}-size{cfg.image_size}-text{cfg.text_len}"
     cache = open_cache(cache_dir, fp, cache_fields(bundle), create=False)
     return cache.load(split)
+
+
+def removed_on_error(folder: Path) -> Any:
+    """A context in which a failure (a dataset refused while its codes are cached, Ctrl-C)
+    removes what the block added to ``folder``: tokenizer files that were not there before, a
+    code cache it made, and ``folder`` itself when it made it and left it empty. What was there
+    before is left as it is."""
+    import contextlib
+
+    from mrisegcli import runfolder
+    from mrisegcli.runinfo import RUN_FOLDERS
+
+    folder = Path(folder)
+    names = [
+        *runfolder.TOKENIZERS.values(),
+        *runfolder.TEXT_TOKENIZER_FILES,
+        runfolder.SPECIAL_TOKENS_MAP,
+    ]
+    existed = folder.exists()
+    before = {n for n in names if (folder / n).exists() or (folder / n).is_symlink()}
+    cache = folder / runfolder.CACHE
+    cache_existed = cache.exists() or cache.is_symlink()
+
+    def undo() -> None:
+        for name in names:
+            path = folder / name
+            if name not in before and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+        if not cache_existed and cache.is_dir() and not cache.is_symlink():
+            for f in cache.iterdir():
+                if f.is_file() and RUN_FOLDERS[runfolder.CACHE].match(f.name):
+                    f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                cache.rmdir()
+        if not existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    @contextlib.contextmanager
+    def guard() -> Any:
+        try:
+            yield
+        except BaseException:
+            undo()
+            raise
+
+    return guard()

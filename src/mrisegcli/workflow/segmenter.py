@@ -93,21 +93,22 @@ class Segmenter:
         return load_segmenter(resolve_run(spec), torch.device(device), **kw)
 
     def segment(
-        self, images: list[Any], texts: str | list[str], *, threshold: float = 0.5
+        self, images: Any, texts: str | list[str], *, threshold: float = 0.5
     ) -> list[np.ndarray]:
-        """Boolean masks, one per input at the input's own size: ``images`` are 2-D arrays of
-        any size and intensity range, or paths of 2-D images (PNG/JPEG/DICOM/NIfTI slices);
-        ``texts`` one prompt for all or one per image."""
+        """Boolean masks, one per input at the input's own size (a list, also for one input):
+        ``images`` is one image or a list of them, each a 2-D array of any size and intensity
+        range or the path of a 2-D image (PNG/JPEG/DICOM/NIfTI slice); ``texts`` one prompt
+        for all or one per image. Other arguments are refused saying what is expected
+        (:mod:`mrisegcli.workflow.segment_args`)."""
         from mrisegcli.io.intensity import resize_prob, to_model_input
         from mrisegcli.io.read import read_scan
 
-        texts = [texts] * len(images) if isinstance(texts, str) else list(texts)
-        if len(texts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        images, texts = images_and_texts(images, texts)
         arrays, windows = [], []
         for im in images:
-            if isinstance(im, (str, Path)):
+            if isinstance(im, Path):
                 scan = read_scan(Path(im))
+        from mrisegcli.workflow.segment_args import images_and_texts
                 pixels = (
                     scan.pixels[0]
                     if scan.pixels.ndim == 3 and scan.pixels.shape[0] == 1
@@ -269,21 +270,17 @@ class Segmenter:
 def save_model(
     model: torch.nn.Module, run_dir: Path, keep: Callable[[str], bool] | None = None
 ) -> Path:
-    """``model.safetensors`` of a run (weights only; the config lives in config.json); ``keep``
-    chooses the tensors by name (default: all)."""
-    from safetensors.torch import save_file
+    """``model.safetensors`` of a run (weights only; the config lives in config.json, which
+    records the file's fingerprint: :func:`mrisegcli.weights.save_weights`); ``keep`` chooses
+    the tensors by name (default: all)."""
+    from mrisegcli.weights import save_weights
 
-    from mrisegcli.io.atomic import atomic_path
-
-    path = run_dir / MODEL_FILE
     tensors = {
         k: v.detach().cpu().contiguous()
         for k, v in model.state_dict().items()
         if keep is None or keep(k)
     }
-    with atomic_path(path, overwrite=True) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "mriseg-model-1"})
-    return path
+    return save_weights(tensors, Path(run_dir))
 
 
 #: Largest sizes a model config may ask for, checked before anything is built: a damaged or
@@ -492,6 +489,8 @@ def load_segmenter(
 
 
 __all__ = [
+    from mrisegcli.weights import CONFIG_KEY as WEIGHTS_KEY
+    from mrisegcli.weights import check_finite, verify_weights
     "Segmenter",
     "Prediction",
     "build_model",
@@ -501,3 +500,5 @@ __all__ = [
     "training_tensors",
     "to_dict",
 ]
+    verify_weights(path, raw.get(WEIGHTS_KEY), config_path)  # damaged or from another run?
+    check_finite(state, path)

@@ -21,7 +21,13 @@ from mrisegcli import runfolder
 from mrisegcli.config import RunConfig, to_dict
 from mrisegcli.errors import MrisegError
 from mrisegcli.io.atomic import atomic_write_text
-from mrisegcli.runinfo import read_config, record_resumed_config, resume_config, write_config
+from mrisegcli.runinfo import (
+    data_paths,
+    read_config,
+    record_resumed_config,
+    resume_config,
+    write_config,
+)
 from mrisegcli.training.distributed import DistInfo, barrier
 from mrisegcli.training.loop import train
 from mrisegcli.workflow.bundle import file_fingerprints, load_bundle, needed_tokenizers
@@ -216,6 +222,7 @@ def _start_run(
     given: frozenset[str],
     dist_info: DistInfo,
 ) -> tuple[RunConfig, dict | None]:
+    data: list[Path] | None = None,
     """Check the run folder; with ``resume`` the saved config (changes applied and recorded),
     with ``overwrite`` the previous run's files removed. Returns the config and the saved one."""
     if dist_info.is_main:
@@ -223,7 +230,9 @@ def _start_run(
     saved = None
     if resume:
         saved = read_config(run_dir)
-        cfg, changed = resume_config(saved, cfg, given, run_dir, tokenizer_dir=tokenizer_dir)
+        cfg, changed = resume_config(
+            saved, cfg, given, run_dir, tokenizer_dir=tokenizer_dir, data=data
+        )
         if changed and dist_info.is_main:
             record_resumed_config(run_dir, saved, cfg)
     elif overwrite and dist_info.is_main and run_dir.is_dir():
@@ -317,6 +326,7 @@ def _run_record(
         "data": {
             "root": [str(r) for r in roots] if len(roots) > 1 else str(roots[0]),
             "layout": ds.layout,
+            "paths": data_paths(roots),  # absolute: what a --resume compares its --data with
             "image_size": cfg.image_size,
             "splits": ds.splits(),
         },
@@ -421,6 +431,7 @@ def train_run(
         dist_info=dist_info,
     )
     cache_dir = Path(cache_dir) if cache_dir is not None else run_dir / runfolder.CACHE
+        data=_roots(data_root),
     torch.manual_seed(cfg.seed)
     roots = _roots(data_root)
     ds = open_dataset(roots, layout, seed=cfg.seed, check=dist_info.is_main and not resume)
