@@ -181,26 +181,11 @@ def _plan_one(
         out_fmt = {"mask": mask_fmt, "uncertainty": "png" if mask_fmt == "png" else "nii"}.get(
             key, "png"
         )
-        outputs[key] = output_path_for(path, out_dir, out_fmt, OUTPUT_SUFFIXES[key])
+        suffix = f"_{tag}{OUTPUT_SUFFIXES[key]}" if tag else OUTPUT_SUFFIXES[key]
+        outputs[key] = output_path_for(path, out_dir, out_fmt, suffix)
     return PlannedOutput(path, mask_fmt, outputs)
 
 
-def _check_names(plans: list[PlannedOutput], out_dir: Path | None) -> None:
-    """Refuse outputs outside ``out_dir``, outputs shared by two inputs (or two prompts of one
-    input), outputs onto inputs."""
-    root = out_dir.resolve() if out_dir is not None else None
-    inputs = {p.input.resolve(): p.input for p in plans}
-    owner: dict[Path, tuple[int, Path]] = {}
-    for row, plan in enumerate(plans, start=1):
-        for out in plan.outputs.values():
-            real = out.resolve()
-            if root is not None and real.parent != root:
-                raise MrisegError(f"would be written outside the output folder {out_dir}", out)
-            if real in inputs:
-                raise MrisegError(
-                    f"the output of {plan.input} would replace the input {inputs[real]}; "
-                    "use --out to write elsewhere",
-                    out,
 def _prompt_tags(inputs: Sequence[Path], texts: Sequence[str] | None) -> list[str]:
     """The tag each input's output names carry: none for an input named once; for an image on
     several rows of a prompts file, its row's prompt (``a_left-lung_mask.png``), with the row
@@ -223,6 +208,22 @@ def _prompt_tags(inputs: Sequence[Path], texts: Sequence[str] | None) -> list[st
     return tags
 
 
+def _check_names(plans: list[PlannedOutput], out_dir: Path | None) -> None:
+    """Refuse outputs outside ``out_dir``, outputs shared by two inputs (or two prompts of one
+    input), outputs onto inputs."""
+    root = out_dir.resolve() if out_dir is not None else None
+    inputs = {p.input.resolve(): p.input for p in plans}
+    owner: dict[Path, tuple[int, Path]] = {}
+    for row, plan in enumerate(plans, start=1):
+        for out in plan.outputs.values():
+            real = out.resolve()
+            if root is not None and real.parent != root:
+                raise MrisegError(f"would be written outside the output folder {out_dir}", out)
+            if real in inputs:
+                raise MrisegError(
+                    f"the output of {plan.input} would replace the input {inputs[real]}; "
+                    "use --out to write elsewhere",
+                    out,
                 )
             if real in owner and owner[real][0] != row:
                 first = owner[real][1]
@@ -265,6 +266,7 @@ def plan_outputs(
     steps_png: bool = False,
     keep_going: bool = False,
     input_errors: Mapping[Path, str] | None = None,
+    texts: Sequence[str] | None = None,
 ) -> list[PlannedOutput]:
     """Every output path of every input, decided and checked before any model work.
 
@@ -282,7 +284,6 @@ def plan_outputs(
     if out is not None and out.exists() and not out.is_dir():
         raise MrisegError("is not a folder (--out needs a folder)", out)
     keys = ["mask"] + [k for k, on in
-    texts: Sequence[str] | None = None,
                        (("uncertainty", uncertainty), ("overlay", overlay), ("steps", steps_png))
                        if on]  # fmt: skip
     plans = []
@@ -421,21 +422,6 @@ def _write_steps(
     return write_steps_png(masks, out, overwrite=overwrite)
 
 
-def _predict_one(
-    model: SliceModel,
-    plan: PlannedOutput,
-    text: str,
-    threshold: float,
-    overwrite: bool,
-) -> PredictResult:
-    start = time.perf_counter()
-    scan = _read(plan.input)
-    if plan.fmt == "png" and scan.num_slices > 1:
-        raise InputError(
-            f"is a volume of {scan.num_slices} slices; a PNG mask holds one, use --format nii",
-            plan.input,
-        )
-    size = int(model.image_size)
 def _check_finite(scan: Scan, path: Path) -> None:
     """Refuse a scan none of whose voxels is a number (the readers replace some NaN or Inf
     voxels and count them in ``meta["nonfinite"]``): there is no image to segment."""
@@ -450,6 +436,22 @@ def _check_finite(scan: Scan, path: Path) -> None:
         )
 
 
+def _predict_one(
+    model: SliceModel,
+    plan: PlannedOutput,
+    text: str,
+    threshold: float,
+    overwrite: bool,
+) -> PredictResult:
+    start = time.perf_counter()
+    scan = _read(plan.input)
+    _check_finite(scan, plan.input)
+    if plan.fmt == "png" and scan.num_slices > 1:
+        raise InputError(
+            f"is a volume of {scan.num_slices} slices; a PNG mask holds one, use --format nii",
+            plan.input,
+        )
+    size = int(model.image_size)
     scan.meta["slice_view"] = view = slice_view(scan)  # a volume: axial slices when oriented
     images_NSS = scan_model_inputs(view_scan(scan, view), size)  # (N, S, S) in [0, 1]
     pred = _decode(model, images_NSS, text, plan.input)
@@ -459,7 +461,6 @@ def _check_finite(scan: Scan, path: Path) -> None:
         raise ModelOutputError("the model gave no coarse-to-fine steps (needs next-scale)")
     prob_NSS = _model_maps(pred.prob, len(images_NSS), size, "probability")
     prob = _to_scan(prob_NSS, scan)  # scan.shape
-    _check_finite(scan, plan.input)
     mask = prob > threshold
     written = _write_outputs(plan, scan, pred, size, mask, text, threshold, overwrite)
     fg = int(mask.sum())
@@ -796,6 +797,7 @@ def predict_batch(
         steps_png=o.steps_png,
         keep_going=o.keep_going,
         input_errors=errors,
+        texts=texts,
     )
 
     def slice_model(seg: Any) -> SegmenterSlices:
@@ -850,4 +852,3 @@ __all__ = [
     "run_plans",
     "validate_text",
 ]
-        texts=texts,

@@ -102,13 +102,13 @@ class Segmenter:
         (:mod:`mrisegcli.workflow.segment_args`)."""
         from mrisegcli.io.intensity import resize_prob, to_model_input
         from mrisegcli.io.read import read_scan
+        from mrisegcli.workflow.segment_args import images_and_texts
 
         images, texts = images_and_texts(images, texts)
         arrays, windows = [], []
         for im in images:
             if isinstance(im, Path):
                 scan = read_scan(Path(im))
-        from mrisegcli.workflow.segment_args import images_and_texts
                 pixels = (
                     scan.pixels[0]
                     if scan.pixels.ndim == 3 and scan.pixels.shape[0] == 1
@@ -446,6 +446,8 @@ def load_segmenter(
     from safetensors.torch import load_file
 
     from mrisegcli.runinfo import read_config
+    from mrisegcli.weights import CONFIG_KEY as WEIGHTS_KEY
+    from mrisegcli.weights import check_finite, verify_weights
     from mrisegcli.workflow.bundle import load_bundle, needed_tokenizers, verify_files
 
     run_dir = Path(run_dir)
@@ -462,6 +464,7 @@ def load_segmenter(
     if not path.is_file():
         raise MrisegError(f"run has no {MODEL_FILE} (training not finished?)", run_dir)
     header = _weights_header(path)
+    verify_weights(path, raw.get(WEIGHTS_KEY), config_path)  # damaged or from another run?
     bundle = load_bundle(run_dir, need=needed_tokenizers(paradigm, cfg.strategies.image_input))
     tokenizers = raw.get("tokenizers")  # a damaged file was named above; now: the right files?
     verify_files(
@@ -474,6 +477,7 @@ def load_segmenter(
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise MrisegError(f"corrupt or truncated weights ({e})", path) from e
+    check_finite(state, path)
     model.load_state_dict(state, strict=False)
     model.to(device)
     return Segmenter(
@@ -489,8 +493,6 @@ def load_segmenter(
 
 
 __all__ = [
-    from mrisegcli.weights import CONFIG_KEY as WEIGHTS_KEY
-    from mrisegcli.weights import check_finite, verify_weights
     "Segmenter",
     "Prediction",
     "build_model",
@@ -500,5 +502,3 @@ __all__ = [
     "training_tensors",
     "to_dict",
 ]
-    verify_weights(path, raw.get(WEIGHTS_KEY), config_path)  # damaged or from another run?
-    check_finite(state, path)

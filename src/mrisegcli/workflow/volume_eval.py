@@ -1,0 +1,69 @@
+"""``evaluate --model`` on volumes: the per-slice predictions of a volume's slices stacked back
+into the volume and scored as one (:mod:`mrisegcli.volume_metrics`).
+
+A volume here is one (case, label, text) of an nnU-Net folder: its slices are samples of the
+split (``sample.volume``). Each slice's probability is resized to the slice's own resolution
+and thresholded there (as for the per-slice scores), the slices are stacked in the view's order
+(axial, radiological), and the voxel size follows the same view. A volume some of whose slices
+are not in the evaluation (``--limit``) is left out and counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mrisegcli.data.layouts import Sample
+from mrisegcli.volume_metrics import VolumeResult
+
+
+def view_spacing(image: Path) -> tuple[float, ...] | None:
+    """Voxel size (mm) along the view's axes (D', H', W') of a NIfTI volume (None otherwise)."""
+    from mrisegcli.io.read import is_nifti_name
+    from mrisegcli.io.volume import file_view
+
+    if not is_nifti_name(image):
+        return None
+    import nibabel as nib
+
+    zooms = [float(z) for z in nib.load(str(image)).header.get_zooms()[:3]]
+    if len(zooms) < 3 or not all(np.isfinite(z) and z > 0 for z in zooms):
+        return None
+    return file_view(image)[0].spacing(tuple(reversed(zooms)))
+
+
+def _at(prob_SS: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A probability map at a slice's own resolution."""
+    from mrisegcli.io.intensity import resize_prob
+
+    return prob_SS if prob_SS.shape == shape else resize_prob(prob_SS, shape)
+
+
+def volume_results(
+    cases: list[Sample], gts: list[np.ndarray], probs: np.ndarray, threshold: float = 0.5
+) -> tuple[list[VolumeResult], int]:
+    """(one result per complete volume in order of first appearance, volumes left out)."""
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(cases):
+        if s.volume is not None:
+            groups.setdefault(s.id.rsplit("/", 1)[0], []).append(i)
+    out, partial = [], 0
+    for name, idx in groups.items():
+        first = cases[idx[0]]
+        assert first.volume is not None
+        order = sorted(idx, key=lambda i: cases[i].volume.index)  # type: ignore[union-attr]
+        if [cases[i].volume.index for i in order] != list(range(first.volume.slices)):  # type: ignore[union-attr]
+            partial += 1
+            continue
+        gt = np.stack([gts[i] for i in order])
+        pred = np.stack([_at(probs[i], gts[i].shape) > threshold for i in order])
+        out.append(
+            VolumeResult.from_masks(
+                name, pred, gt, view_spacing(first.image), pred_path=None, gt_path=first.mask
+            )
+        )
+    return out, partial
+
+
+__all__ = ["view_spacing", "volume_results"]
