@@ -429,9 +429,9 @@ def train_run(
         tokenizer_dir=tokenizer_dir,
         given=given,
         dist_info=dist_info,
+        data=_roots(data_root),
     )
     cache_dir = Path(cache_dir) if cache_dir is not None else run_dir / runfolder.CACHE
-        data=_roots(data_root),
     torch.manual_seed(cfg.seed)
     roots = _roots(data_root)
     ds = open_dataset(roots, layout, seed=cfg.seed, check=dist_info.is_main and not resume)
