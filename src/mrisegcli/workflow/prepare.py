@@ -33,10 +33,15 @@ def _no_stage(description: str, total: int | None) -> Any:
 
 
 def open_dataset(
-    root: Path | list[Path], layout: str | None, *, seed: int = 0, check: bool = True
+    root: Path | list[Path],
+    layout: str | None,
+    *,
+    seed: int = 0,
+    check: bool = True,
+    texts: Path | None = None,
 ) -> Dataset:
     """Load a dataset index (or several, merged) and refuse it, listing every problem, when it
-    is not usable."""
+    is not usable. ``texts``: the texts file of nnU-Net volume folders (``--texts``)."""
     from mrisegcli.data.layouts import dataset_name, merge_datasets
     from mrisegcli.data.validate import format_problems, validate_dataset
 
@@ -44,7 +49,8 @@ def open_dataset(
     if not roots:
         raise MrisegError("no dataset given")
     ds = merge_datasets(
-        [load_dataset(r, layout, seed=seed) for r in roots], [dataset_name(r) for r in roots]
+        [load_dataset(r, layout, seed=seed, texts=texts) for r in roots],
+        [dataset_name(r) for r in roots],
     )
     where = roots[0] if len(roots) == 1 else ds.root
     if not ds.split("train") and not ds.split("test"):
@@ -249,7 +255,7 @@ def build_cache(
     with open_cache(cache_dir, fp, cache_fields(bundle), overwrite=overwrite) as cache:
         todo: list[tuple[Sample, str]] = []
         for s in samples:
-            sfp = sample_fingerprint(s.image, s.mask, s.text)
+            sfp = sample_fingerprint(s.image, s.mask, s.text, s.volume)
             if cache.needs(s.id, sfp):
                 todo.append((s, sfp))
         with stage(f"encoding {len(todo)} samples", len(todo)) as progress:
@@ -285,6 +291,10 @@ def build_cache(
 def _original_size(s: Sample) -> tuple[int, int]:
     from PIL import Image
 
+    if s.volume is not None:  # a slice of a volume, as the model sees it
+        from mrisegcli.data.volume_slices import slice_size
+
+        return slice_size(s)
     try:
         with Image.open(s.image) as im:
             return (im.height, im.width)
