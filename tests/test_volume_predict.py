@@ -248,7 +248,7 @@ def test_segmenter_slices_progress_per_volume():
         def predict_tensors(self, img, ids, mask, **kw):
             class P:
                 prob = img[:, 0] * 0
-                uncertainty = steps = None
+                uncertainty = steps = presence = None
 
             return P()
 
