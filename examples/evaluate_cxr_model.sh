@@ -2,10 +2,10 @@
 # Evaluate the chest-radiograph run on the test splits (canonical texts, text removed) and on the
 # unseen-wording test set, then copy it into the package with its metrics and model card.
 #
-#   bash examples/evaluate_cxr_model.sh               # RUN=runs/cxr-fast EVAL=work/cxr-eval DATA=../shared/data
+#   bash examples/evaluate_cxr_model.sh               # RUN=runs/cxr-cal EVAL=work/cxr-eval DATA=../shared/data
 set -euo pipefail
 DATA=${DATA:-../shared/data}
-RUN=${RUN:-runs/cxr-fast}
+RUN=${RUN:-runs/cxr-cal}
 EVAL=${EVAL:-work/cxr-eval}
 mkdir -p "$EVAL"
 SECONDS=0
@@ -16,5 +16,8 @@ mriseg evaluate --model "$RUN" --data "$DATA/jsrt" --split test --text-ablation 
 python examples/cxr_paraphrase_testset.py --data "$DATA" --out "$EVAL/unseen-wording" --overwrite
 mriseg evaluate --model "$RUN" --data "$EVAL/unseen-wording" --split test --device cpu --json \
   > "$EVAL/paraphrase.json"
+python examples/report_wording_testset.py --data "$DATA" --out "$EVAL/report-wording" --domains chest --overwrite
+mriseg evaluate --model "$RUN" --data "$EVAL/report-wording/chest" --split test --device cpu --json \
+  > "$EVAL/report_wording.json"
 echo "evaluation wall time: ${SECONDS} s"
 python examples/ship_cxr_model.py --run "$RUN" --eval "$EVAL"

@@ -28,6 +28,7 @@ FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "metrics.json",
+    "presence.safetensors",
 )
 
 
@@ -46,7 +47,12 @@ def gather(eval_dir: Path) -> dict:
     if "nodule" in jsrt.get("kinds", {}):
         kinds["jsrt nodule"] = jsrt["kinds"]["nodule"]
     unseen = _kinds(para)
+    report_path = eval_dir / "report_wording.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     return {
+        "detection": cxr.get("detection", {}),
+        "report_wording": _kinds(report),
+        "report_wording_detection": report.get("detection", {}),
         "kinds": kinds,
         "unseen_wording": unseen,
         "cxr_test": {
@@ -99,6 +105,7 @@ def card(config: dict, metrics: dict, ev: dict) -> str:
         for k, v in ev["unseen_wording"].items()
     ]
     c, j = ev["cxr_test"], ev["jsrt_test"]
+    presence = _presence_section(config, ev)
     ds = run["mask_vq"]["downsample"]
     grid = run["image_size"] // ds
     budget = run["train"].get("max_minutes")
@@ -188,14 +195,16 @@ Unseen-wording test set per kind:
 * jsrt test, all targets: Dice {j["dice"]:.3f}, mIoU {j["miou"]:.3f} (n={j["n"]}); empty text
   Dice {j.get("text_empty_dice", float("nan")):.3f}; tokenizer ceiling {j.get("tokenizer_ceiling_dice", float("nan")):.3f}.
 
+{presence}
 ## Limitations
 
 * Frontal (PA/AP) adult chest radiographs only; COVID-19-era infection patterns. A CT or MR
   input runs slice by slice, with a warning, and is not what the model knows.
 * The mask is decoded from {grid}x{grid} tokens of {ds}x{ds} pixels of the {run["image_size"]}-px input: thin structures
   (clavicles) and small nodules are coarse.
-* Prompts outside the trained vocabulary fall back to sub-word pieces; the synonym rules cover
-  common radiology wording, not every phrasing.
+* A prompt with a word outside the model's vocabulary (after synonym folding, spelling
+  variants and one-letter typos) is refused (`--force` runs it); the synonym rules cover common
+  radiology wording (Fleischner glossary terms), not every phrasing.
 
 ## Reproduce
 
@@ -203,6 +212,55 @@ Unseen-wording test set per kind:
 bash examples/train_cxr_model.sh          # RUN=runs/cxr (then runs/cxr-fast), DATA=../shared/data
 bash examples/evaluate_cxr_model.sh       # test splits, unseen wordings, copies runs/cxr-fast here
 ```
+"""
+
+
+def _detection_rows(det: dict) -> list[str]:
+    rows = []
+    for kind, d in [("all rows", det), *det.get("kinds", {}).items()]:
+        auroc = f"{d['auroc']:.3f}" if "auroc" in d else "-"
+        found = f"{d['found']:.1%}" if "found" in d else "-"
+        drawn = f"{d['drawn_on_empty']:.1%}" if "drawn_on_empty" in d else "-"
+        dice = f"{d['dice_present']:.3f}" if "dice_present" in d else "-"
+        rows.append(f"| {kind} | {d['n']} | {auroc} | {found} | {drawn} | {dice} |")
+    return rows
+
+
+def _presence_section(config: dict, ev: dict) -> str:
+    p, scope = config.get("presence"), config.get("scope", {})
+    if not p:
+        return ""
+    val = p["report"]["val"]
+    targets = ", ".join(t["target"] for t in scope.get("targets", []))
+    table = "\n".join(_detection_rows(ev.get("detection", {}))) if ev.get("detection") else ""
+    report = ev.get("report_wording", {})
+    report_rows = "\n".join(
+        f"| {k} | {v['dice']:.3f} | {v['n']} |" for k, v in report.items()
+    )
+    return f"""## Presence and scope
+
+* **Presence**: a head on the model's text-aware states (`mrisegcli/presence.py`, fitted by
+  `mriseg calibrate` on the train rows, calibrated on val) gives the probability that what the
+  prompt names is in the image; below {p["threshold"]:.3f} (chosen on val) the mask is empty and
+  `predict` says "not found (presence p)". Val: AUROC {val["auroc"]:.3f}, sensitivity
+  {val["sensitivity"]:.3f}, specificity {val["specificity"]:.3f} ({val["n_present"]} present,
+  {val["n_absent"]} absent rows).
+* **Scope**: the model answers {targets}; {len(scope.get("vocabulary", []))} words after synonym
+  folding. Prompts with other words are refused (`mriseg models chest-xray` lists them).
+
+Detection on the cxr-infection test split (the presence score against a non-empty truth; "found":
+present findings given a non-empty mask; "drawn": empty truths given a region):
+
+| rows | n | AUROC | found | drawn on empty | Dice on present |
+|---|---|---|---|---|---|
+{table}
+
+Report wording (`examples/report_wording_testset.py`: Fleischner-glossary wordings of every test
+row, written before any result on them was seen), Dice per kind:
+
+| kind | Dice | n |
+|---|---|---|
+{report_rows}
 """
 
 
@@ -249,6 +307,15 @@ def main() -> None:
         names = {r: Path(r).name for r in roots} | {str(args.run): "runs/cxr"}
         words[0] = Path(words[0]).name
         config["command"] = " ".join(names.get(w.rstrip("/"), w) for w in words)
+    if isinstance(config.get("presence"), dict):  # the calibration's data and command, by name
+        pres = config["presence"]
+        pres["data"] = [Path(d).name for d in pres.get("data", [])]
+        if isinstance(pres.get("command"), str):
+            names = {str(d): Path(d).name for d in roots} | {str(args.run): "runs/cxr-cal"}
+            pres["command"] = " ".join(
+                names.get(w.rstrip("/"), Path(w).name if "/" in w and w.startswith("/") else w)
+                for w in pres["command"].split()
+            )
     config.pop("weights", None)  # the run's file; the stripped one is recorded below
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     strip_training_buffers(args.run / "model.safetensors", tmp)

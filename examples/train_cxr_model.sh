@@ -5,9 +5,9 @@
 # only, model selection on val. Then evaluate on test, per kind, with canonical and unseen
 # wordings, and copy the run into the package.
 #
-# Two steps: training (RUN), then its drafting heads refitted to the model's own greedy codes
-# (RUN-fast: the same masks, fewer decoding passes), which examples/evaluate_cxr_model.sh
-# evaluates and ships.
+# Three steps: training (RUN), its drafting heads refitted to the model's own greedy codes
+# (RUN-fast: the same masks, fewer decoding passes), then its presence head and scope
+# (RUN-cal), which examples/evaluate_cxr_model.sh evaluates and ships.
 #
 #   bash examples/train_cxr_model.sh                 # DATA=../shared/data RUN=runs/cxr
 #   RESUME=1 bash examples/train_cxr_model.sh        # continue a stopped run
@@ -30,4 +30,8 @@ echo "training wall time: ${SECONDS} s"
 # on val, and the greedy codes are checked unchanged before the folder is written
 mriseg draft-heads --model "$RUN" --data "$DATA/cxr-infection" --data "$DATA/jsrt" \
   --out "$RUN-fast" --heads 6 --device cpu --overwrite
+# the presence head and scope of the fast model (training records them too; this refits them on
+# the drafting model, with today's synonym rules where they read every training text the same)
+mriseg calibrate --model "$RUN-fast" --data "$DATA/cxr-infection" --data "$DATA/jsrt" \
+  --out "$RUN-cal" --max-cases 12000 --device cpu --overwrite
 echo "total wall time: ${SECONDS} s"

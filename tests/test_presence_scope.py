@@ -221,3 +221,43 @@ def test_damaged_presence_head_is_refused(square_run, tmp_path):
     (copy / "presence.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(MrisegError, match="presence"):
         load_segmenter(copy, torch.device("cpu"))
+
+
+def test_evaluate_reports_detection(square_run, square_data):
+    res = invoke(["evaluate", "--model", str(square_run), "--data", str(square_data),
+                  "--device", "cpu", "--json"])  # fmt: skip
+    det = json.loads(res.stdout)["detection"]
+    assert det["score"] == "presence head" and det["n"] == 12 and det["n_present"] == 6
+    for key in ("auroc", "sensitivity", "specificity", "found", "dice_present",
+                "drawn_on_empty", "fp_area_on_empty"):  # fmt: skip
+        assert 0.0 <= det[key] <= 1.0, key
+    assert set(det["kinds"]) == {"absent", "describe"}
+    assert "drawn_on_empty" in det["kinds"]["absent"] and "found" in det["kinds"]["describe"]
+    text = invoke(["evaluate", "--model", str(square_run), "--data", str(square_data),
+                   "--device", "cpu"]).output  # fmt: skip
+    assert "detection (presence head): AUROC" in text
+
+
+def _prompt_list() -> list[tuple[str, str]]:
+    with open(Path(__file__).parent / "data" / "chest_prompts.csv", newline="") as f:
+        return [(r["prompt"], r["expect"]) for r in csv.DictReader(f)]
+
+
+def test_shipped_chest_model_answers_its_scope_and_refuses_the_rest():
+    """tests/data/chest_prompts.csv: findings it never learnt, other organs, other modalities'
+    terms and gibberish are refused (>= 95%); report wordings of what it answers are accepted
+    (>= 98%)."""
+    import mrisegcli
+    from tokenizers import Tokenizer
+
+    shipped = Path(mrisegcli.__file__).parent / "shipped" / "chest-xray"
+    scope = json.loads((shipped / "config.json").read_text())["scope"]
+    norm = Tokenizer.from_file(str(shipped / "tokenizer.json")).normalizer.normalize_str
+    rows = _prompt_list()
+    inside = [p for p, e in rows if e == "in"]
+    outside = [p for p, e in rows if e == "out"]
+    assert len(inside) >= 120 and len(outside) >= 60
+    wrongly_refused = [p for p in inside if refusal(p, scope, norm) is not None]
+    wrongly_accepted = [p for p in outside if refusal(p, scope, norm) is None]
+    assert len(wrongly_refused) <= 0.02 * len(inside), wrongly_refused
+    assert len(wrongly_accepted) <= 0.05 * len(outside), wrongly_accepted
