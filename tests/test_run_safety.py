@@ -403,18 +403,22 @@ def test_mixed_up_tokenizers_of_a_hub_model_are_refused(trained, tmp_path, monke
 
 def test_older_runs_and_shipped_copies_still_load(trained, tmp_path):
     """A run without per-file entries (written before them) loads; so does a shipped copy whose
-    model.safetensors lost its training-only buffers and whose config.json was rewritten."""
-    from mrisegcli.weights import save_weights
+    model.safetensors lost its training-only buffers (written by examples/ship_cxr_model.py,
+    which records the new file's fingerprint) and whose config.json was rewritten."""
+    import importlib.util
 
     old = _copy_run(trained, tmp_path, "old", keep=())
     config = json.loads((old / "config.json").read_text())
     del config["tokenizers"]["files"]
     (old / "config.json").write_text(json.dumps(config))
     shipped = _copy_run(trained, tmp_path, "shipped", keep=())
+    script = Path(__file__).resolve().parents[1] / "examples" / "ship_cxr_model.py"
+    spec = importlib.util.spec_from_file_location("ship_cxr_model", script)
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    ship.strip_training_buffers(trained["run"] / "model.safetensors", shipped)
     with safe_open(str(shipped / "model.safetensors"), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("het_memory.")}
-    save_weights(tensors, shipped, metadata=meta)  # as examples/ship_cxr_model.py writes it
+        assert not any(k.startswith("het_memory.") for k in f.keys())
     config = json.loads((shipped / "config.json").read_text())
     config["data"]["root"] = ["data"]
     (shipped / "config.json").write_text(json.dumps(config, indent=2) + "\n")
