@@ -125,7 +125,7 @@ def test_cli_writes_a_new_run_and_keeps_the_source(tmp_path: Path) -> None:
     for folder in (run, out):
         dest = tmp_path / f"pred-{folder.name}"
         r = invoke(["predict", str(image), "--model", str(folder), "--text", "circle", "--out",
-                    str(dest), "--device", "cpu", "--json"])  # fmt: skip
+                    str(dest), "--device", "cpu", "--json", "--force"])  # fmt: skip
         row = json.loads(r.stdout.strip().splitlines()[-1])
         masks.append(Path(row["outputs"]["mask"]).read_bytes())
     assert masks[0] == masks[1]

@@ -179,6 +179,7 @@ class Layout(_Choice):  # mrisegcli.data.layouts.LAYOUTS
     lvit = "lvit"
     qata_v2 = "qata-v2"
     manifest = "manifest"
+    nnunet = "nnunet"
 
 
 class Split(_Choice):  # mrisegcli.data.layouts.SPLITS
@@ -242,6 +243,14 @@ DeviceOpt = Annotated[
     str,
     typer.Option(
         callback=_device_value, metavar="<auto|cpu|cuda|cuda:N|mps>", help=f"{DEVICE_FORMS}."
+    ),
+]
+TextsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--texts",
+        metavar="FILE",
+        help="nnU-Net volume folders: the referring texts, CSV or JSON lines with label,text[,case] (default: texts.csv in the folder, else the label names of dataset.json).",
     ),
 ]
 QuietOpt = Annotated[
@@ -467,15 +476,25 @@ def presets(
 @app.command()
 @handled
 def models(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[NAME]", help="A shipped model's name or a run folder: list what it answers."
+        ),
+    ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object per model, one per line.")
     ] = False,
 ) -> None:
-    """List the models that ship inside the package, with their data, size and test metrics."""
+    """List the models that ship inside the package, with their data, size, targets and test
+    metrics; with NAME, what that model answers (targets, example prompts, presence threshold)."""
     from rich.table import Table
 
     from mrisegcli.shipped import DEFAULT_MODEL, ENV_VAR, shipped_models
 
+    if name is not None:
+        _model_scope(name, json_out)
+        return
     found = shipped_models()
     if json_out:
         for m in found:
@@ -488,6 +507,8 @@ def models(
                     "size_bytes": m.size_bytes,
                     "paradigm": m.config.get("paradigm"),
                     "preset": m.config.get("preset"),
+                    "targets": [t["target"] for t in m.config.get("scope", {}).get("targets", [])],
+                    "presence_threshold": m.config.get("presence", {}).get("threshold"),
                     "evaluation": m.evaluation,
                 }
             )
@@ -495,24 +516,73 @@ def models(
     if not found:
         out.print("no models ship with this installation; pass --model RUN")
         return
-    table = Table("model", "data", "size", "paradigm", "test Dice by kind (canonical wording)")
+    from mrisegcli.scope import describe_scope
+
+    table = Table(
+        "model", "data", "size", "answers", "test Dice by kind (canonical wording)"
+    )
     for m in found:
         kinds = m.evaluation.get("kinds", {})
         dice = ", ".join(f"{k} {v['dice']:.3f}" for k, v in kinds.items()) or "not evaluated"
-        name = f"{m.name} (default)" if m.name == DEFAULT_MODEL else m.name
+        label = f"{m.name} (default)" if m.name == DEFAULT_MODEL else m.name
         table.add_row(
-            name,
+            label,
             m.data,
             f"{m.size_bytes / 1e6:.1f} MB",
-            f"{m.config.get('paradigm')} ({m.config.get('preset')})",
+            describe_scope(m.config.get("scope", {}), limit=4) or "not recorded",
             dice,
         )
     out.print(table)
     out.print(
-        f"--model NAME|RUN|HUB_ID chooses another; {ENV_VAR} sets the default. Model cards: "
-        + ", ".join(str(m.path / "README.md") for m in found),
+        f"--model NAME|RUN|HUB_ID chooses another; {ENV_VAR} sets the default; "
+        "'mriseg models NAME' lists what a model answers. Model cards: "
+        + ", ".join(f"mrisegcli/shipped/{m.name}/README.md" for m in found),
         markup=False,
     )
+
+
+def _model_scope(name: str, json_out: bool) -> None:
+    """``mriseg models NAME``: a model's targets with example prompts, and its presence head."""
+    from mrisegcli.hub import resolve_run
+    from mrisegcli.runinfo import read_config
+    from mrisegcli.shipped import choose_model
+
+    config = read_config(resolve_run(choose_model(name).spec))
+    scope, presence = config.get("scope") or {}, config.get("presence") or {}
+    if json_out:
+        _print_json(
+            {
+                "name": name,
+                "targets": scope.get("targets", []),
+                "vocabulary": scope.get("vocabulary", []),
+                "presence_threshold": presence.get("threshold"),
+                "presence_val": presence.get("report", {}).get("val"),
+            }
+        )
+        return
+    if not scope:
+        out.print(f"{name}: no scope recorded (trained before mriseg recorded one)", markup=False)
+        return
+    out.print(f"{name} answers ({scope.get('source')}):", markup=False)
+    for t in scope.get("targets", []):
+        examples = "; ".join(f'"{e}"' for e in t.get("examples", []))
+        out.print(f"  {t['target']:<28} {t['rows']:>6} rows  e.g. {examples}", markup=False)
+    if scope.get("absent_rows"):
+        out.print(
+            f"  and 'not there': {scope['absent_rows']} training rows ask for something absent",
+            markup=False,
+        )
+    out.print(f"  vocabulary: {len(scope.get('vocabulary', []))} words", markup=False)
+    if presence:
+        val = presence.get("report", {}).get("val", {})
+        out.print(
+            f"presence threshold {presence['threshold']:.3f} (val: AUROC {val.get('auroc', 0):.3f}, "
+            f"sensitivity {val.get('sensitivity', 0):.3f}, specificity "
+            f"{val.get('specificity', 0):.3f})",
+            markup=False,
+        )
+    else:
+        out.print("no presence head: every mask is drawn, none is refused as absent", markup=False)
 
 
 # ---------------------------------------------------------------------------------- tokenize
@@ -537,6 +607,7 @@ def tokenize(
     layout: Annotated[
         Layout | None, typer.Option(help="Force the layout (default: detected).")
     ] = None,
+    texts: TextsOpt = None,
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images.")] = 2,
     device: DeviceOpt = "auto",
     mask_steps: Annotated[int | None, typer.Option(help="Mask tokenizer fitting steps.")] = None,
@@ -571,7 +642,7 @@ def tokenize(
     )
     dev = _device(device)
     stage = _stage(quiet)
-    ds = open_dataset(data, _value(layout), seed=seed)
+    ds = open_dataset(data, _value(layout), seed=seed, texts=texts)
     with removed_on_error(out_dir):  # a refused dataset leaves no tokenizers behind
         bundle, reports, _ = obtain_bundle(
             cfg, ds, tokenizer_dir=tokenizer, save_dir=out_dir, device=dev, workers=workers,
@@ -684,6 +755,7 @@ def train(
     layout: Annotated[
         Layout | None, typer.Option(help="Force the layout (default: detected).")
     ] = None,
+    texts: TextsOpt = None,
     tokenizer: Annotated[
         Path | None, typer.Option(help="Reuse tokenizers from a run or tokenize output.")
     ] = None,
@@ -894,6 +966,7 @@ def train(
                 dist_info=info,
                 command=" ".join(sys.argv),
                 given=_given_options(ctx),
+                texts=texts,
             )
     except BaseException:
         if made is not None and info.is_main and made.is_dir() and not any(made.iterdir()):
@@ -1054,6 +1127,18 @@ def predict(
             help="Greedy next-token decoding drafted by the model's NkTP heads (same masks, fewer passes).",
         ),
     ] = True,
+    presence_threshold: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Below this calibrated presence the mask is empty ('not found'); default: the threshold the model chose on its val split.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(help="Run prompts with words the model never learnt instead of refusing them."),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment what the text describes in each input; one output line per input."""
@@ -1091,6 +1176,8 @@ def predict(
         overwrite=overwrite,
         keep_going=keep_going,
         progress=_stage(quiet=quiet),  # a bar per volume
+        presence_threshold=presence_threshold,
+        force=force,
     )
     lines = _PredictLines(json_out)
 
@@ -1115,7 +1202,8 @@ def predict(
         )  # fmt: skip
     except ModelOptionError as e:
         raise _fail(str(e), 2) from None
-    if any(r.error for r in results):
+    refused = [r for r in results if r.refused]
+    if any(r.error and not r.refused for r in results) or (results and len(refused) == len(results)):
         raise typer.Exit(1)
 
 
@@ -1144,12 +1232,14 @@ class _PredictLines:
             )
         if self.json_out:
             _print_json(result.to_json())
+        elif result.refused:
+            err.print(f"mriseg: {result.input}: {result.error}", markup=False)
         elif result.error:
             err.print(f"mriseg: error: {result.error}", markup=False)
         elif not result.found:
             mask = result.outputs.get("mask")
             out.print(
-                f"{result.input} -> {mask} (no region found; presence {result.presence:.2f})",
+                f"{result.input} -> {mask}: not found (presence {result.presence:.2f})",
                 markup=False,
             )
         else:
@@ -1207,6 +1297,7 @@ def evaluate(
     layout: Annotated[
         Layout | None, typer.Option(help="Force the layout (default: detected).")
     ] = None,
+    texts: TextsOpt = None,
     pred: Annotated[Path | None, typer.Option(help="Folder of predicted masks.")] = None,
     gt: Annotated[Path | None, typer.Option(help="Folder of ground-truth masks.")] = None,
     samples: Annotated[
@@ -1285,6 +1376,7 @@ def evaluate(
             data,
             split=split,
             layout=layout,
+            texts=texts,
             samples=samples,
             temperature=temperature,
             ablations=tuple(text_ablation or ()),
@@ -1295,7 +1387,7 @@ def evaluate(
             seed=seed,
             stage=_stage(quiet=quiet or json_out),
         )
-        report = EvalReport(mreport.cases, mreport.summary, [], [])
+        report = EvalReport(mreport.cases, mreport.summary, [], [], mreport.volumes)
         summary = report_dict(mreport)
     else:
         from mrisegcli.evaluation import evaluate_folders
@@ -1357,6 +1449,33 @@ def _print_model_summary(summary: dict[str, Any], split: str, text_ablation: lis
             f"  {kind}: Dice {row['dice']:.4f}  mIoU {row['miou']:.4f}  (n={row['n']}){extra}",
             markup=False,
         )
+    if summary.get("detection"):
+        _print_detection(summary["detection"])
+
+
+def _detection_line(row: dict[str, Any]) -> str:
+    parts = []
+    if "auroc" in row:
+        parts.append(
+            f"AUROC {row['auroc']:.3f}, sensitivity {row['sensitivity']:.3f}, "
+            f"specificity {row['specificity']:.3f}"
+        )
+    if "found" in row:
+        parts.append(f"found {row['found']:.1%} of {row['n_present']} present")
+        parts.append(f"Dice on present {row['dice_present']:.4f}")
+    if "drawn_on_empty" in row:
+        parts.append(
+            f"drew on {row['drawn_on_empty']:.1%} of {row['n'] - row['n_present']} empty "
+            f"(mean area {row['fp_area_on_empty']:.2%})"
+        )
+    return "; ".join(parts)
+
+
+def _print_detection(det: dict[str, Any]) -> None:
+    """Is the target there? The presence score against non-empty truths, overall and per kind."""
+    out.print(f"detection ({det['score']}): {_detection_line(det)}", markup=False)
+    for kind, row in det.get("kinds", {}).items():
+        out.print(f"  {kind}: {_detection_line(row)}", markup=False)
 
 
 # -------------------------------------------------------------------------------------- draft-heads
@@ -1420,6 +1539,67 @@ def draft_heads(
         f"per mask on {report['val_sequences']} held-out cases "
         f"{report['val_passes_per_mask_before']:.1f} -> {report['val_passes_per_mask']:.1f}; "
         f"greedy codes unchanged on {report['identical_codes_checked']} checked cases",
+        markup=False,
+    )
+
+
+# -------------------------------------------------------------------------------------- calibrate
+@app.command()
+@handled
+def calibrate(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for the new model (a copy of the run).")
+    ],
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            metavar="<path>",
+            help="Dataset: train rows fit the presence head, val rows calibrate it and choose its threshold (repeat for several).",
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Run folder, Hub id or shipped model (default: $MRISEG_MODEL, else the shipped chest-xray model)."
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimisation steps of the head.")] = 1500,
+    max_cases: Annotated[
+        int | None, typer.Option(min=1, help="Use at most N train rows (a random subset).")
+    ] = 16000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: DeviceOpt = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out when it is a run folder.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fit a model's presence head (is the prompt's target there?) and record its scope."""
+    from mrisegcli.hub import resolve_run
+    from mrisegcli.workflow.calibrate import calibrate_run
+
+    choice = _chosen_model(model, quiet or json_out)
+    report = calibrate_run(
+        resolve_run(choice.spec),
+        data,
+        out_dir,
+        steps=steps,
+        max_cases=max_cases,
+        seed=seed,
+        device=_device(device),
+        overwrite=overwrite,
+        command=" ".join(["mriseg", *sys.argv[1:]]),
+        source=choice.shipped or str(choice.spec),
+        stage=_stage(quiet=quiet or json_out),
+    )
+    if json_out:
+        _print_json(report)
+        return
+    val = report["report"]["val"]
+    out.print(
+        f"{out_dir}: presence threshold {report['threshold']:.3f}; val AUROC {val['auroc']:.3f}, "
+        f"sensitivity {val['sensitivity']:.3f}, specificity {val['specificity']:.3f} "
+        f"({val['n_present']} present, {val['n_absent']} absent rows); "
+        f"{report['targets']} targets recorded",
         markup=False,
     )
 

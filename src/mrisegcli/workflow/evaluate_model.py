@@ -5,6 +5,9 @@ and thresholded there, so the numbers are comparable with any other tool's. Besi
 Dice stand the tokenizer ceiling (the Dice of the mask tokenizer's own reconstruction of the
 ground truth: no model can beat it) and, on request, the same model with the text removed or
 shuffled between cases (how much the model relies on the text).
+
+On the volumes of an nnU-Net folder every slice is a case, and each volume is also scored as a
+whole (Dice, HD95, absolute volume difference: :mod:`mrisegcli.workflow.volume_eval`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class ModelEvalReport:
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     uncertainty: list[float] | None = None
     seconds: float = 0.0
+    volumes: list = field(default_factory=list)  # VolumeResult of each volume of the split
 
 
 def _resize_threshold(prob_SS: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -86,22 +90,25 @@ def evaluate_model(
     workers: int = 0,
     seed: int = 0,
     stage: StageFactory = _no_stage,
+    texts: Path | None = None,
 ) -> ModelEvalReport:
     for a in ablations:
         if a not in ABLATIONS:
             raise MrisegError(f"unknown text ablation {a!r}; choose from {', '.join(ABLATIONS)}")
     t0 = time.perf_counter()
-    split_data = _read_split(seg, data_root, split, layout, limit, workers, stage)
+    split_data = _read_split(seg, data_root, split, layout, limit, workers, stage, texts)
     cases, images, masks, gts = split_data
     texts = [s.text for s in cases]
     with stage(f"decoding {len(cases)} masks", None):
         pred = seg.predict(
             images, texts, samples=samples, temperature=temperature, seed=seed, parts=True
         )
-    results = _score(cases, gts, pred.prob.numpy())
+    results = _score(cases, gts, answered_probs(seg, pred))
     report = ModelEvalReport(
         results, _model_summary(seg, cases, gts, results, pred, samples, temperature)
     )
+    report.summary["detection"] = detection_summary(seg, cases, results, pred)
+    _score_volumes(report, cases, gts, answered_probs(seg, pred))
     if ceiling:
         report.ceiling = summarize(tokenizer_ceiling(seg, masks, gts, cases))
     if pred.uncertainty is not None:
@@ -115,18 +122,74 @@ def evaluate_model(
         )
         with stage(f"decoding with {a} text", None):
             p = seg.predict(images, alt, **decode)
-        report.ablations[a] = _ablation_row(report, cases, gts, p.prob.numpy(), kinds=True)
+        report.ablations[a] = _ablation_row(report, cases, gts, answered_probs(seg, p), kinds=True)
     if image_ablation:  # each case's own text, another case's image: does the model read the image?
         perm = _other_cases(rng, len(texts))
         with stage("decoding with shuffled images", None):
             p = seg.predict(images[perm], texts, **decode)
-        report.ablations["image_shuffle"] = _ablation_row(report, cases, gts, p.prob.numpy())
+        report.ablations["image_shuffle"] = _ablation_row(
+            report, cases, gts, answered_probs(seg, p)
+        )
     if teacher_forced:  # what the model could do without its own mistakes (next-token only)
         with stage("teacher-forced pass", None):
             probs = teacher_forced_probs(seg, images, masks, texts)
         report.ablations["teacher_forced"] = _ablation_row(report, cases, gts, probs)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def answered_probs(seg: Segmenter, pred: Any) -> np.ndarray:
+    """(N, S, S) probabilities as ``predict`` answers them: zero where the calibrated presence
+    is below the model's threshold ("not found")."""
+    prob = pred.prob.numpy()
+    there = seg.is_present(pred.presence, len(prob))
+    return np.where(there[:, None, None], prob, np.float32(0))
+
+
+def _detection(
+    results: list[CaseResult], scores: np.ndarray, threshold: float, idx: list[int]
+) -> dict[str, Any]:
+    from mrisegcli.presence import detection_report
+
+    rs = [results[i] for i in idx]
+    present = np.array([r.gt_pixels > 0 for r in rs])
+    drawn = np.array([r.pred_pixels > 0 for r in rs])
+    row: dict[str, Any] = {"n": len(rs), "n_present": int(present.sum())}
+    if present.any() and (~present).any():
+        row.update(detection_report(scores[idx], present, threshold))
+    if present.any():
+        row["found"] = float(drawn[present].mean())  # present findings given a non-empty mask
+        row["dice_present"] = float(np.mean([r.dice for r, p in zip(rs, present, strict=True) if p]))
+    if (~present).any():
+        empty = [r for r, p in zip(rs, present, strict=True) if not p]
+        row["drawn_on_empty"] = float(drawn[~present].mean())
+        row["fp_area_on_empty"] = float(np.mean([r.pred_pixels / r.n_pixels for r in empty]))
+    return row
+
+
+def detection_summary(
+    seg: Segmenter, cases: list[Sample], results: list[CaseResult], pred: Any
+) -> dict[str, Any]:
+    """Is the target there? The presence score against "the truth is not empty", overall and
+    per kind: AUROC, sensitivity and specificity at the threshold, share of present findings
+    found, share of empty truths drawn and their mean false-positive area, Dice of present
+    findings. Without a presence head the score is the highest foreground probability (the
+    threshold 0.5: a mask is drawn)."""
+    if pred.presence is not None and seg.presence_threshold is not None:
+        scores, threshold, source = pred.presence.numpy(), seg.presence_threshold, "presence head"
+    else:
+        scores = pred.prob.numpy().reshape(len(results), -1).max(1)
+        threshold, source = 0.5, "max probability"
+    out = {"score": source, **_detection(results, scores, threshold, list(range(len(results))))}
+    kinds: dict[str, list[int]] = {}
+    for i, c in enumerate(cases):
+        if c.kind:
+            kinds.setdefault(c.kind, []).append(i)
+    if kinds:
+        out["kinds"] = {
+            k: _detection(results, scores, threshold, v) for k, v in sorted(kinds.items())
+        }
+    return out
 
 
 def _read_split(
@@ -137,6 +200,7 @@ def _read_split(
     limit: int | None,
     workers: int,
     stage: StageFactory,
+    texts: Path | None = None,
 ) -> tuple[list[Sample], np.ndarray, np.ndarray, list[np.ndarray]]:
     """The cases of a split with masks -> (cases, model-size images, model-size masks, ground truths)."""
     from mrisegcli.data.loading import load_split_arrays
@@ -145,7 +209,7 @@ def _read_split(
     roots = (
         [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
     )
-    ds = open_dataset(roots, layout, check=False)
+    ds = open_dataset(roots, layout, check=False, texts=texts)
     cases = ds.split(split)
     if not cases:
         raise MrisegError(f"dataset has no {split!r} split (it has {ds.splits()})", data_root)
@@ -156,11 +220,35 @@ def _read_split(
         )
     with stage(f"reading {len(cases)} {split} cases", len(cases)) as progress:
         images, masks = load_split_arrays(cases, seg.image_size, workers=workers, progress=progress)
-    gts = [read_mask(s.mask, binary=True) for s in cases]
+    gts = [_ground_truth(s, read_mask) for s in cases]
     for s, g in zip(cases, gts, strict=True):
         if g.ndim != 2:
             raise MrisegError("3-D ground truth masks are evaluated with --pred/--gt", s.mask)
     return cases, images, masks, gts
+
+
+def _ground_truth(s: Sample, read_mask: Any) -> np.ndarray:
+    """A case's mask at its own resolution (a volume's slice: as the model saw the slice)."""
+    if s.volume is not None:
+        from mrisegcli.data.volume_slices import slice_mask
+
+        return slice_mask(s)
+    return read_mask(s.mask, binary=True)
+
+
+def _score_volumes(
+    report: ModelEvalReport, cases: list[Sample], gts: list[np.ndarray], probs: np.ndarray
+) -> None:
+    """Volumes of the split scored as wholes, into ``report.volumes`` and its summary."""
+    if not any(s.volume is not None for s in cases):
+        return
+    from mrisegcli.volume_metrics import summarize_volumes
+    from mrisegcli.workflow.volume_eval import volume_results
+
+    report.volumes, partial = volume_results(cases, gts, probs)
+    if report.volumes:
+        report.summary["volumes"] = summarize_volumes(report.volumes)
+        report.summary["volumes"]["n_partial"] = partial
 
 
 def _model_summary(
@@ -285,4 +373,6 @@ def report_dict(report: ModelEvalReport) -> dict[str, Any]:
         if a.get("kinds"):
             out[f"{key}_kinds"] = a["kinds"]
     out["seconds"] = report.seconds
+    if report.volumes:
+        out["volumes"] = {**out["volumes"], "cases": [v.row() for v in report.volumes]}
     return out

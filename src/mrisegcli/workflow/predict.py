@@ -67,6 +67,9 @@ class SlicePrediction:
     prob: np.ndarray  # (N, S, S) float32 in [0, 1]
     uncertainty: np.ndarray | None = None  # (N, S, S) float32 in [0, 1]
     steps: list[np.ndarray] | None = None  # coarse-to-fine probabilities, each (N, s, s)
+    # (N,) calibrated probability that the prompt's target is in each slice (presence.py);
+    # slices below the model's presence threshold get an empty mask
+    presence: np.ndarray | None = None
 
 
 class SliceModel(Protocol):
@@ -108,6 +111,7 @@ class PredictResult:
     seconds: float = 0.0
     error: str | None = None
     text: str | None = None  # the prompt this input was segmented with
+    refused: bool = False  # the prompt is outside what the model answers (scope.py)
     # a volume's facts (:func:`~mrisegcli.io.volume.volume_facts`): how it was sliced, the
     # slices with foreground, the foreground's volume in mL, the channel of a 4-D input
     volume: dict[str, Any] | None = None
@@ -116,6 +120,15 @@ class PredictResult:
     @property
     def found(self) -> bool:
         return self.error is None and self.foreground_pixels > 0
+
+    @property
+    def status(self) -> str:
+        """"found", "not found", "refused" (prompt out of scope) or "error"."""
+        if self.refused:
+            return "refused"
+        if self.error is not None:
+            return "error"
+        return "found" if self.found else "not found"
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types only (paths as strings)."""
@@ -127,6 +140,7 @@ class PredictResult:
             "foreground_pixels": int(self.foreground_pixels),
             "foreground_fraction": float(self.foreground_fraction),
             "found": self.found,
+            "status": self.status,
             "presence": round(float(self.presence), 4),
             "modality": self.modality,
             "seconds": round(float(self.seconds), 4),
@@ -460,6 +474,9 @@ def _predict_one(
     if "steps" in plan.outputs and not pred.steps:
         raise ModelOutputError("the model gave no coarse-to-fine steps (needs next-scale)")
     prob_NSS = _model_maps(pred.prob, len(images_NSS), size, "probability")
+    absent = _absent_slices(model, pred, len(images_NSS))
+    if absent.any():  # below the presence threshold: "not there", an empty mask
+        prob_NSS = np.where(absent[:, None, None], np.float32(0), prob_NSS)
     prob = _to_scan(prob_NSS, scan)  # scan.shape
     mask = prob > threshold
     written = _write_outputs(plan, scan, pred, size, mask, text, threshold, overwrite)
@@ -478,6 +495,18 @@ def _predict_one(
     if scan.is_volume:
         result.volume = volume_facts(scan, view, mask)
     return result
+
+
+def _absent_slices(model: SliceModel, pred: SlicePrediction, n: int) -> np.ndarray:
+    """(n,) bool: slices whose presence is below the model's presence threshold."""
+    cut = getattr(model, "presence_threshold", None)
+    per_slice = getattr(pred, "presence", None)
+    if cut is None or per_slice is None:
+        return np.zeros(n, bool)
+    per_slice = np.asarray(per_slice, np.float64).reshape(-1)
+    if per_slice.shape != (n,):
+        raise ModelOutputError(f"the model gave {per_slice.size} presence values for {n} slices")
+    return per_slice < float(cut)
 
 
 def _presence(pred: SlicePrediction, prob: np.ndarray) -> float:
@@ -572,7 +601,11 @@ def _run_checked(
             if plan.error is not None:
                 raise MrisegError(plan.error)
             slice_model, key = _model_for(model, plan)
-            result = _predict_one(slice_model, plan, prompt, threshold, overwrite)
+            why = slice_model.refusal(prompt) if hasattr(slice_model, "refusal") else None
+            if why is not None:  # nothing is written for this input
+                result = PredictResult(plan.input, error=why, refused=True)
+            else:
+                result = _predict_one(slice_model, plan, prompt, threshold, overwrite)
             result.model = key
         except ModelOutputError:
             raise
@@ -642,6 +675,8 @@ class SegmenterSlices:
         seed: int | None = 0,
         steps: bool = False,
         stage: Callable[[str, int | None], Any] | None = None,
+        presence_threshold: float | None = None,
+        force: bool = False,
     ) -> None:
         self.seg, self.samples, self.temperature, self.seed, self.steps = (
             seg,
@@ -651,6 +686,13 @@ class SegmenterSlices:
             steps,
         )
         self.image_size = seg.image_size
+        #: the model's presence threshold unless ``presence_threshold`` overrides it
+        self.presence_threshold = (
+            presence_threshold
+            if presence_threshold is not None
+            else getattr(seg, "presence_threshold", None)
+        )
+        self.force = force  # run prompts outside the model's scope too
         self.stage = stage  # a progress factory: one bar per volume (see :func:`_decode`)
         self._tokens: dict[str, tuple[Any, Any]] = {}
 
@@ -678,7 +720,7 @@ class SegmenterSlices:
         if self.seed is not None:
             generator = torch.Generator(device=seg.device).manual_seed(self.seed)
         per = max(1, seg.batch_size // max(1, self.samples))
-        probs, uncs, step_lists = [], [], []
+        probs, uncs, step_lists, presences = [], [], [], []
         for start in range(0, len(images_NSS), per):
             img = torch.from_numpy(
                 np.ascontiguousarray(images_NSS[start : start + per], np.float32)
@@ -694,6 +736,8 @@ class SegmenterSlices:
                 steps=self.steps,
             )
             probs.append(p.prob.float().cpu().numpy())
+            if p.presence is not None:
+                presences.append(p.presence.float().cpu().numpy())
             if p.uncertainty is not None:
                 uncs.append(p.uncertainty.float().cpu().numpy())
             if p.steps is not None:
@@ -706,7 +750,21 @@ class SegmenterSlices:
             steps=[np.concatenate(parts) for parts in zip(*step_lists, strict=True)]
             if step_lists
             else None,
+            presence=np.concatenate(presences) if presences else None,
         )
+
+    def refusal(self, text: str) -> str | None:
+        """Why ``text`` is outside what the model answers, or ``None`` (and always ``None``
+        with ``force``)."""
+        if self.force:
+            return None
+        from mrisegcli.scope import refusal
+
+        seg = self.seg
+        scope = getattr(seg, "scope", None)
+        if not scope:
+            return None
+        return refusal(text, scope, seg.bundle.text.backend_tokenizer.normalizer.normalize_str)
 
 
 class ModelOptionError(MrisegError):
@@ -728,6 +786,9 @@ class PredictOptions:
     overwrite: bool = False
     keep_going: bool = False
     threshold: float = 0.5
+    # below this calibrated presence a mask is empty; None: the model's own threshold
+    presence_threshold: float | None = None
+    force: bool = False  # run prompts outside the model's scope too
     # a progress factory ``stage(description, total)`` (a context manager giving a callable):
     # a bar per volume while its slices are decoded; None: no progress
     progress: Callable[[str, int | None], Any] | None = None
@@ -810,6 +871,8 @@ def predict_batch(
             seed=o.seed,
             steps=o.steps_png,
             stage=o.progress,
+            presence_threshold=o.presence_threshold,
+            force=o.force,
         )
 
     if route is None:

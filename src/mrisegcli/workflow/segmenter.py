@@ -51,6 +51,9 @@ class Prediction:
     # the same decoded codes: "tokens" (the mask tokenizer's decoder), "refined" (the
     # full-resolution refiner) and "dense" (the dense head, which never reads the codes)
     parts: dict[str, torch.Tensor] | None = None
+    # (B,) calibrated probability that the prompt's target is in the image (presence.py); None
+    # for a model without a presence head
+    presence: torch.Tensor | None = None
 
 
 class Segmenter:
@@ -79,6 +82,11 @@ class Segmenter:
         self.warn: Any = None
         self._checked: set[str] = set()  # prompts already checked against the text context
         self.amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+        #: the presence head (presence.py) and its threshold: below it a mask is empty
+        self.presence_head: torch.nn.Module | None = None
+        self.presence_threshold: float | None = None
+        #: what the model answers (scope.py): its targets and vocabulary; None when unknown
+        self.scope: dict[str, Any] | None = None
 
     @classmethod
     def load(
@@ -129,8 +137,20 @@ class Segmenter:
                 for a, w in zip(arrays, windows, strict=True)
             ]
         )
-        prob = self.predict(model_in, texts).prob.numpy()
-        return [resize_prob(p, a.shape[-2:]) > threshold for p, a in zip(prob, arrays, strict=True)]
+        pred = self.predict(model_in, texts)
+        prob = pred.prob.numpy()
+        there = self.is_present(pred.presence, len(prob))
+        return [
+            (resize_prob(p, a.shape[-2:]) > threshold) & bool(ok)
+            for p, a, ok in zip(prob, arrays, there, strict=True)
+        ]
+
+    def is_present(self, presence: torch.Tensor | None, n: int) -> np.ndarray:
+        """(n,) bool: the presence score is at or above the threshold (all True without a
+        presence head)."""
+        if presence is None or self.presence_threshold is None:
+            return np.ones(n, bool)
+        return presence.cpu().numpy() >= self.presence_threshold
 
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and mask of the prompts; a prompt longer than the model's text context is
@@ -205,12 +225,27 @@ class Segmenter:
 
         step_probs = [mean_prob(s) for s in out.steps] if out.steps is not None else None
         part_probs = {k: mean_prob(v) for k, v in out.parts.items()} if out.parts else None
+        presence = self.presence_tensors(image_B1SS, text_ids, text_mask)
         if samples == 1:
-            return Prediction(mean_prob(out.logits), None, step_probs, part_probs)
+            return Prediction(mean_prob(out.logits), None, step_probs, part_probs, presence)
         fused = consensus(
             torch.sigmoid(out.logits.float()).view(B, samples, *out.logits.shape[-2:])
         )
-        return Prediction(fused.mean_prob, fused.uncertainty, step_probs, part_probs)
+        return Prediction(fused.mean_prob, fused.uncertainty, step_probs, part_probs, presence)
+
+    @torch.no_grad()
+    def presence_tensors(
+        self, image_B1SS: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """(B,) calibrated presence probabilities of one batch on the device; ``None`` without
+        a presence head."""
+        if self.presence_head is None:
+            return None
+        from mrisegcli.presence import presence_features
+
+        x = self.impl.model_input(self.model, self.bundle, image_B1SS)
+        feats = presence_features(self.impl, self.model, x, text_ids, self.hide_text(text_mask))
+        return torch.sigmoid(self.presence_head(feats)).float()
 
     def predict(
         self,
@@ -229,7 +264,7 @@ class Segmenter:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        probs, uncs, step_lists, part_lists = [], [], [], []
+        probs, uncs, step_lists, part_lists, presences = [], [], [], [], []
         per = max(1, self.batch_size // max(1, samples))
         all_ids, all_tmask = self.encode_text(
             list(texts)
@@ -250,6 +285,8 @@ class Segmenter:
                 parts=parts,
             )
             probs.append(p.prob.cpu())
+            if p.presence is not None:
+                presences.append(p.presence.cpu())
             if p.parts is not None:
                 part_lists.append({k: v.cpu() for k, v in p.parts.items()})
             if p.uncertainty is not None:
@@ -264,7 +301,13 @@ class Segmenter:
             if part_lists
             else None
         )
-        return Prediction(torch.cat(probs), torch.cat(uncs) if uncs else None, steps_out, parts_out)
+        return Prediction(
+            torch.cat(probs),
+            torch.cat(uncs) if uncs else None,
+            steps_out,
+            parts_out,
+            torch.cat(presences) if presences else None,
+        )
 
 
 def save_model(
@@ -480,7 +523,7 @@ def load_segmenter(
     check_finite(state, path)
     model.load_state_dict(state, strict=False)
     model.to(device)
-    return Segmenter(
+    seg = Segmenter(
         paradigm,
         model,
         bundle,
@@ -490,6 +533,13 @@ def load_segmenter(
         compile=compile,
         speculative=speculative,
     )
+    from mrisegcli.presence import load_presence
+
+    seg.presence_head = load_presence(run_dir, raw.get("presence"), device)
+    if seg.presence_head is not None:
+        seg.presence_threshold = float(raw["presence"]["threshold"])
+    seg.scope = raw.get("scope") if isinstance(raw.get("scope"), dict) else None
+    return seg
 
 
 __all__ = [

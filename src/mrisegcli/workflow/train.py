@@ -42,6 +42,7 @@ from mrisegcli.workflow.prepare import (
 from mrisegcli.workflow.segmenter import (
     Segmenter,
     build_model,
+    load_segmenter,
     model_config,
     model_config_from_dict,
     save_model,
@@ -221,8 +222,8 @@ def _start_run(
     tokenizer_dir: Path | None,
     given: frozenset[str],
     dist_info: DistInfo,
-) -> tuple[RunConfig, dict | None]:
     data: list[Path] | None = None,
+) -> tuple[RunConfig, dict | None]:
     """Check the run folder; with ``resume`` the saved config (changes applied and recorded),
     with ``overwrite`` the previous run's files removed. Returns the config and the saved one."""
     if dist_info.is_main:
@@ -325,8 +326,8 @@ def _run_record(
         "seed": cfg.seed,
         "data": {
             "root": [str(r) for r in roots] if len(roots) > 1 else str(roots[0]),
-            "layout": ds.layout,
             "paths": data_paths(roots),  # absolute: what a --resume compares its --data with
+            "layout": ds.layout,
             "image_size": cfg.image_size,
             "splits": ds.splits(),
         },
@@ -414,6 +415,7 @@ def train_run(
     dist_info: DistInfo = DistInfo(),
     command: str = "",
     given: frozenset[str] = frozenset(),
+    texts: Path | None = None,
 ) -> TrainResult:
     """``given``: the options the user set on the command line (their values are in ``cfg``);
     with ``resume`` those that may change are applied, the others must match the run."""
@@ -434,7 +436,9 @@ def train_run(
     cache_dir = Path(cache_dir) if cache_dir is not None else run_dir / runfolder.CACHE
     torch.manual_seed(cfg.seed)
     roots = _roots(data_root)
-    ds = open_dataset(roots, layout, seed=cfg.seed, check=dist_info.is_main and not resume)
+    ds = open_dataset(
+        roots, layout, seed=cfg.seed, check=dist_info.is_main and not resume, texts=texts
+    )
     ds = add_paraphrases(ds, cfg.paraphrases, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the data are known to be usable
     prep = _prepare(
@@ -504,4 +508,16 @@ def train_run(
     )
     if dist_info.is_main:
         _write_metrics(result, run_dir, resume)
+        _calibrate(run_dir, ds, cfg, device, stage)
     return result
+
+
+def _calibrate(run_dir: Path, ds: Any, cfg: RunConfig, device: torch.device, stage: Any) -> None:
+    """The last stage: the trained model's scope, and its presence head when the train rows
+    hold empty masks (``workflow/calibrate.py``), recorded in the run folder."""
+    from mrisegcli.workflow.calibrate import fit_calibration, record_calibration
+
+    if not (run_dir / runfolder.MODEL).is_file():
+        return
+    seg = load_segmenter(run_dir, device)
+    record_calibration(run_dir, fit_calibration(seg, ds, seed=cfg.seed, stage=stage))
