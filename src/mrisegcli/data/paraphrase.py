@@ -412,15 +412,17 @@ def _side_of(text: str) -> str:
     return sides[0] if len(sides) == 1 else ""
 
 
-def paraphrase(target: str, rng: random.Random, text: str = "") -> str | None:
+def paraphrase(target: str, rng: random.Random, text: str = "", kind: str = "") -> str | None:
     """Another wording of the request ``target`` (the manifest's fixed grammar), or ``None``
     when the target is not one this module knows. "none" (a finding that is not there) gets a
     request of the row's own domain (``text``, the row's sentence: a brain lesion with the side
     that sentence names, else any infection request): the answer to it is the empty mask. Most
     draws (about three wordings in four) sit in a frame ("locate the ...", "... on this
-    radiograph", "... on this MRI")."""
+    radiograph", "... on this MRI"). ``kind`` "describe" marks a request for the whole finding:
+    a brain lesion's side is then named in about half of the wordings only (it lies on that side
+    whole), so that a request without a side is not learnt as "nothing there"."""
     if synonym_domain([text]) == "brain" or target.strip().lower().startswith("lesion"):
-        phrase = _brain_phrase(target, rng, text)
+        phrase = _brain_phrase(target, rng, text, whole=kind == "describe")
         if phrase is None:
             return None
         frame = rng.choice(_BRAIN_FRAMES)
@@ -431,12 +433,14 @@ def paraphrase(target: str, rng: random.Random, text: str = "") -> str | None:
     return None if phrase is None else _framed(rng, phrase)
 
 
-def _brain_phrase(target: str, rng: random.Random, text: str) -> str | None:
+def _brain_phrase(target: str, rng: random.Random, text: str, whole: bool) -> str | None:
     parts = target.strip().lower().split(":")
     if parts[0] == "none":
         return _lesion(rng, _side_of(text))
     if parts[0] == "lesion":
         side = parts[1] if len(parts) > 1 and parts[1] in ("left", "right", "both") else ""
+        if whole and rng.random() < 0.5:
+            side = ""
         return _lesion(rng, side)
     return None
 
@@ -512,7 +516,7 @@ def add_paraphrases(ds: Dataset, n: int, seed: int = 0) -> Dataset:
         if s.split != "train" or not s.target:
             continue
         for k in range(1, n + 1):
-            text = paraphrase(s.target, random.Random(f"{seed}\0{s.id}\0{k}"), s.text)
+            text = paraphrase(s.target, random.Random(f"{seed}\0{s.id}\0{k}"), s.text, s.kind)
             if text:
                 extra.append(dataclasses.replace(s, id=f"{s.id}~p{k}", text=text))
     return dataclasses.replace(ds, samples=ds.samples + extra)
