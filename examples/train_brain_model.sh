@@ -6,7 +6,7 @@
 # rows are empty masks) and recording the model's scope.
 #
 #   bash examples/train_brain_model.sh                  # DATA=../shared/data RUN=runs/brain
-#   MINUTES=95 STEPS=6000                               # the wall-clock budget (whole run) and step cap
+#   MINUTES=90 STEPS=6000                               # the wall-clock budget (whole run) and step cap
 #
 # Measured wall time: see docs/brain_model.md (2-core CPU).
 set -euo pipefail
@@ -18,5 +18,5 @@ SECONDS=0
 # the chest preset's architecture (128-px input, 8x8 mask tokens, refiner, scheduled sampling)
 # with two brain rewordings of every training row (lesion targets; 'none' rows keep their side)
 mriseg train --data "$DATA/lgg-flair" --out "$RUN" --preset cxr --seed 0 --nktp-k 4 --device cpu \
-  --max-minutes "${MINUTES:-95}" --steps "${STEPS:-6000}" "${EXTRA[@]}"
+  --max-minutes "${MINUTES:-90}" --steps "${STEPS:-6000}" "${EXTRA[@]}"
 echo "training wall time: ${SECONDS} s"

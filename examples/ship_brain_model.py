@@ -1,0 +1,196 @@
+"""Copy a trained brain-MRI run into the package, with its test metrics and model card.
+
+    python examples/ship_brain_model.py --run runs/brain --eval work/brain-eval
+
+``--eval`` is the folder ``examples/evaluate_brain_model.sh`` wrote: ``slices.json`` (``mriseg
+evaluate --json`` on the lgg-flair test slices, text removed too), ``volumes.json`` (the test
+patients' volumes) and ``report_wording.json`` (the test slices asked in report words). The
+run's files that predict needs go to ``src/mrisegcli/shipped/brain-mri/``, ``evaluation.json``
+gathers the numbers and ``README.md`` is the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from ship_cxr_model import FILES, _detection_rows, strip_training_buffers
+
+ROOT = Path(__file__).resolve().parents[1]
+DEST = ROOT / "src" / "mrisegcli" / "shipped" / "brain-mri"
+
+
+def gather(eval_dir: Path) -> dict:
+    slices = json.loads((eval_dir / "slices.json").read_text())
+    volumes = json.loads((eval_dir / "volumes.json").read_text())
+    report = json.loads((eval_dir / "report_wording.json").read_text())
+    empty_kinds = slices.get("text_empty_kinds", {})
+    side_contra = [k for k in ("side", "contra") if k in slices.get("kinds", {})]
+    n = sum(slices["kinds"][k]["n"] for k in side_contra)
+    with_text = sum(slices["kinds"][k]["dice"] * slices["kinds"][k]["n"] for k in side_contra)
+    without = sum(
+        empty_kinds.get(k, {}).get("dice", 0.0) * slices["kinds"][k]["n"] for k in side_contra
+    )
+    return {
+        "kinds": slices.get("kinds", {}),
+        "detection": slices.get("detection", {}),
+        "slices_test": {
+            k: slices[k] for k in ("dice", "miou", "n", "tokenizer_ceiling_dice") if k in slices
+        },
+        "text_removed_kinds": empty_kinds,
+        "text_removed_drop_side_contra": (with_text - without) / n if n else None,
+        "volumes": volumes.get("volumes", {}),
+        "report_wording": report.get("kinds", {}),
+        "report_wording_detection": report.get("detection", {}),
+    }
+
+
+def card(config: dict, metrics: dict, ev: dict) -> str:
+    run = config["run"]
+    p, scope = config.get("presence") or {}, config.get("scope", {})
+    kinds = "\n".join(
+        f"| {k} | {v['dice']:.3f} | {v['n']} | "
+        f"{ev['report_wording'].get(k, {}).get('dice', float('nan')):.3f} | "
+        f"{ev['text_removed_kinds'].get(k, {}).get('dice', float('nan')):.3f} | "
+        + (f"{v['drawn']:.1%}" if "drawn" in v else "-")
+        + " |"
+        for k, v in ev["kinds"].items()
+    )
+    vol = ev["volumes"]
+    vol_line = (
+        f"Dice {vol.get('dice', float('nan')):.3f}, HD95 {vol.get('hd95_mm', float('nan')):.1f} mm, "
+        f"absolute volume difference {vol.get('avd_ml', float('nan')):.1f} mL "
+        f"(mean over {vol.get('n', 0)} test patients)"
+        if vol
+        else "not measured"
+    )
+    det = "\n".join(_detection_rows(ev["detection"])) if ev.get("detection") else ""
+    val = (p.get("report") or {}).get("val", {})
+    presence = (
+        f"below {p['threshold']:.3f} (chosen on val: AUROC {val.get('auroc', float('nan')):.3f}, "
+        f"sensitivity {val.get('sensitivity', float('nan')):.3f}, specificity "
+        f"{val.get('specificity', float('nan')):.3f}) the mask is empty"
+        if p
+        else "no presence head"
+    )
+    drop = ev.get("text_removed_drop_side_contra")
+    drop_line = f"{drop:.3f}" if drop is not None else "not measured"
+    return f"""---
+library_name: mriseg
+license: other
+tags: [medical-imaging, mri, brain, flair, glioma, segmentation, referring-segmentation, mriseg]
+---
+
+# mriseg brain-mri: text-prompted segmentation of FLAIR hyperintense lesions
+
+The model `mriseg predict` uses for an MR series or a 3-D NIfTI when no `--model` is given. It
+segments the FLAIR-hyperintense lesion of a lower-grade glioma on axial FLAIR slices: the whole
+lesion, or its part in the left or right hemisphere; asked for the side without a lesion, or a
+slice without one, it answers with an empty mask. A volume in gives a 3-D mask out, in the
+volume's geometry.
+
+**Intended use: research and method development, not for diagnosis or any clinical decision.**
+
+```bash
+mriseg predict flair.nii.gz --text "FLAIR hyperintense lesion"
+mriseg predict flair.nii.gz --text "tumour in the left hemisphere" --format nii
+```
+
+## Model
+
+* next-token paradigm, preset `{config.get("preset")}`: {run["image_size"]}-px axial slices through a
+  conv encoder, {run["image_size"] // run["mask_vq"]["downsample"]}x{run["image_size"] // run["mask_vq"]["downsample"]} mask tokens, a {run["transformer"]["n_layers"]}-layer
+  transformer of width {run["transformer"]["dim"]}, the full-resolution refiner; prompts through a
+  WordPiece text tokenizer with neuroradiology synonym folding (T2/FLAIR hyperintensity, signal
+  abnormality, glioma, tumour -> lesion; lobes -> hemisphere; crossing the midline -> both).
+* Trained {metrics["steps"]} steps, {metrics["train_seconds"] / 60:.0f} minutes of training on a 2-core CPU
+  shared with other work (`examples/train_brain_model.sh`); best validation Dice
+  {metrics["best_val_dice"]:.3f} at step {metrics["best_step"]}. Every training row also appeared in
+  {run["paraphrases"]} rewordings of its target. No flips (they would swap left and right).
+* Presence: {presence}. Scope: it answers {", ".join(t["target"] for t in scope.get("targets", []))};
+  prompts with other words are refused (`mriseg models brain-mri`).
+
+## Training data
+
+**LGG segmentation data**: 80 patients of The Cancer Genome Atlas lower-grade glioma collection
+(images from The Cancer Imaging Archive), axial FLAIR slices with the FLAIR-abnormality mask
+drawn by a radiologist. Cite Buda et al., "Association of genomic subtypes of lower-grade
+gliomas with shape features automatically extracted by a deep learning algorithm", Computers in
+Biology and Medicine 2019, and Mazurowski et al., J Neurooncol 2017. Research use. Split by
+patient: 64 train, 8 val (model selection), 8 test (every number below).
+
+## Test metrics
+
+Per-slice Dice per kind (masks scored at 256 px; an empty answer on an empty truth is Dice 1),
+the same slices asked in report words (`examples/report_wording_testset.py`, written before any
+result on them was seen), with the text removed, and the share of empty truths given a region:
+
+| kind | Dice | n | Dice, report wording | Dice, text removed | drew on empty |
+|---|---|---|---|---|---|
+{kinds}
+
+* Volumes (the 8 test patients, "FLAIR hyperintense lesion." on every slice): {vol_line}.
+* Removing the text costs {drop_line} Dice on the `side` + `contra` rows.
+
+Detection (the presence score against a non-empty truth):
+
+| rows | n | AUROC | found | drawn on empty | Dice on present |
+|---|---|---|---|---|---|
+{det}
+
+## Limitations
+
+* Axial FLAIR of adult brains with lower-grade glioma, 256x256 exports of one collection: other
+  sequences, other tumours, other scanners and post-operative brains are untested.
+* The slices are decoded one by one at {run["image_size"]} px: there is no 3-D context.
+* The side is taken in the radiological view (image left = patient right), as in the data.
+
+## Reproduce
+
+```bash
+bash examples/train_brain_model.sh        # RUN=runs/brain, DATA=../shared/data
+bash examples/evaluate_brain_model.sh     # test slices, volumes, report wording; copies it here
+```
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--eval", type=Path, required=True)
+    ap.add_argument("--dest", type=Path, default=DEST)
+    args = ap.parse_args()
+    ev = gather(args.eval)
+    config = json.loads((args.run / "config.json").read_text())
+    metrics = json.loads((args.run / "metrics.json").read_text())
+    tmp = args.dest.with_name(args.dest.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in FILES:
+        if name not in ("model.safetensors", "config.json") and (args.run / name).is_file():
+            shutil.copyfile(args.run / name, tmp / name)
+    roots = config["data"]["root"]
+    roots = roots if isinstance(roots, list) else [roots]
+    config["data"]["root"] = [Path(r).name for r in roots]
+    config["data"].pop("paths", None)  # absolute paths of the training machine
+    if isinstance(config.get("command"), str):
+        words = config["command"].split()
+        words[0] = Path(words[0]).name
+        config["command"] = " ".join(Path(w).name if w.startswith("/") else w for w in words)
+    config.pop("weights", None)  # the run's file; the stripped one is recorded below
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    strip_training_buffers(args.run / "model.safetensors", tmp)
+    (tmp / "evaluation.json").write_text(json.dumps(ev, indent=2) + "\n")
+    (tmp / "README.md").write_text(card(config, metrics, ev))
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    shutil.rmtree(args.dest, ignore_errors=True)
+    tmp.rename(args.dest)
+    size = sum(p.stat().st_size for p in args.dest.iterdir())
+    print(f"shipped {args.run} -> {args.dest} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
