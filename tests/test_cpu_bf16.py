@@ -145,3 +145,19 @@ def test_cli_option_reaches_the_run_and_may_change_on_a_resume(
     assert r.exit_code == 0, (r.output, r.exception)
     assert json.loads(r.stdout.strip().splitlines()[-1])["precision"] == "fp32"
     assert json.loads((run / "config.json").read_text())["run"]["train"]["cpu_bf16"] is False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_default_is_bf16_exactly_where_the_cpu_computes_it_natively(
+    synth_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    run = tmp_path / "run"
+    r = runner.invoke(
+        app,
+        ["train", "--data", str(synth_data), "--out", str(run), "--size", "32", "--device", "cpu",
+         "--batch-size", "8", "--mask-steps", "30", "--workers", "0", "--steps", "1", "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert json.loads(r.stdout.strip().splitlines()[-1])["precision"] == ("bf16" if native else "fp32")
+    assert json.loads((run / "config.json").read_text())["run"]["train"]["cpu_bf16"] is native

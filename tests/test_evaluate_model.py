@@ -69,6 +69,10 @@ class _Oracle:
         self.cfg = SimpleNamespace(use_text=True)
         self.bundle = SimpleNamespace(mask_vq=_Blank(), multiscale=_Identity())
         self._by_image = {im.tobytes(): m for im, m in zip(images, masks, strict=True)}
+        self.presence_threshold = None  # no presence head: every mask is drawn
+
+    def is_present(self, presence, n: int) -> np.ndarray:
+        return np.ones(n, bool)
 
     def predict(self, images, texts, **kw) -> Prediction:
         probs = np.stack(
