@@ -148,7 +148,12 @@ def chest_wording(target: str, rng: random.Random) -> str | None:
     parts = t.split(":")
     c = CHEST
     if t == "none":  # a normal chest asked for a finding
-        choice = ["infection:all", "infection:left", "infection:right", "infection:left+right:lower"]
+        choice = [
+            "infection:all",
+            "infection:left",
+            "infection:right",
+            "infection:left+right:lower",
+        ]
         return chest_wording(rng.choice(choice), rng)
     if parts[0] == "infection":
         if parts[1] == "all":

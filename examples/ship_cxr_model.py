@@ -234,9 +234,7 @@ def _presence_section(config: dict, ev: dict) -> str:
     targets = ", ".join(t["target"] for t in scope.get("targets", []))
     table = "\n".join(_detection_rows(ev.get("detection", {}))) if ev.get("detection") else ""
     report = ev.get("report_wording", {})
-    report_rows = "\n".join(
-        f"| {k} | {v['dice']:.3f} | {v['n']} |" for k, v in report.items()
-    )
+    report_rows = "\n".join(f"| {k} | {v['dice']:.3f} | {v['n']} |" for k, v in report.items())
     return f"""## Presence and scope
 
 * **Presence**: a head on the model's text-aware states (`mrisegcli/presence.py`, fitted by

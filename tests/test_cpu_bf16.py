@@ -159,5 +159,7 @@ def test_default_is_bf16_exactly_where_the_cpu_computes_it_natively(
          "--batch-size", "8", "--mask-steps", "30", "--workers", "0", "--steps", "1", "--json"],
     )  # fmt: skip
     assert r.exit_code == 0, (r.output, r.exception)
-    assert json.loads(r.stdout.strip().splitlines()[-1])["precision"] == ("bf16" if native else "fp32")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["precision"] == (
+        "bf16" if native else "fp32"
+    )
     assert json.loads((run / "config.json").read_text())["run"]["train"]["cpu_bf16"] is native

@@ -247,8 +247,9 @@ def test_shipped_chest_model_answers_its_scope_and_refuses_the_rest():
     """tests/data/chest_prompts.csv: findings it never learnt, other organs, other modalities'
     terms and gibberish are refused (>= 95%); report wordings of what it answers are accepted
     (>= 98%)."""
-    import mrisegcli
     from tokenizers import Tokenizer
+
+    import mrisegcli
 
     shipped = Path(mrisegcli.__file__).parent / "shipped" / "chest-xray"
     scope = json.loads((shipped / "config.json").read_text())["scope"]

@@ -1380,12 +1380,15 @@ def test_weights_are_fingerprinted_and_non_finite_weights_refused(trained, tmp_p
     raw[middle : middle + 4000] = np.random.default_rng(0).bytes(4000)
     (damaged / "model.safetensors").write_bytes(bytes(raw))
     line = cli_error(predict(damaged))
-    assert f"{damaged / 'model.safetensors'}: not the weights this model's config.json records" in line
+    assert (
+        f"{damaged / 'model.safetensors'}: not the weights this model's config.json records" in line
+    )
     recorded = read_config(trained["run"])["weights"]
     model = trained["run"] / "model.safetensors"
     assert recorded == {"file": "model.safetensors", "sha256": _sha256(model),
                         "bytes": model.stat().st_size}  # fmt: skip
     from mrisegcli.weights import save_weights
+
     with safe_open(str(model), "pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -1394,7 +1397,10 @@ def test_weights_are_fingerprinted_and_non_finite_weights_refused(trained, tmp_p
     nan = _copy_run(trained, tmp_path, "nan", keep=())
     save_weights(tensors, nan, metadata=meta)  # the fingerprint fits: the values do not
     line = cli_error(predict(nan))
-    assert f"weights hold NaN or infinite values (2 of {tensors[name].numel()} in tensor {name})" in line
+    assert (
+        f"weights hold NaN or infinite values (2 of {tensors[name].numel()} in tensor {name})"
+        in line
+    )
     for run in (damaged, nan):  # a run written before weights were recorded
         config = json.loads((run / "config.json").read_text())
         del config["weights"]
@@ -1517,10 +1523,14 @@ def test_synth_into_a_folder_that_cannot_be_made_is_one_line(tmp_path):
     if not Path("/proc/self").is_dir():
         pytest.skip("no /proc")
     line = cli_error(["synth", "/proc/mriseg-test", "--n-train", "2", "--size", "32"])
-    assert line == "mriseg: error: /proc/mriseg-test: cannot create folder (No such file or directory)"
+    assert (
+        line == "mriseg: error: /proc/mriseg-test: cannot create folder (No such file or directory)"
+    )
     (tmp_path / "file").write_text("a file")
     line = cli_error(["synth", str(tmp_path / "file" / "ds"), "--n-train", "2", "--size", "32"])
-    assert line == f"mriseg: error: {tmp_path / 'file' / 'ds'}: cannot create folder (Not a directory)"
+    assert (
+        line == f"mriseg: error: {tmp_path / 'file' / 'ds'}: cannot create folder (Not a directory)"
+    )
 
 
 @pytest.fixture(scope="module")

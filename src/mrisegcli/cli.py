@@ -518,9 +518,7 @@ def models(
         return
     from mrisegcli.scope import describe_scope
 
-    table = Table(
-        "model", "data", "size", "answers", "test Dice by kind (canonical wording)"
-    )
+    table = Table("model", "data", "size", "answers", "test Dice by kind (canonical wording)")
     for m in found:
         kinds = m.evaluation.get("kinds", {})
         dice = ", ".join(f"{k} {v['dice']:.3f}" for k, v in kinds.items()) or "not evaluated"
@@ -1141,7 +1139,9 @@ def predict(
     ] = None,
     force: Annotated[
         bool,
-        typer.Option(help="Run prompts with words the model never learnt instead of refusing them."),
+        typer.Option(
+            help="Run prompts with words the model never learnt instead of refusing them."
+        ),
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -1207,7 +1207,9 @@ def predict(
     except ModelOptionError as e:
         raise _fail(str(e), 2) from None
     refused = [r for r in results if r.refused]
-    if any(r.error and not r.refused for r in results) or (results and len(refused) == len(results)):
+    if any(r.error and not r.refused for r in results) or (
+        results and len(refused) == len(results)
+    ):
         raise typer.Exit(1)
 
 

@@ -76,7 +76,9 @@ def validate_dataset(
         elif (sample.image, sample.mask, sample.text) not in seen:
             first = (sample.image, sample.mask) not in seen
             seen.update({(sample.image, sample.mask), (sample.image, sample.mask, sample.text)})
-            problems.extend(_check_volume(sample, root, check_images and first, deep, require_masks))
+            problems.extend(
+                _check_volume(sample, root, check_images and first, deep, require_masks)
+            )
         if progress is not None:
             progress(done, total)
     return problems

@@ -159,7 +159,9 @@ def _detection(
         row.update(detection_report(scores[idx], present, threshold))
     if present.any():
         row["found"] = float(drawn[present].mean())  # present findings given a non-empty mask
-        row["dice_present"] = float(np.mean([r.dice for r, p in zip(rs, present, strict=True) if p]))
+        row["dice_present"] = float(
+            np.mean([r.dice for r, p in zip(rs, present, strict=True) if p])
+        )
     if (~present).any():
         empty = [r for r, p in zip(rs, present, strict=True) if not p]
         row["drawn_on_empty"] = float(drawn[~present].mean())

@@ -123,7 +123,7 @@ class PredictResult:
 
     @property
     def status(self) -> str:
-        """"found", "not found", "refused" (prompt out of scope) or "error"."""
+        """ "found", "not found", "refused" (prompt out of scope) or "error"."""
         if self.refused:
             return "refused"
         if self.error is not None:
