@@ -80,6 +80,7 @@ def card(config: dict, metrics: dict, ev: dict) -> str:
     return f"""---
 library_name: mriseg
 license: other
+license_name: LicenseRef-mriseg-research-data
 tags: [medical-imaging, mri, brain, flair, glioma, segmentation, referring-segmentation, mriseg]
 ---
 
@@ -146,6 +147,11 @@ Detection (the presence score against a non-empty truth):
   sequences, other tumours, other scanners and post-operative brains are untested.
 * The slices are decoded one by one at {run["image_size"]} px: there is no 3-D context.
 * The side is taken in the radiological view (image left = patient right), as in the data.
+
+## Licence
+
+These weights are for research use only (the terms of the LGG data), with the citations above;
+the mriseg code is Apache-2.0. `MODEL_LICENSES.md` in the source says why.
 
 ## Reproduce
 

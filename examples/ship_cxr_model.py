@@ -126,7 +126,8 @@ def card(config: dict, metrics: dict, ev: dict) -> str:
     )
     return f"""---
 library_name: mriseg
-license: cc-by-sa-4.0
+license: other
+license_name: CC-BY-SA-4.0 AND LicenseRef-mriseg-research-data
 tags: [medical-imaging, chest-x-ray, segmentation, referring-segmentation, mriseg]
 ---
 
@@ -205,6 +206,12 @@ Unseen-wording test set per kind:
 * A prompt with a word outside the model's vocabulary (after synonym folding, spelling
   variants and one-letter typos) is refused (`--force` runs it); the synonym rules cover common
   radiology wording (Fleischner glossary terms), not every phrasing.
+
+## Licence
+
+These weights are shared under CC BY-SA 4.0 (the licence of COVID-QU-Ex) and for research use
+only (the terms of JSRT); the mriseg code is Apache-2.0. `MODEL_LICENSES.md` in the source says
+why.
 
 ## Reproduce
 

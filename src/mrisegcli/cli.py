@@ -509,6 +509,7 @@ def models(
                     "preset": m.config.get("preset"),
                     "targets": [t["target"] for t in m.config.get("scope", {}).get("targets", [])],
                     "presence_threshold": m.config.get("presence", {}).get("threshold"),
+                    "license": m.license,
                     "evaluation": m.evaluation,
                 }
             )
@@ -533,7 +534,10 @@ def models(
     out.print(table)
     out.print(
         f"--model NAME|RUN|HUB_ID chooses another; {ENV_VAR} sets the default; "
-        "'mriseg models NAME' lists what a model answers. Model cards: "
+        "'mriseg models NAME' lists what a model answers. Weights' licences (the code is "
+        "Apache-2.0): "
+        + "; ".join(f"{m.name} {m.license}" for m in found)
+        + ". Model cards: "
         + ", ".join(f"mrisegcli/shipped/{m.name}/README.md" for m in found),
         markup=False,
     )

@@ -45,6 +45,21 @@ class ShippedModel:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
 
     @property
+    def license(self) -> str:
+        """The weights' licence as the model card's metadata states it (its ``license:`` line;
+        "other" points to the card's own words), or "?" without a card."""
+        card = self.path / "README.md"
+        meta: dict[str, str] = {}
+        if card.is_file():
+            for line in card.read_text(encoding="utf-8").splitlines()[:12]:
+                key, sep, value = line.partition(":")
+                if sep and key in ("license", "license_name"):
+                    meta[key] = value.strip()
+        if meta.get("license") == "other":
+            return meta.get("license_name", "other")
+        return meta.get("license", "?")
+
+    @property
     def data(self) -> str:
         """The names of the datasets it was trained on."""
         roots = self.config.get("data", {}).get("root", [])
