@@ -344,6 +344,15 @@ def _not_ours(path: Path) -> str | None:
     return None
 
 
+def _only_temp_files(p: Path) -> bool:
+    """A folder holding nothing but the temporary files of saves that were killed (or nothing):
+    what a run leaves when it dies while writing, never a user's data."""
+    if not p.is_dir() or p.is_symlink():
+        return False
+    pattern = re.compile(rf"^({SAFETENSORS_TEMP})$")
+    return all(q.is_file() and not q.is_symlink() and pattern.match(q.name) for q in p.iterdir())
+
+
 def foreign_entry(run_dir: Path) -> str | None:
     """The first thing in ``run_dir`` that ``train`` would not have written, described for a
     message (``'notes.txt'``, ``'config.json (it is not a mriseg config)'``); None when the
@@ -356,7 +365,7 @@ def foreign_entry(run_dir: Path) -> str | None:
     for p in sorted(run_dir.iterdir()):
         if p.is_symlink():
             return f"{p.name} (a symlink)"
-        if not configured and p.name in AFTER_CONFIG:
+        if not configured and p.name in AFTER_CONFIG and not _only_temp_files(p):
             return f"{p.name} (and no config.json of a mriseg run)"
         if p.is_dir() and p.name in RUN_FOLDERS:
             pattern = RUN_FOLDERS[p.name]
