@@ -455,3 +455,18 @@ def test_trained_decode_on_the_shipped_model() -> None:
     assert out["fewer_passes_batch1"] == pytest.approx(63 / passes["speculative_batch1"])
     assert len(out["speedup_batch1_per_turn"]) == 2 and out["speedup_batch1"] > 0
     assert 0 <= out["acceptance"] <= 1 and out["predict_ms"] > 0
+
+
+def test_volume_bench_predicts_a_synthetic_volume() -> None:
+    """``bench_volume.py``: a small synthetic NIfTI volume end to end through predict with the
+    model loaded once; the JSON names the slices, the time per volume and the peak memory."""
+    proc = subprocess.run(
+        [sys.executable, "bench_volume.py", "--model", "chest-xray", "--slices", "3",
+         "--repeats", "1", "--warmup", "0", "--text", "left lung", "--json", "--threads", "1"],
+        cwd=BENCH, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["slices"] == 3 and out["seconds_per_volume"]["median_s"] > 0
+    assert out["peak_rss_mb"] > 0 and out["status"] in ("found", "not found")
+    assert "3-slice volume in" in proc.stderr
