@@ -262,3 +262,24 @@ def test_shipped_chest_model_answers_its_scope_and_refuses_the_rest():
     wrongly_accepted = [p for p in outside if refusal(p, scope, norm) is None]
     assert len(wrongly_refused) <= 0.02 * len(inside), wrongly_refused
     assert len(wrongly_accepted) <= 0.05 * len(outside), wrongly_accepted
+
+
+def test_shipped_brain_model_answers_its_scope_and_refuses_the_rest():
+    """tests/data/brain_prompts.csv: neuroradiology wordings of the lesion are accepted (>= 95%
+    of 40), other findings, organs and gibberish refused (>= 95% of 30)."""
+    import mrisegcli
+    from tokenizers import Tokenizer
+
+    shipped = Path(mrisegcli.__file__).parent / "shipped" / "brain-mri"
+    if not shipped.is_dir():
+        pytest.skip("no brain-mri model in this installation")
+    scope = json.loads((shipped / "config.json").read_text())["scope"]
+    norm = Tokenizer.from_file(str(shipped / "tokenizer.json")).normalizer.normalize_str
+    with open(Path(__file__).parent / "data" / "brain_prompts.csv", newline="") as f:
+        rows = [(r["prompt"], r["expect"]) for r in csv.DictReader(f)]
+    inside = [p for p, e in rows if e == "in"]
+    outside = [p for p, e in rows if e == "out"]
+    wrongly_refused = [p for p in inside if refusal(p, scope, norm) is not None]
+    wrongly_accepted = [p for p in outside if refusal(p, scope, norm) is None]
+    assert len(wrongly_refused) <= 0.05 * len(inside), wrongly_refused
+    assert len(wrongly_accepted) <= 0.05 * len(outside), wrongly_accepted

@@ -32,6 +32,8 @@ STOPWORDS = frozenset(
     is are was were be been being am do does did done has have had can could would should may
     might must will shall please kindly just only also very more most much many
     what which where who whom whose how why when whether
+    around near next along across beside behind beneath between over under about
+    involving affecting containing including
     i me my we our you your he she his her they them their
     show find segment outline mark locate display highlight identify detect label annotate
     indicate draw give get make see seen look give tell point delineate depict
