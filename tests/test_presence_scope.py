@@ -198,6 +198,17 @@ def test_calibrate_writes_a_new_run(square_run, square_data, tmp_path):
     report = json.loads(res.stdout)
     assert report["report"]["val"]["n_absent"] == 6 and 0 <= report["threshold"] <= 1
     assert (out / "presence.safetensors").is_file() and (out / "model.safetensors").is_file()
+    # --scope-only keeps the head as it is and writes the scope again
+    kept = tmp_path / "kept"
+    invoke(["calibrate", "--model", str(out), "--data", str(square_data), "--out", str(kept),
+            "--device", "cpu", "--scope-only"])  # fmt: skip
+    same = (kept / "presence.safetensors").read_bytes() == (
+        out / "presence.safetensors"
+    ).read_bytes()
+    config = json.loads((kept / "config.json").read_text())
+    assert same and config["presence"]["threshold"] == report["threshold"]
+    assert config["scope"]["targets"][0]["target"] == "square"
+    assert "scope_refresh" in config["presence"]
     # the source is never the destination, and a folder that is not a run is not replaced
     again = invoke(["calibrate", "--model", str(square_run), "--data", str(square_data),
                     "--out", str(square_run), "--device", "cpu"], ok=False)  # fmt: skip
@@ -267,8 +278,9 @@ def test_shipped_chest_model_answers_its_scope_and_refuses_the_rest():
 def test_shipped_brain_model_answers_its_scope_and_refuses_the_rest():
     """tests/data/brain_prompts.csv: neuroradiology wordings of the lesion are accepted (>= 95%
     of 40), other findings, organs and gibberish refused (>= 95% of 30)."""
-    import mrisegcli
     from tokenizers import Tokenizer
+
+    import mrisegcli
 
     shipped = Path(mrisegcli.__file__).parent / "shipped" / "brain-mri"
     if not shipped.is_dir():

@@ -1581,6 +1581,12 @@ def calibrate(
     device: DeviceOpt = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace --out when it is a run folder.")] = False,
+    scope_only: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the model's presence head: refresh its synonym rules and scope only."
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Fit a model's presence head (is the prompt's target there?) and record its scope."""
@@ -1600,6 +1606,7 @@ def calibrate(
         command=" ".join(["mriseg", *sys.argv[1:]]),
         source=choice.shipped or str(choice.spec),
         stage=_stage(quiet=quiet or json_out),
+        scope_only=scope_only,
     )
     if json_out:
         _print_json(report)

@@ -94,7 +94,7 @@ _CHEST_RULES: tuple[tuple[str, str], ...] = (
         r"\b(?:peripheral|perihilar|central|dense|confluent|extensive|mild|moderate|severe"
         r"|marked|minimal|focal|multiple|widespread|predominantly|predominant|mainly|mostly"
         r"|new|increased|involving|affecting|within|throughout|distribution|predominance"
-        r"|changes?|solitary|single|spiculated|well-defined|rounded)\b",
+        r"|changes?|solitary|single|spiculated|well-defined|rounded|alveolar)\b",
         " ",
     ),
 )
@@ -144,10 +144,11 @@ _BRAIN_RULES: tuple[tuple[str, str], ...] = (
     # what the lesion is called
     (
         r"\b(?:(?:low|lower)[- ]grade |diffuse |infiltrative |infiltrating )?(?:gliomas?"
-        r"|astrocytomas?|oligodendrogliomas?|oligoastrocytomas?|tumou?rs?|neoplasms?|neoplasia"
-        r"|masses|mass|lesions|abnormalit(?:y|ies)|o?edema|tumou?r burden|growths?)\b",
+        r"|astrocytomas?|oligodendrogliomas?|oligoastrocytomas?|tumou?r burden|tumou?rs?"
+        r"|neoplasms?|neoplasia|masses|mass|lesions|abnormalit(?:y|ies)|o?edema|growths?)\b",
         "lesion",
     ),
+    (r"\b(?:infiltrative|infiltrating|expansile|non-?enhancing)\b", " "),
     # places: lobes and regions name a side's hemisphere; both sides, the midline
     (
         r"\b(?:fronto-?parietal|parieto-?occipital|temporo-?parietal|fronto-?temporal"

@@ -122,7 +122,7 @@ def fit_calibration(
         norm,
         extra_texts=[s.text for s in train if "~p" in s.id],
     )
-    if not train or not val:
+    if not train or not val or max_cases == 0:
         return Calibration(None, scope, "no presence head: the data has no train or no val rows")
     if max_cases is not None and len(train) > max_cases:
         rng = np.random.default_rng(seed)
@@ -164,11 +164,19 @@ def _save_text_tokenizer(seg: Segmenter, folder: Path) -> None:
 
 
 def record_calibration(
-    run_dir: Path, cal: Calibration, extra: dict[str, Any] | None = None
+    run_dir: Path,
+    cal: Calibration,
+    extra: dict[str, Any] | None = None,
+    *,
+    keep_presence: bool = False,
 ) -> None:
-    """Write the presence head and the scope into ``run_dir`` (config.json updated)."""
+    """Write the presence head and the scope into ``run_dir`` (config.json updated);
+    ``keep_presence`` leaves the folder's presence head as it is and writes the scope only."""
     config = read_config(run_dir)
-    if cal.fit is not None:
+    if keep_presence:
+        if extra and isinstance(config.get("presence"), dict):
+            config["presence"]["scope_refresh"] = extra
+    elif cal.fit is not None:
         save_presence(cal.fit.head, run_dir)
         config["presence"] = {**presence_config(cal.fit), **(extra or {})}
     else:
@@ -178,6 +186,51 @@ def record_calibration(
     config.pop("schema", None)
     config.pop("mriseg_version", None)
     write_config(run_dir, config)
+
+
+def _check_destination(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """``out`` is not the source, does not hold it, and is a run folder if it is not empty."""
+    from mrisegcli.workflow.draft_heads import _check_out
+
+    _check_out(out, run_dir, overwrite)
+    if run_dir.resolve().is_relative_to(out.resolve()):
+        raise MrisegError("holds the source run: write the new model to another folder", out)
+    if out.exists() and any(out.iterdir()) and not (out / runfolder.CONFIG).is_file():
+        raise MrisegError("is not a mriseg run folder: --overwrite replaces only a run", out)
+
+
+def _write_run(
+    run_dir: Path,
+    out: Path,
+    seg: Segmenter,
+    cal: Calibration,
+    extra: dict[str, Any],
+    *,
+    scope_only: bool,
+    overwrite: bool,
+) -> None:
+    """Copy the run to a temporary sibling of ``out``, record the calibration (and a refreshed
+    text tokenizer) there, then move it into place."""
+    tmp = out.with_name(f".{out.name}.tmp-calibrate")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for p in run_dir.iterdir():
+            if p.name in _SKIP or p.name.startswith(".") or not p.is_file():
+                continue
+            shutil.copy2(p, tmp / p.name)
+        if extra["synonyms"]["refreshed"]:
+            _save_text_tokenizer(seg, tmp)
+        record_calibration(tmp, cal, extra, keep_presence=scope_only)
+        if out.exists():
+            if not overwrite:
+                raise MrisegError("exists (pass --overwrite to replace it)", out)
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def calibrate_run(
@@ -193,26 +246,29 @@ def calibrate_run(
     command: str | None = None,
     source: str | None = None,
     stage: StageFactory = _no_stage,
+    scope_only: bool = False,
 ) -> dict[str, Any]:
     """Fit the presence head and scope of the model in ``run_dir`` on ``data`` and write the
-    model with them to ``out`` (a new folder) -> the report (also in out's config.json)."""
+    model with them to ``out`` (a new folder) -> the report (also in out's config.json).
+    ``scope_only``: keep the model's presence head; refresh its synonym rules and scope only
+    (after the rules have learnt new wordings)."""
     from mrisegcli.data.paraphrase import add_paraphrases
-    from mrisegcli.workflow.draft_heads import _check_out
 
     run_dir, out = Path(run_dir), Path(out)
-    _check_out(out, run_dir, overwrite)
-    if run_dir.resolve().is_relative_to(out.resolve()):
-        raise MrisegError("holds the source run: write the new model to another folder", out)
-    if out.exists() and any(out.iterdir()) and not (out / runfolder.CONFIG).is_file():
-        raise MrisegError("is not a mriseg run folder: --overwrite replaces only a run", out)
+    _check_destination(run_dir, out, overwrite)
     t0 = time.perf_counter()
     seg = load_segmenter(run_dir, device or torch.device("cpu"))
     ds = open_dataset([Path(d) for d in data], None, seed=seed, check=False)
     ds = add_paraphrases(ds, seg.cfg.paraphrases, seg.cfg.seed)
     synonyms = refresh_synonyms(seg, sorted({s.text for s in ds.split("train")}))
-    cal = fit_calibration(seg, ds, steps=steps, max_cases=max_cases, seed=seed, stage=stage)
-    if cal.fit is None:
-        raise MrisegError(cal.note, data[0])
+    if scope_only:
+        if seg.presence_head is None:
+            raise MrisegError("has no presence head to keep (run without --scope-only)", run_dir)
+        cal = fit_calibration(seg, ds, max_cases=0, seed=seed, stage=stage)
+    else:
+        cal = fit_calibration(seg, ds, steps=steps, max_cases=max_cases, seed=seed, stage=stage)
+        if cal.fit is None:
+            raise MrisegError(cal.note, data[0])
     extra = {
         "synonyms": synonyms,
         "data": [str(d) for d in data],
@@ -221,26 +277,9 @@ def calibrate_run(
         "command": command,
         "seconds": time.perf_counter() - t0,
     }
-    tmp = out.with_name(f".{out.name}.tmp-calibrate")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        for p in run_dir.iterdir():
-            if p.name in _SKIP or p.name.startswith(".") or not p.is_file():
-                continue
-            shutil.copy2(p, tmp / p.name)
-        if synonyms["refreshed"]:
-            _save_text_tokenizer(seg, tmp)
-        record_calibration(tmp, cal, extra)
-        if out.exists():
-            if not overwrite:
-                raise MrisegError("exists (pass --overwrite to replace it)", out)
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write_run(run_dir, out, seg, cal, extra, scope_only=scope_only, overwrite=overwrite)
+    if scope_only:
+        return {**read_config(out)["presence"], **extra, "targets": len(cal.scope["targets"])}
     return {**presence_config(cal.fit), **extra, "targets": len(cal.scope["targets"])}
 
 
