@@ -229,10 +229,6 @@ BAD_INPUTS = {
         lambda t: Path(shutil.copy(PYDICOM_FILES / "rtplan.dcm", t / "plan.dcm")),
         "not an image: a RT Plan Storage",
     ),
-    "4-D NIfTI": (
-        lambda t: Path(shutil.copy(NIBABEL_FILES / "example4d.nii.gz", t / "fmri.nii.gz")),
-        "is 4-D with 2 volumes; mriseg segments one 2-D or 3-D image at a time",
-    ),
     "NIfTI without voxels": (_empty_nifti, "NIfTI image has no voxels (shape (4, 0, 3))"),
     "all-NaN NIfTI": (_all_nan_nifti, "has no finite voxels: all 64 are NaN or infinite (64 NaN)"),
     "0x0 PNG": (lambda t: _png_header(t / "zero.png", 0, 0), "not a valid PNG/JPEG/TIFF/BMP image"),

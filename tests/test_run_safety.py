@@ -1193,7 +1193,7 @@ def test_every_train_option_that_sets_the_config_is_checked_on_resume():
     from mrisegcli.runinfo import OPTION_FIELDS
 
     train = typer.main.get_command(app).commands["train"]
-    not_config = {"data", "out_dir", "layout", "tokenizer", "cache", "device", "workers"}
+    not_config = {"data", "out_dir", "layout", "tokenizer", "cache", "device", "workers", "texts"}
     not_config |= {"resume", "overwrite", "quiet", "json_out"}
     options = {p.name for p in train.params} - not_config
     assert options == set(OPTION_FIELDS)
