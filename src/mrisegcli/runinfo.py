@@ -286,6 +286,7 @@ RUN_FILES = frozenset(
         *runfolder.TOKENIZERS.values(),
         *runfolder.TEXT_TOKENIZER_FILES,
         runfolder.SPECIAL_TOKENS_MAP,
+        runfolder.PRESENCE,
         LOCK_NAME,
     }
 )

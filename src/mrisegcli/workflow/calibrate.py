@@ -14,7 +14,6 @@ stage of ``mriseg train``.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,17 +187,6 @@ def record_calibration(
     write_config(run_dir, config)
 
 
-def _check_destination(run_dir: Path, out: Path, overwrite: bool) -> None:
-    """``out`` is not the source, does not hold it, and is a run folder if it is not empty."""
-    from mrisegcli.workflow.draft_heads import _check_out
-
-    _check_out(out, run_dir, overwrite)
-    if run_dir.resolve().is_relative_to(out.resolve()):
-        raise MrisegError("holds the source run: write the new model to another folder", out)
-    if out.exists() and any(out.iterdir()) and not (out / runfolder.CONFIG).is_file():
-        raise MrisegError("is not a mriseg run folder: --overwrite replaces only a run", out)
-
-
 def _write_run(
     run_dir: Path,
     out: Path,
@@ -209,28 +197,15 @@ def _write_run(
     scope_only: bool,
     overwrite: bool,
 ) -> None:
-    """Copy the run to a temporary sibling of ``out``, record the calibration (and a refreshed
-    text tokenizer) there, then move it into place."""
-    tmp = out.with_name(f".{out.name}.tmp-calibrate")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        for p in run_dir.iterdir():
-            if p.name in _SKIP or p.name.startswith(".") or not p.is_file():
-                continue
-            shutil.copy2(p, tmp / p.name)
+    """The run with the calibration (and a refreshed text tokenizer), written to ``out``."""
+    from mrisegcli.workflow.draft_heads import write_derived_run
+
+    def fill(tmp: Path) -> None:
         if extra["synonyms"]["refreshed"]:
             _save_text_tokenizer(seg, tmp)
         record_calibration(tmp, cal, extra, keep_presence=scope_only)
-        if out.exists():
-            if not overwrite:
-                raise MrisegError("exists (pass --overwrite to replace it)", out)
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_derived_run(run_dir, out, fill, overwrite=overwrite, tag="calibrate")
 
 
 def calibrate_run(
@@ -253,9 +228,10 @@ def calibrate_run(
     ``scope_only``: keep the model's presence head; refresh its synonym rules and scope only
     (after the rules have learnt new wordings)."""
     from mrisegcli.data.paraphrase import add_paraphrases
+    from mrisegcli.workflow.draft_heads import check_derived_out
 
     run_dir, out = Path(run_dir), Path(out)
-    _check_destination(run_dir, out, overwrite)
+    check_derived_out(out, run_dir, overwrite)
     t0 = time.perf_counter()
     seg = load_segmenter(run_dir, device or torch.device("cpu"))
     ds = open_dataset([Path(d) for d in data], None, seed=seed, check=False)

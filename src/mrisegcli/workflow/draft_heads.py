@@ -47,9 +47,10 @@ def _batches(seg: Segmenter, cases: list, batch: int, stage: StageFactory, what:
             progress(min(s + batch, len(cases)), len(cases))
 
 
-def _check_out(out: Path, source: Path, overwrite: bool) -> None:
+def check_derived_out(out: Path, source: Path, overwrite: bool) -> None:
     """Refuse an ``out`` that is, holds or lies inside the source run, and with ``overwrite``
-    one that is not a run folder (the files of a run, or of an earlier draft-heads, only)."""
+    one that is not a run folder (the files of a run, or of an earlier draft-heads or
+    calibrate, only)."""
     real, src = out.resolve(), source.resolve()
     if real == src:
         raise MrisegError("is the source run: write the new model to another folder", out)
@@ -91,7 +92,7 @@ def _foreign(out: Path) -> str | None:
         config = read_config(out)
     except MrisegError:
         return foreign
-    if "draft_heads" not in config:
+    if "draft_heads" not in config and "presence" not in config:
         return foreign
     for p in sorted(out.iterdir()):
         if p.is_symlink() or not p.is_file():
@@ -139,7 +140,7 @@ def refit_draft_heads(
     from mrisegcli.training.draft_heads import collect_states, fit_draft_heads
 
     run_dir, out = Path(run_dir), Path(out)
-    _check_out(out, run_dir, overwrite)
+    check_derived_out(out, run_dir, overwrite)
     if heads < 2:
         raise MrisegError(f"--heads must be at least 2 (the main head and one draft), got {heads}")
     t0 = time.perf_counter()
@@ -198,18 +199,9 @@ def refit_draft_heads(
 def _write_run(
     run_dir: Path, out: Path, seg: Segmenter, report: dict[str, Any], overwrite: bool
 ) -> None:
-    """Copy the run to a temporary sibling of ``out``, replace its weights and config, then move
-    it into place (an interrupted write leaves ``out`` as it was)."""
-    tmp = out.with_name(f".{out.name}.tmp-draft-heads")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        for p in run_dir.iterdir():  # the weights are written below, not copied
-            if p.name in _SKIP or p.name == runfolder.MODEL or p.name.startswith("."):
-                continue
-            if p.is_file():
-                shutil.copy2(p, tmp / p.name)
+    """The run with the new heads' weights and config, written to ``out``."""
+
+    def fill(tmp: Path) -> None:
         config = read_config(run_dir)
         config["model"]["nktp_k"] = report["k"]
         config["run"]["strategies"]["nktp_k"] = report["k"]
@@ -222,10 +214,39 @@ def _write_run(
         # the new heads
         stored = set(_weights_header(run_dir / runfolder.MODEL))
         save_model(seg.model, tmp, keep=lambda k: k in stored or k.startswith("nktp."))
-        _check_out(out, run_dir, overwrite)  # again: it may have changed meanwhile
+
+    write_derived_run(
+        run_dir, out, fill, overwrite=overwrite, tag="draft-heads", skip={runfolder.MODEL}
+    )
+
+
+def write_derived_run(
+    run_dir: Path,
+    out: Path,
+    fill: Any,
+    *,
+    overwrite: bool,
+    tag: str,
+    skip: set[str] | frozenset[str] = frozenset(),
+) -> None:
+    """Copy run ``run_dir`` (its plain files but ``skip``, checkpoints, caches and locks) to a
+    temporary sibling of ``out``, let ``fill(tmp)`` write what is new, check ``out`` again and
+    move the copy into place: an interrupted write leaves ``out`` as it was."""
+    tmp = out.with_name(f".{out.name}.tmp-{tag}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for p in run_dir.iterdir():
+            if p.name in _SKIP or p.name in skip or p.name.startswith("."):
+                continue
+            if p.is_file():
+                shutil.copy2(p, tmp / p.name)
+        fill(tmp)
+        check_derived_out(out, run_dir, overwrite)  # again: it may have changed meanwhile
         old = None
         if out.is_dir():
-            old = out.with_name(f".{out.name}.old-draft-heads")
+            old = out.with_name(f".{out.name}.old-{tag}")
             shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
         try:
