@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-from ship_cxr_model import FILES, _detection_rows, strip_training_buffers
+from ship_cxr_model import _detection_rows, ship
 
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "mrisegcli" / "shipped" / "brain-mri"
@@ -168,34 +167,7 @@ def main() -> None:
     ap.add_argument("--eval", type=Path, required=True)
     ap.add_argument("--dest", type=Path, default=DEST)
     args = ap.parse_args()
-    ev = gather(args.eval)
-    config = json.loads((args.run / "config.json").read_text())
-    metrics = json.loads((args.run / "metrics.json").read_text())
-    tmp = args.dest.with_name(args.dest.name + ".new")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in FILES:
-        if name not in ("model.safetensors", "config.json") and (args.run / name).is_file():
-            shutil.copyfile(args.run / name, tmp / name)
-    roots = config["data"]["root"]
-    roots = roots if isinstance(roots, list) else [roots]
-    config["data"]["root"] = [Path(r).name for r in roots]
-    config["data"].pop("paths", None)  # absolute paths of the training machine
-    if isinstance(config.get("command"), str):
-        words = config["command"].split()
-        words[0] = Path(words[0]).name
-        config["command"] = " ".join(Path(w).name if w.startswith("/") else w for w in words)
-    config.pop("weights", None)  # the run's file; the stripped one is recorded below
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    strip_training_buffers(args.run / "model.safetensors", tmp)
-    (tmp / "evaluation.json").write_text(json.dumps(ev, indent=2) + "\n")
-    (tmp / "README.md").write_text(card(config, metrics, ev))
-    for f in tmp.iterdir():
-        f.chmod(0o644)
-    shutil.rmtree(args.dest, ignore_errors=True)
-    tmp.rename(args.dest)
-    size = sum(p.stat().st_size for p in args.dest.iterdir())
-    print(f"shipped {args.run} -> {args.dest} ({size / 1e6:.1f} MB)")
+    ship(args.run, args.eval, args.dest, gather, card, "runs/brain")
 
 
 if __name__ == "__main__":

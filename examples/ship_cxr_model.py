@@ -284,54 +284,62 @@ def strip_training_buffers(src: Path, dst_run: Path) -> None:
     save_weights(tensors, dst_run, metadata=meta)
 
 
+def _without_paths(command: str, names: dict[str, str]) -> str:
+    """A command line without this machine's paths: known ones by name, other absolute paths
+    by their last part."""
+    words = command.split()
+    words[0] = Path(words[0]).name
+    return " ".join(
+        names.get(w.rstrip("/"), Path(w).name if w.startswith("/") else w) for w in words
+    )
+
+
+def ship(run: Path, eval_dir: Path, dest: Path, gather_fn, card_fn, run_name: str) -> None:
+    """Copy ``run`` into ``dest`` with the numbers ``gather_fn(eval_dir)`` and the card
+    ``card_fn(config, metrics, numbers)``; ``run_name`` stands for the run's path."""
+    ev = gather_fn(eval_dir)
+    config = json.loads((run / "config.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    tmp = dest.with_name(dest.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in FILES:
+        if name not in ("model.safetensors", "config.json") and (run / name).is_file():
+            shutil.copyfile(run / name, tmp / name)
+    # the training machine's paths mean nothing elsewhere: keep the datasets' names
+    roots = config["data"]["root"]
+    roots = roots if isinstance(roots, list) else [roots]
+    config["data"]["root"] = [Path(r).name for r in roots]
+    config["data"].pop("paths", None)  # absolute paths of the training machine
+    names = {str(r): Path(r).name for r in roots} | {str(run): run_name}
+    if isinstance(config.get("command"), str):
+        config["command"] = _without_paths(config["command"], names)
+    if isinstance(config.get("presence"), dict):  # the calibration's data and command, by name
+        pres = config["presence"]
+        pres["data"] = [Path(d).name for d in pres.get("data", [])]
+        for key in ("command", "source"):
+            if isinstance(pres.get(key), str):
+                pres[key] = _without_paths(pres[key], names)
+    config.pop("weights", None)  # the run's file; the stripped one is recorded below
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    strip_training_buffers(run / "model.safetensors", tmp)
+    (tmp / "evaluation.json").write_text(json.dumps(ev, indent=2) + "\n")
+    (tmp / "README.md").write_text(card_fn(config, metrics, ev))
+    for f in tmp.iterdir():  # safetensors' writer leaves 0600: an installed package is read by all
+        f.chmod(0o644)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    size = sum(p.stat().st_size for p in dest.iterdir())
+    print(f"shipped {run} -> {dest} ({size / 1e6:.1f} MB)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--eval", type=Path, required=True)
     ap.add_argument("--dest", type=Path, default=DEST)
     args = ap.parse_args()
-    ev = gather(args.eval)
-    config = json.loads((args.run / "config.json").read_text())
-    metrics = json.loads((args.run / "metrics.json").read_text())
-    tmp = args.dest.with_name(args.dest.name + ".new")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in FILES:
-        if name not in ("model.safetensors", "config.json") and (args.run / name).is_file():
-            shutil.copyfile(args.run / name, tmp / name)
-    # the training machine's paths mean nothing elsewhere: keep the datasets' names
-    roots = (
-        config["data"]["root"]
-        if isinstance(config["data"]["root"], list)
-        else [config["data"]["root"]]
-    )
-    config["data"]["root"] = [Path(r).name for r in roots]
-    config["data"].pop("paths", None)  # absolute paths of the training machine
-    if isinstance(config.get("command"), str):  # the command line, without this machine's paths
-        words = config["command"].split()
-        names = {r: Path(r).name for r in roots} | {str(args.run): "runs/cxr"}
-        words[0] = Path(words[0]).name
-        config["command"] = " ".join(names.get(w.rstrip("/"), w) for w in words)
-    if isinstance(config.get("presence"), dict):  # the calibration's data and command, by name
-        pres = config["presence"]
-        pres["data"] = [Path(d).name for d in pres.get("data", [])]
-        if isinstance(pres.get("command"), str):
-            names = {str(d): Path(d).name for d in roots} | {str(args.run): "runs/cxr-cal"}
-            pres["command"] = " ".join(
-                names.get(w.rstrip("/"), Path(w).name if "/" in w and w.startswith("/") else w)
-                for w in pres["command"].split()
-            )
-    config.pop("weights", None)  # the run's file; the stripped one is recorded below
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    strip_training_buffers(args.run / "model.safetensors", tmp)
-    (tmp / "evaluation.json").write_text(json.dumps(ev, indent=2) + "\n")
-    (tmp / "README.md").write_text(card(config, metrics, ev))
-    for f in tmp.iterdir():  # safetensors' writer leaves 0600: an installed package is read by all
-        f.chmod(0o644)
-    shutil.rmtree(args.dest, ignore_errors=True)
-    tmp.rename(args.dest)
-    size = sum(p.stat().st_size for p in args.dest.iterdir())
-    print(f"shipped {args.run} -> {args.dest} ({size / 1e6:.1f} MB)")
+    ship(args.run, args.eval, args.dest, gather, card, "runs/cxr-cal")
 
 
 if __name__ == "__main__":
