@@ -7,7 +7,8 @@ Takes the first cxr-infection test radiograph whose infection lies in both lower
 MONOCHROME1 CR file (the pixels upsampled from the 256-px export, inverted as MONOCHROME1
 stores them), then runs ``mriseg predict chest.dcm --text "bilateral lower lobe opacity"``
 with the shipped model in that folder and prints what the user sees. The mask is a DICOM SEG
-referencing the radiograph.
+referencing the radiograph. Then the same prompt on a normal test radiograph (``normal.dcm``,
+"not found") and a prompt the model never learnt ("pleural effusion", refused, exit 1).
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def write_cr(png: Path, out: Path, side: int = 2048, bits: int = 12) -> Path:
     return out
 
 
+def _run(cmd: list[str], cwd: Path) -> int:
+    shown = [f'"{w}"' if " " in w else w for w in cmd]
+    print("$ " + " ".join(shown), flush=True)
+    return subprocess.call(cmd, cwd=cwd, stderr=subprocess.STDOUT)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
@@ -65,14 +72,24 @@ def main() -> None:
     args = ap.parse_args()
     root = args.data / "cxr-infection"
     with open(root / "manifest.csv", newline="") as f:
-        row = next(r for r in csv.DictReader(f) if r["split"] == "test" and r["target"] == TARGET)
+        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    row = next(r for r in rows if r["target"] == TARGET)
+    normal = next(r for r in rows if r["kind"] == "absent")
     args.out.mkdir(parents=True, exist_ok=True)
     dcm = write_cr(root / row["image"], args.out / "chest.dcm")
-    print(f"{row['image']} ({row['text']!r}) -> {dcm}", file=sys.stderr)
-    (args.out / "chest_mask.dcm").unlink(missing_ok=True)  # this script's own earlier output
-    cmd = ["mriseg", "predict", "chest.dcm", "--text", PROMPT]
-    print("$ " + " ".join(cmd[:4]) + f' "{PROMPT}"', file=sys.stderr)
-    sys.exit(subprocess.call(cmd, cwd=args.out))
+    write_cr(root / normal["image"], args.out / "normal.dcm")
+    print(
+        f"{row['image']} ({row['text']!r}) -> {dcm}; {normal['image']} -> normal.dcm",
+        file=sys.stderr,
+    )
+    for name in ("chest_mask.dcm", "normal_mask.dcm"):  # this script's own earlier outputs
+        (args.out / name).unlink(missing_ok=True)
+    codes = [
+        _run(["mriseg", "predict", "chest.dcm", "--text", PROMPT], args.out),
+        _run(["mriseg", "predict", "normal.dcm", "--text", PROMPT, "--quiet"], args.out),
+        _run(["mriseg", "predict", "chest.dcm", "--text", "pleural effusion", "--quiet"], args.out),
+    ]
+    sys.exit(0 if codes[:2] == [0, 0] and codes[2] == 1 else 1)
 
 
 if __name__ == "__main__":

@@ -304,7 +304,8 @@ def test_python_api_on_files_matches_the_ground_truth() -> None:
 def test_the_readme_first_command_script(tmp_path: Path) -> None:
     """examples/readme_first_command.py: a 12-bit MONOCHROME1 CR file of a cxr-infection test
     radiograph, the README's command on it, a DICOM SEG referencing it that covers the
-    radiologists' infection mask; run twice, the second run replaces its own output."""
+    radiologists' infection mask; a normal radiograph "not found", a prompt the model never
+    learnt refused; run twice, the second run replaces its own output."""
     import subprocess
     import sys
 
@@ -315,8 +316,12 @@ def test_the_readme_first_command_script(tmp_path: Path) -> None:
     for _ in range(2):
         r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, ENV_VAR: ""})
         assert r.returncode == 0, r.stderr
-    assert 'predict chest.dcm --text "bilateral lower lobe opacity"' in r.stderr
+    assert '$ mriseg predict chest.dcm --text "bilateral lower lobe opacity"' in r.stdout
     assert "chest.dcm -> chest_mask.dcm (" in r.stdout and "presence" in r.stdout
+    assert "normal.dcm -> normal_mask.dcm: not found (presence 0." in r.stdout
+    assert "chest.dcm: prompt refused, word(s) this model never learnt: 'pleural', 'effusion'" in (
+        r.stdout
+    )
     cr = pydicom.dcmread(tmp_path / "chest.dcm")
     assert (cr.Modality, cr.PhotometricInterpretation, cr.BitsStored, cr.Rows) == (
         "CR",
