@@ -104,23 +104,10 @@ class Paradigm:
 
     def presence_states(
         self, model: nn.Module, x: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass over image and text (``x``: :meth:`model_input`) -> the (B, N, C) text-aware
-        image-token states, the (B, C) state that starts the mask and (B, K) further numbers
-        the paradigm reads off that pass (K may be 0) (``presence.py``)."""
+        image-token states and the (B, C) state that starts the mask (``presence.py``)."""
         raise NotImplementedError
-
-
-def dense_summary(logits_B1SS: torch.Tensor) -> torch.Tensor:
-    """(B, 1, S, S) mask logits -> (B, 4): the highest logit, the mean of the top 1%, the mean
-    probability and the share of pixels above 0.5 (how much of a mask a map draws)."""
-    flat = logits_B1SS.float().flatten(1).clamp(-30, 30)
-    k = max(1, flat.shape[1] // 100)
-    prob = torch.sigmoid(flat)
-    return torch.stack(
-        [flat.amax(1), flat.topk(k, 1).values.mean(1), prob.mean(1), (prob > 0.5).float().mean(1)],
-        1,
-    )
 
 
 def image_pixels(codes: Any) -> torch.Tensor:
@@ -270,14 +257,10 @@ class NextToken(Paradigm):
 
     def presence_states(
         self, model: nn.Module, x: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         lay = model.layout
         h_BPC = model._hidden(x, text_ids, text_mask, text_ids.new_zeros(x.shape[0], 0))
-        img_BNC = h_BPC[:, 1 : 1 + lay.n_image]
-        extra_BK = h_BPC.new_zeros(x.shape[0], 0).float()
-        if model.dense is not None:  # the dense head's mask from the same states, summarised
-            extra_BK = dense_summary(model.dense.logits(img_BNC))
-        return img_BNC, h_BPC[:, lay.prefix_len - 1], extra_BK
+        return h_BPC[:, 1 : 1 + lay.n_image], h_BPC[:, lay.prefix_len - 1]
 
 
 class NextScale(Paradigm):
@@ -358,12 +341,11 @@ class NextScale(Paradigm):
 
     def presence_states(
         self, model: nn.Module, x: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         lay = model.layout
         none = x.new_zeros(x.shape[0], 0, model.code_proj.in_features)
         h_BTC = model._hidden(x, text_ids, text_mask, none)
-        extra_BK = h_BTC.new_zeros(x.shape[0], 0).float()
-        return h_BTC[:, : lay.n_image], h_BTC[:, lay.n_cond :].mean(1), extra_BK
+        return h_BTC[:, : lay.n_image], h_BTC[:, lay.n_cond :].mean(1)
 
 
 PARADIGMS: dict[str, Paradigm] = {p.name: p for p in (NextToken(), NextScale())}

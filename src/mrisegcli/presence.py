@@ -8,8 +8,7 @@ small classifier on the trained model's own text-aware states:
 * features (:func:`presence_features`): one pass over the prefix (image and text tokens, which
   read each other), then the mean and the maximum of the image-token states and the state that
   starts the mask (next-token: the ``[BOM]`` state; next-scale: the mean of the first scale's
-  states) -> ``3 C`` numbers per (image, prompt), and, for a next-token model with a dense
-  head, four numbers that summarise the mask that head draws from the same states;
+  states) -> ``3 C`` numbers per (image, prompt);
 * head (:class:`PresenceHead`): layer norm, a two-layer MLP and one logit, trained with binary
   cross-entropy on the train rows whose mask is empty (normal chests, the side without a
   lesion) against the rows whose mask is not, the transformer frozen;
@@ -42,36 +41,24 @@ from mrisegcli.errors import MrisegError
 
 
 class PresenceHead(nn.Module):
-    """(B, F) features -> (B,) calibrated logits that the prompt's target is present. The last
-    ``n_extra`` features (summaries of a mask map) are standardised with the train set's mean
-    and spread; the states before them go through a layer norm."""
+    """(B, F) features -> (B,) calibrated logits that the prompt's target is present."""
 
-    def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.1, n_extra: int = 0):
+    def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.1) -> None:
         super().__init__()
-        self.in_dim, self.hidden, self.n_extra = in_dim, hidden, n_extra
-        self.norm = nn.LayerNorm(in_dim - n_extra)
+        self.in_dim, self.hidden = in_dim, hidden
+        self.norm = nn.LayerNorm(in_dim)
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
         )
-        self.register_buffer("extra_mean", torch.zeros(n_extra))
-        self.register_buffer("extra_std", torch.ones(n_extra))
         # Platt scaling fitted on val: calibrated logit = scale * raw + bias
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("bias", torch.zeros(()))
 
     def raw(self, feats_BF: torch.Tensor) -> torch.Tensor:
-        x = feats_BF.float()
-        k = self.in_dim - self.n_extra
-        extra = (x[:, k:] - self.extra_mean) / self.extra_std
-        return self.mlp(torch.cat([self.norm(x[:, :k]), extra], 1))[:, 0]
+        return self.mlp(self.norm(feats_BF.float()))[:, 0]
 
     def forward(self, feats_BF: torch.Tensor) -> torch.Tensor:
         return self.raw(feats_BF) * self.scale + self.bias
-
-
-def n_extra_features(feats_BF: torch.Tensor, model_dim: int) -> int:
-    """How many of ``feats_BF``'s columns follow the three ``model_dim`` state summaries."""
-    return feats_BF.shape[1] - 3 * model_dim
 
 
 @torch.no_grad()
@@ -80,9 +67,9 @@ def presence_features(
 ) -> torch.Tensor:
     """(B, 3C) features of a batch: mean and max of the text-aware image states and the state
     that starts the mask (the paradigm's :meth:`presence_states`), in float32."""
-    img_BNC, start_BC, extra_BK = impl.presence_states(model, x, text_ids, text_mask)
+    img_BNC, start_BC = impl.presence_states(model, x, text_ids, text_mask)
     img_BNC = img_BNC.float()
-    return torch.cat([img_BNC.mean(1), img_BNC.amax(1), start_BC.float(), extra_BK.float()], 1)
+    return torch.cat([img_BNC.mean(1), img_BNC.amax(1), start_BC.float()], 1)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -192,7 +179,6 @@ def fit_presence(
     batch: int = 256,
     lr: float = 2e-3,
     hidden: int = 128,
-    n_extra: int = 0,
     seed: int = 0,
     eval_every: int = 100,
     progress: Callable[[int, int], None] | None = None,
@@ -206,11 +192,7 @@ def fit_presence(
         )
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    head = PresenceHead(train_feats.shape[1], hidden, n_extra=n_extra)
-    if n_extra:
-        extra = train_feats[:, train_feats.shape[1] - n_extra :].float()
-        head.extra_mean.copy_(extra.mean(0))
-        head.extra_std.copy_(extra.std(0).clamp_min(1e-4))
+    head = PresenceHead(train_feats.shape[1], hidden)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     y_tr, y_va = train_labels.float(), val_labels.float()
@@ -277,8 +259,7 @@ def presence_config(fit: PresenceFit) -> dict[str, Any]:
         "file": runfolder.PRESENCE,
         "in_dim": fit.head.in_dim,
         "hidden": fit.head.hidden,
-        "n_extra": fit.head.n_extra,
-        "features": "mean,max(image states),mask-start state,dense-map summary",
+        "features": "mean,max(image states),mask-start state",
         "threshold": fit.threshold,
         "report": fit.report,
     }
@@ -295,14 +276,10 @@ def load_presence(run_dir: Path, section: Any, device: torch.device) -> Presence
     config_path = Path(run_dir) / runfolder.CONFIG
     try:
         in_dim, hidden = int(section["in_dim"]), int(section["hidden"])
-        n_extra = int(section.get("n_extra", 0))
         threshold = float(section["threshold"])
     except (KeyError, TypeError, ValueError) as e:
         raise MrisegError(f"config.json has a damaged 'presence' section ({e})", config_path) from e
-    if (
-        not (0 < in_dim <= 1 << 16 and 0 < hidden <= 1 << 16 and 0 <= n_extra < in_dim)
-        or not 0.0 <= threshold <= 1.0
-    ):
+    if not (0 < in_dim <= 1 << 16 and 0 < hidden <= 1 << 16 and 0.0 <= threshold <= 1.0):
         raise MrisegError("config.json has a damaged 'presence' section", config_path)
     if not path.is_file():
         raise MrisegError(f"config.json names a presence head but {path.name} is missing", path)
@@ -310,7 +287,7 @@ def load_presence(run_dir: Path, section: Any, device: torch.device) -> Presence
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise MrisegError(f"corrupt or truncated presence head ({e})", path) from e
-    head = PresenceHead(in_dim, hidden, n_extra=n_extra)
+    head = PresenceHead(in_dim, hidden)
     try:
         head.load_state_dict(state)
     except RuntimeError as e:
@@ -328,7 +305,6 @@ __all__ = [
     "detection_report",
     "fit_presence",
     "load_presence",
-    "n_extra_features",
     "presence_config",
     "presence_features",
     "save_presence",

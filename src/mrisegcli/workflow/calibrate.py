@@ -24,13 +24,7 @@ import torch
 
 from mrisegcli import runfolder
 from mrisegcli.errors import MrisegError
-from mrisegcli.presence import (
-    PresenceFit,
-    fit_presence,
-    n_extra_features,
-    presence_config,
-    save_presence,
-)
+from mrisegcli.presence import PresenceFit, fit_presence, presence_config, save_presence
 from mrisegcli.runinfo import read_config, write_config
 from mrisegcli.scope import build_scope
 from mrisegcli.workflow.prepare import StageFactory, _no_stage, open_dataset
@@ -133,10 +127,7 @@ def fit_calibration(
         )
     x_va, y_va = features_and_labels(seg, val, stage, "val")
     with stage(f"fitting the presence head ({int((~y_tr).sum())} empty rows)", steps) as progress:
-        n_extra = n_extra_features(x_tr, seg.model.config.transformer.dim)
-        fit = fit_presence(
-            x_tr, y_tr, x_va, y_va, steps=steps, n_extra=n_extra, seed=seed, progress=progress
-        )
+        fit = fit_presence(x_tr, y_tr, x_va, y_va, steps=steps, seed=seed, progress=progress)
     fit.report["train_rows"] = len(train)
     fit.report["val_rows"] = len(val)
     return Calibration(fit, scope)
