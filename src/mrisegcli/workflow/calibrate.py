@@ -30,9 +30,6 @@ from mrisegcli.scope import build_scope
 from mrisegcli.workflow.prepare import StageFactory, _no_stage, open_dataset
 from mrisegcli.workflow.segmenter import Segmenter, load_segmenter
 
-#: files of a run folder that are not carried over (training state, caches, locks)
-_SKIP = {runfolder.CHECKPOINTS, runfolder.CACHE, runfolder.LOCK}
-
 
 @dataclass
 class Calibration:
