@@ -135,8 +135,9 @@ tags: [medical-imaging, chest-x-ray, segmentation, referring-segmentation, mrise
 
 The model that `mriseg predict` uses when no `--model` is given. It segments what a short text
 names on a frontal chest radiograph: infection (opacity, consolidation, ground glass; all of it,
-one side, or some zones), the lungs, the heart, the clavicles and nodules. When the named
-finding is not there it answers with an empty mask ("no region found").
+one side, or some zones), the lungs, the heart, the clavicles and nodules. When its presence
+score says the named finding is not there it answers "not found" (an empty mask); a prompt
+with words it never learnt is refused.
 
 **Intended use: research and method development, not for diagnosis or any clinical decision.**
 
@@ -316,10 +317,11 @@ def ship(run: Path, eval_dir: Path, dest: Path, gather_fn, card_fn, run_name: st
         config["command"] = _without_paths(config["command"], names)
     if isinstance(config.get("presence"), dict):  # the calibration's data and command, by name
         pres = config["presence"]
-        pres["data"] = [Path(d).name for d in pres.get("data", [])]
-        for key in ("command", "source"):
-            if isinstance(pres.get(key), str):
-                pres[key] = _without_paths(pres[key], names)
+        for section in (pres, pres.get("scope_refresh") or {}):
+            section["data"] = [Path(d).name for d in section.get("data", [])]
+            for key in ("command", "source"):
+                if isinstance(section.get(key), str):
+                    section[key] = _without_paths(section[key], names)
     config.pop("weights", None)  # the run's file; the stripped one is recorded below
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     strip_training_buffers(run / "model.safetensors", tmp)
