@@ -87,7 +87,19 @@ def main() -> None:
     codes = [
         _run(["mriseg", "predict", "chest.dcm", "--text", PROMPT], args.out),
         _run(["mriseg", "predict", "normal.dcm", "--text", PROMPT, "--quiet"], args.out),
-        _run(["mriseg", "predict", "chest.dcm", "--text", "pleural effusion", "--quiet"], args.out),
+        _run(
+            [
+                "mriseg",
+                "predict",
+                "chest.dcm",
+                "--text",
+                "pleural effusion",
+                "--out",
+                "other",
+                "--quiet",
+            ],
+            args.out,
+        ),
     ]
     sys.exit(0 if codes[:2] == [0, 0] and codes[2] == 1 else 1)
 
