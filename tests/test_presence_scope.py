@@ -52,6 +52,11 @@ def test_threshold_finds_most_present_at_the_specificity():
     t = choose_threshold(probs, labels, min_specificity=0.95)
     rep = detection_report(probs, labels, t)
     assert rep["specificity"] >= 0.95 and rep["sensitivity"] == 1.0
+    # perfectly separated: every present found, every absent left empty
+    sep = np.concatenate([np.linspace(0, 0.3, 20), np.linspace(0.7, 1, 5)])
+    t = choose_threshold(sep, labels)
+    assert 0.3 < t < 0.7
+    assert detection_report(sep, labels, t)["specificity"] == 1.0
     # unreachable specificity: falls back to the best sensitivity + specificity
     assert 0.0 <= choose_threshold(probs, labels, min_specificity=1.01) <= 1.0
 

@@ -14,8 +14,9 @@ small classifier on the trained model's own text-aware states:
   lesion) against the rows whose mask is not, the transformer frozen;
 * calibration: a temperature and a bias fitted on the val split (Platt scaling), so the
   probability means what it says on data like the val split;
-* threshold: chosen on the val split (the lowest one that leaves at least 95% of the absent
-  rows empty, so the most present findings are found at that specificity), saved with the head; below it ``predict`` writes an empty mask and says
+* threshold: chosen on the val split (among those that leave at least 95% of the absent rows
+  empty, the one that finds the most present findings, and of those the one that leaves the
+  most absent rows empty), saved with the head; below it ``predict`` writes an empty mask and says
   "not found (presence p)".
 
 The head lives in ``presence.safetensors`` of the run folder, its settings and val report in
@@ -98,20 +99,22 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def choose_threshold(probs: np.ndarray, labels: np.ndarray, min_specificity: float = 0.95) -> float:
     """The threshold on (``probs``, ``labels``) that finds the most present cases while leaving
-    at least ``min_specificity`` of the absent ones empty (the lowest such threshold); when no
-    threshold reaches that specificity, the one that maximises sensitivity + specificity.
+    at least ``min_specificity`` of the absent ones empty, and of those the one that leaves the
+    most absent ones empty (the lowest on ties); when no threshold reaches that specificity,
+    the one that maximises sensitivity + specificity.
     Thresholds are midpoints between neighbouring scores; 0.5 with one class."""
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         return 0.5
     cands = np.unique(probs)
     cuts = np.concatenate([[0.0], (cands[:-1] + cands[1:]) / 2.0, [1.0]])
-    best, best_t, youden, youden_t = -1.0, None, -1.0, 0.5
+    best, best_spec, best_t, youden, youden_t = -1.0, -1.0, None, -1.0, 0.5
     for t in cuts:
         pred = probs >= t
         sens, spec = pred[labels].mean(), (~pred[~labels]).mean()
-        if spec >= min_specificity and sens > best + 1e-12:
-            best, best_t = sens, float(t)
+        better = sens > best + 1e-12 or (abs(sens - best) <= 1e-12 and spec > best_spec + 1e-12)
+        if spec >= min_specificity and better:
+            best, best_spec, best_t = sens, spec, float(t)
         if sens + spec > youden + 1e-12:
             youden, youden_t = sens + spec, float(t)
     return best_t if best_t is not None else youden_t
