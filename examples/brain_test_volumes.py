@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data/lgg-flair"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--split", default="test")
-    ap.add_argument("--text", default="FLAIR hyperintense lesion.")
+    ap.add_argument("--text", default="FLAIR hyperintense lesion")
     args = ap.parse_args()
     with open(args.data / "manifest.csv", newline="", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == args.split]
