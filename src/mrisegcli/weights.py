@@ -5,7 +5,7 @@
 in the run's ``config.json`` (``"weights"``), as the tokenizer files are recorded
 (``tokenizers.files``). Loading checks the file against that record (:func:`verify_weights`):
 weights damaged on disk or copied in from elsewhere are refused by name instead of giving
-"no region found". A run written before the record was kept loads as before. Weights holding
+an empty mask. A run written before the record was kept loads as before. Weights holding
 NaN or infinite values are always refused (:func:`check_finite`).
 """
 

@@ -104,8 +104,8 @@ class PredictResult:
     slices: int = 0
     foreground_pixels: int = 0
     foreground_fraction: float = 0.0
-    # the highest foreground probability anywhere in the scan: how sure the model is that what
-    # the text names is there at all (an empty mask means "no region found")
+    # the model's calibrated presence (presence.py; a volume: its highest slice), else the
+    # highest foreground probability anywhere in the scan
     presence: float = 0.0
     modality: str | None = None  # DICOM Modality of the input, when it has one
     seconds: float = 0.0
