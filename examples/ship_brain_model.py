@@ -11,11 +11,10 @@ gathers the numbers and ``README.md`` is the model card.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from ship_cxr_model import _detection_rows, ship
+from ship_cxr_model import _detection_rows, ship_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "mrisegcli" / "shipped" / "brain-mri"
@@ -174,12 +173,7 @@ bash examples/evaluate_brain_model.sh     # test slices, volumes, report wording
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True)
-    ap.add_argument("--eval", type=Path, required=True)
-    ap.add_argument("--dest", type=Path, default=DEST)
-    args = ap.parse_args()
-    ship(args.run, args.eval, args.dest, gather, card, "runs/brain")
+    ship_cli(__doc__, DEST, gather, card, "runs/brain")
 
 
 if __name__ == "__main__":

@@ -335,13 +335,18 @@ def ship(run: Path, eval_dir: Path, dest: Path, gather_fn, card_fn, run_name: st
     print(f"shipped {run} -> {dest} ({size / 1e6:.1f} MB)")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def ship_cli(doc: str, dest: Path, gather_fn, card_fn, run_name: str) -> None:
+    """The command line of a ship script: ``--run``, ``--eval``, ``--dest``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--eval", type=Path, required=True)
-    ap.add_argument("--dest", type=Path, default=DEST)
+    ap.add_argument("--dest", type=Path, default=dest)
     args = ap.parse_args()
-    ship(args.run, args.eval, args.dest, gather, card, "runs/cxr-cal")
+    ship(args.run, args.eval, args.dest, gather_fn, card_fn, run_name)
+
+
+def main() -> None:
+    ship_cli(__doc__, DEST, gather, card, "runs/cxr-cal")
 
 
 if __name__ == "__main__":

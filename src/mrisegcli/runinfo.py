@@ -67,6 +67,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def rewrite_config(run_dir: Path, config: dict[str, Any]) -> Path:
+    """Write a run's config, read and changed, as ``run_dir``'s config.json, stamped by this
+    mriseg (its schema and version written anew)."""
+    config = {k: v for k, v in config.items() if k not in ("schema", "mriseg_version")}
+    return write_config(run_dir, config)
+
+
 def write_config(run_dir: Path, config: dict[str, Any], *, overwrite: bool = True) -> Path:
     """Write ``config.json`` (schema and versions added) atomically."""
     full = {"schema": CONFIG_SCHEMA, "mriseg_version": __version__, **config}

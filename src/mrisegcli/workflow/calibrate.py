@@ -25,7 +25,7 @@ import torch
 from mrisegcli import runfolder
 from mrisegcli.errors import MrisegError
 from mrisegcli.presence import PresenceFit, fit_presence, presence_config, save_presence
-from mrisegcli.runinfo import read_config, write_config
+from mrisegcli.runinfo import read_config, rewrite_config
 from mrisegcli.scope import build_scope
 from mrisegcli.workflow.prepare import StageFactory, _no_stage, open_dataset
 from mrisegcli.workflow.segmenter import Segmenter, load_segmenter
@@ -145,9 +145,7 @@ def _save_text_tokenizer(seg: Segmenter, folder: Path) -> None:
         for name in runfolder.TEXT_TOKENIZER_FILES:
             if name in fresh:
                 files[name] = fresh[name]
-    config.pop("schema", None)
-    config.pop("mriseg_version", None)
-    write_config(folder, config)
+    rewrite_config(folder, config)
 
 
 def record_calibration(
@@ -170,9 +168,7 @@ def record_calibration(
         config.pop("presence", None)
         (run_dir / runfolder.PRESENCE).unlink(missing_ok=True)
     config["scope"] = cal.scope
-    config.pop("schema", None)
-    config.pop("mriseg_version", None)
-    write_config(run_dir, config)
+    rewrite_config(run_dir, config)
 
 
 def _write_run(

@@ -20,7 +20,7 @@ import torch
 
 from mrisegcli import runfolder
 from mrisegcli.errors import MrisegError
-from mrisegcli.runinfo import read_config, write_config
+from mrisegcli.runinfo import read_config, rewrite_config
 from mrisegcli.workflow.prepare import StageFactory, _no_stage, open_dataset
 from mrisegcli.workflow.segmenter import (
     Segmenter,
@@ -206,10 +206,8 @@ def _write_run(
         config["model"]["nktp_k"] = report["k"]
         config["run"]["strategies"]["nktp_k"] = report["k"]
         config["draft_heads"] = report
-        config.pop("schema", None)
-        config.pop("mriseg_version", None)
         config.pop("weights", None)  # the source's: save_model records the new file's
-        write_config(tmp, config)
+        rewrite_config(tmp, config)
         # the tensors the source stored (a shipped model leaves training-only buffers out), and
         # the new heads
         stored = set(_weights_header(run_dir / runfolder.MODEL))
