@@ -39,8 +39,10 @@ pkg = Path(mrisegcli.__file__).resolve().parent
 assert root not in pkg.parents, f"imported from the source tree: {pkg}"
 dist = metadata.distribution("mrisegcli")
 assert dist.version == mrisegcli.__version__, (dist.version, mrisegcli.__version__)
-assert dist.metadata["License-Expression"] == "Apache-2.0", dist.metadata["License-Expression"]
-assert any(Path(str(f)).name == "LICENSE" for f in dist.files or []), "LICENSE missing from the wheel"
+expression = "Apache-2.0 AND CC-BY-SA-4.0 AND LicenseRef-mriseg-research-data"
+assert dist.metadata["License-Expression"] == expression, dist.metadata["License-Expression"]
+names = {Path(str(f)).name for f in dist.files or []}
+assert {"LICENSE", "MODEL_LICENSES.md"} <= names, "a licence file is missing from the wheel"
 
 
 def files(base):
