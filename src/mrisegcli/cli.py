@@ -1488,6 +1488,25 @@ def _print_detection(det: dict[str, Any]) -> None:
         out.print(f"  {kind}: {_detection_line(row)}", markup=False)
 
 
+def _derive(
+    fn: Any, model: str | None, data: list[Path], out_dir: Path, quiet: bool, **kw: Any
+) -> Any:
+    """A command that writes a new run from a model (draft-heads, calibrate): the model chosen
+    and resolved, ``fn(run, data, out_dir, ...)`` called with the command line and progress."""
+    from mrisegcli.hub import resolve_run
+
+    choice = _chosen_model(model, quiet)
+    return fn(
+        resolve_run(choice.spec),
+        data,
+        out_dir,
+        command=" ".join(["mriseg", *sys.argv[1:]]),
+        source=choice.shipped or str(choice.spec),
+        stage=_stage(quiet=quiet),
+        **kw,
+    )
+
+
 # -------------------------------------------------------------------------------------- draft-heads
 @app.command("draft-heads")
 @handled
@@ -1523,24 +1542,12 @@ def draft_heads(
     quiet: QuietOpt = False,
 ) -> None:
     """Refit a next-token model's drafting heads to its own greedy codes (same masks, fewer passes)."""
-    from mrisegcli.hub import resolve_run
     from mrisegcli.workflow.draft_heads import refit_draft_heads
 
-    choice = _chosen_model(model, quiet or json_out)
-    report = refit_draft_heads(
-        resolve_run(choice.spec),
-        data,
-        out_dir,
-        heads=heads,
-        steps=steps,
-        max_cases=max_cases,
-        seed=seed,
-        device=_device(device),
-        overwrite=overwrite,
-        command=" ".join(["mriseg", *sys.argv[1:]]),
-        source=choice.shipped or str(choice.spec),
-        stage=_stage(quiet=quiet or json_out),
-    )
+    report = _derive(
+        refit_draft_heads, model, data, out_dir, quiet or json_out, heads=heads, steps=steps,
+        max_cases=max_cases, seed=seed, device=_device(device), overwrite=overwrite,
+    )  # fmt: skip
     if json_out:
         _print_json(report)
         return
@@ -1590,24 +1597,12 @@ def calibrate(
     quiet: QuietOpt = False,
 ) -> None:
     """Fit a model's presence head (is the prompt's target there?) and record its scope."""
-    from mrisegcli.hub import resolve_run
     from mrisegcli.workflow.calibrate import calibrate_run
 
-    choice = _chosen_model(model, quiet or json_out)
-    report = calibrate_run(
-        resolve_run(choice.spec),
-        data,
-        out_dir,
-        steps=steps,
-        max_cases=max_cases,
-        seed=seed,
-        device=_device(device),
-        overwrite=overwrite,
-        command=" ".join(["mriseg", *sys.argv[1:]]),
-        source=choice.shipped or str(choice.spec),
-        stage=_stage(quiet=quiet or json_out),
-        scope_only=scope_only,
-    )
+    report = _derive(
+        calibrate_run, model, data, out_dir, quiet or json_out, steps=steps, max_cases=max_cases,
+        seed=seed, device=_device(device), overwrite=overwrite, scope_only=scope_only,
+    )  # fmt: skip
     if json_out:
         _print_json(report)
         return
