@@ -38,11 +38,6 @@ class Calibration:
     note: str = ""
 
 
-def normalizer(seg: Segmenter) -> Any:
-    """The model's text normaliser (synonym folding included) as a str -> str function."""
-    return seg.bundle.text.backend_tokenizer.normalizer.normalize_str
-
-
 def refresh_synonyms(seg: Segmenter, texts: list[str]) -> dict[str, Any]:
     """Give ``seg``'s text tokenizer today's synonym rules of its domain when they read every
     training text exactly as the rules it was trained with (so the model sees the same tokens
@@ -105,7 +100,7 @@ def fit_calibration(
     train rows with their rewordings, its val rows for calibration and the threshold)."""
     train, val = ds.split("train"), ds.split("val")
     originals = [s for s in train if "~p" not in s.id]
-    norm = normalizer(seg)
+    norm = seg.normalize
     scope = build_scope(
         [s.text for s in originals],
         [s.target for s in originals],
@@ -248,6 +243,5 @@ __all__ = [
     "calibrate_run",
     "features_and_labels",
     "fit_calibration",
-    "normalizer",
     "record_calibration",
 ]

@@ -756,15 +756,9 @@ class SegmenterSlices:
     def refusal(self, text: str) -> str | None:
         """Why ``text`` is outside what the model answers, or ``None`` (and always ``None``
         with ``force``)."""
-        if self.force:
+        if self.force or not hasattr(self.seg, "refusal"):
             return None
-        from mrisegcli.scope import refusal
-
-        seg = self.seg
-        scope = getattr(seg, "scope", None)
-        if not scope:
-            return None
-        return refusal(text, scope, seg.bundle.text.backend_tokenizer.normalizer.normalize_str)
+        return self.seg.refusal(text)
 
 
 class ModelOptionError(MrisegError):

@@ -145,6 +145,17 @@ class Segmenter:
             for p, a, ok in zip(prob, arrays, there, strict=True)
         ]
 
+    def normalize(self, text: str) -> str:
+        """``text`` as the model reads it: its text tokenizer's normaliser (synonym folding)."""
+        return self.bundle.text.backend_tokenizer.normalizer.normalize_str(text)
+
+    def refusal(self, text: str) -> str | None:
+        """Why ``text`` is outside what the model answers (scope.py), or ``None``; always
+        ``None`` for a model that records no scope."""
+        from mrisegcli.scope import refusal
+
+        return refusal(text, self.scope, self.normalize) if self.scope else None
+
     def is_present(self, presence: torch.Tensor | None, n: int) -> np.ndarray:
         """(n,) bool: the presence score is at or above the threshold (all True without a
         presence head)."""
