@@ -59,10 +59,10 @@ class TextUNet(nn.Module):
 
 def bag_of_words(tok, texts: list[str], vocab: int) -> torch.Tensor:
     """(N, V) counts of each token id in each text (0 rows for empty texts), L1-normalised."""
-    from mrisegcli.tokenizers.text import _token_ids
+    from mrisegcli.tokenizers.text import token_ids
 
     bow = torch.zeros(len(texts), vocab)
-    for i, ids in enumerate(_token_ids(tok, texts)):
+    for i, ids in enumerate(token_ids(tok, texts)):
         for j in ids:
             bow[i, j] += 1.0
     return bow / bow.sum(1, keepdim=True).clamp(min=1.0)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mrisegcli.tokenizers.text import text_vocab_size, train_text_tokenizer
     from mrisegcli.training.augment import augment_pair
     from mrisegcli.training.loop import TrainConfig, autocast_bf16
-    from mrisegcli.workflow.evaluate_model import _score, group_summaries
+    from mrisegcli.workflow.evaluate_model import group_summaries, score_cases
     from mrisegcli.workflow.prepare import open_dataset
 
     if not 0.0 <= args.augment <= 1.0:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     img_te, _ = load_split_arrays(test, args.size, workers=2)
     gts = [read_mask(s.mask) for s in test]
     bow_te = bag_of_words(tok, [s.text for s in test], vocab)
-    results = _score(test, gts, predict(model, img_te, bow_te))
+    results = score_cases(test, gts, predict(model, img_te, bow_te))
     summary = summarize(results)
     out = {
         "model": ("unet" if text_ch else "unet-no-text") + ("@aug" if args.augment else ""),

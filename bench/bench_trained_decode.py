@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 -- split pending
     images, texts = load_inputs(seg, args.data, args.split, args.n)
     img_N1SS = torch.from_numpy(images)[:, None]
     ids, tmask = seg.encode_text(texts)
-    x = seg._image_input(img_N1SS)
+    x = seg.image_input(img_N1SS)
 
     # codes and pass counts over all cases, batch by batch
     same, passes, accepted, drafted = True, 0.0, 0.0, 0.0

@@ -200,9 +200,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {args.out}: not empty (use --overwrite)")
-    from mrisegcli.tokenizers.text import _pipeline
+    from mrisegcli.tokenizers.text import text_normalizer
 
-    normalise = _pipeline({"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}).normalizer.normalize_str
+    normalise = text_normalizer()
     out_rows, counts, folded = [], Counter(), Counter()
     for name in args.datasets:
         src = args.data / name

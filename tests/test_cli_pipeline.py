@@ -332,7 +332,7 @@ def test_no_text_trains_an_image_only_baseline(synth_data, tmp_path):
     ids, tm = seg.encode_text(texts)
     x = torch.from_numpy(img)[None, None].repeat(2, 1, 1, 1)
     seg.model.setup_caches(2)
-    shown = seg.model.prefill(seg._image_input(x), ids, tm)
+    shown = seg.model.prefill(seg.image_input(x), ids, tm)
     assert not torch.allclose(shown[0], shown[1])
     r = invoke(
         [

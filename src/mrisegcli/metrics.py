@@ -25,7 +25,9 @@ EMPTY_POLICY = "both-empty=1"
 """Both masks empty -> Dice = IoU = 1; exactly one empty -> 0. Stated in every JSON summary."""
 
 
-def _as_bool_array(x: np.ndarray, what: str) -> np.ndarray:
+def as_bool_mask(x: np.ndarray, what: str) -> np.ndarray:
+    """``x`` as a bool mask: bool as is, integers by the mask-file rule (> 0 is foreground);
+    a float array is refused (``what`` names it), since it must be thresholded first."""
     x = np.asarray(x)
     if x.dtype == np.bool_:
         return x
@@ -36,7 +38,8 @@ def _as_bool_array(x: np.ndarray, what: str) -> np.ndarray:
     )
 
 
-def _check_same_shape(pred_shape: tuple[int, ...], gt_shape: tuple[int, ...]) -> None:
+def check_same_shape(pred_shape: tuple[int, ...], gt_shape: tuple[int, ...]) -> None:
+    """Raise :class:`MrisegError` naming both shapes when prediction and truth differ."""
     if tuple(pred_shape) != tuple(gt_shape):
         raise MrisegError(
             f"prediction shape {tuple(pred_shape)} does not match "
@@ -54,9 +57,9 @@ def dice_iou_from_counts(tp: int, pred_pixels: int, gt_pixels: int) -> tuple[flo
 
 def mask_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int]:
     """``(tp, |P|, |G|)`` of two same-shape masks (2-D or 3-D, any shape really)."""
-    pred = _as_bool_array(pred, "prediction")
-    gt = _as_bool_array(gt, "ground truth")
-    _check_same_shape(pred.shape, gt.shape)
+    pred = as_bool_mask(pred, "prediction")
+    gt = as_bool_mask(gt, "ground truth")
+    check_same_shape(pred.shape, gt.shape)
     tp = int(np.count_nonzero(pred & gt))
     return tp, int(np.count_nonzero(pred)), int(np.count_nonzero(gt))
 
@@ -71,7 +74,7 @@ def counts_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample ``(tp_B, pred_B, gt_B)`` int64 counts; any trailing dims (B, ...) are reduced."""
     if pred_BHW.shape != gt_BHW.shape:
-        _check_same_shape(tuple(pred_BHW.shape), tuple(gt_BHW.shape))
+        check_same_shape(tuple(pred_BHW.shape), tuple(gt_BHW.shape))
     for t, what in ((pred_BHW, "prediction"), (gt_BHW, "ground truth")):
         if t.dtype.is_floating_point or t.dtype.is_complex:
             raise TypeError(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrisegcli.metrics import _as_bool_array, _check_same_shape, dice_iou_from_counts
+from mrisegcli.metrics import as_bool_mask, check_same_shape, dice_iou_from_counts
 
 HD_PERCENTILE = 95.0
 VOLUME_CSV_COLUMNS = (
@@ -70,8 +70,8 @@ def surface_distances(
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float | None:
     """The 95th-percentile Hausdorff distance in mm (voxels when ``spacing`` is None); 0 when
     both masks are empty, None when only one is."""
-    pred, gt = _as_bool_array(pred, "prediction"), _as_bool_array(gt, "ground truth")
-    _check_same_shape(pred.shape, gt.shape)
+    pred, gt = as_bool_mask(pred, "prediction"), as_bool_mask(gt, "ground truth")
+    check_same_shape(pred.shape, gt.shape)
     has_pred, has_gt = bool(pred.any()), bool(gt.any())
     if not has_pred and not has_gt:
         return 0.0
@@ -120,8 +120,8 @@ class VolumeResult:
     ) -> VolumeResult:
         """Score a predicted volume (D, H, W) against its ground truth; ``spacing`` in mm
         along the same axes (None: unknown, 1 mm assumed)."""
-        pred, gt = _as_bool_array(pred, "prediction"), _as_bool_array(gt, "ground truth")
-        _check_same_shape(pred.shape, gt.shape)
+        pred, gt = as_bool_mask(pred, "prediction"), as_bool_mask(gt, "ground truth")
+        check_same_shape(pred.shape, gt.shape)
         known = spacing is not None
         spacing_t = tuple(float(s) for s in spacing) if known else (1.0,) * gt.ndim
         tp = int(np.count_nonzero(pred & gt))

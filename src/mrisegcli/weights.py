@@ -65,6 +65,18 @@ def save_weights(
     return path
 
 
+def weights_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header (no tensor data read); a damaged
+    file raises :class:`MrisegError` naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorError, OSError, ... for a damaged file
+        raise MrisegError(f"corrupt or truncated weights ({e})", path) from e
+
+
 def verify_weights(path: Path, recorded: Any, config_path: Path) -> None:
     """Check the weights file against the fingerprint config.json records; None (a run written
     before weights were recorded) checks nothing."""

@@ -236,7 +236,7 @@ def _columns(
     return {w: by_key[w.lower()] for w in wanted + optional if w.lower() in by_key}
 
 
-def _read_table(
+def read_table(
     path: Path, wanted: tuple[str, ...], optional: tuple[str, ...] = ()
 ) -> list[dict[str, str]]:
     """Rows of an .xlsx / .csv / .jsonl file as {wanted column: stripped text}; blank rows dropped."""
@@ -328,11 +328,11 @@ def _load_lvit(root: Path) -> list[Sample]:
     samples: list[Sample] = []
     for s in SPLITS:
         if s in own:
-            for n, row in enumerate(_read_table(own[s], ("Image", "Description")), 2):
+            for n, row in enumerate(read_table(own[s], ("Image", "Description")), 2):
                 samples.append(_lvit_sample(row, folders[s], s, root, f"{own[s]} row {n}"))
     if served:
         assert shared is not None
-        for n, row in enumerate(_read_table(shared, ("Image", "Description")), 2):
+        for n, row in enumerate(read_table(shared, ("Image", "Description")), 2):
             s = _lvit_split_of(row["Image"], folders, served, root, f"{shared} row {n}")
             samples.append(_lvit_sample(row, folders[s], s, root, f"{shared} row {n}"))
     return samples
@@ -372,7 +372,7 @@ def _load_qata_v2(root: Path) -> list[Sample]:
         folder = root / _QATA_FOLDERS[s]
         if s == "val" and not folder.is_dir():
             folder = root / _QATA_FOLDERS["train"]  # val prompts usually point into Train/
-        for n, row in enumerate(_read_table(table, ("Image", "Description")), 2):
+        for n, row in enumerate(read_table(table, ("Image", "Description")), 2):
             where = f"{table} row {n}"
             name = row["Image"]
             if not name:
@@ -399,7 +399,7 @@ def _load_manifest(root: Path) -> tuple[Path, list[Sample]]:
     if not path.is_file():
         raise InputError("manifest file does not exist", path)
     base = path.parent
-    rows = _read_table(path, ("image", "text"), ("mask", "split", "id", "kind", "target"))
+    rows = read_table(path, ("image", "text"), ("mask", "split", "id", "kind", "target"))
     is_csv = path.suffix.lower() == ".csv"
     image_count = Counter(row["image"] for row in rows)
     samples = []

@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mrisegcli.data.layouts import Sample, VolumeSlice, _read_table
+from mrisegcli.data.layouts import Sample, VolumeSlice, read_table
 from mrisegcli.errors import InputError
 
 SPLIT_FOLDERS = (("train", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs"))
@@ -218,7 +218,7 @@ def read_texts(path: Path | None, labels: LabelSet, cases: set[str]) -> Texts:
         return texts
     by_value = {str(v): name for name, vs in labels.labels.items() for v in vs}
     line = 2 if path.suffix.lower() == ".csv" else 1
-    for n, row in enumerate(_read_table(path, ("label", "text"), ("case",)), line):
+    for n, row in enumerate(read_table(path, ("label", "text"), ("case",)), line):
         where = f"{'row' if line == 2 else 'line'} {n}"
         name = row["label"] if row["label"] in labels.labels else by_value.get(row["label"])
         if name is None:

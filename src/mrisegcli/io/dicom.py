@@ -484,9 +484,13 @@ def _sort_series(
     return sorted(images, key=instance), None, None
 
 
-def _series(
+def series_headers(
     folder: Path, *, allow_seg: bool
 ) -> tuple[list[tuple[Path, Dataset]], list[str], np.ndarray | None, np.ndarray | None]:
+    """The one series of ``folder`` from its headers (no pixel data decoded): its (path,
+    dataset) pairs in slice order, the files skipped (not DICOM images), the slice positions
+    and the orientation (``None`` when unknown). Refused: a SEG among the images (unless
+    ``allow_seg``), several multi-frame files, slices of different sizes."""
     images, skipped = _series_files(folder)
     for p, ds in images:
         _check_image(ds, p, allow_seg=allow_seg)
@@ -501,7 +505,7 @@ def _series(
 
 def read_dicom_folder(folder: Path) -> Scan:
     """A folder holding one series (single-frame files, or one multi-frame file) -> Scan."""
-    ordered, skipped, positions, iop = _series(folder, allow_seg=False)
+    ordered, skipped, positions, iop = series_headers(folder, allow_seg=False)
     if len(ordered) == 1:
         scan = read_dicom_file(ordered[0][0])
         scan.path = folder
@@ -575,7 +579,7 @@ def read_dicom_mask(path: Path, binary: bool = False) -> np.ndarray:
     (:class:`NonBinaryMaskError`); a DICOM SEG is a segmentation by definition.
     """
     if path.is_dir():
-        ordered, _, _, _ = _series(path, allow_seg=True)
+        ordered, _, _, _ = series_headers(path, allow_seg=True)
         if len(ordered) == 1:
             return read_dicom_mask(ordered[0][0], binary)
         mask = np.concatenate(

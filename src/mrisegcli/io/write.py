@@ -250,12 +250,12 @@ def check_segmentation_source(path: str | Path) -> None:
     impossible SEG is refused up front instead of after the work. An unreadable input is left
     to the reader (it reports why when it reads the file)."""
     from mrisegcli.errors import InputError
-    from mrisegcli.io.dicom import _series, load_dataset, num_frames
+    from mrisegcli.io.dicom import load_dataset, num_frames, series_headers
 
     path = Path(path)
     try:
         if path.is_dir():
-            ordered = _series(path, allow_seg=False)[0]
+            ordered = series_headers(path, allow_seg=False)[0]
             if not ordered:
                 return
             src = ordered[0][1]

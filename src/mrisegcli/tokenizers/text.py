@@ -26,7 +26,7 @@ import shutil
 import string
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import pairwise
 from pathlib import Path
 
@@ -85,6 +85,22 @@ def _wrap(tk: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token=PAD, unk_token=UNK, cls_token=CLS, sep_token=SEP
     )
+
+
+def with_synonym_rules(
+    tok: PreTrainedTokenizerBase, synonyms: bool | str
+) -> PreTrainedTokenizerFast:
+    """A text tokenizer with ``tok``'s vocabulary and today's pipeline, whose normaliser folds
+    the synonym rule set ``synonyms`` ("chest", "brain"; ``True`` is "chest"; ``False`` none)."""
+    return _wrap(_pipeline(dict(tok.get_vocab()), synonyms))
+
+
+def text_normalizer(synonyms: bool | str = True) -> Callable[[str], str]:
+    """The text normaliser of the pipeline (with the synonym rule set ``synonyms``, as in
+    :func:`with_synonym_rules`): a text as a model trained today reads it."""
+    return _pipeline(
+        {t: i for i, t in enumerate(SPECIAL_TOKENS)}, synonyms
+    ).normalizer.normalize_str
 
 
 def _merge(left: str, right: str) -> str:
@@ -295,8 +311,9 @@ def pad_id(tok: PreTrainedTokenizerBase) -> int:
     return 0
 
 
-def _token_ids(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Content ids only: no [CLS]/[SEP], no truncation."""
+def token_ids(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """The token ids of each text, content only: no [CLS]/[SEP], no padding, no truncation
+    (what :func:`encode_texts` cuts and pads)."""
     for t in texts:
         if not isinstance(t, str):
             raise TypeError(f"texts must be str, got {type(t).__name__}")
@@ -317,7 +334,7 @@ def encode_texts(
     """
     if max_len < 1:
         raise ValueError("max_len must be >= 1")
-    rows = [row[:max_len] for row in _token_ids(tok, texts)]
+    rows = [row[:max_len] for row in token_ids(tok, texts)]
     pad = pad_id(tok)
     ids_BL = torch.tensor([row + [pad] * (max_len - len(row)) for row in rows], dtype=torch.int64)
     lens_B = torch.tensor([len(row) for row in rows], dtype=torch.int64)
@@ -327,9 +344,9 @@ def encode_texts(
 
 def longest_text(tok: PreTrainedTokenizerBase, texts: list[str]) -> int:
     """The largest number of content tokens among ``texts`` (0 for none)."""
-    return max((len(row) for row in _token_ids(tok, list(dict.fromkeys(texts)))), default=0)
+    return max((len(row) for row in token_ids(tok, list(dict.fromkeys(texts)))), default=0)
 
 
 def count_truncated(tok: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> int:
     """How many of ``texts`` have more than ``max_len`` tokens (and are cut by ``encode_texts``)."""
-    return sum(len(row) > max_len for row in _token_ids(tok, texts))
+    return sum(len(row) > max_len for row in token_ids(tok, texts))

@@ -21,13 +21,9 @@ import torch
 from mrisegcli import runfolder
 from mrisegcli.errors import MrisegError
 from mrisegcli.runinfo import read_config, rewrite_config
+from mrisegcli.weights import weights_header
 from mrisegcli.workflow.prepare import StageFactory, _no_stage, open_dataset
-from mrisegcli.workflow.segmenter import (
-    Segmenter,
-    _weights_header,
-    load_segmenter,
-    save_model,
-)
+from mrisegcli.workflow.segmenter import Segmenter, load_segmenter, save_model
 
 #: files of a run folder that are not carried over (training state, caches, locks)
 _SKIP = {runfolder.CHECKPOINTS, runfolder.CACHE, runfolder.LOCK}
@@ -41,7 +37,7 @@ def _batches(seg: Segmenter, cases: list, batch: int, stage: StageFactory, what:
         for s in range(0, len(cases), batch):
             part = cases[s : s + batch]
             images, _ = load_split_arrays(part, seg.image_size)
-            x = seg._image_input(torch.from_numpy(images)[:, None].to(seg.device))
+            x = seg.image_input(torch.from_numpy(images)[:, None].to(seg.device))
             ids, tmask = seg.encode_text([c.text for c in part])
             yield x, ids.to(seg.device), tmask.to(seg.device)
             progress(min(s + batch, len(cases)), len(cases))
@@ -210,7 +206,7 @@ def _write_run(
         rewrite_config(tmp, config)
         # the tensors the source stored (a shipped model leaves training-only buffers out), and
         # the new heads
-        stored = set(_weights_header(run_dir / runfolder.MODEL))
+        stored = set(weights_header(run_dir / runfolder.MODEL))
         save_model(seg.model, tmp, keep=lambda k: k in stored or k.startswith("nktp."))
 
     write_derived_run(

@@ -48,7 +48,11 @@ def _resize_threshold(prob_SS: np.ndarray, shape: tuple[int, int]) -> np.ndarray
     return prob_SS > 0.5
 
 
-def _score(samples: list[Sample], gts: list[np.ndarray], probs: np.ndarray) -> list[CaseResult]:
+def score_cases(
+    samples: list[Sample], gts: list[np.ndarray], probs: np.ndarray
+) -> list[CaseResult]:
+    """One :class:`CaseResult` per sample: its model-resolution probability resized to the
+    truth's own shape, thresholded at 0.5 and scored against the truth."""
     return [
         CaseResult.from_masks(s.id, _resize_threshold(p, g.shape), g, gt_path=s.mask)
         for s, g, p in zip(samples, gts, probs, strict=True)
@@ -71,7 +75,7 @@ def tokenizer_ceiling(
         m = torch.from_numpy(masks_NSS[s : s + 64]).float()[:, None].to(seg.device)
         logits = tok.decode(tok.encode(m))
         probs.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
-    return _score(samples, gts, np.concatenate(probs))
+    return score_cases(samples, gts, np.concatenate(probs))
 
 
 def evaluate_model(
@@ -103,7 +107,7 @@ def evaluate_model(
         pred = seg.predict(
             images, texts, samples=samples, temperature=temperature, seed=seed, parts=True
         )
-    results = _score(cases, gts, answered_probs(seg, pred))
+    results = score_cases(cases, gts, answered_probs(seg, pred))
     report = ModelEvalReport(
         results, _model_summary(seg, cases, gts, results, pred, samples, temperature)
     )
@@ -265,7 +269,7 @@ def _model_summary(
     summary = summarize(results)
     if pred.parts:  # the same decoded codes drawn several ways: what each part contributes
         summary["parts"] = {
-            name: {k: summarize(_score(cases, gts, prob.numpy()))[k] for k in ("dice", "miou")}
+            name: {k: summarize(score_cases(cases, gts, prob.numpy()))[k] for k in ("dice", "miou")}
             for name, prob in pred.parts.items()
         }
     for key in ("kind", "target"):
@@ -296,7 +300,7 @@ def _ablation_row(
     probs: np.ndarray,
     kinds: bool = False,
 ) -> dict[str, Any]:
-    scored = _score(cases, gts, probs)
+    scored = score_cases(cases, gts, probs)
     s = summarize(scored)
     row = {"dice": s["dice"], "miou": s["miou"], "dice_drop": report.summary["dice"] - s["dice"]}
     if kinds:
@@ -329,7 +333,7 @@ def teacher_forced_probs(
         codes_BN = seg.bundle.mask_vq.encode(gt).flatten(1)
         ids, tmask = seg.encode_text(texts[s : s + 32])
         logits = seg.model.mask_logits(
-            seg._image_input(img), ids, seg.hide_text(tmask), codes_BN[:, :-1]
+            seg.image_input(img), ids, seg.hide_text(tmask), codes_BN[:, :-1]
         )
         g = seg.model.config.mask_grid
         pred = logits.argmax(-1).view(-1, g, g)

@@ -166,11 +166,11 @@ class Segmenter:
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and mask of the prompts; a prompt longer than the model's text context is
         cut to it, and :attr:`warn` (when set) is told so once per prompt, naming the count."""
-        from mrisegcli.tokenizers.text import _token_ids, encode_texts
+        from mrisegcli.tokenizers.text import encode_texts, token_ids
 
         n = self.cfg.text_len
         new = [t for t in dict.fromkeys(texts) if t not in self._checked]  # each prompt once
-        for text, row in zip(new, _token_ids(self.bundle.text, new), strict=True):
+        for text, row in zip(new, token_ids(self.bundle.text, new), strict=True):
             self._checked.add(text)
             if len(row) > n and self.warn is not None:
                 self.warn(
@@ -184,8 +184,9 @@ class Segmenter:
         """The text mask the model is given: all padding for an image-only model."""
         return text_mask if self.cfg.use_text else torch.zeros_like(text_mask)
 
-    def _image_input(self, image_B1SS: torch.Tensor) -> torch.Tensor:
-        """What the model reads: the pixels, or the image tokenizer's codes of them."""
+    def image_input(self, image_B1SS: torch.Tensor) -> torch.Tensor:
+        """What the model reads of (B, 1, S, S) images on the device: the pixels, or the
+        image tokenizer's codes of them (the paradigm decides)."""
         return self.impl.model_input(self.model, self.bundle, image_B1SS)
 
     @torch.no_grad()
@@ -404,17 +405,6 @@ def check_config_sizes(section: Any, where: str, path: Path) -> None:
                 )
 
 
-def _weights_header(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors header (no tensor data read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # SafetensorError, OSError, ... for a damaged file
-        raise MrisegError(f"corrupt or truncated weights ({e})", path) from e
-
-
 def _shapes_only() -> Any:
     """A mode in which ``torch.empty`` and ``torch.zeros`` (what parameters and large state
     buffers are made with) give meta tensors, without memory; index tensors (``arange``,
@@ -501,7 +491,7 @@ def load_segmenter(
 
     from mrisegcli.runinfo import read_config
     from mrisegcli.weights import CONFIG_KEY as WEIGHTS_KEY
-    from mrisegcli.weights import check_finite, verify_weights
+    from mrisegcli.weights import check_finite, verify_weights, weights_header
     from mrisegcli.workflow.bundle import load_bundle, needed_tokenizers, verify_files
 
     run_dir = Path(run_dir)
@@ -517,7 +507,7 @@ def load_segmenter(
     path = run_dir / MODEL_FILE
     if not path.is_file():
         raise MrisegError(f"run has no {MODEL_FILE} (training not finished?)", run_dir)
-    header = _weights_header(path)
+    header = weights_header(path)
     verify_weights(path, raw.get(WEIGHTS_KEY), config_path)  # damaged or from another run?
     bundle = load_bundle(run_dir, need=needed_tokenizers(paradigm, cfg.strategies.image_input))
     tokenizers = raw.get("tokenizers")  # a damaged file was named above; now: the right files?
