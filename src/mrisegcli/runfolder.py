@@ -43,6 +43,17 @@ TEXT_TOKENIZER = "tokenizer.json"
 TEXT_TOKENIZER_CONFIG = "tokenizer_config.json"
 TEXT_TOKENIZER_FILES = (TEXT_TOKENIZER, TEXT_TOKENIZER_CONFIG)
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+#: a checkpoint in CHECKPOINTS: ``step_NNNNNNNN.safetensors`` (regular expression, the step
+#: its one group; :func:`checkpoint_name` writes it)
+CHECKPOINT_PATTERN = r"step_(\d{8})\.safetensors"
+#: the temp name ``io.atomic.atomic_path`` gives a checkpoint while it is written:
+#: ``.step_NNNNNNNN.<random>.tmp.safetensors``
+CHECKPOINT_TEMP_PATTERN = r"\.step_\d{8}\.[A-Za-z0-9_]+\.tmp\.safetensors"
+
+
+def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint of ``step`` in CHECKPOINTS."""
+    return f"step_{step:08d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -80,14 +91,12 @@ class RunPaths:
         return self.root / CACHE
 
 
-def run_paths(run_dir: str | Path) -> RunPaths:
-    return RunPaths(Path(run_dir))
-
-
 __all__ = [
     "CACHE",
     "CARD",
     "CHECKPOINTS",
+    "CHECKPOINT_PATTERN",
+    "CHECKPOINT_TEMP_PATTERN",
     "CONFIG",
     "LOCK",
     "METRICS",
@@ -100,5 +109,5 @@ __all__ = [
     "TEXT_TOKENIZER_FILES",
     "TOKENIZERS",
     "TRAIN_LOG",
-    "run_paths",
+    "checkpoint_name",
 ]

@@ -19,16 +19,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mrisegcli import runfolder
 from mrisegcli.errors import ConfigError
 from mrisegcli.io.atomic import SAFETENSORS_TEMP, atomic_path
 
 CKPT_FORMAT = 1
-_NAME = re.compile(r"^step_(\d{8})\.safetensors$")
-# The temp name ``atomic_path`` gives a checkpoint while it is written: ``.<stem>.<random>.tmp``
-# + the suffixes, e.g. ``.step_00000040.k3j_x9a2.tmp.safetensors``, and inside it safetensors
-# writes its own ``.tmpXXXXXX``. A ``kill -9`` mid-write leaves either behind; nothing else in
-# the folder is ever taken for one.
-_TEMP_NAME = re.compile(rf"^(\.step_\d{{8}}\.[A-Za-z0-9_]+\.tmp\.safetensors|{SAFETENSORS_TEMP})$")
+_NAME = re.compile(rf"^{runfolder.CHECKPOINT_PATTERN}$")
+# The temp name ``atomic_path`` gives a checkpoint while it is written
+# (``runfolder.CHECKPOINT_TEMP_PATTERN``, e.g. ``.step_00000040.k3j_x9a2.tmp.safetensors``), and
+# inside it safetensors writes its own ``.tmpXXXXXX``. A ``kill -9`` mid-write leaves either
+# behind; nothing else in the folder is ever taken for one.
+_TEMP_NAME = re.compile(rf"^({runfolder.CHECKPOINT_TEMP_PATTERN}|{SAFETENSORS_TEMP})$")
 
 
 @dataclass
@@ -143,10 +144,6 @@ def load_checkpoint(
             torch.cuda.set_rng_state_all(cuda_states)
     extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
     return state, extra, config
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}.safetensors"
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

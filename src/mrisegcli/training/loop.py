@@ -27,7 +27,6 @@ from mrisegcli import runfolder
 from mrisegcli.errors import MrisegError
 from mrisegcli.training.checkpoint import (
     TrainState,
-    checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -398,7 +397,7 @@ class _Loop:
         if self.dist_info.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             save_checkpoint(
-                self.ckpt_dir / checkpoint_name(self.state.step),
+                self.ckpt_dir / runfolder.checkpoint_name(self.state.step),
                 self.model,
                 self.optimizer,
                 self.state,
