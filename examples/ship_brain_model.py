@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ship_cxr_model import _detection_rows, ship_cli
 
+from mrisegcli.hub import render_card
+
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "mrisegcli" / "shipped" / "brain-mri"
 
@@ -81,14 +83,7 @@ def card(config: dict, metrics: dict, ev: dict) -> str:
     )
     drop = ev.get("text_removed_drop_side_contra")
     drop_line = f"{drop:.3f}" if drop is not None else "not measured"
-    return f"""---
-library_name: mriseg
-license: other
-license_name: LicenseRef-mriseg-research-data
-tags: [medical-imaging, mri, brain, flair, glioma, segmentation, referring-segmentation, mriseg]
----
-
-# mriseg brain-mri: text-prompted segmentation of FLAIR hyperintense lesions
+    body = f"""# mriseg brain-mri: text-prompted segmentation of FLAIR hyperintense lesions
 
 The model `mriseg predict` uses for an MR series or a 3-D NIfTI when no `--model` is given. It
 segments the FLAIR-hyperintense lesion of a lower-grade glioma on axial FLAIR slices: the whole
@@ -170,6 +165,21 @@ bash examples/train_brain_model.sh        # RUN=runs/brain, DATA=../shared/data
 bash examples/evaluate_brain_model.sh     # test slices, volumes, report wording; copies it here
 ```
 """
+    return render_card(
+        body,
+        license="other",
+        license_name="LicenseRef-mriseg-research-data",
+        tags=[
+            "medical-imaging",
+            "mri",
+            "brain",
+            "flair",
+            "glioma",
+            "segmentation",
+            "referring-segmentation",
+            "mriseg",
+        ],
+    )
 
 
 def main() -> None:

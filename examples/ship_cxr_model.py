@@ -16,6 +16,8 @@ import json
 import shutil
 from pathlib import Path
 
+from mrisegcli.hub import render_card
+
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "mrisegcli" / "shipped" / "chest-xray"
 FILES = (
@@ -124,14 +126,7 @@ def card(config: dict, metrics: dict, ev: dict) -> str:
         if dh
         else ""
     )
-    return f"""---
-library_name: mriseg
-license: other
-license_name: CC-BY-SA-4.0 AND LicenseRef-mriseg-research-data
-tags: [medical-imaging, chest-x-ray, segmentation, referring-segmentation, mriseg]
----
-
-# mriseg chest-xray: text-prompted segmentation of chest radiographs
+    body = f"""# mriseg chest-xray: text-prompted segmentation of chest radiographs
 
 The model that `mriseg predict` uses when no `--model` is given. It segments what a short text
 names on a frontal chest radiograph: infection (opacity, consolidation, ground glass; all of it,
@@ -221,6 +216,12 @@ bash examples/train_cxr_model.sh          # RUN=runs/cxr (then runs/cxr-fast), D
 bash examples/evaluate_cxr_model.sh       # test splits, unseen wordings, copies runs/cxr-fast here
 ```
 """
+    return render_card(
+        body,
+        license="other",
+        license_name="CC-BY-SA-4.0 AND LicenseRef-mriseg-research-data",
+        tags=["medical-imaging", "chest-x-ray", "segmentation", "referring-segmentation", "mriseg"],
+    )
 
 
 def _detection_rows(det: dict) -> list[str]:

@@ -156,6 +156,48 @@ def test_model_card_holds_config_and_metrics():
     assert "\nmriseg predict " in card
 
 
+def test_model_card_metadata_is_read_by_huggingface_hub():
+    from huggingface_hub import ModelCard
+
+    card = model_card(MINIMAL, {"best_val_dice": 0.5, "steps": 3})
+    data = ModelCard(card).data
+    assert data.library_name == "mriseg" and "referring-segmentation" in data.tags
+    assert data.metrics == ["dice"] and data.license is None  # no licence is assumed
+    assert ModelCard(model_card(MINIMAL)).data.metrics is None  # nothing scored, none named
+    card = model_card(MINIMAL, license="other", license_name="CC-BY-SA-4.0")
+    data = ModelCard(card).data
+    assert (data.license, data.license_name) == ("other", "CC-BY-SA-4.0")
+    assert "\nlicense: other\nlicense_name: CC-BY-SA-4.0\n" in card  # what `mriseg models` reads
+    assert card.split("---\n", 2)[2] == model_card(MINIMAL).split("---\n", 2)[2]  # same body
+
+
+@pytest.mark.parametrize(
+    "script, folder", [("ship_cxr_model", "chest-xray"), ("ship_brain_model", "brain-mri")]
+)
+def test_ship_scripts_write_the_shipped_cards(script, folder, monkeypatch):
+    """The cards the ship scripts write now (front matter by huggingface_hub) say what the
+    shipped cards say: the same metadata, the same text."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "examples"))
+    ship = importlib.import_module(script)
+    shipped = root / "src" / "mrisegcli" / "shipped" / folder
+    config, metrics, ev = (
+        json.loads((shipped / name).read_text())
+        for name in ("config.json", "metrics.json", "evaluation.json")
+    )
+    new = ship.card(config, metrics, ev).split("---\n", 2)
+    old = (shipped / "README.md").read_text().split("---\n", 2)
+    assert new[0] == old[0] == ""
+    assert yaml.safe_load(new[1]) == yaml.safe_load(old[1])
+    assert yaml.safe_load(new[1])["license"] == "other"
+    assert new[2] == old[2]
+
+
 # ------------------------------------------------------- a Hub id that cannot be fetched says why
 class _Response:
     """Just what the Hub client's HTTP errors read from a response."""

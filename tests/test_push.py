@@ -199,6 +199,11 @@ def test_model_card_is_written_from_config_and_metrics_and_refreshed(run, monkey
     (run / "metrics.json").write_text(json.dumps(metrics))
     push_run(run, "someone/tiny-seg", api=hub)
     assert "| steps | 12345 |" in (run / "README.md").read_text()
+    assert "license" not in (run / "README.md").read_text()  # none given, none assumed
+    push_run(run, "someone/tiny-seg", api=hub, license="other", license_name="CC-BY-SA-4.0")
+    card = (run / "README.md").read_text()
+    assert "\nlicense: other\nlicense_name: CC-BY-SA-4.0\n" in card.split("\n---\n")[0]
+    assert hub.uploaded["README.md"].decode() == card
 
 
 def test_revision_creates_the_branch_and_uploads_there(run, monkeypatch):

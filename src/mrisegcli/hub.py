@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ RUN_PATTERNS = [
     runfolder.METRICS,
     runfolder.TRAIN_LOG,
 ]
-IGNORE_PATTERNS = ["checkpoints/*", "cache/*", "*.tmp*"]
+IGNORE_PATTERNS = [f"{runfolder.CHECKPOINTS}/*", f"{runfolder.CACHE}/*", "*.tmp*"]
 
 
 def hub_offline() -> bool:
@@ -167,16 +168,51 @@ def fetch_error(
     return MrisegError(f"cannot get the model from the Hub: {reason}", name)
 
 
-def model_card(config: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
-    """A README.md for the Hub: what the model is, how it was trained, what it scored."""
+#: the Hub tags of every mriseg model card
+CARD_TAGS = ("medical-imaging", "segmentation", "referring-segmentation", "mriseg")
+
+
+def render_card(
+    body: str,
+    *,
+    license: str | None = None,
+    license_name: str | None = None,
+    tags: Sequence[str] = CARD_TAGS,
+    datasets: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+) -> str:
+    """A model card's text: the Hub metadata as YAML front matter (built by
+    ``huggingface_hub.ModelCardData``: ``library_name: mriseg``, the licence, tags, Hub dataset
+    ids, metric names; a field left ``None`` is left out) above the Markdown ``body``.
+
+    ``license`` is a Hub licence id; ``"other"`` with ``license_name`` (an SPDX expression)
+    for anything else, as the shipped models' cards do."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        library_name="mriseg",
+        license=license,
+        license_name=license_name,
+        tags=list(tags),
+        datasets=list(datasets) if datasets else None,
+        metrics=list(metrics) if metrics else None,
+    )
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def model_card(
+    config: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    *,
+    license: str | None = None,
+    license_name: str | None = None,
+) -> str:
+    """A README.md for the Hub: what the model is, how it was trained, what it scored; the
+    licence of the weights when given (see :func:`render_card`: the terms of the training
+    data decide it, so nothing is assumed)."""
     metrics = metrics or {}
     data = config.get("data", {})
     lines = [
-        "---",
-        "library_name: mriseg",
-        "tags: [medical-imaging, segmentation, referring-segmentation, mriseg]",
-        "---",
-        "",
         f"# mriseg {config.get('paradigm', '?')} model",
         "",
         "Text-prompted medical image segmentation by autoregressive token prediction.",
@@ -205,4 +241,5 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any] | None = None) ->
     else:
         lines.append("Not evaluated.")
     lines += ["", "## Config", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
-    return "\n".join(lines)
+    scored = ["dice"] if any(k.endswith("dice") for k in metrics) else None
+    return render_card("\n".join(lines), license=license, license_name=license_name, metrics=scored)

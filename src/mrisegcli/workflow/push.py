@@ -108,10 +108,13 @@ def push_run(
     token: str | None = None,
     commit_message: str | None = None,
     api: Any = None,
+    license: str | None = None,
+    license_name: str | None = None,
 ) -> str:
     """Publish ``run_dir`` as the Hub model repo ``repo_id``; returns the repo URL.
 
-    Checks the run, writes its model card (README.md, from config.json and metrics.json),
+    Checks the run, writes its model card (README.md, from config.json and metrics.json, with
+    the weights' licence when ``license`` is given: :func:`mrisegcli.hub.render_card`),
     creates the repo if needed (and the branch ``revision``), then uploads the run's files.
     ``api`` defaults to ``huggingface_hub.HfApi(token=token)``.
     """
@@ -125,7 +128,8 @@ def push_run(
         raise MrisegError(f"{MODEL_FILE} would not be uploaded", run_dir)
     if hub_offline():
         raise MrisegError("cannot push while HF_HUB_OFFLINE is set (unset it to publish)", repo_id)
-    atomic_write_text(run_dir / CARD, model_card(config, card_metrics(run_dir)), overwrite=True)
+    card = model_card(config, card_metrics(run_dir), license=license, license_name=license_name)
+    atomic_write_text(run_dir / CARD, card, overwrite=True)
     message = commit_message or f"Upload mriseg {config['paradigm']} run (mriseg {__version__})"
     try:
         if api is None:
