@@ -177,7 +177,14 @@ _BRAIN_RULES: tuple[tuple[str, str], ...] = (
 
 SYNONYM_RULES: tuple[tuple[str, str], ...] = _CHEST_RULES + _REQUEST_RULES
 """The chest rule set (radiograph findings, organs, lung zones) and the request words."""
-BRAIN_SYNONYM_RULES: tuple[tuple[str, str], ...] = _BRAIN_RULES + _REQUEST_RULES
+#: Sentence punctuation carries no request in a brain-MRI prompt: "FLAIR hyperintense lesion."
+#: and "FLAIR hyperintense lesion" are one question, so a model cannot learn a full stop as
+#: "nothing there" (the lgg-flair rows that ask of a slice without lesion all end with one).
+_PUNCTUATION_RULES: tuple[tuple[str, str], ...] = ((r"[.,;:!?]+(?=\s|$)", " "),)
+
+BRAIN_SYNONYM_RULES: tuple[tuple[str, str], ...] = (
+    _BRAIN_RULES + _REQUEST_RULES + _PUNCTUATION_RULES
+)
 """The brain-MRI rule set (sequence, signal, lesion, lobes and sides) and the request words."""
 RULE_SETS: dict[str, tuple[tuple[str, str], ...]] = {
     "chest": SYNONYM_RULES,
