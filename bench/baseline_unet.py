@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
         "kinds": group_summaries(test, results, "kind"),
+        **present_and_empty(results),
     }
     if args.json:
         sys.stdout.write(json.dumps(out) + "\n")
@@ -219,6 +220,20 @@ def main(argv: list[str] | None = None) -> dict:
             f"{out['model']}: {step} steps in {train_seconds:.0f} s, best val Dice {best:.4f}; "
             f"{args.split} Dice {out['dice']:.4f} mIoU {out['miou']:.4f} (n={out['n']})"
         )
+    return out
+
+
+def present_and_empty(results: list) -> dict[str, float]:
+    """Dice of the rows whose truth is not empty, and the share of empty truths drawn on (a
+    model that never leaves a mask empty scores 0 on each of those, which the all-rows mean
+    mixes in)."""
+    present = [r.dice for r in results if r.gt_pixels > 0]
+    empty = [r.pred_pixels > 0 for r in results if r.gt_pixels == 0]
+    out = {}
+    if present:
+        out["dice_present"] = float(np.mean(present))
+    if empty:
+        out["drawn_on_empty"] = float(np.mean(empty))
     return out
 
 

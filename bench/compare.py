@@ -4,7 +4,9 @@ Each cell of the grid trains one model with a time budget (everything from readi
 the last validation counts), then scores the test split with ``mriseg evaluate``'s metrics:
 
 * ``unet``: ``bench/baseline_unet.py`` (MONAI BasicUNet, text as bag-of-words channels);
-* ``next-token`` / ``next-scale``: ``mriseg train --max-minutes M`` then ``mriseg evaluate``.
+* ``next-token`` / ``next-scale``: ``mriseg train --max-minutes M`` then ``mriseg evaluate``;
+* ``defaults``: ``mriseg train --data D --out RUN --max-minutes M`` with no other option (what
+  a user types), then ``mriseg evaluate``.
 
 A method may name a variant after ``@`` (``next-token@refine``: the same run with the
 settings of :data:`VARIANTS`), so that levers are measured as cells of their own.
@@ -72,6 +74,13 @@ GRID = [
         for b in (5, 15)
         for m in ("unet", "next-token")
     ],
+    # the brain-MRI slices (issue: at an equal 15-minute budget, ahead of the U-Net + text)
+    ("lgg-flair", "unet", 15),
+    ("lgg-flair", "next-token", 15),
+    # what a user gets who types only `mriseg train --data D --max-minutes 15`
+    *[(d, "defaults", 15) for d in ("kvasir-seg", "cxr-infection", "jsrt")],
+    # the U-Net at the width its users run it (16-32-64-128-256, 1.9M parameters)
+    *[(d, "unet@wide", 15) for d in ("kvasir-seg", "cxr-infection", "jsrt", "lgg-flair")],
     ("kvasir-seg", "unet@aug", 45),
     ("kvasir-seg", "next-token@aug", 45),
     *[(d, "next-scale", 15) for d in ("kvasir-seg", "cxr-infection", "jsrt")],
@@ -94,6 +103,8 @@ UNET_VARIANTS: dict[str, list[str]] = {
     "aug": VARIANTS["aug"],
     "bf16": VARIANTS["bf16"],
     "bf16-aug": VARIANTS["bf16-aug"],
+    # BasicUNet at 16-32-64-128-256 (1.9M parameters) instead of the script's 16-16-32-64-128
+    "wide": ["--features", "16", "32", "64", "128", "256", "16"],
 }
 
 
@@ -133,25 +144,13 @@ def run_mriseg(
     if run.exists():
         shutil.rmtree(run)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    train = [
-        "mriseg",
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(run),
-        "--paradigm",
-        paradigm,
-        "--preset",
-        preset,
-        "--max-minutes",
-        str(minutes),
-        "--steps",
-        "100000",
-        "--device",
-        "cpu",
-        *VARIANTS[variant],
-    ]
+    train = ["mriseg", "train", "--data", str(data), "--out", str(run)]
+    if paradigm == "defaults":  # the command a user types: nothing but the data and the time
+        train += ["--max-minutes", str(minutes)]
+        preset = "(default)"
+    else:
+        train += ["--paradigm", paradigm, "--preset", preset, "--max-minutes", str(minutes)]
+        train += ["--steps", "100000", "--device", "cpu", *VARIANTS[variant]]
     t0 = time.perf_counter()
     subprocess.run(train, check=True, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -185,6 +184,11 @@ def run_mriseg(
         "threads": threads,
         "kinds": summary.get("kinds", {}),
         "parts": summary.get("parts", {}),
+        **{
+            k: summary["detection"][k]
+            for k in ("dice_present", "drawn_on_empty")
+            if k in summary.get("detection", {})
+        },
         "command": " ".join(train[1:]) + " && " + " ".join(ev[1:]),
     }
 
@@ -222,6 +226,10 @@ def table(path: Path) -> str:
         if r is None:
             return "-"
         text = f"{r['dice']:.3f} ({r['steps']} steps)"
+        if "dice_present" in r:  # the rows with a finding, and empty truths drawn on
+            text += f"; present {r['dice_present']:.3f}"
+            if "drawn_on_empty" in r:
+                text += f", empty drawn {r['drawn_on_empty']:.0%}"
         if r.get("parts", {}).get("tokens"):
             text += f", tokens only {r['parts']['tokens']['dice']:.3f}"
         return text
