@@ -33,7 +33,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mrisegcli import cli
+from mrisegcli import cli_support
 from mrisegcli.cli import app
 
 runner = CliRunner()
@@ -277,20 +277,21 @@ def test_cuda_device_forms_are_accepted_and_fail_clearly_without_cuda(device, da
 
 def test_cuda_index_out_of_range_is_a_run_error(monkeypatch):
     import torch
-    import typer
 
+    from mrisegcli.devices import torch_device
     from mrisegcli.errors import MrisegError
+    from mrisegcli.settings import SettingError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert cli._device("cuda:1") == torch.device("cuda", 1)
-    assert cli._device("CUDA") == torch.device("cuda")
+    assert torch_device("cuda:1") == torch.device("cuda", 1)
+    assert torch_device("CUDA") == torch.device("cuda")
     with pytest.raises(
         MrisegError, match=r"--device cuda:2: there is no CUDA device 2; this machine has 2"
     ):
-        cli._device("cuda:2")
-    with pytest.raises(typer.Exit):
-        cli._device("tpu")  # library callers too get the usage error
+        torch_device("cuda:2")
+    with pytest.raises(SettingError):
+        torch_device("tpu")  # library callers too get the usage error (exit 2 in a command)
 
 
 # -------------------------------------------------------------- 3./8./9. train: run folder, curves
@@ -333,6 +334,7 @@ def test_default_run_folders_never_clobber(data, tmp_path, monkeypatch):
     import torch
 
     from mrisegcli.training.distributed import DistInfo
+    from mrisegcli.workflow.commands import new_run_dir
 
     class Frozen(dt.datetime):
         @classmethod
@@ -341,7 +343,7 @@ def test_default_run_folders_never_clobber(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(dt, "datetime", Frozen)
     made = [
-        cli._new_run_dir([data], DistInfo(), torch.device("cpu"), root=tmp_path / "runs")
+        new_run_dir([data], DistInfo(), torch.device("cpu"), root=tmp_path / "runs")
         for _ in range(3)
     ]
     assert [p.name for p in made] == [
@@ -406,14 +408,14 @@ def test_curves_read_the_last_row_of_a_repeated_step(tmp_path):
 
 
 def test_weak_tokenizer_warning_text(capsys):
-    cli._warn_weak_tokenizers(
+    cli_support.warn_weak_tokenizers(
         {"mask_vq": {"recon_dice": 0.42, "n_heldout": 3}, "image_vq": {"psnr": 9.0}}
     )
     assert capsys.readouterr().err.strip() == (
         "mriseg: warning: the mask tokenizer reconstructs held-out masks with Dice 0.42 < 0.8; "
         "fit longer with --mask-steps"
     )
-    cli._warn_weak_tokenizers(
+    cli_support.warn_weak_tokenizers(
         {"multiscale": {"recon_dice": 0.5, "n_heldout": 0}, "mask_vq": {"recon_dice": 0.9}}
     )
     err = capsys.readouterr().err

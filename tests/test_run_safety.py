@@ -1186,7 +1186,8 @@ def test_every_row_of_the_robustness_table_names_tests_that_exist():
 
 def test_every_train_option_that_sets_the_config_is_checked_on_resume():
     """A --resume refuses a changed setting only if OPTION_FIELDS knows it: every train option
-    except those naming files, devices and output is there (a new option must be added)."""
+    except those naming files, devices and output is there (one row of settings.SETTINGS
+    makes both the option and its entry)."""
     import typer.main
 
     from mrisegcli.cli import app

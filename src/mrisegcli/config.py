@@ -4,70 +4,44 @@ A :class:`RunConfig` holds every setting of a run: data size, the tokenizers' co
 fitting budgets, the transformer preset, the training schedule and the loss switches. It is
 saved in ``config.json`` of every run and every checkpoint, and read back strictly: an unknown
 key is an error (a config from a newer mriseg), not silently dropped.
+
+The sections :data:`StrategyConfig` and :data:`FitConfig` are built from the table of settings
+(``settings.py``: one row per setting, with its type, default and help); ``RunConfig`` and
+``TrainConfig`` declare their own fields, which the table's rows name.
 """
 
 from __future__ import annotations
 
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass, replace
 from typing import Any, Literal
 
 from mrisegcli.errors import ConfigError
 from mrisegcli.models.presets import get_preset
 from mrisegcli.models.transformer import TransformerConfig
+from mrisegcli.settings import PRESETS, ParadigmName, section_fields
 from mrisegcli.tokenizers.image_vq import ImageVQConfig
 from mrisegcli.tokenizers.mask_vq import MaskVQConfig
 from mrisegcli.tokenizers.multiscale import MultiScaleConfig
 from mrisegcli.training.loop import TrainConfig
 
-Paradigm = Literal["next-token", "next-scale"]
+Paradigm = ParadigmName
 
 
-@dataclass(frozen=True)
-class FitConfig:
-    """How long the tokenizers are fitted when a run has none (steps of batch_size)."""
-
-    mask_steps: int = 1500
-    image_steps: int = 1500
-    multiscale_steps: int = 1500
-    batch_size: int = 32
-    lr: float = 2e-3
-    text_vocab_size: int = 1000
+def _section(name: str, section: str, doc: str) -> Any:
+    """A frozen config section whose fields are the rows of ``section`` in settings.SETTINGS."""
+    cls = make_dataclass(name, section_fields(section), frozen=True)
+    cls.__module__, cls.__doc__ = __name__, doc
+    return cls
 
 
-@dataclass(frozen=True)
-class StrategyConfig:
-    """Training strategies (docs/method.md); 0 switches a term off. lambda_dense applies to both
-    paradigms, the rest to the next-token model."""
-
-    nktp_k: int = 3
-    nktp_gamma: float = 0.5
-    lambda_nktp: float = 1.0
-    lambda_tcl: float = 0.1
-    het_alpha: float = 1.0
-    het_decay: float = 0.5
-    image_input: Literal["codes", "pixels"] = "codes"
-    prefix_attention: Literal["causal", "bidirectional"] = "bidirectional"
-    lambda_dense: float = 1.0
-    input_noise: float = 0.3
-    # parallel scheduled sampling of the next-token model (models/next_token.py)
-    scheduled_sampling: float = 0.0
-    # share of training samples given a random rotation, zoom, shift and intensity change
-    # (training/augment.py; both paradigms); 0 switches it off
-    augment: float = 0.0
-    # full-resolution refiner of the next-token model (models/refiner.py; pixels input only)
-    lambda_refine: float = 0.0
-    refine_code_noise: float = 0.0
-    # the refiner's last level at the input side, reading the pixels (models/refiner.py)
-    refine_full_res: bool = False
-    # RoPE position of the next-token model's mask queries (models/next_token.py)
-    mask_positions: Literal["fed", "target"] = "fed"
-    # the next-token model's fed mask tokens also carry the image token of their target cell
-    mask_cell_image: bool = False
-    # residual blocks after each finer stage of the conv image encoder (pixels input;
-    # models/image_encoder.py): deeper features for the refiner's skip connections
-    encoder_stage_blocks: int = 0
+#: how long the tokenizers are fitted when a run has none (steps of batch_size)
+FitConfig = _section("FitConfig", "fit", "How long the tokenizers are fitted (settings.py).")
+#: training strategies (docs/method.md; settings.py); 0 switches a term off
+StrategyConfig = _section(
+    "StrategyConfig", "strategies", "Training strategies (docs/method.md; settings.py)."
+)
 
 
 @dataclass(frozen=True)
@@ -179,6 +153,8 @@ def _base() -> RunConfig:
 
 
 RUN_PRESETS = {"cpu": _cpu, "cxr": _cxr, "tiny": _tiny, "small": _small, "base": _base}
+if tuple(RUN_PRESETS) != PRESETS:  # the command line offers settings.PRESETS
+    raise ImportError(f"settings.PRESETS {PRESETS} differs from RUN_PRESETS {tuple(RUN_PRESETS)}")
 
 
 def run_preset(name: str) -> RunConfig:

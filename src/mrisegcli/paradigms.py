@@ -13,7 +13,7 @@ of one image adjacent), optionally the same codes drawn by each part of the mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -125,6 +125,13 @@ def _common_tensors(codes: Any, mcfg: Any, pixels: bool) -> dict[str, torch.Tens
     return data
 
 
+def _shared_fields(section: Any, config_class: type) -> dict[str, Any]:
+    """The values of ``section`` (a RunConfig section) for every field ``config_class`` declares
+    under the same name: a model config takes each setting it knows from the run's."""
+    names = {f.name for f in fields(config_class)}
+    return {f.name: getattr(section, f.name) for f in fields(section) if f.name in names}
+
+
 class NextToken(Paradigm):
     """NTP-MRISeg: one sequence of image, text and mask tokens, mask codes one at a time."""
 
@@ -157,26 +164,11 @@ class NextToken(Paradigm):
             text_len=cfg.text_len,
             mask_codebook_size=mask.codebook_size,
             mask_grid=mask.grid,
-            image_input=s.image_input,
             image_size=cfg.image_size,
-            prefix_attention=s.prefix_attention,
             encoder=ImageEncoderConfig(
                 patch=max(2, cfg.image_size // mask.grid), stage_blocks=s.encoder_stage_blocks
             ),
-            nktp_k=s.nktp_k,
-            nktp_gamma=s.nktp_gamma,
-            lambda_nktp=s.lambda_nktp,
-            lambda_tcl=s.lambda_tcl,
-            het_alpha=s.het_alpha,
-            het_decay=s.het_decay,
-            lambda_dense=s.lambda_dense,
-            input_noise=s.input_noise,
-            scheduled_sampling=s.scheduled_sampling,
-            lambda_refine=s.lambda_refine,
-            refine_code_noise=s.refine_code_noise,
-            refine_full_res=s.refine_full_res,
-            mask_positions=s.mask_positions,
-            mask_cell_image=s.mask_cell_image,
+            **_shared_fields(s, NextTokenConfig),
             het_buckets=max(1, n_train),
         )
         return replace(
@@ -290,7 +282,7 @@ class NextScale(Paradigm):
             mask_codebook_size=q.codebook_size,
             code_dim=q.cfg.code_dim,
             scales=tuple(q.scales),
-            lambda_dense=cfg.strategies.lambda_dense,
+            **_shared_fields(cfg.strategies, NextScaleConfig),
         )
         grid = mc.encoder.grid(cfg.image_size)
         needed = ScaleLayout(grid * grid, cfg.text_len, tuple(q.scales)).seq_len

@@ -32,6 +32,7 @@ from typing import Any
 from mrisegcli import __version__, runfolder
 from mrisegcli.errors import ConfigError, MrisegError
 from mrisegcli.io.atomic import SAFETENSORS_TEMP, atomic_write_text
+from mrisegcli.settings import OPTION_FIELDS, RESUMABLE
 
 CONFIG_SCHEMA = 1
 CONFIG_NAME = runfolder.CONFIG
@@ -129,45 +130,8 @@ def read_config(run_dir: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- --resume
 
-#: train options a --resume may change: the schedule's length, bookkeeping and the arithmetic
-#: precision on a CPU (the model, data and losses stay the run's)
-RESUMABLE = ("steps", "eval_every", "ckpt_every", "max_minutes", "cpu_bf16")
-#: train option (its Python name) -> the RunConfig field it sets
-OPTION_FIELDS = {
-    "steps": "train.steps",
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "lr": "train.lr",
-    "eval_every": "train.eval_every",
-    "ckpt_every": "train.ckpt_every",
-    "max_minutes": "train.max_minutes",
-    "cpu_bf16": "train.cpu_bf16",
-    "paradigm": "paradigm",
-    "preset": "preset",
-    "size": "image_size",
-    "seed": "seed",
-    "mask_steps": "fit.mask_steps",
-    "image_steps": "fit.image_steps",
-    "multiscale_steps": "fit.multiscale_steps",
-    "nktp_k": "strategies.nktp_k",
-    "lambda_tcl": "strategies.lambda_tcl",
-    "het_alpha": "strategies.het_alpha",
-    "image_input": "strategies.image_input",
-    "input_noise": "strategies.input_noise",
-    "scheduled_sampling": "strategies.scheduled_sampling",
-    "augment": "strategies.augment",
-    "lambda_refine": "strategies.lambda_refine",
-    "refine_code_noise": "strategies.refine_code_noise",
-    "refine_full_res": "strategies.refine_full_res",
-    "encoder_stage_blocks": "strategies.encoder_stage_blocks",
-    "lambda_dense": "strategies.lambda_dense",
-    "prefix_attention": "strategies.prefix_attention",
-    "mask_positions": "strategies.mask_positions",
-    "mask_cell_image": "strategies.mask_cell_image",
-    "no_text": "use_text",
-    "paraphrases": "paraphrases",
-    "text_len": "text_len",
-}
+# which train option sets which RunConfig field, and which of them a --resume may change:
+# settings.OPTION_FIELDS and settings.RESUMABLE
 
 
 def _option(name: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,22 @@ def choose_model(
     return ModelChoice(spec, source)
 
 
+def resolve_model(
+    model: str | None,
+    *,
+    route: Route | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> tuple[ModelChoice, Path]:
+    """The model a command runs (:func:`choose_model`), named through ``announce`` (the line
+    that says which model runs and why), and its run folder (a Hub id is downloaded)."""
+    from mrisegcli.hub import resolve_run
+
+    choice = choose_model(model, route=route)
+    if announce is not None:
+        announce(choice.describe())
+    return choice, resolve_run(choice.spec)
+
+
 @dataclass(frozen=True)
 class Route:
     """The shipped model an input goes to without ``--model``, and why (one phrase)."""
@@ -202,6 +219,7 @@ __all__ = [
     "Route",
     "ShippedModel",
     "choose_model",
+    "resolve_model",
     "chosen_by_user",
     "route_input",
     "shipped_models",

@@ -1,0 +1,126 @@
+"""One declaration per setting (settings.py): the train options, the config sections, the routing
+of the command line's values, the resume check and the next-token model's config all follow
+from the table."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from mrisegcli import runinfo, settings
+from mrisegcli.settings import OPTIONS, SETTINGS, SettingError, choices, route
+
+
+def _train_params() -> dict:
+    import typer.main
+
+    from mrisegcli.cli import app
+
+    return {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+
+
+def test_each_train_option_follows_its_row():
+    from typer.testing import CliRunner
+
+    from mrisegcli.cli import app
+
+    params = _train_params()
+    usage = CliRunner().invoke(app, ["train", "--help"]).stdout
+    for s in OPTIONS.values():
+        p = params[s.name]
+        assert p.help == s.help, s.name
+        spelled = s.flags[0].split("/")[0] if s.flags else s.flag
+        assert spelled in p.opts, (s.name, p.opts)
+        allowed = choices(s.type)
+        if allowed:  # --help lists them, in their order
+            assert f"{spelled} <{'|'.join(allowed)}>" in usage, s.name
+        if s.cli_default is None:
+            assert p.default is None, s.name
+        if s.min is not None or s.max is not None:
+            assert (p.min, p.max) == (s.min, s.max), s.name
+    assert [n for n in params if n in OPTIONS] == list(OPTIONS)  # the table's order
+
+
+def test_config_sections_are_the_rows_of_the_table():
+    from mrisegcli.config import FitConfig, RunConfig, StrategyConfig
+
+    for cls, section in ((StrategyConfig, "strategies"), (FitConfig, "fit")):
+        rows = [s for s in SETTINGS if s.section == section]
+        assert [(f.name, f.type, f.default) for f in dataclasses.fields(cls)] == [
+            (s.field, s.type, s.default) for s in rows
+        ]
+    defaults = RunConfig()
+    for s in OPTIONS.values():  # every option sets a field the config has
+        runinfo._get(defaults, s.path)
+
+
+def test_route_sends_each_value_to_its_section():
+    given = {
+        "scheduled_sampling": 0.5,
+        "steps": 10,
+        "mask_steps": 5,
+        "no_text": True,
+        "paraphrases": 2,
+        "lr": None,  # left out: the preset's
+    }
+    assert route(given) == {
+        "": {"use_text": False, "paraphrases": 2},
+        "train": {"steps": 10},
+        "strategies": {"scheduled_sampling": 0.5},
+        "fit": {"mask_steps": 5},
+    }
+    assert route({"no_text": False}) == {"": {}, "train": {}, "strategies": {}, "fit": {}}
+    with pytest.raises(SettingError, match=r"^--image-input must be codes or pixels, not 'x'$"):
+        route({"image_input": "x"})
+
+
+def test_run_config_applies_the_settings_over_the_preset():
+    from mrisegcli.workflow.commands import run_config
+
+    cfg = run_config(
+        "cxr", "next-token", None, 3, scheduled_sampling=0.25, epochs=2, no_text=True, batch_size=8
+    )
+    assert cfg.preset == "cxr" and cfg.seed == 3 and cfg.train.seed == 3
+    assert cfg.strategies.scheduled_sampling == 0.25
+    assert cfg.strategies.mask_cell_image is True  # the preset's, not given
+    assert (cfg.train.epochs, cfg.train.steps) == (2, 0)  # epochs replace the step count
+    assert cfg.train.batch_size == 8 and cfg.fit.batch_size == 32  # train's, not the tokenizers'
+    assert cfg.use_text is False
+
+
+def test_resume_check_follows_the_table():
+    assert runinfo.OPTION_FIELDS is settings.OPTION_FIELDS
+    assert settings.OPTION_FIELDS["refine_code_noise"] == "strategies.refine_code_noise"
+    assert settings.OPTION_FIELDS["no_text"] == "use_text"
+    assert settings.RESUMABLE == ("steps", "eval_every", "ckpt_every", "max_minutes", "cpu_bf16")
+
+
+def test_next_token_model_takes_every_strategy_it_declares(monkeypatch):
+    import mrisegcli.tokenizers.text as text
+    from mrisegcli.config import run_preset
+    from mrisegcli.models.next_token import NextTokenConfig
+    from mrisegcli.paradigms import get_paradigm
+
+    monkeypatch.setattr(text, "text_vocab_size", lambda tok: 100)
+    cfg = run_preset("cxr")
+    cfg = dataclasses.replace(
+        cfg, strategies=dataclasses.replace(cfg.strategies, refine_code_noise=0.2, nktp_k=2)
+    )
+    bundle = SimpleNamespace(mask_vq=SimpleNamespace(codebook_size=64, grid=8), text=None)
+    mcfg = get_paradigm("next-token").model_config(cfg, bundle, n_train=10)
+    model_fields = {f.name for f in dataclasses.fields(NextTokenConfig)}
+    shared = model_fields & {f.name for f in dataclasses.fields(cfg.strategies)}
+    assert {"scheduled_sampling", "refine_code_noise", "mask_positions"} <= shared
+    for name in shared:
+        assert getattr(mcfg, name) == getattr(cfg.strategies, name), name
+    assert mcfg.encoder.stage_blocks == cfg.strategies.encoder_stage_blocks
+
+
+def test_the_command_line_reads_the_table_without_torch():
+    code = "import sys, mrisegcli.cli; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
