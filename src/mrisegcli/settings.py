@@ -5,7 +5,8 @@ value goes in a :class:`~mrisegcli.config.RunConfig` (``strategies.scheduled_sam
 type (a ``Literal`` lists the allowed values), its default, its help and its range, and whether
 a ``--resume`` may change it. From this table follow:
 
-* the ``mriseg train`` options (``cli.py`` turns each row with ``option=True`` into one);
+* the ``mriseg train`` options (``cli_support.with_settings`` turns each row with
+  ``option=True`` into one);
 * the config sections ``StrategyConfig`` and ``FitConfig`` (``config.py`` builds them from the
   rows of their section; ``TrainConfig`` and ``RunConfig`` declare their own fields and
   defaults, the rows here give their options);
@@ -202,7 +203,11 @@ def section_fields(section: str) -> list[tuple[str, Any, Any]]:
     """``(field, type, default)`` of every row of ``section``, for ``dataclasses.make_dataclass``."""
     from dataclasses import field
 
-    return [(s.field, s.type, field(default=s.default)) for s in SETTINGS if s.section == section]
+    rows = [s for s in SETTINGS if s.section == section]
+    missing = [s.name for s in rows if s.default is _MISSING]
+    if missing:
+        raise TypeError(f"settings of the {section} section without a default: {missing}")
+    return [(s.field, s.type, field(default=s.default)) for s in rows]
 
 
 def check_choice(name: str, value: Any) -> None:
