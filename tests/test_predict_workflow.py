@@ -6,44 +6,96 @@ import io
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from test_io_read import NIBABEL_FILES, PYDICOM_FILES, ct_series
 
+from mrisegcli.config import RunConfig
 from mrisegcli.errors import InputError, MrisegError, OutputExistsError
 from mrisegcli.io import read_mask, read_scan
 from mrisegcli.workflow.predict import (
+    ModelOptionError,
     ModelOutputError,
-    SlicePrediction,
+    PredictOptions,
     expand_inputs,
     plan_outputs,
-    predict_files,
+    predict_batch,
     validate_text,
 )
+from mrisegcli.workflow.segmenter import Prediction, Segmenter
 
 TEXT = "  Unilateral pulmonary infection, one infected area, all right lung.  "
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-class FakeSegmenter:
-    """Foreground = normalised image > 0.5; uncertainty = the image; two coarse-to-fine steps."""
+class FakeTokenizer:
+    """What a Segmenter reads of its text tokenizer: two tokens a prompt; records each call."""
 
-    def __init__(self, size: int = 32, *, with_extras: bool = True) -> None:
-        self.image_size = size
+    pad_token_id, eos_token_id = 0, None
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts, **kwargs):
+        self.calls.append(list(texts))
+        return {"input_ids": [[5, 6] for _ in texts]}
+
+
+class FakeSegmenter(Segmenter):
+    """A Segmenter whose decoding is a rule (:meth:`rule`) and all else its own (batching,
+    prompts, presence): foreground = normalised image > 0.5; with extras, uncertainty = the
+    image and two coarse-to-fine steps."""
+
+    def __init__(
+        self,
+        size: int = 32,
+        *,
+        with_extras: bool = True,
+        batch_size: int = 32,
+        paradigm: str = "next-scale",
+    ) -> None:
+        cfg = RunConfig(image_size=size, text_len=4)
+        text = SimpleNamespace(text=FakeTokenizer())
+        device = torch.device("cpu")
+        super().__init__(paradigm, torch.nn.Identity(), text, cfg, device, batch_size=batch_size)
         self.with_extras = with_extras
-        self.calls: list[tuple[tuple[int, ...], str]] = []
+        self.calls: list[tuple[tuple[int, ...], str]] = []  # (slices' shape, text) per input
+        self.batches: list[int] = []  # the batch sizes the model was given
 
-    def __call__(self, images_NSS: np.ndarray, text: str) -> SlicePrediction:
-        self.calls.append((images_NSS.shape, text))
-        prob = (images_NSS > 0.5).astype(np.float32)  # (N, S, S)
+    def predict(self, images_NSS, texts, **kwargs):
+        self.calls.append((images_NSS.shape, texts))
+        return super().predict(images_NSS, texts, **kwargs)
+
+    def predict_tensors(self, image_B1SS, text_ids, text_mask, **kwargs):
+        assert text_ids.shape == text_mask.shape == (image_B1SS.shape[0], 4)
+        self.batches.append(image_B1SS.shape[0])
+        return self.rule(image_B1SS[:, 0])
+
+    def rule(self, image_BSS: torch.Tensor) -> Prediction:
+        prob = (image_BSS > 0.5).float()
         if not self.with_extras:
-            return SlicePrediction(prob)
-        coarse = prob[:, ::4, ::4].repeat(4, axis=1).repeat(4, axis=2)  # (N, S, S), blocky
-        return SlicePrediction(prob, images_NSS.astype(np.float32), [coarse, prob])
+            return Prediction(prob)
+        coarse = prob[:, ::4, ::4].repeat_interleave(4, 1).repeat_interleave(4, 2)  # blocky
+        return Prediction(prob, image_BSS.clone(), [coarse, prob])
+
+
+def run_predict(model, inputs, text, *, out_dir, stdin=None, on_result=None, **options):
+    """:func:`predict_batch` with ``model`` already loaded and ``options`` the fields of
+    :class:`PredictOptions`."""
+    return predict_batch(
+        lambda: model,
+        inputs=inputs,
+        text=text,
+        options=PredictOptions(out_dir=out_dir, **options),
+        stdin=stdin,
+        on_result=on_result,
+    )
 
 
 def _box_png(
@@ -81,7 +133,7 @@ def test_text_validation(tmp_path):
     _box_png(tmp_path / "a.png")
     seg = FakeSegmenter()
     with pytest.raises(MrisegError, match="--text is empty"):
-        predict_files(seg, [tmp_path / "a.png"], " ", out_dir=tmp_path / "out")
+        run_predict(seg, [tmp_path / "a.png"], " ", out_dir=tmp_path / "out")
     assert seg.calls == [] and not (tmp_path / "out").exists()
 
 
@@ -92,9 +144,9 @@ def test_nonsquare_png_with_all_extras(tmp_path):
     truth = _box_png(tmp_path / "in" / "chest.png")
     seg = FakeSegmenter(32)
     seen = []
-    results = predict_files(
+    results = run_predict(
         seg, [str(tmp_path / "in" / "chest.png")], TEXT, out_dir=tmp_path / "out",
-        uncertainty=True, overlay=True, steps_png=True, on_result=seen.append,
+        uncertainty=True, samples=2, overlay=True, steps_png=True, on_result=seen.append,
     )  # fmt: skip
     (r,) = results
     assert seen == results and r.error is None
@@ -130,7 +182,7 @@ def test_nonsquare_png_with_all_extras(tmp_path):
 def test_jpeg_beside_input(tmp_path):
     truth = _box_png(tmp_path / "x-ray.jpg", shape=(60, 41), box=(slice(5, 50), slice(4, 20)),
                      fmt="JPEG")  # fmt: skip
-    (r,) = predict_files(FakeSegmenter(), [tmp_path / "x-ray.jpg"], TEXT, out_dir=None)
+    (r,) = run_predict(FakeSegmenter(), [tmp_path / "x-ray.jpg"], TEXT, out_dir=None)
     assert r.outputs["mask"] == tmp_path / "x-ray_mask.png"
     mask = read_mask(r.outputs["mask"])
     assert mask.shape == (60, 41) and _iou(mask, truth) > 0.85
@@ -138,7 +190,7 @@ def test_jpeg_beside_input(tmp_path):
 
 def test_dicom_file_gives_seg_referencing_source(tmp_path):
     src = PYDICOM_FILES / "CT_small.dcm"
-    (r,) = predict_files(FakeSegmenter(), [src], TEXT, out_dir=tmp_path, uncertainty=True)
+    (r,) = run_predict(FakeSegmenter(), [src], TEXT, out_dir=tmp_path, uncertainty=True, samples=2)
     assert r.outputs["mask"] == tmp_path / "CT_small_mask.dcm"
     assert r.outputs["uncertainty"] == tmp_path / "CT_small_uncertainty.nii.gz"
     seg = pydicom.dcmread(r.outputs["mask"])
@@ -160,7 +212,7 @@ def test_dicom_series_folder_is_one_input(tmp_path):
     paths = ct_series(tmp_path / "ct", n=4)
     assert expand_inputs([tmp_path / "ct"]) == [tmp_path / "ct"]
     seg = FakeSegmenter()
-    (r,) = predict_files(seg, [tmp_path / "ct"], TEXT, out_dir=None, overlay=True)
+    (r,) = run_predict(seg, [tmp_path / "ct"], TEXT, out_dir=None, overlay=True)
     assert seg.calls[0][0] == (4, 32, 32)  # all slices in one call
     assert r.outputs["mask"] == tmp_path / "ct_mask.dcm"  # beside the folder, not inside
     assert _files(tmp_path / "ct") == sorted(p.name for p in paths)
@@ -172,7 +224,7 @@ def test_dicom_series_folder_is_one_input(tmp_path):
     assert read_mask(r.outputs["mask"]).shape == (4, 128, 128)
     assert np.asarray(Image.open(r.outputs["overlay"])).shape == (128, 128, 3)
     with pytest.raises(InputError, match="volume.*--format nii or dcm"):
-        predict_files(seg, [tmp_path / "ct"], TEXT, out_dir=tmp_path / "o", fmt="png")
+        run_predict(seg, [tmp_path / "ct"], TEXT, out_dir=tmp_path / "o", fmt="png")
     assert not (tmp_path / "o").exists()
 
 
@@ -180,7 +232,8 @@ def test_nifti_volume_keeps_geometry(tmp_path):
     src = NIBABEL_FILES / "anatomical.nii"
     img = nib.load(src)
     seg = FakeSegmenter(16)
-    (r,) = predict_files(seg, [src], TEXT, out_dir=tmp_path, uncertainty=True, overlay=True)
+    (r,) = run_predict(seg, [src], TEXT, out_dir=tmp_path, uncertainty=True, samples=2,
+                       overlay=True)  # fmt: skip
     assert seg.calls[0][0] == (25, 16, 16)
     assert r.outputs["mask"] == tmp_path / "anatomical_mask.nii.gz"
     out = nib.load(r.outputs["mask"])
@@ -198,7 +251,7 @@ def test_nifti_volume_keeps_geometry(tmp_path):
     contour = np.all(over == [255, 230, 0], axis=-1)  # the contour colour marks mask pixels
     assert contour.any() and data[:, :, k].T[contour].all()
     with pytest.raises(InputError, match="volume.*--format nii"):
-        predict_files(seg, [src], TEXT, out_dir=tmp_path / "png", fmt="png")
+        run_predict(seg, [src], TEXT, out_dir=tmp_path / "png", fmt="png")
     assert not (tmp_path / "png").exists()
 
 
@@ -232,7 +285,7 @@ def test_mixed_folder_stdin_and_dedup(tmp_path):
         expand_inputs([tmp_path / "empty"])
     with pytest.raises(MrisegError, match="no inputs"):
         expand_inputs(["-"], io.StringIO("\n \n"))
-    results = predict_files(FakeSegmenter(), ["-"], TEXT, out_dir=tmp_path / "out",
+    results = run_predict(FakeSegmenter(), ["-"], TEXT, out_dir=tmp_path / "out",
                             stdin=io.StringIO(f"{d}\n"))  # fmt: skip
     assert [r.error for r in results] == [None] * 5
     assert _files(tmp_path / "out") == sorted(
@@ -274,11 +327,11 @@ def test_existing_outputs_refused_up_front_then_overwrite(tmp_path):
         (out / f"img{i}_mask.png").write_bytes(b"original")
     seg = FakeSegmenter()
     with pytest.raises(OutputExistsError, match=r"^4 output file\(s\) already exist.*and 1 more$"):
-        predict_files(seg, [tmp_path / "in"], TEXT, out_dir=out)
+        run_predict(seg, [tmp_path / "in"], TEXT, out_dir=out)
     assert seg.calls == []  # refused before the model ran
     assert _files(out) == ["img1_mask.png", "img2_mask.png", "img3_mask.png", "img5_mask.png"]
     assert all((out / n).read_bytes() == b"original" for n in _files(out))
-    results = predict_files(seg, [tmp_path / "in"], TEXT, out_dir=out, overwrite=True)
+    results = run_predict(seg, [tmp_path / "in"], TEXT, out_dir=out, overwrite=True)
     assert len(results) == 6 and _files(out) == sorted(n[:-4] + "_mask.png" for n in names)
     assert read_mask(out / "img1_mask.png").shape == (37, 53)
 
@@ -287,12 +340,12 @@ def test_collisions_refused(tmp_path):
     _box_png(tmp_path / "scan.png")
     _box_png(tmp_path / "scan.jpg", fmt="JPEG")
     with pytest.raises(MrisegError, match="scan.jpg and .*scan.png would both write"):
-        predict_files(FakeSegmenter(), [tmp_path], TEXT, out_dir=tmp_path / "out")
+        run_predict(FakeSegmenter(), [tmp_path], TEXT, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     _box_png(tmp_path / "b.png")
     _box_png(tmp_path / "b_mask.png")  # given explicitly, it is an input
     with pytest.raises(MrisegError, match="would replace the input"):
-        predict_files(FakeSegmenter(), [tmp_path / "b_mask.png", tmp_path / "b.png"], TEXT,
+        run_predict(FakeSegmenter(), [tmp_path / "b_mask.png", tmp_path / "b.png"], TEXT,
                       out_dir=None, overwrite=True)  # fmt: skip
     assert Image.open(tmp_path / "b_mask.png").size == (53, 37)
 
@@ -305,13 +358,13 @@ def test_out_dir_escape_refused(tmp_path):
     out.mkdir()
     (out / "a_mask.png").symlink_to(outside)
     with pytest.raises(MrisegError, match="outside the output folder"):
-        predict_files(FakeSegmenter(), [tmp_path / "in" / "a.png"], TEXT, out_dir=out,
+        run_predict(FakeSegmenter(), [tmp_path / "in" / "a.png"], TEXT, out_dir=out,
                       overwrite=True)  # fmt: skip
     assert outside.read_bytes() == b"keep me"
     # '..' in an input path only changes where it is read from, never where it is written
     (out / "a_mask.png").unlink()
     odd = tmp_path / "in" / ".." / "in" / "a.png"
-    (r,) = predict_files(FakeSegmenter(), [odd], TEXT, out_dir=out)
+    (r,) = run_predict(FakeSegmenter(), [odd], TEXT, out_dir=out)
     assert r.outputs["mask"].resolve().parent == out.resolve()
 
 
@@ -321,11 +374,11 @@ def test_bad_file_keep_going_and_stop(tmp_path):
     (d / "2bad.png").write_text("this is text, not a PNG")
     _box_png(d / "3good.png")
     with pytest.raises(InputError, match="2bad.png: not a valid PNG"):
-        predict_files(FakeSegmenter(), [d], TEXT, out_dir=tmp_path / "stop")
+        run_predict(FakeSegmenter(), [d], TEXT, out_dir=tmp_path / "stop")
     assert _files(tmp_path / "stop") == ["1good_mask.png"]  # earlier output complete, kept
     assert read_mask(tmp_path / "stop" / "1good_mask.png").shape == (37, 53)
     seen = []
-    results = predict_files(FakeSegmenter(), [d], TEXT, out_dir=tmp_path / "go", keep_going=True,
+    results = run_predict(FakeSegmenter(), [d], TEXT, out_dir=tmp_path / "go", keep_going=True,
                             on_result=seen.append)  # fmt: skip
     assert seen == results and [r.input.name for r in results] == [
         "1good.png",
@@ -344,23 +397,24 @@ def test_model_output_problems_leave_nothing(tmp_path):
     out = tmp_path / "out"
     seg = FakeSegmenter(with_extras=False)
     with pytest.raises(ModelOutputError, match="no uncertainty"):  # fatal even with keep_going
-        predict_files(seg, [tmp_path / "a.png"], TEXT, out_dir=out, uncertainty=True,
-                      keep_going=True)  # fmt: skip
+        run_predict(seg, [tmp_path / "a.png"], TEXT, out_dir=out, uncertainty=True, samples=2,
+                    keep_going=True)  # fmt: skip
     with pytest.raises(ModelOutputError, match="no coarse-to-fine steps"):
-        predict_files(seg, [tmp_path / "a.png"], TEXT, out_dir=out, steps_png=True)
+        run_predict(seg, [tmp_path / "a.png"], TEXT, out_dir=out, steps_png=True)
     assert _files(out) == []
 
     class BadSteps(FakeSegmenter):  # steps for the wrong number of slices: fails last
-        def __call__(self, images_NSS, text):
-            pred = super().__call__(images_NSS, text)
-            return SlicePrediction(pred.prob, pred.uncertainty, [np.zeros((3, 8, 8))])
+        def rule(self, image_BSS):
+            pred = super().rule(image_BSS)
+            return Prediction(pred.prob, pred.uncertainty, [torch.zeros(3, 8, 8)])
 
     with pytest.raises(ValueError, match="step map"):
-        predict_files(BadSteps(), [tmp_path / "a.png"], TEXT, out_dir=out, uncertainty=True,
-                      overlay=True, steps_png=True)  # fmt: skip
+        run_predict(BadSteps(), [tmp_path / "a.png"], TEXT, out_dir=out, uncertainty=True,
+                    samples=2, overlay=True, steps_png=True)  # fmt: skip
     assert _files(out) == []  # mask, uncertainty and overlay were written, then removed
     with pytest.raises(MrisegError, match="threshold"):
-        predict_files(seg, [tmp_path / "a.png"], TEXT, out_dir=out, threshold=1.5)
+        run_predict(seg, [tmp_path / "a.png"], TEXT, out_dir=out, threshold=1.5)
+    assert seg.calls == [((1, 32, 32), TEXT.strip())] * 2  # an impossible threshold: no model
 
 
 def test_threshold_moves_the_mask(tmp_path):
@@ -369,12 +423,12 @@ def test_threshold_moves_the_mask(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "ramp.png")
 
     class Ramp(FakeSegmenter):
-        def __call__(self, images_NSS, text):
-            return SlicePrediction(images_NSS.astype(np.float32))
+        def rule(self, image_BSS):
+            return Prediction(image_BSS.clone())
 
     fractions = []
     for t in (0.25, 0.5, 0.75):
-        (r,) = predict_files(Ramp(), [tmp_path / "ramp.png"], TEXT, out_dir=tmp_path / str(t),
+        (r,) = run_predict(Ramp(), [tmp_path / "ramp.png"], TEXT, out_dir=tmp_path / str(t),
                              threshold=t)  # fmt: skip
         fractions.append(r.foreground_fraction)
         mask = read_mask(r.outputs["mask"])
@@ -387,40 +441,7 @@ def test_threshold_moves_the_mask(tmp_path):
 # ----------------------------------------------------------------------------- one library call
 
 
-class FakeLoaded:
-    """What predict_batch uses of a loaded Segmenter: foreground = image > 0.5."""
-
-    class impl:  # the paradigm: no coarse-to-fine steps
-        has_steps = False
-
-    def __init__(self, size: int = 32, batch_size: int = 2) -> None:
-        import torch
-
-        self.image_size, self.batch_size, self.device = size, batch_size, torch.device("cpu")
-        self.encoded: list[list[str]] = []
-        self.batches: list[int] = []
-
-    def encode_text(self, texts):
-        import torch
-
-        self.encoded.append(list(texts))
-        return torch.ones(len(texts), 4, dtype=torch.long), torch.ones(
-            len(texts), 4, dtype=torch.bool
-        )
-
-    def predict_tensors(
-        self, image_B1SS, ids, mask, *, samples=1, temperature=None, generator=None, steps=False
-    ):
-        from mrisegcli.workflow.segmenter import Prediction
-
-        assert ids.shape == (image_B1SS.shape[0], 4) and mask.shape == ids.shape
-        self.batches.append(image_B1SS.shape[0])
-        return Prediction((image_B1SS[:, 0] > 0.5).float())
-
-
 def test_predict_batch_checks_first_then_tokenises_each_prompt_once(tmp_path):
-    from mrisegcli.workflow.predict import PredictOptions, predict_batch
-
     truth = _box_png(tmp_path / "in" / "a.png")
     _box_png(tmp_path / "in" / "b.png")
     vol = np.zeros((5, 20, 24), np.int16)  # (z, y, x): 5 slices, decoded in batches of 2
@@ -429,7 +450,7 @@ def test_predict_batch_checks_first_then_tokenises_each_prompt_once(tmp_path):
         nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), np.eye(4)),
         tmp_path / "in" / "c.nii.gz",
     )
-    loaded = FakeLoaded()
+    loaded = FakeSegmenter(batch_size=2, with_extras=False)
     results = predict_batch(
         lambda: loaded,
         inputs=[tmp_path / "in"],
@@ -437,7 +458,7 @@ def test_predict_batch_checks_first_then_tokenises_each_prompt_once(tmp_path):
         options=PredictOptions(out_dir=tmp_path / "out"),
     )
     assert [r.error for r in results] == [None, None, None]
-    assert loaded.encoded == [[TEXT.strip()]]  # one prompt, tokenised once for 3 inputs, 4 batches
+    assert loaded.bundle.text.calls == [[TEXT.strip()]]  # one prompt, tokenised once: 3 inputs
     assert loaded.batches == [1, 1, 2, 2, 1]
     assert _iou(read_mask(tmp_path / "out" / "a_mask.png"), truth) > 0.85
     assert results[2].slices == 5 and results[2].foreground_pixels > 0
@@ -454,8 +475,6 @@ def test_predict_batch_checks_first_then_tokenises_each_prompt_once(tmp_path):
 
 
 def test_predict_batch_prompts_file_and_model_options(tmp_path):
-    from mrisegcli.workflow.predict import ModelOptionError, PredictOptions, predict_batch
-
     _box_png(tmp_path / "a.png")
     _box_png(tmp_path / "b.png")
     rows = tmp_path / "prompts.jsonl"
@@ -466,13 +485,12 @@ def test_predict_batch_prompts_file_and_model_options(tmp_path):
         )
         + "\n"
     )
-    loaded = FakeLoaded()
+    loaded = FakeSegmenter(with_extras=False, paradigm="next-token")
     results = predict_batch(
         lambda: loaded, prompts=rows, options=PredictOptions(out_dir=tmp_path / "o")
     )
-    assert [r.text for r in results] == ["left lung", "left lung"] and loaded.encoded == [
-        ["left lung"]
-    ]
+    assert [r.text for r in results] == ["left lung", "left lung"]
+    assert loaded.bundle.text.calls == [["left lung"]]
     with pytest.raises(ModelOptionError, match="next-scale"):
         predict_batch(
             lambda: loaded,

@@ -11,32 +11,34 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from pydicom.uid import generate_uid
 from test_io_read import PYDICOM_FILES
+from test_predict_workflow import FakeSegmenter, run_predict
 
 from mrisegcli.io import read_mask, read_scan
 from mrisegcli.io.volume import VIEW_CODES, read_input_scan, slice_view
-from mrisegcli.workflow.predict import (
-    PredictResult,
-    SegmenterSlices,
-    SlicePrediction,
-    predict_files,
-)
+from mrisegcli.workflow.predict import PredictResult, SegmenterSlices
+from mrisegcli.workflow.segmenter import Prediction
 
 TEXT = "FLAIR hyperintense lesion."
 
 
-class RecordingModel:
-    """Foreground = normalised image > 0.5; keeps every batch of slices it was given."""
+class RecordingModel(FakeSegmenter):
+    """Foreground = normalised image > 0.5 (none with ``empty``); keeps the slices of every
+    input it was given."""
 
     def __init__(self, size: int = 16, empty: bool = False) -> None:
-        self.image_size, self.empty = size, empty
+        super().__init__(size, with_extras=False)
+        self.empty = empty
         self.seen: list[np.ndarray] = []
 
-    def __call__(self, images_NSS: np.ndarray, text: str) -> SlicePrediction:
+    def predict(self, images_NSS, texts, **kwargs):
         self.seen.append(images_NSS.copy())
-        prob = np.zeros_like(images_NSS) if self.empty else (images_NSS > 0.5)
-        return SlicePrediction(prob.astype(np.float32))
+        return super().predict(images_NSS, texts, **kwargs)
+
+    def rule(self, image_BSS):
+        return Prediction(torch.zeros_like(image_BSS) if self.empty else (image_BSS > 0.5).float())
 
 
 def _volume_XYZ(shape=(24, 20, 6), seed=0) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +68,7 @@ def test_las_volume_is_seen_in_radiological_view(tmp_path):
     affine[:3, 3] = [10, -20, 5]
     src = _save(tmp_path / "flair.nii.gz", data, affine)
     model = RecordingModel(size=data.shape[0])  # square, no resizing for the J axis' 20 -> 24
-    (r,) = predict_files(model, [src], TEXT, out_dir=tmp_path / "out")
+    (r,) = run_predict(model, [src], TEXT, out_dir=tmp_path / "out")
     scan = read_scan(src)
     view = slice_view(scan)
     assert view.oriented and view.source_codes == ("L", "A", "S")
@@ -97,7 +99,7 @@ def test_sagittal_volume_is_cut_axially(tmp_path):
     affine = np.array([[0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])
     src = _save(tmp_path / "sag.nii", data, affine)
     model = RecordingModel(size=16)
-    (r,) = predict_files(model, [src], TEXT, out_dir=tmp_path)
+    (r,) = run_predict(model, [src], TEXT, out_dir=tmp_path)
     assert model.seen[0].shape[0] == data.shape[1]  # the J axis points superior
     assert r.volume["stored_plane"] == "sagittal" and r.volume["sliced"] == "axial"
     assert r.volume["slices"] == 10 and r.slices == 8  # the source keeps its own slices
@@ -118,7 +120,7 @@ def test_volume_without_orientation_keeps_stored_slices(tmp_path):
     scan = read_scan(tmp_path / "plain.nii")
     assert not slice_view(scan).oriented
     model = RecordingModel()
-    (r,) = predict_files(model, [tmp_path / "plain.nii"], TEXT, out_dir=tmp_path / "o")
+    (r,) = run_predict(model, [tmp_path / "plain.nii"], TEXT, out_dir=tmp_path / "o")
     assert model.seen[0].shape[0] == 5 and r.volume["sliced"] == "as stored"
 
 
@@ -161,7 +163,7 @@ def test_4d_channel_last_gives_first_channel_and_3d_mask(tmp_path):
     assert scan.shape == (4, 16, 16) and scan.meta["channels"] == 2
     with pytest.raises(Exception, match="BRATS_001.nii.gz: has 2 channels.*channel 5"):
         read_input_scan(src, channel=5)
-    (r,) = predict_files(RecordingModel(), [src], TEXT, out_dir=tmp_path / "o")
+    (r,) = run_predict(RecordingModel(), [src], TEXT, out_dir=tmp_path / "o")
     out = nib.load(r.outputs["mask"])
     assert out.shape == (16, 16, 4)  # 3-D: one mask for the volume
     np.testing.assert_allclose(out.affine, affine)
@@ -172,7 +174,7 @@ def test_4d_channel_last_gives_first_channel_and_3d_mask(tmp_path):
 def test_empty_volume_is_not_found(tmp_path):
     data, _ = _volume_XYZ()
     src = _save(tmp_path / "v.nii.gz", data, np.diag([-1.0, 1, 1, 1]))
-    (r,) = predict_files(RecordingModel(empty=True), [src], TEXT, out_dir=tmp_path / "o")
+    (r,) = run_predict(RecordingModel(empty=True), [src], TEXT, out_dir=tmp_path / "o")
     assert not r.found and r.foreground_pixels == 0
     assert r.volume["slices_with_foreground"] == 0 and r.volume["foreground_ml"] == 0
     assert not np.asarray(nib.load(r.outputs["mask"]).dataobj).any()
@@ -182,14 +184,14 @@ def test_presence_comes_from_the_models_slices(tmp_path):
     """A model that reports a per-slice presence: the volume's presence is its highest."""
 
     class WithPresence(RecordingModel):
-        def __call__(self, images_NSS, text):
-            pred = super().__call__(images_NSS, text)
-            pred.presence = np.linspace(0.1, 0.7, len(images_NSS)).astype(np.float32)
+        def predict(self, images_NSS, texts, **kwargs):
+            pred = super().predict(images_NSS, texts, **kwargs)
+            pred.presence = torch.linspace(0.1, 0.7, len(images_NSS))
             return pred
 
     data, _ = _volume_XYZ()
     src = _save(tmp_path / "v.nii.gz", data, np.diag([-1.0, 1, 1, 1]))
-    (r,) = predict_files(WithPresence(), [src], TEXT, out_dir=tmp_path / "o")
+    (r,) = run_predict(WithPresence(), [src], TEXT, out_dir=tmp_path / "o")
     assert r.presence == pytest.approx(0.7)
 
 
@@ -223,7 +225,7 @@ def mr_series(folder: Path, n: int = 6) -> tuple[list[Path], np.ndarray]:
 def test_dicom_mr_series_gives_seg_of_every_slice(tmp_path):
     paths, truth = mr_series(tmp_path / "mr")
     model = RecordingModel(size=64)  # no resizing: the mask is the box exactly
-    (r,) = predict_files(model, [tmp_path / "mr"], TEXT, out_dir=tmp_path / "o")
+    (r,) = run_predict(model, [tmp_path / "mr"], TEXT, out_dir=tmp_path / "o")
     assert r.outputs["mask"].name == "mr_mask.dcm" and r.modality == "MR"
     seg = pydicom.dcmread(r.outputs["mask"])
     refs = {i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
@@ -237,21 +239,6 @@ def test_dicom_mr_series_gives_seg_of_every_slice(tmp_path):
 
 def test_segmenter_slices_progress_per_volume():
     """Slices decoded in batches of the segmenter's batch size, one bar per volume."""
-    import torch
-
-    class Seg:
-        image_size, batch_size, device = 8, 4, torch.device("cpu")
-
-        def encode_text(self, texts):
-            return torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool)
-
-        def predict_tensors(self, img, ids, mask, **kw):
-            class P:
-                prob = img[:, 0] * 0
-                uncertainty = steps = presence = None
-
-            return P()
-
     bars: list[tuple[str, int | None, list]] = []
 
     @contextmanager
@@ -260,12 +247,14 @@ def test_segmenter_slices_progress_per_volume():
         bars.append((description, total, calls))
         yield lambda done, total=None: calls.append((done, total))
 
-    model = SegmenterSlices(Seg(), stage=stage)
+    seg = FakeSegmenter(8, batch_size=4, with_extras=False)
+    model = SegmenterSlices(seg, stage=stage)
     pred = model(np.zeros((10, 8, 8), np.float32), TEXT, label="v.nii.gz: 10 slices")
-    assert pred.prob.shape == (10, 8, 8)
+    assert pred.prob.shape == (10, 8, 8) and pred.prob.dtype == np.float32
     assert bars == [("v.nii.gz: 10 slices", 10, [(4, 10), (8, 10), (10, 10)])]
+    assert seg.batches == [4, 4, 2]
     model(np.zeros((1, 8, 8), np.float32), TEXT)  # no label (a 2-D image): no bar
-    assert len(bars) == 1
+    assert len(bars) == 1 and seg.bundle.text.calls == [[TEXT]]  # tokenised once
 
 
 def test_result_json_of_a_2d_image_has_no_volume():

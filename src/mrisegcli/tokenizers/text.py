@@ -332,9 +332,17 @@ def encode_texts(
     empty or whitespace-only text gives a row of padding with an all-False mask: the model then
     sees no text at all, only its image tokens.
     """
+    return pad_token_rows(tok, token_ids(tok, texts), max_len)
+
+
+def pad_token_rows(
+    tok: PreTrainedTokenizerBase, rows: list[list[int]], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of :func:`token_ids` -> ``(ids_BL, mask_BL)`` as :func:`encode_texts` gives them:
+    each cut to ``max_len`` and padded with ``tok``'s pad id."""
     if max_len < 1:
         raise ValueError("max_len must be >= 1")
-    rows = [row[:max_len] for row in token_ids(tok, texts)]
+    rows = [row[:max_len] for row in rows]
     pad = pad_id(tok)
     ids_BL = torch.tensor([row + [pad] * (max_len - len(row)) for row in rows], dtype=torch.int64)
     lens_B = torch.tensor([len(row) for row in rows], dtype=torch.int64)

@@ -43,11 +43,11 @@ def refresh_synonyms(seg: Segmenter, texts: list[str]) -> dict[str, Any]:
     training text exactly as the rules it was trained with (so the model sees the same tokens
     for what it learnt, and folds the new wordings onto them) -> what was done."""
     from mrisegcli.data.paraphrase import synonym_domain
-    from mrisegcli.tokenizers.text import _pipeline, _wrap
+    from mrisegcli.tokenizers.text import with_synonym_rules
 
     old = seg.bundle.text
     domain = synonym_domain(texts)
-    new = _wrap(_pipeline(dict(old.get_vocab()), domain))
+    new = with_synonym_rules(old, domain)
     if new.backend_tokenizer.to_str() == old.backend_tokenizer.to_str():
         return {"refreshed": False, "domain": domain, "reason": "the rules are today's"}
     before = old.backend_tokenizer.normalizer.normalize_str
@@ -59,8 +59,7 @@ def refresh_synonyms(seg: Segmenter, texts: list[str]) -> dict[str, Any]:
             "domain": domain,
             "reason": f"today's rules read {differ} training texts differently",
         }
-    seg.bundle.text = new
-    seg._checked.clear()
+    seg.set_text_tokenizer(new)
     return {"refreshed": True, "domain": domain, "texts_checked": len(texts)}
 
 

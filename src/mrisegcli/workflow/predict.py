@@ -1,22 +1,22 @@
 """The file side of ``mriseg predict``: inputs -> planned outputs -> a mask on each scan's grid.
 
-The model is any :class:`SliceModel`: a callable from square slices to probabilities, so
-the planning and running here do not depend on the model code (:class:`SegmenterSlices` puts a
-loaded :class:`~mrisegcli.workflow.segmenter.Segmenter` behind that interface). A batch runs in
-two stages:
+:func:`predict_batch` is the one entry point (the command line, the benchmarks and the tests
+call it). A batch runs in two stages:
 
 1. :func:`~mrisegcli.io.discover.expand_inputs` turns files, folders and ``-`` (paths on stdin)
-   into a list of inputs (a folder holding one DICOM series is one input), and
-   :func:`plan_outputs` decides every output path up front: name collisions, outputs that
-   already exist and paths outside ``out_dir`` are refused before any model work, so a batch
-   never stops half-written on names.
-2. :func:`run_plans` reads each scan, asks the model for every slice, resizes the
-   probabilities back to each slice's own (H, W), thresholds them and writes the mask (and
-   optionally uncertainty, overlay and coarse-to-fine pictures). Each file is written atomically;
-   when one output of an input fails, that input's other outputs are removed again.
+   into a list of inputs (a folder holding one DICOM series is one input), or a prompts file
+   gives the inputs and a text for each; :func:`plan_outputs` decides every output path up
+   front: name collisions, outputs that already exist and paths outside ``out_dir`` are refused
+   before any model work, so a batch never stops half-written on names.
+2. Only then is the model loaded, and each input is read, its slices segmented, the
+   probabilities resized back to each slice's own (H, W), thresholded and written (the mask,
+   optionally uncertainty, overlay and coarse-to-fine pictures). Each file is written
+   atomically; when one output of an input fails, that input's other outputs are removed again.
 
-:func:`predict_batch` does both for the command line: it checks inputs and outputs, loads the
-model only then, and runs every input with each prompt validated and tokenised once.
+The running side sees the model as a :class:`SliceModel` (square slices and a text ->
+probabilities), so the file handling here does not depend on the model code:
+:class:`SegmenterSlices` puts a loaded :class:`~mrisegcli.workflow.segmenter.Segmenter` behind
+that interface, and its batching is :meth:`Segmenter.predict`'s.
 """
 
 from __future__ import annotations
@@ -525,35 +525,6 @@ def _decode(model: SliceModel, images_NSS: np.ndarray, text: str, path: Path) ->
     return model(images_NSS, text)
 
 
-def run_plans(
-    model: SliceModel,
-    plans: Sequence[PlannedOutput],
-    text: str | Sequence[str],
-    *,
-    overwrite: bool = False,
-    threshold: float = 0.5,
-    keep_going: bool = False,
-    on_result: Callable[[PredictResult], None] | None = None,
-) -> list[PredictResult]:
-    """Segment every planned input (see :func:`predict_files`).
-
-    ``text`` is one prompt for every input, or a sequence of one prompt per plan (in order).
-    """
-    if isinstance(text, str):
-        texts = [validate_text(text)] * len(plans)
-    else:
-        texts = [validate_text(t) for t in text]
-    return _run_checked(
-        model,
-        plans,
-        texts,
-        overwrite=overwrite,
-        threshold=threshold,
-        keep_going=keep_going,
-        on_result=on_result,
-    )
-
-
 class ModelPerInput:
     """The model of each input when inputs are routed (:func:`predict_batch` with ``route``):
     ``routes`` maps each input to its route (any object; its ``model`` attribute, else itself,
@@ -577,7 +548,7 @@ def _model_for(model: SliceModel | ModelPerInput, plan: PlannedOutput) -> tuple[
     return model, None
 
 
-def _run_checked(
+def _run_plans(
     model: SliceModel | ModelPerInput,
     plans: Sequence[PlannedOutput],
     texts: Sequence[str],
@@ -587,13 +558,9 @@ def _run_checked(
     keep_going: bool,
     on_result: Callable[[PredictResult], None] | None,
 ) -> list[PredictResult]:
-    """:func:`run_plans` with ``texts`` already validated, one per plan."""
-    if len(texts) != len(plans):
-        raise MrisegError(
-            f"{len(texts)} texts for {len(plans)} inputs: give one text, or one per input"
-        )
-    if not 0.0 <= threshold <= 1.0:
-        raise MrisegError(f"threshold must be in [0, 1], got {threshold}")
+    """Segment every planned input with its text (validated, one per plan), in order; a
+    refused prompt writes nothing; with ``keep_going`` a failed input is recorded in its
+    result and the batch goes on; ``on_result`` sees each result as soon as it is done."""
     results = []
     for plan, prompt in zip(plans, texts, strict=True):
         start = time.perf_counter()
@@ -621,50 +588,14 @@ def _run_checked(
     return results
 
 
-def predict_files(
-    model: SliceModel,
-    inputs: Sequence[str | Path],
-    text: str,
-    *,
-    out_dir: str | Path | None,
-    fmt: str = "auto",
-    overwrite: bool = False,
-    uncertainty: bool = False,
-    overlay: bool = False,
-    steps_png: bool = False,
-    threshold: float = 0.5,
-    keep_going: bool = False,
-    on_result: Callable[[PredictResult], None] | None = None,
-    stdin: TextIO | None = None,
-) -> list[PredictResult]:
-    """Segment what ``text`` describes in every input and write one mask per input.
-
-    Inputs are expanded (:func:`expand_inputs`) and every output planned and checked
-    (:func:`plan_outputs`) before the model runs. Masks lie on each scan's own grid
-    (prob > ``threshold``). A bad input raises (its outputs are not written; earlier inputs'
-    files are complete and stay), or with ``keep_going`` is recorded in its result's ``error``
-    and the batch goes on. ``on_result`` sees each result as soon as it is done.
-    """
-    text = validate_text(text)
-    paths = expand_inputs(inputs, stdin)
-    plans = plan_outputs(
-        paths, out_dir, fmt, overwrite=overwrite, uncertainty=uncertainty, overlay=overlay,
-        steps_png=steps_png, keep_going=keep_going,
-    )  # fmt: skip
-    return _run_checked(
-        model, plans, [text] * len(plans), overwrite=overwrite, threshold=threshold,
-        keep_going=keep_going, on_result=on_result,
-    )  # fmt: skip
-
-
 # ----------------------------------------------------------------------------- a loaded model
 
 
 class SegmenterSlices:
     """A loaded :class:`~mrisegcli.workflow.segmenter.Segmenter` as the :class:`SliceModel`
-    of this module: each prompt is tokenised (and checked against the model's text context) once
-    for the whole batch, an input's slices are decoded in batches of the segmenter's batch size,
-    and the sampling restarts from ``seed`` for every input."""
+    of this module: an input's slices go through :meth:`Segmenter.predict` (batches of the
+    segmenter's batch size, each prompt tokenised once for the whole batch of inputs), and the
+    sampling restarts from ``seed`` for every input."""
 
     def __init__(
         self,
@@ -694,63 +625,35 @@ class SegmenterSlices:
         )
         self.force = force  # run prompts outside the model's scope too
         self.stage = stage  # a progress factory: one bar per volume (see :func:`_decode`)
-        self._tokens: dict[str, tuple[Any, Any]] = {}
-
-    def tokens(self, text: str) -> tuple[Any, Any]:
-        """Token ids and mask of one prompt, (1, L) on the model's device; tokenised once."""
-        if text not in self._tokens:
-            self._tokens[text] = self.seg.encode_text([text])
-        return self._tokens[text]
 
     def __call__(self, images_NSS: np.ndarray, text: str, label: str = "") -> SlicePrediction:
         """Decode every slice; with a ``label`` and a stage, under a progress bar of that name."""
         if self.stage is None or not label:
-            return self._decode_slices(images_NSS, text, None)
+            return self._predict(images_NSS, text, None)
         with self.stage(label, len(images_NSS)) as progress:
-            return self._decode_slices(images_NSS, text, progress)
+            return self._predict(images_NSS, text, progress)
 
-    def _decode_slices(
+    def _predict(
         self, images_NSS: np.ndarray, text: str, progress: Callable[..., Any] | None
     ) -> SlicePrediction:
-        import torch
+        p = self.seg.predict(
+            images_NSS,
+            text,
+            samples=self.samples,
+            temperature=self.temperature,
+            seed=self.seed,
+            steps=self.steps,
+            progress=progress,
+        )
 
-        seg = self.seg
-        ids_1L, mask_1L = self.tokens(text)
-        generator = None
-        if self.seed is not None:
-            generator = torch.Generator(device=seg.device).manual_seed(self.seed)
-        per = max(1, seg.batch_size // max(1, self.samples))
-        probs, uncs, step_lists, presences = [], [], [], []
-        for start in range(0, len(images_NSS), per):
-            img = torch.from_numpy(
-                np.ascontiguousarray(images_NSS[start : start + per], np.float32)
-            )
-            n = img.shape[0]
-            p = seg.predict_tensors(
-                img[:, None].to(seg.device),
-                ids_1L.repeat(n, 1),
-                mask_1L.repeat(n, 1),
-                samples=self.samples,
-                temperature=self.temperature,
-                generator=generator,
-                steps=self.steps,
-            )
-            probs.append(p.prob.float().cpu().numpy())
-            if p.presence is not None:
-                presences.append(p.presence.float().cpu().numpy())
-            if p.uncertainty is not None:
-                uncs.append(p.uncertainty.float().cpu().numpy())
-            if p.steps is not None:
-                step_lists.append([s.float().cpu().numpy() for s in p.steps])
-            if progress is not None:
-                progress(start + n, len(images_NSS))
+        def arr(t: Any) -> np.ndarray:
+            return t.float().numpy()
+
         return SlicePrediction(
-            prob=np.concatenate(probs),
-            uncertainty=np.concatenate(uncs) if uncs else None,
-            steps=[np.concatenate(parts) for parts in zip(*step_lists, strict=True)]
-            if step_lists
-            else None,
-            presence=np.concatenate(presences) if presences else None,
+            prob=arr(p.prob),
+            uncertainty=None if p.uncertainty is None else arr(p.uncertainty),
+            steps=None if p.steps is None else [arr(s) for s in p.steps],
+            presence=None if p.presence is None else arr(p.presence),
         )
 
     def refusal(self, text: str) -> str | None:
@@ -830,16 +733,19 @@ def predict_batch(
     of its route: ``load_model(route)`` is called once per model (its ``model`` attribute),
     when the first input that needs it comes, and each result names it in ``model``.
 
-    Inputs, texts and every output path are checked first; only then is the model loaded with
-    ``load_model()`` (a :class:`~mrisegcli.workflow.segmenter.Segmenter`, or any object with
-    ``image_size``, ``impl`` (its paradigm), ``batch_size``, ``device``, ``encode_text`` and
-    ``predict_tensors``). Each prompt is validated and tokenised once. With
-    ``options.keep_going`` a bad input is recorded in its result's ``error`` and the batch goes
-    on; ``on_result`` sees each result as soon as it is written.
+    Inputs, texts, options and every output path are checked first; only then is the model
+    loaded with ``load_model()`` (a :class:`~mrisegcli.workflow.segmenter.Segmenter`, or an
+    object with its ``image_size``, ``impl`` (the paradigm) and ``predict``). Each prompt is
+    validated and tokenised once. Masks lie on each scan's own grid (probability >
+    ``options.threshold``). A bad input raises (its outputs are not written; earlier inputs'
+    files are complete and stay), or with ``options.keep_going`` is recorded in its result's
+    ``error`` and the batch goes on; ``on_result`` sees each result as soon as it is written.
     """
     o = options
     if o.uncertainty and o.samples < 2:
         raise ModelOptionError("an uncertainty map needs 2 or more samples")
+    if not 0.0 <= o.threshold <= 1.0:
+        raise MrisegError(f"threshold must be in [0, 1], got {o.threshold}")
     errors: dict[Path, str] | None = {} if o.keep_going else None
     paths, texts = _gather(inputs, text, prompts, stdin, errors)
     plans = plan_outputs(
@@ -874,7 +780,7 @@ def predict_batch(
     else:
         routes = {p.input: route(p.input) for p in plans if p.error is None}
         model = ModelPerInput(routes, lambda r: slice_model(load_model(r)))
-    return _run_checked(
+    return _run_plans(
         model,
         plans,
         texts,
@@ -903,9 +809,7 @@ __all__ = [
     "expand_inputs",
     "plan_outputs",
     "predict_batch",
-    "predict_files",
     "prompt_inputs",
     "read_prompts",
-    "run_plans",
     "validate_text",
 ]

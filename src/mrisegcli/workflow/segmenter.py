@@ -7,7 +7,7 @@ an uncertainty map) whatever the paradigm; ``load_segmenter`` rebuilds one from 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,8 @@ class Segmenter:
         self.image_size = cfg.image_size
         #: called with a one-line message when a prompt is cut to the text context
         self.warn: Any = None
-        self._checked: set[str] = set()  # prompts already checked against the text context
+        # each prompt's (L,) token ids and mask on the CPU, tokenised once (encode_text)
+        self._tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.amp_dtype = torch.bfloat16 if device.type == "cuda" else None
         #: the presence head (presence.py) and its threshold: below it a mask is empty
         self.presence_head: torch.nn.Module | None = None
@@ -163,22 +164,38 @@ class Segmenter:
             return np.ones(n, bool)
         return presence.cpu().numpy() >= self.presence_threshold
 
-    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and mask of the prompts; a prompt longer than the model's text context is
-        cut to it, and :attr:`warn` (when set) is told so once per prompt, naming the count."""
-        from mrisegcli.tokenizers.text import encode_texts, token_ids
+    def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) token ids and mask of the prompts on the device, L the model's text context.
+        Each prompt is tokenised once for the life of the Segmenter (a batch of inputs with one
+        prompt tokenises it once); a prompt longer than the text context is cut to it, and
+        :attr:`warn` (when set) is told so once, naming the count."""
+        from mrisegcli.tokenizers.text import pad_token_rows, token_ids
 
         n = self.cfg.text_len
-        new = [t for t in dict.fromkeys(texts) if t not in self._checked]  # each prompt once
-        for text, row in zip(new, token_ids(self.bundle.text, new), strict=True):
-            self._checked.add(text)
-            if len(row) > n and self.warn is not None:
-                self.warn(
-                    f"the prompt has {len(row)} tokens; the model reads the first {n} "
-                    f"and {len(row) - n} token(s) are dropped: {text[:60]!r}"
-                )
-        ids, mask = encode_texts(self.bundle.text, texts, n)
+        new = [t for t in dict.fromkeys(texts) if t not in self._tokens]
+        if new:
+            rows = token_ids(self.bundle.text, new)
+            for text, row in zip(new, rows, strict=True):
+                if len(row) > n and self.warn is not None:
+                    self.warn(
+                        f"the prompt has {len(row)} tokens; the model reads the first {n} "
+                        f"and {len(row) - n} token(s) are dropped: {text[:60]!r}"
+                    )
+            ids, mask = pad_token_rows(self.bundle.text, rows, n)
+            self._tokens.update(zip(new, zip(ids, mask, strict=True), strict=True))
+        if not texts:
+            return (
+                torch.zeros(0, n, dtype=torch.int64, device=self.device),
+                torch.zeros(0, n, dtype=torch.bool, device=self.device),
+            )
+        ids = torch.stack([self._tokens[t][0] for t in texts])
+        mask = torch.stack([self._tokens[t][1] for t in texts])
         return ids.to(self.device), mask.to(self.device)
+
+    def set_text_tokenizer(self, tok: Any) -> None:
+        """Read prompts with ``tok`` from now on (the prompts tokenised so far are forgotten)."""
+        self.bundle.text = tok
+        self._tokens.clear()
 
     def hide_text(self, text_mask: torch.Tensor) -> torch.Tensor:
         """The text mask the model is given: all padding for an image-only model."""
@@ -255,22 +272,29 @@ class Segmenter:
             return None
         from mrisegcli.presence import presence_features
 
-        x = self.impl.model_input(self.model, self.bundle, image_B1SS)
+        x = self.image_input(image_B1SS)
         feats = presence_features(self.impl, self.model, x, text_ids, self.hide_text(text_mask))
         return torch.sigmoid(self.presence_head(feats)).float()
 
     def predict(
         self,
         images_NSS: np.ndarray,
-        texts: list[str],
+        texts: str | Sequence[str],
         *,
         samples: int = 1,
         temperature: float | None = None,
         seed: int | None = None,
         steps: bool = False,
         parts: bool = False,
+        progress: Callable[[int, int], Any] | None = None,
     ) -> Prediction:
-        """Numpy images (N, S, S) in [0, 1] with one text each -> CPU probabilities, batched."""
+        """Numpy images (N, S, S) in [0, 1] with one text each (or one text for all) -> CPU
+        probabilities: the one batching loop of inference (``mriseg predict``, ``evaluate``,
+        :meth:`segment`). Batches of ``batch_size // samples`` images go to
+        :meth:`predict_tensors`; with a ``seed`` the sampling starts from it; ``progress(done,
+        total)`` is called after each batch."""
+        if isinstance(texts, str):
+            texts = [texts] * len(images_NSS)
         if len(texts) != len(images_NSS):
             raise ValueError("one text per image")
         generator = None
@@ -278,9 +302,7 @@ class Segmenter:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         probs, uncs, step_lists, part_lists, presences = [], [], [], [], []
         per = max(1, self.batch_size // max(1, samples))
-        all_ids, all_tmask = self.encode_text(
-            list(texts)
-        )  # every prompt checked and tokenised once
+        all_ids, all_tmask = self.encode_text(texts)  # each prompt tokenised once
         for start in range(0, len(images_NSS), per):
             img = torch.from_numpy(
                 np.ascontiguousarray(images_NSS[start : start + per], np.float32)
@@ -305,6 +327,8 @@ class Segmenter:
                 uncs.append(p.uncertainty.cpu())
             if p.steps is not None:
                 step_lists.append([s.cpu() for s in p.steps])
+            if progress is not None:
+                progress(min(start + per, len(images_NSS)), len(images_NSS))
         steps_out = (
             [torch.cat(parts) for parts in zip(*step_lists, strict=True)] if step_lists else None
         )
