@@ -2,7 +2,7 @@
 # The declared dependency floors, tested: a fresh venv (outside the source tree) with CPU torch,
 # then the package with every dependency pinned at its floor (.ci/constraints-min.txt), then the
 # tests that touch those libraries (Hub client, tokenizers/transformers, DICOM/NIfTI/image I/O,
-# spreadsheets, the CLI).
+# spreadsheets, the CLI, MONAI as the metrics' reference).
 #
 #   bash .ci/min_versions.sh
 #
@@ -48,4 +48,4 @@ PY
 python -m pytest -q -p no:cacheprovider \
   tests/test_hub_and_runinfo.py tests/test_push.py tests/test_text_tokenizer.py \
   tests/test_io_read.py tests/test_io_write.py tests/test_data_layouts.py tests/test_atomic_and_cli.py \
-  tests/test_volume_metrics.py tests/test_nnunet_layout.py
+  tests/test_volume_metrics.py tests/test_metrics_vs_monai.py tests/test_nnunet_layout.py
