@@ -59,6 +59,28 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[-1] < lrs[10] and lrs[-1] >= CFG.lr * CFG.min_lr_ratio
 
 
+def test_lr_schedule_by_steps_is_the_library_cosine():
+    """Without a time budget, after the warm-up, ``lr_at`` is transformers' cosine schedule
+    with a floor (``get_cosine_with_min_lr_schedule_with_warmup`` driving a torch LambdaLR);
+    in the warm-up ours is one step ahead (its first step is not spent at lr 0)."""
+    import transformers
+
+    cfg = TrainConfig(steps=200, lr=3e-3, warmup_steps=20, min_lr_ratio=0.05)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = transformers.get_cosine_with_min_lr_schedule_with_warmup(
+        opt, cfg.warmup_steps, cfg.steps, min_lr_rate=cfg.min_lr_ratio
+    )
+    theirs = []
+    for _ in range(cfg.steps):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = [lr_at(s, cfg, cfg.steps) for s in range(cfg.steps)]
+    w = cfg.warmup_steps
+    assert ours[w:] == pytest.approx(theirs[w:], rel=1e-9, abs=1e-15)
+    assert ours[: w - 1] == pytest.approx(theirs[1:w], rel=1e-9)  # one step ahead
+
+
 def test_training_reduces_loss_and_keeps_best(tmp_path):
     torch.manual_seed(0)
     model = Toy()

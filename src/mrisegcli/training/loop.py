@@ -108,6 +108,15 @@ def lr_at(step: int, cfg: TrainConfig, total: int, done: float | None = None) ->
     ``done``: the fraction of a time budget spent; the decay then follows whichever of steps
     and time is further along, and the warm-up ends at ``warmup_steps`` or at
     :data:`WARMUP_SHARE` of the time, whichever comes first.
+
+    By steps alone this is transformers' ``get_cosine_with_min_lr_schedule_with_warmup``
+    (tests compare them), except that the warm-up's first step is not spent at lr 0. It stays
+    ours because of ``done``: the library schedules (``torch.optim.lr_scheduler``,
+    transformers') are functions of a step counter the scheduler advances after each
+    optimiser step, while under ``--max-minutes`` the rate follows the clock read when the
+    step starts (validation and checkpoint time included) and the warm-up ends with its share
+    of the budget. A ``LambdaLR`` around this function would only add a counter to checkpoint
+    and set each rate one step's time early, which changes the rates of a budgeted run.
     """
     if step < cfg.warmup_steps:
         warm = (step + 1) / cfg.warmup_steps
