@@ -92,6 +92,20 @@ def test_run_config_applies_the_settings_over_the_preset():
     assert cfg.use_text is False
 
 
+@pytest.mark.parametrize(
+    ("size", "preset", "side"),
+    [(None, "cxr", 128), (128, "cxr", 128), (256, "cxr", 256), (136, "cpu", 136),
+     (96, "cpu", 96), (64, "cpu", 64), (48, "tiny", 48), (32, "tiny", 32)],
+)  # fmt: skip
+def test_a_run_without_preset_gets_the_best_measured_one_that_fits_its_size(size, preset, side):
+    from mrisegcli.workflow.commands import run_config
+
+    cfg = run_config(None, "next-token", size, 0)
+    assert (cfg.preset, cfg.image_size, cfg.mask_vq.image_size) == (preset, side, side)
+    named = run_config("tiny", "next-token", size, 0)  # a preset named is the one used
+    assert named.preset == "tiny"
+
+
 def test_resume_check_follows_the_table():
     assert runinfo.OPTION_FIELDS is settings.OPTION_FIELDS
     assert settings.OPTION_FIELDS["refine_code_noise"] == "strategies.refine_code_noise"

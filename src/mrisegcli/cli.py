@@ -181,8 +181,9 @@ def tokenize(
         Paradigm, typer.Option(help="Which tokenizers to fit.")
     ] = Paradigm.next_token,
     preset: Annotated[
-        Preset, typer.Option(help="Preset for the tokenizers' fitting budget.")
-    ] = Preset.tiny,
+        Preset | None,
+        typer.Option(help="Preset for the tokenizers' fitting budget (default: as train's)."),
+    ] = None,
     size: Annotated[int | None, typer.Option(help="Model input side in pixels.")] = None,
     layout: LayoutOpt = None,
     texts: TextsOpt = None,

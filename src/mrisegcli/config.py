@@ -157,6 +157,16 @@ if tuple(RUN_PRESETS) != PRESETS:  # the command line offers settings.PRESETS
     raise ImportError(f"settings.PRESETS {PRESETS} differs from RUN_PRESETS {tuple(RUN_PRESETS)}")
 
 
+def default_preset(size: int | None) -> str:
+    """The preset a run gets when none is named: ``cxr`` (the one that leads the U-Net + text
+    at 15 minutes on kvasir-seg, jsrt and cxr-infection in docs/benchmarks.md) wherever its
+    16-pixel mask tokens fit (``size`` left out, i.e. 128, or a multiple of 16 from 128 up);
+    the 64-pixel quickstart ``cpu`` from 64 pixels; ``tiny`` below."""
+    if size is None or (size >= 128 and size % 16 == 0):
+        return "cxr"
+    return "cpu" if size >= 64 else "tiny"
+
+
 def run_preset(name: str) -> RunConfig:
     if name not in RUN_PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(RUN_PRESETS)}")
@@ -246,6 +256,7 @@ __all__ = [
     "RunConfig",
     "StrategyConfig",
     "RUN_PRESETS",
+    "default_preset",
     "run_preset",
     "with_image_size",
     "to_dict",

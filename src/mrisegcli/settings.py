@@ -96,8 +96,9 @@ _S = "strategies."
 SETTINGS: tuple[Setting, ...] = (
     # ------------------------------------------------------------------ the run and its schedule
     _row("paradigm", "paradigm", ParadigmName, "Autoregressive paradigm.", cli_default="next-token"),
-    _row("preset", "preset", PresetName, "Model size and budget (see `mriseg presets`).",
-         cli_default="tiny"),
+    _row("preset", "preset", PresetName,
+         "Model size and budget (see `mriseg presets`). Default: cxr (the best measured, "
+         "docs/benchmarks.md) at --size 128 and above; cpu from 64 px; tiny below."),
     _row("steps", "train.steps", int, "Optimiser steps (default: the preset's).", min=1,
          resumable=True),
     _row("epochs", "train.epochs", int, "Train for this many epochs instead of --steps.", min=1),

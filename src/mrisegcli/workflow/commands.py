@@ -23,11 +23,16 @@ from mrisegcli.errors import MrisegError
 from mrisegcli.settings import SettingError, route
 
 
-def run_config(preset: str, paradigm: str, size: int | None, seed: int, **settings: Any) -> Any:
+def run_config(
+    preset: str | None, paradigm: str, size: int | None, seed: int, **settings: Any
+) -> Any:
     """The preset's RunConfig with the command line's settings applied: each to the config
-    field its row in :data:`mrisegcli.settings.SETTINGS` names (None: the preset's value)."""
-    from mrisegcli.config import Paradigm, run_preset, with_image_size
+    field its row in :data:`mrisegcli.settings.SETTINGS` names (None: the preset's value).
+    ``preset`` None: :func:`mrisegcli.config.default_preset` for ``size``."""
+    from mrisegcli.config import Paradigm, default_preset, run_preset, with_image_size
 
+    if preset is None:
+        preset = default_preset(size)
     paradigms = typing.get_args(Paradigm)
     if paradigm not in paradigms:
         raise MrisegError(f"--paradigm must be {' or '.join(paradigms)}, not {paradigm!r}")
