@@ -116,7 +116,8 @@ def lr_at(step: int, cfg: TrainConfig, total: int, done: float | None = None) ->
     optimiser step, while under ``--max-minutes`` the rate follows the clock read when the
     step starts (validation and checkpoint time included) and the warm-up ends with its share
     of the budget. A ``LambdaLR`` around this function would only add a counter to checkpoint
-    and set each rate one step's time early, which changes the rates of a budgeted run.
+    and read the clock when the previous step ends (before validation and checkpoints)
+    instead of when the step starts, which changes the rates of a budgeted run.
     """
     if step < cfg.warmup_steps:
         warm = (step + 1) / cfg.warmup_steps
