@@ -27,7 +27,7 @@ from mrisegcli.errors import MrisegError
 from mrisegcli.presence import PresenceFit, fit_presence, presence_config, save_presence
 from mrisegcli.runinfo import read_config, rewrite_config
 from mrisegcli.scope import build_scope
-from mrisegcli.workflow.prepare import StageFactory, _no_stage, open_dataset
+from mrisegcli.workflow.prepare import StageFactory, no_stage, open_dataset
 from mrisegcli.workflow.segmenter import Segmenter, load_segmenter
 
 
@@ -93,7 +93,7 @@ def fit_calibration(
     steps: int = 1500,
     max_cases: int | None = 16000,
     seed: int = 0,
-    stage: StageFactory = _no_stage,
+    stage: StageFactory = no_stage,
 ) -> Calibration:
     """Presence head (when the data allow one) and scope of ``seg`` from dataset ``ds`` (its
     train rows with their rewordings, its val rows for calibration and the threshold)."""
@@ -198,7 +198,7 @@ def calibrate_run(
     overwrite: bool = False,
     command: str | None = None,
     source: str | None = None,
-    stage: StageFactory = _no_stage,
+    stage: StageFactory = no_stage,
     scope_only: bool = False,
 ) -> dict[str, Any]:
     """Fit the presence head and scope of the model in ``run_dir`` on ``data`` and write the

@@ -22,7 +22,7 @@ from mrisegcli import runfolder
 from mrisegcli.errors import MrisegError
 from mrisegcli.runinfo import read_config, rewrite_config
 from mrisegcli.weights import weights_header
-from mrisegcli.workflow.prepare import StageFactory, _no_stage, open_dataset
+from mrisegcli.workflow.prepare import StageFactory, no_stage, open_dataset
 from mrisegcli.workflow.segmenter import Segmenter, load_segmenter, save_model
 
 #: files of a run folder that are not carried over (training state, caches, locks)
@@ -128,7 +128,7 @@ def refit_draft_heads(
     overwrite: bool = False,
     command: str | None = None,
     source: str | None = None,
-    stage: StageFactory = _no_stage,
+    stage: StageFactory = no_stage,
 ) -> dict[str, Any]:
     """Fit ``heads`` - 1 drafting heads of the next-token model in ``run_dir`` on the train split
     of ``data`` and write the model to ``out`` -> the report (also in out's config.json).

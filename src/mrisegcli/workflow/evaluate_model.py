@@ -23,7 +23,7 @@ import torch
 from mrisegcli.data.layouts import Sample
 from mrisegcli.errors import MrisegError
 from mrisegcli.metrics import CaseResult, summarize
-from mrisegcli.workflow.prepare import StageFactory, _no_stage, open_dataset
+from mrisegcli.workflow.prepare import StageFactory, no_stage, open_dataset
 from mrisegcli.workflow.segmenter import Segmenter
 
 ABLATIONS = ("empty", "shuffle")
@@ -93,7 +93,7 @@ def evaluate_model(
     limit: int | None = None,
     workers: int = 0,
     seed: int = 0,
-    stage: StageFactory = _no_stage,
+    stage: StageFactory = no_stage,
     texts: Path | None = None,
 ) -> ModelEvalReport:
     for a in ablations:

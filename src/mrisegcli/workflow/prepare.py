@@ -26,7 +26,9 @@ StageFactory = Callable[[str, int | None], Any]
 SPLITS = ("train", "val", "test")
 
 
-def _no_stage(description: str, total: int | None) -> Any:
+def no_stage(description: str, total: int | None) -> Any:
+    """The :data:`StageFactory` that shows nothing (every ``stage`` argument's default): a
+    context manager that gives ``None`` instead of a progress callable."""
     import contextlib
 
     return contextlib.nullcontext(None)
@@ -81,7 +83,7 @@ def fit_bundle(
     masks_NSS: np.ndarray,
     *,
     device: torch.device,
-    stage: StageFactory = _no_stage,
+    stage: StageFactory = no_stage,
     max_seconds: float | None = None,
 ) -> tuple[TokenizerBundle, dict[str, dict]]:
     """Fit every tokenizer the paradigm needs on the training split; returns their reports.
@@ -137,7 +139,7 @@ def obtain_bundle(
     save_dir: Path,
     device: torch.device,
     workers: int = 0,
-    stage: StageFactory = _no_stage,
+    stage: StageFactory = no_stage,
     max_seconds: float | None = None,
 ) -> tuple[TokenizerBundle, dict[str, dict], tuple[np.ndarray, np.ndarray] | None]:
     """Load the tokenizers from ``tokenizer_dir`` (or ``save_dir`` when it has them), else fit
@@ -240,7 +242,7 @@ def build_cache(
     device: torch.device,
     workers: int = 0,
     overwrite: bool = False,
-    stage: StageFactory = _no_stage,
+    stage: StageFactory = no_stage,
     batch_size: int = 64,
 ) -> CacheReport:
     """Encode every sample not already in the cache (incremental; resumable after a crash)."""

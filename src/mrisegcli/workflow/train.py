@@ -33,9 +33,9 @@ from mrisegcli.training.loop import train
 from mrisegcli.workflow.bundle import file_fingerprints, load_bundle, needed_tokenizers
 from mrisegcli.workflow.prepare import (
     StageFactory,
-    _no_stage,
     build_cache,
     load_cached_split,
+    no_stage,
     obtain_bundle,
     open_dataset,
 )
@@ -173,9 +173,7 @@ def _holding_run_lock(fn: Any) -> Any:
     return locked
 
 
-def fit_text_len(
-    cfg: RunConfig, bundle: Any, ds: Any, stage: StageFactory = _no_stage
-) -> RunConfig:
+def fit_text_len(cfg: RunConfig, bundle: Any, ds: Any, stage: StageFactory = no_stage) -> RunConfig:
     """The run's text context, lengthened (to a multiple of 8) when a text of the dataset has
     more tokens than ``cfg.text_len``: no prompt is ever cut in training."""
     from dataclasses import replace
@@ -410,7 +408,7 @@ def train_run(
     tokenizer_dir: Path | None = None,
     cache_dir: Path | None = None,
     workers: int = 0,
-    stage: StageFactory = _no_stage,
+    stage: StageFactory = no_stage,
     train_progress: Any = None,
     dist_info: DistInfo = DistInfo(),
     command: str = "",
