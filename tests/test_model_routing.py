@@ -132,3 +132,36 @@ def test_without_a_brain_model_volumes_keep_the_default_and_its_warning(tmp_path
     assert rows[0]["model"] == DEFAULT_MODEL
     assert "model: shipped chest-xray (the default; trained on chest radiographs)" in stderr
     assert "warning" in stderr and "chest radiographs and segments it slice by slice" in stderr
+
+
+def test_evaluate_without_model_routes_a_dataset_of_volumes(tmp_path, models_dir):
+    from test_nnunet_layout import make_nnunet
+
+    from mrisegcli.shipped import route_dataset
+
+    data = make_nnunet(tmp_path / "Dataset003_Brain", n_train=1, n_test=1)
+    assert route_dataset([data]) is None  # brain-mri not installed: the default model
+    models_dir()
+    assert route_dataset([data]) == shipped.Route(
+        BRAIN_MODEL, "chosen for Dataset003_Brain, a dataset of 3-D NIfTI volumes"
+    )
+    flat = tmp_path / "flat"
+    (flat / "imagesTs").mkdir(parents=True)
+    _nifti(flat / "imagesTs" / "a_0000.nii.gz", (24, 24, 1))
+    assert route_dataset([flat]) is None  # 2-D NIfTI files: the default
+    assert route_dataset([tmp_path]) is None  # no nnU-Net folders
+    r = runner.invoke(
+        app, ["evaluate", "--data", str(data), "--split", "test", "--device", "cpu", "--json"]
+    )
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "model: shipped brain-mri (chosen for Dataset003_Brain, a dataset of 3-D NIfTI" in (
+        r.stderr
+    )
+    assert json.loads(r.stdout)["n"] > 0
+    # --model chooses
+    r = runner.invoke(
+        app,
+        ["evaluate", "--data", str(data), "--model", DEFAULT_MODEL, "--split", "test",
+         "--device", "cpu", "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0 and f"model: shipped {DEFAULT_MODEL} (--model" in r.stderr

@@ -390,7 +390,7 @@ def evaluate(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Run folder, Hub id user/repo[@revision] or shipped model to evaluate on --data (default: $MRISEG_MODEL, else the shipped chest-xray model)."
+            help="Run folder, Hub id user/repo[@revision] or shipped model to evaluate on --data (default: $MRISEG_MODEL, else the shipped model for the data: brain-mri for NIfTI volumes in the nnU-Net layout, else chest-xray)."
         ),
     ] = None,
     data: Annotated[
@@ -484,7 +484,7 @@ def draft_heads(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Next-token run folder, Hub id or shipped model (default: $MRISEG_MODEL, else the shipped chest-xray model)."
+            help="Next-token run folder, Hub id or shipped model (default: $MRISEG_MODEL, else the shipped model for the data, as for evaluate)."
         ),
     ] = None,
     heads: Annotated[
@@ -531,7 +531,7 @@ def calibrate(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Run folder, Hub id or shipped model (default: $MRISEG_MODEL, else the shipped chest-xray model)."
+            help="Run folder, Hub id or shipped model (default: $MRISEG_MODEL, else the shipped model for the data, as for evaluate)."
         ),
     ] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimisation steps of the head.")] = 1500,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +211,24 @@ def route_input(path: str | Path) -> Route:
     return Route(BRAIN_MODEL, brain)
 
 
+def route_dataset(roots: Iterable[str | Path]) -> Route | None:
+    """Which shipped model ``evaluate`` (or ``calibrate``) runs on a dataset when no model is
+    named: a dataset in the nnU-Net / Medical Segmentation Decathlon layout goes where its
+    first image goes (:func:`route_input`: 3-D NIfTI volumes to :data:`BRAIN_MODEL`); any
+    other dataset, None (the default model)."""
+    for root in roots:
+        root = Path(root)
+        for folder in ("imagesTs", "imagesTr"):
+            images = sorted((root / folder).glob("*.nii*")) if (root / folder).is_dir() else []
+            if not images:
+                continue
+            route = route_input(images[0])
+            if route.model == DEFAULT_MODEL:
+                return None
+            return Route(route.model, f"chosen for {root.name}, a dataset of 3-D NIfTI volumes")
+    return None
+
+
 __all__ = [
     "BRAIN_MODEL",
     "DEFAULT_MODEL",
@@ -221,6 +239,7 @@ __all__ = [
     "choose_model",
     "resolve_model",
     "chosen_by_user",
+    "route_dataset",
     "route_input",
     "shipped_models",
     "shipped_model",

@@ -263,11 +263,11 @@ def evaluate_command(
         check_writable(csv, overwrite)
     if by_model:
         from mrisegcli.devices import torch_device
-        from mrisegcli.shipped import resolve_model
+        from mrisegcli.shipped import resolve_model, route_dataset
         from mrisegcli.workflow.evaluate_model import evaluate_model, report_dict
         from mrisegcli.workflow.segmenter import load_segmenter
 
-        run = resolve_model(model, announce=announce)[1]
+        run = resolve_model(model, route=route_dataset(data), announce=announce)[1]
         seg = load_segmenter(run, torch_device(device), speculative=speculative)
         mreport = evaluate_model(seg, data, stage=stage, **options)
         report = EvalReport(mreport.cases, mreport.summary, [], [], mreport.volumes)
@@ -296,7 +296,7 @@ def derive_run(
     """A command that writes a new run from a model (``draft-heads``, ``calibrate``): the model
     chosen (named through ``announce``) and resolved, then ``fn(run, data, out_dir,
     source=..., **kw)`` with ``source`` the shipped model's name or the model given."""
-    from mrisegcli.shipped import resolve_model
+    from mrisegcli.shipped import resolve_model, route_dataset
 
-    choice, run = resolve_model(model, announce=announce)
+    choice, run = resolve_model(model, route=route_dataset(data), announce=announce)
     return fn(run, data, out_dir, source=choice.shipped or str(choice.spec), **kw)
