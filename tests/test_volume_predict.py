@@ -171,6 +171,28 @@ def test_4d_channel_last_gives_first_channel_and_3d_mask(tmp_path):
     assert r.volume["channel"] == 0 and r.volume["channels"] == 2
 
 
+def test_channel_option_picks_the_channel_of_a_4d_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from mrisegcli.cli import app
+
+    data, truth = _volume_XYZ(shape=(16, 16, 4))
+    flat = np.full_like(data, 7.0)
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    src = _save(tmp_path / "BRATS_002.nii.gz", np.stack([flat, data], axis=-1), affine)
+    (first,) = run_predict(RecordingModel(), [src], TEXT, out_dir=tmp_path / "a")
+    assert not first.found  # channel 0 is flat: nothing above half the range
+    (second,) = run_predict(RecordingModel(), [src], TEXT, out_dir=tmp_path / "b", channel=1)
+    np.testing.assert_array_equal(np.asarray(nib.load(second.outputs["mask"]).dataobj) > 0, truth)
+    assert second.volume["channel"] == 1 and second.volume["channels"] == 2
+    # the command line: a channel that is not there is one line naming the file, nothing written
+    r = CliRunner().invoke(
+        app, ["predict", str(src), "--text", TEXT, "--channel", "2", "--out", str(tmp_path / "c")]
+    )
+    assert r.exit_code != 0 and "BRATS_002.nii.gz: has 2 channels (0..1); channel 2" in r.output
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
 def test_empty_volume_is_not_found(tmp_path):
     data, _ = _volume_XYZ()
     src = _save(tmp_path / "v.nii.gz", data, np.diag([-1.0, 1, 1, 1]))

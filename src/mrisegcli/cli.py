@@ -14,7 +14,9 @@ import typer
 from mrisegcli import __version__
 from mrisegcli.cli_support import (
     STATE,
+    ChannelOpt,
     DeviceOpt,
+    ForceOpt,
     JsonOpt,
     LayoutOpt,
     MaskFormat,
@@ -345,12 +347,8 @@ def predict(
             help="Below this calibrated presence the mask is empty ('not found'); default: the threshold the model chose on its val split.",
         ),
     ] = None,
-    force: Annotated[
-        bool,
-        typer.Option(
-            help="Run prompts with words the model never learnt instead of refusing them."
-        ),
-    ] = False,
+    force: ForceOpt = False,
+    channel: ChannelOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment what the text describes in each input; one output line per input."""
@@ -363,7 +361,7 @@ def predict(
         out_dir=out_dir, fmt=plain(fmt), samples=samples, temperature=temperature, seed=seed,
         uncertainty=uncertainty, overlay=overlay, steps_png=steps_png, overwrite=overwrite,
         keep_going=keep_going, progress=stage_printer(quiet=quiet),  # a bar per volume
-        presence_threshold=presence_threshold, force=force,
+        presence_threshold=presence_threshold, force=force, channel=channel,
     )  # fmt: skip
     lines = PredictLines(json_out)
 

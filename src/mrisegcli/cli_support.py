@@ -240,6 +240,18 @@ QuietOpt = Annotated[
         help="No progress or stage lines on stderr (errors and warnings still print).",
     ),
 ]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(help="Run prompts with words the model never learnt instead of refusing them."),
+]
+ChannelOpt = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Which channel of a 4-D NIfTI input (channels last, as in the Medical Segmentation "
+        "Decathlon) is segmented.",
+    ),
+]
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
 ]

@@ -341,9 +341,9 @@ def _check_folders_writable(plans: list[PlannedOutput], keep_going: bool) -> Non
 # ----------------------------------------------------------------------------- running
 
 
-def _read(path: Path) -> Scan:
+def _read(path: Path, channel: int = 0) -> Scan:
     try:
-        return read_input_scan(path)  # a 4-D NIfTI gives its first channel
+        return read_input_scan(path, channel)  # a 4-D NIfTI gives that channel
     except MrisegError:
         raise
     except (OSError, ValueError, EOFError) as err:
@@ -456,9 +456,10 @@ def _predict_one(
     text: str,
     threshold: float,
     overwrite: bool,
+    channel: int = 0,
 ) -> PredictResult:
     start = time.perf_counter()
-    scan = _read(plan.input)
+    scan = _read(plan.input, channel)
     _check_finite(scan, plan.input)
     if plan.fmt == "png" and scan.num_slices > 1:
         raise InputError(
@@ -557,6 +558,7 @@ def _run_plans(
     threshold: float,
     keep_going: bool,
     on_result: Callable[[PredictResult], None] | None,
+    channel: int = 0,
 ) -> list[PredictResult]:
     """Segment every planned input with its text (validated, one per plan), in order; a
     refused prompt writes nothing; with ``keep_going`` a failed input is recorded in its
@@ -572,7 +574,7 @@ def _run_plans(
             if why is not None:  # nothing is written for this input
                 result = PredictResult(plan.input, error=why, refused=True)
             else:
-                result = _predict_one(slice_model, plan, prompt, threshold, overwrite)
+                result = _predict_one(slice_model, plan, prompt, threshold, overwrite, channel)
             result.model = key
         except ModelOutputError:
             raise
@@ -686,6 +688,7 @@ class PredictOptions:
     # below this calibrated presence a mask is empty; None: the model's own threshold
     presence_threshold: float | None = None
     force: bool = False  # run prompts outside the model's scope too
+    channel: int = 0  # the channel of a 4-D NIfTI input (channels last) that is segmented
     # a progress factory ``stage(description, total)`` (a context manager giving a callable):
     # a bar per volume while its slices are decoded; None: no progress
     progress: Callable[[str, int | None], Any] | None = None
@@ -788,6 +791,7 @@ def predict_batch(
         threshold=o.threshold,
         keep_going=o.keep_going,
         on_result=on_result,
+        channel=o.channel,
     )
 
 
