@@ -300,3 +300,24 @@ def test_shipped_brain_model_answers_its_scope_and_refuses_the_rest():
     wrongly_accepted = [p for p in outside if refusal(p, scope, norm) is None]
     assert len(wrongly_refused) <= 0.05 * len(inside), wrongly_refused
     assert len(wrongly_accepted) <= 0.05 * len(outside), wrongly_accepted
+
+
+def test_shipped_brain_model_reads_sentence_punctuation_as_nothing():
+    """A full stop is no request: the lgg-flair rows asking of slices without a lesion all end
+    with one, so a model that saw it could answer "FLAIR hyperintense lesion." with "nothing
+    there" whatever the image shows. The shipped model's tokenizer folds it away (a decimal
+    point stays)."""
+    import mrisegcli
+    from mrisegcli.tokenizers.text import load_text_tokenizer
+
+    shipped = Path(mrisegcli.__file__).parent / "shipped" / "brain-mri"
+    if not shipped.is_dir():
+        pytest.skip("no brain-mri model in this installation")
+    tk = load_text_tokenizer(shipped)
+    for sentence, plain in [
+        ("FLAIR hyperintense lesion.", "FLAIR hyperintense lesion"),
+        ("Lesion in the left hemisphere!", "lesion in the left hemisphere"),
+        ("glioma; right hemisphere?", "glioma right hemisphere"),
+    ]:
+        assert tk(sentence)["input_ids"] == tk(plain)["input_ids"], sentence
+    assert "." in tk.tokenize("a 3.5 cm lesion")
