@@ -274,7 +274,7 @@ AFTER_CONFIG = frozenset(
 )
 RUN_FOLDERS = {
     runfolder.CHECKPOINTS: re.compile(
-        rf"^(step_\d{{8}}\.safetensors|\.step_\d{{8}}\.[A-Za-z0-9_]+\.tmp\.safetensors|{SAFETENSORS_TEMP})$"
+        rf"^({runfolder.CHECKPOINT_PATTERN}|{runfolder.CHECKPOINT_TEMP_PATTERN}|{SAFETENSORS_TEMP})$"
     ),
     runfolder.CACHE: re.compile(
         r"^(index\.json|shard-\d{5,}\.safetensors|\.(shard-\d{5,}|index)\.[A-Za-z0-9_]+\.tmp.*|"
