@@ -129,9 +129,37 @@ def test_next_token_model_takes_every_strategy_it_declares(monkeypatch):
     model_fields = {f.name for f in dataclasses.fields(NextTokenConfig)}
     shared = model_fields & {f.name for f in dataclasses.fields(cfg.strategies)}
     assert {"scheduled_sampling", "refine_code_noise", "mask_positions"} <= shared
+    assert shared == {s.field for s in SETTINGS if "next-token" in s.models}
     for name in shared:
         assert getattr(mcfg, name) == getattr(cfg.strategies, name), name
     assert mcfg.encoder.stage_blocks == cfg.strategies.encoder_stage_blocks
+
+
+@pytest.mark.parametrize("paradigm", ["next-token", "next-scale"])
+def test_model_configs_declare_their_strategies_only_in_the_table(paradigm):
+    """A model config's strategy fields are the rows that name its paradigm, of the row's type;
+    their defaults are those of the runs saved before a strategy existed, so that an old
+    config.json without the key loads as it was trained."""
+    from mrisegcli.config import StrategyConfig
+    from mrisegcli.models.next_scale import NextScaleConfig, NextScaleStrategies
+    from mrisegcli.models.next_token import NextTokenConfig, NextTokenStrategies
+
+    config, strategies = {
+        "next-token": (NextTokenConfig, NextTokenStrategies),
+        "next-scale": (NextScaleConfig, NextScaleStrategies),
+    }[paradigm]
+    assert issubclass(config, strategies)
+    rows = [s for s in SETTINGS if paradigm in s.models]
+    assert [(f.name, f.type) for f in dataclasses.fields(strategies)] == [
+        (s.field, s.type) for s in rows
+    ]
+    run_names = {f.name for f in dataclasses.fields(StrategyConfig)}
+    assert not (run_names - {s.field for s in rows}) & {f.name for f in dataclasses.fields(config)}
+    older = {f.name: f.default for f in dataclasses.fields(strategies)}
+    if paradigm == "next-token":  # what these strategies were before they had a row
+        assert older["prefix_attention"] == "causal" and older["input_noise"] == 0.0
+        assert StrategyConfig().prefix_attention == "bidirectional"
+    assert older["lambda_dense"] == 0.0 and StrategyConfig().lambda_dense == 1.0
 
 
 def test_the_command_line_reads_the_table_without_torch():

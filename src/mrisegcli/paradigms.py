@@ -125,11 +125,11 @@ def _common_tensors(codes: Any, mcfg: Any, pixels: bool) -> dict[str, torch.Tens
     return data
 
 
-def _shared_fields(section: Any, config_class: type) -> dict[str, Any]:
-    """The values of ``section`` (a RunConfig section) for every field ``config_class`` declares
-    under the same name: a model config takes each setting it knows from the run's."""
-    names = {f.name for f in fields(config_class)}
-    return {f.name: getattr(section, f.name) for f in fields(section) if f.name in names}
+def _shared_fields(section: Any, strategies: type) -> dict[str, Any]:
+    """The values of ``section`` (the run's ``strategies``) for every field of ``strategies``
+    (``NextTokenStrategies``, ``NextScaleStrategies``: the settings whose row names the
+    model's paradigm)."""
+    return {f.name: getattr(section, f.name) for f in fields(strategies)}
 
 
 class NextToken(Paradigm):
@@ -147,7 +147,7 @@ class NextToken(Paradigm):
 
     def model_config(self, cfg: RunConfig, bundle: Any, n_train: int) -> Any:
         from mrisegcli.models.image_encoder import ImageEncoderConfig
-        from mrisegcli.models.next_token import NextTokenConfig, SequenceLayout
+        from mrisegcli.models.next_token import NextTokenConfig, NextTokenStrategies, SequenceLayout
         from mrisegcli.tokenizers.text import text_vocab_size
 
         s, mask = cfg.strategies, bundle.mask_vq
@@ -168,7 +168,7 @@ class NextToken(Paradigm):
             encoder=ImageEncoderConfig(
                 patch=max(2, cfg.image_size // mask.grid), stage_blocks=s.encoder_stage_blocks
             ),
-            **_shared_fields(s, NextTokenConfig),
+            **_shared_fields(s, NextTokenStrategies),
             het_buckets=max(1, n_train),
         )
         return replace(
@@ -268,7 +268,7 @@ class NextScale(Paradigm):
         return bundle.multiscale
 
     def model_config(self, cfg: RunConfig, bundle: Any, n_train: int) -> Any:
-        from mrisegcli.models.next_scale import NextScaleConfig, ScaleLayout
+        from mrisegcli.models.next_scale import NextScaleConfig, NextScaleStrategies, ScaleLayout
         from mrisegcli.tokenizers.text import text_vocab_size
 
         q = bundle.multiscale
@@ -282,7 +282,7 @@ class NextScale(Paradigm):
             mask_codebook_size=q.codebook_size,
             code_dim=q.cfg.code_dim,
             scales=tuple(q.scales),
-            **_shared_fields(cfg.strategies, NextScaleConfig),
+            **_shared_fields(cfg.strategies, NextScaleStrategies),
         )
         grid = mc.encoder.grid(cfg.image_size)
         needed = ScaleLayout(grid * grid, cfg.text_len, tuple(q.scales)).seq_len

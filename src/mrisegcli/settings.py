@@ -14,8 +14,11 @@ a ``--resume`` may change it. From this table follow:
 * the resume check (:data:`OPTION_FIELDS`, :data:`RESUMABLE`, used by ``runinfo.py``);
 * the choices of every option with a fixed set of values (:func:`choices`).
 
-The next-token model copies every strategy its own config declares (``paradigms.py``); its
-config keeps its own defaults, which are those of the runs saved before a strategy existed.
+* the strategy fields of the model configs (``NextTokenConfig``, ``NextScaleConfig``): a row
+  that names a paradigm in ``models`` is a field of that model's config (:func:`model_fields`),
+  which ``paradigms.py`` fills from the run's ``strategies``. Its default there is
+  ``model_default`` where a row gives one: the value of the runs saved before the setting
+  existed, so that their ``config.json`` loads as they were trained.
 
 Adding a setting: one row here, and the code that uses the value. This module imports
 neither torch nor the configs, so ``mriseg --help`` stays fast.
@@ -71,6 +74,11 @@ class Setting:
     negates: bool = False
     #: a ``--resume`` may change it (the schedule's length, bookkeeping, the precision)
     resumable: bool = False
+    #: the paradigms whose model reads it: a field of the same name in their model config
+    models: tuple[str, ...] = ()
+    #: the model config's default when not ``default``: the value of the runs saved before
+    #: the setting existed (their config.json lacks it and loads as they were trained)
+    model_default: Any = _MISSING
 
     @property
     def section(self) -> str:
@@ -92,6 +100,8 @@ def _row(name: str, path: str, type_: Any, help_: str, **kw: Any) -> Setting:
 
 
 _S = "strategies."
+_NT: tuple[str, ...] = ("next-token",)
+_BOTH: tuple[str, ...] = ("next-token", "next-scale")
 # fmt: off
 SETTINGS: tuple[Setting, ...] = (
     # ------------------------------------------------------------------ the run and its schedule
@@ -120,53 +130,79 @@ SETTINGS: tuple[Setting, ...] = (
     _row("text_vocab_size", "fit.text_vocab_size", int, "WordPiece vocabulary of the text "
          "tokenizer.", default=1000, option=False),
     # ------------------------------------------------------------------ training strategies
-    # (docs/method.md); 0 switches a term off. lambda_dense and augment apply to both
-    # paradigms, the rest to the next-token model (models/next_token.py).
-    _row("nktp_k", _S + "nktp_k", int, "Next-k token prediction: k (1 = off).", default=3),
+    # (docs/method.md); 0 switches a term off. ``models``: the paradigms whose model config
+    # carries the setting as a field (models/next_token.py, models/next_scale.py); augment and
+    # encoder_stage_blocks are read by the training loop and the image encoder instead.
+    # NkTP: extra heads for tokens t+2..t+k, weight gamma^(j-1) (losses/nktp.py)
+    _row("nktp_k", _S + "nktp_k", int, "Next-k token prediction: k (1 = off).", default=3,
+         models=_NT),
     _row("nktp_gamma", _S + "nktp_gamma", float, "NkTP: weight gamma^(j-1) of head j.",
-         default=0.5, option=False),
+         default=0.5, option=False, models=_NT),
     _row("lambda_nktp", _S + "lambda_nktp", float, "NkTP loss weight.", default=1.0,
-         option=False),
+         option=False, models=_NT),
+    # TCL: InfoNCE of hidden states vs mask-code embeddings (losses/tcl.py)
     _row("lambda_tcl", _S + "lambda_tcl", float, "Token contrastive loss weight (0 = off).",
-         default=0.1),
-    _row("het_alpha", _S + "het_alpha", float, "Hard-error-token weight (0 = off).", default=1.0),
+         default=0.1, models=_NT),
+    # HET: hard-token memory, CE weight 1 + alpha * score (losses/het.py)
+    _row("het_alpha", _S + "het_alpha", float, "Hard-error-token weight (0 = off).", default=1.0,
+         models=_NT),
     _row("het_decay", _S + "het_decay", float, "Hard-error-token memory decay.", default=0.5,
-         option=False),
+         option=False, models=_NT),
     _row("image_input", _S + "image_input", ImageInput, "next-token image tokens.",
-         default="codes"),
+         default="codes", models=_NT),
+    # exposure bias: each teacher-forced input mask token is replaced by a random code (targets
+    # unchanged), so that a state cannot just copy its neighbours' codes and must read the image
     _row("input_noise", _S + "input_noise", float,
-         "Share of teacher-forced mask tokens replaced by random codes (0 = off).", default=0.3),
-    # parallel scheduled sampling of the next-token model
+         "Share of teacher-forced mask tokens replaced by random codes (0 = off).", default=0.3,
+         models=_NT, model_default=0.0),
+    # exposure bias from the model's own errors (parallel scheduled sampling): a first pass
+    # without gradients predicts every mask token from the true codes, and each teacher-forced
+    # input is replaced by that prediction, so that the model learns to continue from the
+    # mistakes it makes when decoding
     _row("scheduled_sampling", _S + "scheduled_sampling", float,
          "Share of teacher-forced mask tokens replaced by the model's own predictions (0 = off).",
-         default=0.0, min=0.0, max=0.99),
+         default=0.0, min=0.0, max=0.99, models=_NT),
     # training/augment.py, both paradigms
     _row("augment", _S + "augment", float,
          "Share of training samples randomly rotated, zoomed, shifted and re-contrasted "
          "(0 = off; no flips).", default=0.0, min=0.0, max=1.0),
+    # image-token states predict their patch's mask pixels (losses/dense.py); the next-token
+    # model needs the bidirectional prefix for it, so that image tokens read the text
     _row("lambda_dense", _S + "lambda_dense", float, "Dense prefix supervision weight (0 = off).",
-         default=1.0),
-    # the full-resolution refiner of the next-token model (models/refiner.py)
+         default=1.0, models=_BOTH, model_default=0.0),
+    # the full-resolution refiner of the next-token model (models/refiner.py): a U-Net decoder
+    # from the decided codes, the image-token states and the encoder's feature maps
     _row("lambda_refine", _S + "lambda_refine", float,
-         "Full-resolution refiner weight (0 = off; next-token, pixels).", default=0.0),
+         "Full-resolution refiner weight (0 = off; next-token, pixels).", default=0.0,
+         models=_NT),
+    # free-running codes are worse than the teacher-forced ones the refiner is trained on: with
+    # random codes among them it learns to check the codes against the image
     _row("refine_code_noise", _S + "refine_code_noise", float,
          "Share of the refiner's training codes replaced by random ones (0 = off).",
-         default=0.0, min=0.0, max=0.99),
+         default=0.0, min=0.0, max=0.99, models=_NT),
+    # off: the refiner's logits come at half the side, upsampled bilinearly
     _row("refine_full_res", _S + "refine_full_res", bool,
          "The refiner's last level at the input side, reading the pixels.", default=False,
-         flags=("--refine-full-res/--no-refine-full-res",)),
+         flags=("--refine-full-res/--no-refine-full-res",), models=_NT),
     # models/image_encoder.py: deeper features for the refiner's skip connections
     _row("encoder_stage_blocks", _S + "encoder_stage_blocks", int,
          "Residual blocks after each finer stage of the conv image encoder (pixels input).",
          default=0, min=0, max=8),
+    # attention inside BOS..BOM: "causal" (one left-to-right sequence) or "bidirectional"
+    # (prefix LM: image and text tokens read each other; mask tokens stay causal)
     _row("prefix_attention", _S + "prefix_attention", PrefixAttention,
-         "next-token image+text attention.", default="bidirectional"),
+         "next-token image+text attention.", default="bidirectional", models=_NT,
+         model_default="causal"),
+    # "fed": where the fed code lies (cell n-1; BOM on the text diagonal); "target": on cell n,
+    # so that the query predicting a cell sits on the image patch under it
     _row("mask_positions", _S + "mask_positions", MaskPositions,
          "next-token: RoPE place of the state predicting a mask cell: on that cell (target) or "
-         "on the cell of the code fed in (fed).", default="fed"),
+         "on the cell of the code fed in (fed).", default="fed", models=_NT),
+    # a projection of the image token of the cell (needs image_grid == mask_grid): the local
+    # evidence for a cell's code sits in the residual stream of the token that decides it
     _row("mask_cell_image", _S + "mask_cell_image", bool,
          "next-token: each fed mask token also carries the image token of the cell it predicts.",
-         default=False, flags=("--mask-cell-image/--no-mask-cell-image",)),
+         default=False, flags=("--mask-cell-image/--no-mask-cell-image",), models=_NT),
     # ------------------------------------------------------------------ the text
     _row("no_text", "use_text", bool, "Image-only baseline: the model never sees the prompt.",
          cli_default=False, flags=("--no-text",), negates=True),
@@ -211,6 +247,17 @@ def section_fields(section: str) -> list[tuple[str, Any, Any]]:
     return [(s.field, s.type, field(default=s.default)) for s in rows]
 
 
+def model_fields(paradigm: str) -> list[tuple[str, Any, Any]]:
+    """``(field, type, default)`` of every setting the model of ``paradigm`` reads (the rows
+    that name it in ``models``), for its config's ``dataclasses.make_dataclass``: the default
+    is the row's ``model_default`` where it gives one, else its ``default``."""
+    from dataclasses import field
+
+    rows = [s for s in SETTINGS if paradigm in s.models]
+    defaults = [s.default if s.model_default is _MISSING else s.model_default for s in rows]
+    return [(s.field, s.type, field(default=d)) for s, d in zip(rows, defaults, strict=True)]
+
+
 def check_choice(name: str, value: Any) -> None:
     """A value of an option with fixed choices that is not one of them: a usage error."""
     allowed = choices(OPTIONS[name].type)
@@ -246,6 +293,7 @@ __all__ = [
     "SettingError",
     "check_choice",
     "choices",
+    "model_fields",
     "route",
     "section_fields",
 ]

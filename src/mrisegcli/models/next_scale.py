@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +41,24 @@ from mrisegcli.errors import ConfigError
 from mrisegcli.losses.dense import DensePrefixHead
 from mrisegcli.models.image_encoder import ConvImageEncoder, ImageEncoder, ImageEncoderConfig
 from mrisegcli.models.transformer import Transformer, TransformerConfig, block_causal_mask
+from mrisegcli.settings import model_fields
 from mrisegcli.tokenizers.multiscale import MultiScaleMaskQuantizer
 
 SEG_IMAGE, SEG_TEXT, SEG_SCALE0 = 0, 1, 2  # segment ids; scale k has SEG_SCALE0 + k
 
 
+#: the training strategies the model reads: one field per row of ``settings.SETTINGS`` that
+#: names "next-scale" in its ``models`` (``lambda_dense``: dense condition supervision,
+#: losses/dense.py; image-token states predict their patch's mask pixels, 0 = off)
+NextScaleStrategies = make_dataclass("NextScaleStrategies", model_fields("next-scale"), frozen=True)
+NextScaleStrategies.__module__ = __name__
+
+
 @dataclass(frozen=True)
-class NextScaleConfig:
-    """Everything needed to rebuild a :class:`NextScaleSegmenter` (saved with each run)."""
+class NextScaleConfig(NextScaleStrategies):
+    """Everything needed to rebuild a :class:`NextScaleSegmenter` (saved with each run): the
+    strategies it reads (:data:`NextScaleStrategies`, declared in ``settings.py``), then the
+    sizes of its parts and how its loss weighs the scales."""
 
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     image_size: int = 128
@@ -61,9 +71,6 @@ class NextScaleConfig:
     # False: CE averaged over all scale tokens (fine scales dominate, as in VAR);
     # True: every scale weighs the same (CE averaged per scale, then over scales).
     balance_scales: bool = False
-    # dense condition supervision (losses/dense.py): image-token states predict their patch's
-    # mask pixels. 0 switches it off.
-    lambda_dense: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lambda_dense < 0:

@@ -23,8 +23,7 @@ logits, the uncached reference), :meth:`setup_caches`, :meth:`prefill`, :meth:`d
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields, make_dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +37,24 @@ from mrisegcli.losses.tcl import TokenContrastive
 from mrisegcli.models.image_encoder import ConvImageEncoder, ImageEncoderConfig
 from mrisegcli.models.refiner import MaskRefiner
 from mrisegcli.models.transformer import Transformer, TransformerConfig, causal_mask
+from mrisegcli.settings import choices, model_fields
 
 BOS, BOT, BOM = 0, 1, 2
 N_SPECIAL = 3
 
 
+#: the training strategies the model reads: one field per row of ``settings.SETTINGS`` that
+#: names "next-token" in its ``models`` (its type, meaning and, for the runs saved before it
+#: existed, its default come from there); ``paradigms.py`` fills them from the run's config
+NextTokenStrategies = make_dataclass("NextTokenStrategies", model_fields("next-token"), frozen=True)
+NextTokenStrategies.__module__ = __name__
+
+
 @dataclass(frozen=True)
-class NextTokenConfig:
-    """Everything needed to rebuild a :class:`NextTokenSegmenter` (saved with each run)."""
+class NextTokenConfig(NextTokenStrategies):
+    """Everything needed to rebuild a :class:`NextTokenSegmenter` (saved with each run): the
+    strategies it reads (:data:`NextTokenStrategies`, declared in ``settings.py``), then the
+    sizes of its parts and the constants of its losses."""
 
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     image_codebook_size: int = 512
@@ -54,71 +63,27 @@ class NextTokenConfig:
     text_len: int = 32
     mask_codebook_size: int = 512
     mask_grid: int = 16
-    image_input: Literal["codes", "pixels"] = "codes"
     image_size: int = 256  # pixel side for image_input == "pixels"
     # pixels mode: conv encoder with patch = image_size / image_grid
     encoder: ImageEncoderConfig = field(default_factory=lambda: ImageEncoderConfig(patch=16))
-    # attention inside BOS..BOM: "causal" (one left-to-right sequence) or "bidirectional"
-    # (prefix LM: image and text tokens read each other; mask tokens stay causal)
-    prefix_attention: Literal["causal", "bidirectional"] = "causal"
-    # NkTP: extra heads for tokens t+2..t+k, weight gamma^(j-1). nktp_k = 1 switches it off.
-    nktp_k: int = 3
-    nktp_gamma: float = 0.5
-    lambda_nktp: float = 1.0
-    # TCL: InfoNCE of hidden states vs mask-code embeddings. lambda_tcl = 0 switches it off.
-    lambda_tcl: float = 0.1
+    # TCL (lambda_tcl > 0): InfoNCE of hidden states vs mask-code embeddings
     tcl_tau: float = 0.1
     tcl_proj_dim: int = 128
     tcl_boundary_weight: float = 1.0
     tcl_rare_power: float = 0.5
     tcl_rare_max: float = 5.0
-    # HET: hard-token memory, CE weight 1 + alpha * score. het_alpha = 0 switches it off.
-    het_alpha: float = 1.0
-    het_decay: float = 0.5
+    # HET (het_alpha > 0): buckets of the hard-token memory (one per training sample)
     het_buckets: int = 4096
-    # dense prefix supervision: image-token states predict their patch's mask pixels (needs the
-    # bidirectional prefix, so that image tokens read the text). lambda_dense = 0 switches it off.
-    lambda_dense: float = 0.0
-    # exposure bias: in training each teacher-forced input mask token is replaced by a random
-    # code with this probability (targets unchanged), so that a state cannot just copy its
-    # neighbours' codes and must read the image. 0 switches it off.
-    input_noise: float = 0.0
-    # exposure bias, from the model's own errors (parallel scheduled sampling): in training a
-    # first pass without gradients predicts every mask token from the true codes, and each
-    # teacher-forced input is replaced by that prediction with this probability, so that the
-    # model learns to continue from the mistakes it makes when decoding. 0 switches it off.
-    scheduled_sampling: float = 0.0
-    # full-resolution refiner (models/refiner.py): a U-Net decoder from the decided codes, the
-    # image-token states and the encoder's feature maps (pixels mode only). 0 switches it off.
-    lambda_refine: float = 0.0
+    # the refiner's (lambda_refine > 0) first width
     refine_width: int = 16
-    # the refiner's last level at the input side, reading the image pixels (boundaries to the
-    # pixel); off: its logits come at half the side, upsampled bilinearly
-    refine_full_res: bool = False
-    # in training, each code the refiner reads is replaced by a random one with this probability,
-    # so that it learns to check the codes against the image (free-running codes are worse than
-    # the teacher-forced ones it is trained on). 0 switches it off.
-    refine_code_noise: float = 0.0
-    # RoPE position of the token whose state predicts mask cell n: "fed" puts it where the fed
-    # code lies (cell n-1; BOM on the text diagonal), "target" on cell n itself, so that the
-    # query predicting a cell sits on the image patch under it (relative offset zero)
-    mask_positions: Literal["fed", "target"] = "fed"
-    # each fed mask token also carries a projection of the image token of the cell its state
-    # predicts (needs image_grid == mask_grid): the local evidence for a cell's code sits in
-    # the residual stream of the token that decides it, not only behind an attention lookup
-    mask_cell_image: bool = False
 
     def __post_init__(self) -> None:
-        if self.image_input not in ("codes", "pixels"):
-            raise ConfigError(f"image_input must be 'codes' or 'pixels', got {self.image_input!r}")
-        if self.mask_positions not in ("fed", "target"):
-            raise ConfigError(
-                f"mask_positions must be 'fed' or 'target', got {self.mask_positions!r}"
-            )
-        if self.prefix_attention not in ("causal", "bidirectional"):
-            raise ConfigError(
-                f"prefix_attention must be 'causal' or 'bidirectional', got {self.prefix_attention!r}"
-            )
+        for f in fields(NextTokenStrategies):  # the settings with a fixed set of values
+            allowed = choices(f.type)
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ConfigError(
+                    f"{f.name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, f.name)!r}"
+                )
         if self.image_input == "pixels" and self.encoder.grid(self.image_size) != self.image_grid:
             raise ConfigError(
                 f"encoder patch {self.encoder.patch} turns image_size {self.image_size} into a "
@@ -136,16 +101,8 @@ class NextTokenConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if (
-            min(
-                self.lambda_tcl,
-                self.het_alpha,
-                self.lambda_nktp,
-                self.lambda_dense,
-                self.lambda_refine,
-            )
-            < 0
-        ):
+        weights = [f.name for f in fields(NextTokenStrategies) if f.name.startswith("lambda_")]
+        if min(getattr(self, name) for name in [*weights, "het_alpha"]) < 0:
             raise ConfigError("loss weights must be >= 0")
         for name in ("input_noise", "scheduled_sampling", "refine_code_noise"):
             if not 0.0 <= getattr(self, name) < 1.0:
