@@ -110,6 +110,25 @@ def test_split_and_flatten_scales_round_trip():
         split_scales(codes[:, :-1], SCALES)
 
 
+def test_presence_reads_the_teacher_forced_states():
+    from mrisegcli.paradigms import get_paradigm
+
+    model, _ = make_model()
+    image, text_ids, text_mask = make_inputs(3)
+    none = image.new_zeros(3, 0, 8)  # no scale inputs: the condition and the start tokens
+    with torch.no_grad():
+        h_BTC = model.teacher_forced_states(image, text_ids, text_mask, none)
+        images_BNC, start_BC = get_paradigm("next-scale").presence_states(
+            model, image, text_ids, text_mask
+        )
+        logits = model.scale_logits(image, text_ids, text_mask, none)
+    lay = model.layout
+    assert h_BTC.shape == (3, lay.n_cond + 1, 32)
+    torch.testing.assert_close(images_BNC, h_BTC[:, : lay.n_image])
+    torch.testing.assert_close(start_BC, h_BTC[:, lay.n_cond :].mean(1))
+    torch.testing.assert_close(logits, model.head(h_BTC[:, lay.n_cond :]))
+
+
 def test_config_round_trip_and_quantizer_mismatch():
     cfg = make_config(balance_scales=True)
     import json

@@ -196,7 +196,7 @@ def test_mask_outputs_match_the_training_path(one_thread) -> None:
     assert out["refined"].shape == out["dense"].shape == (4, 1, 32, 32)
     # the same pieces by hand: the refiner on the prefix states and the encoder's maps
     skips: list[torch.Tensor] = []
-    h = model._hidden(
+    h = model.teacher_forced_states(
         b["image"], b["text_ids"], b["text_mask"], b["mask_codes"].flatten(1)[:, :0], skips
     )
     by_hand = model.refiner(b["mask_codes"], h[:, 1 : 1 + model.layout.n_image], skips, b["image"])

@@ -34,13 +34,13 @@ def test_training_feeds_the_mixed_codes_and_inference_does_not(one_thread, monke
     torch.manual_seed(0)
     model = NextTokenSegmenter(_cfg(scheduled_sampling=0.9, input_noise=0.0, lambda_refine=0.0))
     fed: list[torch.Tensor] = []
-    original = model._hidden
+    original = model.teacher_forced_states
 
     def spy(image, text_ids, text_mask, codes_BN, skips=None):
         fed.append(codes_BN.clone())
         return original(image, text_ids, text_mask, codes_BN, skips)
 
-    monkeypatch.setattr(model, "_hidden", spy)
+    monkeypatch.setattr(model, "teacher_forced_states", spy)
     b = _batch(B=8)
     truth_BN = b["mask_codes"].flatten(1)[:, :-1]
     out = model(b)

@@ -251,7 +251,9 @@ class NextToken(Paradigm):
         self, model: nn.Module, x: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         lay = model.layout
-        h_BPC = model._hidden(x, text_ids, text_mask, text_ids.new_zeros(x.shape[0], 0))
+        h_BPC = model.teacher_forced_states(
+            x, text_ids, text_mask, text_ids.new_zeros(x.shape[0], 0)
+        )
         return h_BPC[:, 1 : 1 + lay.n_image], h_BPC[:, lay.prefix_len - 1]
 
 
@@ -336,7 +338,7 @@ class NextScale(Paradigm):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         lay = model.layout
         none = x.new_zeros(x.shape[0], 0, model.code_proj.in_features)
-        h_BTC = model._hidden(x, text_ids, text_mask, none)
+        h_BTC = model.teacher_forced_states(x, text_ids, text_mask, none)
         return h_BTC[:, : lay.n_image], h_BTC[:, lay.n_cond :].mean(1)
 
 

@@ -23,8 +23,8 @@ twice nor trained nor handed to the optimiser. ``model.to(...)`` moves it along 
 :meth:`NextScaleSegmenter._apply`).
 
 Entry points: :meth:`forward` (training losses), :meth:`scale_logits` (the full block-causal
-pass, the uncached reference), :meth:`setup_caches`, :meth:`prefill`, :meth:`repeat_cache`,
-:meth:`decode_scale`.
+pass, the uncached reference), :meth:`teacher_forced_states` (the hidden states of that pass),
+:meth:`setup_caches`, :meth:`prefill`, :meth:`repeat_cache`, :meth:`decode_scale`.
 """
 
 from __future__ import annotations
@@ -305,16 +305,19 @@ class NextScaleSegmenter(nn.Module):
         ``x_BnCv``: f_hat inputs of scales 2..k (n = sum_{j=2..k} p_j**2, may be 0), as built by
         the quantiser's ``idx_to_teacher_inputs`` / ``next_input``.
         """
-        return self.head(self._hidden(image, text_ids, text_mask, x_BnCv)[:, self.layout.n_cond :])
+        return self.head(
+            self.teacher_forced_states(image, text_ids, text_mask, x_BnCv)[:, self.layout.n_cond :]
+        )
 
-    def _hidden(
+    def teacher_forced_states(
         self,
         image: torch.Tensor,
         text_ids: torch.Tensor,
         text_mask: torch.Tensor,
         x_BnCv: torch.Tensor,
     ) -> torch.Tensor:
-        """Full block-causal pass -> (B, T, C) hidden states of the condition and scales 1..k."""
+        """Full block-causal pass -> (B, T, C) hidden states of the condition (the image tokens,
+        then the text) and scales 1..k (``x_BnCv`` as for :meth:`scale_logits`)."""
         lay = self.layout
         n = x_BnCv.shape[1]
         if n not in {
@@ -344,7 +347,9 @@ class NextScaleSegmenter(nn.Module):
         if int(codes_BL.min()) < 0 or int(codes_BL.max()) >= self.config.mask_codebook_size:
             raise ValueError(f"ms_codes must lie in [0, {self.config.mask_codebook_size})")
         x_BnCv = self.teacher_inputs(idx_list[:-1])
-        h_BTC = self._hidden(batch["image"], batch["text_ids"], batch["text_mask"], x_BnCv)
+        h_BTC = self.teacher_forced_states(
+            batch["image"], batch["text_ids"], batch["text_mask"], x_BnCv
+        )
         logits_BLK = self.head(h_BTC[:, lay.n_cond :])
         ce_BL = F.cross_entropy(
             logits_BLK.flatten(0, 1).float(), codes_BL.flatten(), reduction="none"

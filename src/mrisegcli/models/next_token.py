@@ -17,7 +17,8 @@ therefore confined to mask codes, and no end-of-mask token is needed because the
 is fixed (Gm*Gm).
 
 Entry points: :meth:`forward` (training, a dict of losses), :meth:`mask_logits` (teacher-forced
-logits, the uncached reference), :meth:`setup_caches`, :meth:`prefill`, :meth:`decode_step`.
+logits, the uncached reference), :meth:`teacher_forced_states` (the hidden states of that pass),
+:meth:`setup_caches`, :meth:`prefill`, :meth:`decode_step`.
 """
 
 from __future__ import annotations
@@ -345,7 +346,7 @@ class NextTokenSegmenter(nn.Module):
         valid_BP = torch.cat([ones, text_mask, ones[:, :1]], 1)
         return x_BPC, valid_BP
 
-    def _hidden(
+    def teacher_forced_states(
         self,
         image: torch.Tensor,
         text_ids: torch.Tensor,
@@ -353,7 +354,10 @@ class NextTokenSegmenter(nn.Module):
         mask_codes_BN: torch.Tensor,
         skips: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Teacher-forced pass -> (B, P+N, C) hidden states of the prefix and N mask codes."""
+        """Teacher-forced pass over the prefix and the N mask codes ``mask_codes_BN`` (B, N)
+        (N may be 0) -> (B, P+N, C) hidden states: row 1 + i is image token i, row P - 1 + n
+        the state that predicts mask code n. ``skips``, when given a list, receives the image
+        encoder's feature maps. Uncached; what training, the heads and the presence score read."""
         lay = self.layout
         N = mask_codes_BN.shape[1]
         if N >= lay.n_mask:
@@ -383,7 +387,7 @@ class NextTokenSegmenter(nn.Module):
         mask_codes_BN: torch.Tensor,
     ) -> torch.Tensor:
         """Teacher-forced pass -> (B, N+1, C) hidden states that predict mask tokens 0..N."""
-        return self._hidden(image, text_ids, text_mask, mask_codes_BN)[
+        return self.teacher_forced_states(image, text_ids, text_mask, mask_codes_BN)[
             :, self.layout.prefix_len - 1 :
         ]
 
@@ -455,7 +459,9 @@ class NextTokenSegmenter(nn.Module):
         codes_BN = codes_BHW.flatten(1)
         inputs_BN = self._teacher_inputs(image, batch, codes_BN)
         skips: list[torch.Tensor] = []
-        h_BTC = self._hidden(image, batch["text_ids"], batch["text_mask"], inputs_BN, skips)
+        h_BTC = self.teacher_forced_states(
+            image, batch["text_ids"], batch["text_mask"], inputs_BN, skips
+        )
         h_BNC = h_BTC[:, lay.prefix_len - 1 :]
         logits_BNK = self.mask_head(h_BNC)
         ce_plain = F.cross_entropy(logits_BNK.flatten(0, 1).float(), codes_BN.flatten())
@@ -534,7 +540,7 @@ class NextTokenSegmenter(nn.Module):
         ``refined`` (the refiner on the decided ``codes_BHW``) and ``dense`` (the dense
         supervision head, which never reads the codes)."""
         skips: list[torch.Tensor] = []
-        h_BPC = self._hidden(
+        h_BPC = self.teacher_forced_states(
             image, text_ids, text_mask, codes_BHW.new_zeros(codes_BHW.shape[0], 0), skips
         )
         states_BNC = h_BPC[:, 1 : 1 + self.layout.n_image]
