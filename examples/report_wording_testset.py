@@ -184,10 +184,10 @@ def chest_wording(target: str, rng: random.Random) -> str | None:
 
 def brain_wording(target: str, text: str, rng: random.Random) -> str | None:
     """A report wording of a brain ``target`` (a 'none' row keeps the side its text names)."""
-    from mrisegcli.data.paraphrase import _side_of
+    from mrisegcli.data.paraphrase import side_of
 
     parts = target.strip().lower().split(":")
-    side = _side_of(text) if parts[0] == "none" else (parts[1] if len(parts) > 1 else "")
+    side = side_of(text) if parts[0] == "none" else (parts[1] if len(parts) > 1 else "")
     if parts[0] not in ("none", "lesion"):
         return None
     if side == "both":

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from mrisegcli.cli import app
-from mrisegcli.models.transformer import Transformer, TransformerConfig, _float32_attention
+from mrisegcli.models.transformer import Transformer, TransformerConfig, float32_attention
 from mrisegcli.training import loop
 from mrisegcli.training.loop import TrainConfig, autocast_bf16, train
 
@@ -91,7 +91,7 @@ def test_float32_attention_is_the_attention_of_the_bf16_inputs_with_gradients() 
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
     for m in (mask, bias, None):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = _float32_attention(q, k, v, m, 0.0)
+            y = float32_attention(q, k, v, m, 0.0)
         assert y.dtype == torch.bfloat16
         if m is not None:
             torch.testing.assert_close(y.float(), want, atol=1e-2, rtol=1e-2)
@@ -110,7 +110,7 @@ def test_transformer_under_cpu_autocast_agrees_with_float32_with_and_without_gra
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
             plain = tf(x, pos, mask)  # PyTorch's bf16 attention kernel
-        graded = tf(x, pos, mask)  # the float32 attention of _float32_attention
+        graded = tf(x, pos, mask)  # the float32 attention of float32_attention
     for y in (plain, graded):
         torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
     torch.testing.assert_close(graded.float(), plain.float(), atol=0.05, rtol=0.05)

@@ -298,11 +298,11 @@ def test_lock_is_released_on_every_exit(trained, tmp_path, monkeypatch):
 
 
 def test_only_rank_0_locks(tmp_path):
-    from mrisegcli.workflow.train import _holding_run_lock
+    from mrisegcli.workflow.train import holding_run_lock
 
     seen = []
 
-    @_holding_run_lock
+    @holding_run_lock
     def work(data_root, run_dir, cfg, **kwargs):
         seen.append((run_dir / LOCK_NAME).exists())
 

@@ -412,7 +412,10 @@ def _lesion(r: random.Random, side: str) -> str:
     return r.choice([les, f"the {les}", f"any {les}", f"{les} in the brain"])
 
 
-def _side_of(text: str) -> str:
+def side_of(text: str) -> str:
+    """The side a sentence names: "both" ("both", "bilateral"), "left" or "right" when it
+    names that one alone, else "" (none named, or left and right together). The rewording of
+    a brain "none" row keeps the side its sentence names."""
     words = set(re.findall(r"[a-z]+", text.lower()))
     if "both" in words or "bilateral" in words:
         return "both"
@@ -444,7 +447,7 @@ def paraphrase(target: str, rng: random.Random, text: str = "", kind: str = "") 
 def _brain_phrase(target: str, rng: random.Random, text: str, whole: bool) -> str | None:
     parts = target.strip().lower().split(":")
     if parts[0] == "none":
-        return _lesion(rng, _side_of(text))
+        return _lesion(rng, side_of(text))
     if parts[0] == "lesion":
         side = parts[1] if len(parts) > 1 and parts[1] in ("left", "right", "both") else ""
         if whole and rng.random() < 0.5:
@@ -536,5 +539,6 @@ __all__ = [
     "SYNONYM_RULES",
     "add_paraphrases",
     "paraphrase",
+    "side_of",
     "synonym_domain",
 ]

@@ -258,7 +258,7 @@ class KVCache(nn.Module):
             )
 
 
-def _float32_attention(
+def float32_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float
 ) -> torch.Tensor:
     """bf16 attention computed in float32 (CPU training under bf16 autocast): PyTorch's CPU
@@ -294,7 +294,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(ctx.input_pos, k, v, ctx.n_keys)  # (B, H, S, D)
         dropout = self.dropout if self.training else 0.0
         if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
-            y = _float32_attention(q, k, v, ctx.mask, dropout)
+            y = float32_attention(q, k, v, ctx.mask, dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, dropout_p=dropout)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))  # y: (B, H, T, D)

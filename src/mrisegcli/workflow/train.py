@@ -145,7 +145,7 @@ def _clear_run(run_dir: Path) -> None:
             ckpts.rmdir()
 
 
-def _holding_run_lock(fn: Any) -> Any:
+def holding_run_lock(fn: Any) -> Any:
     """Run ``train_run`` holding the run folder's lock (rank 0; the other ranks of a torchrun
     follow it): a second ``train`` on the same folder is refused naming the holder. The lock
     goes on every way out (an error, SIGTERM, Ctrl-C); after a ``kill -9`` the next run on
@@ -395,7 +395,7 @@ def _write_metrics(result: TrainResult, run_dir: Path, resume: bool) -> None:
     result.curves = write_progress_png(run_dir)
 
 
-@_holding_run_lock
+@holding_run_lock
 def train_run(
     data_root: Path,
     run_dir: Path,
