@@ -15,12 +15,16 @@ from mrisegcli import runinfo, settings
 from mrisegcli.settings import OPTIONS, SETTINGS, SettingError, choices, route
 
 
-def _train_params() -> dict:
+def _params(command: str = "train") -> dict:
     import typer.main
 
     from mrisegcli.cli import app
 
-    return {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+    return {p.name: p for p in typer.main.get_command(app).commands[command].params}
+
+
+def _train_params() -> dict:
+    return _params("train")
 
 
 def test_each_train_option_follows_its_row():
@@ -43,6 +47,42 @@ def test_each_train_option_follows_its_row():
         if s.min is not None or s.max is not None:
             assert (p.min, p.max) == (s.min, s.max), s.name
     assert [n for n in params if n in OPTIONS] == list(OPTIONS)  # the table's order
+
+
+TOKENIZE_SETTINGS = ("paradigm", "preset", "size", "mask_steps", "image_steps",
+                     "multiscale_steps", "seed")  # fmt: skip
+
+
+def test_tokenize_takes_the_settings_it_shares_with_train_from_the_table(monkeypatch):
+    from typer.testing import CliRunner
+
+    import mrisegcli.workflow.commands as commands
+    from mrisegcli.cli import app
+
+    train, tokenize = _params("train"), _params("tokenize")
+    assert [n for n in tokenize if n in OPTIONS] == list(TOKENIZE_SETTINGS)
+    for name in TOKENIZE_SETTINGS:
+        a, b = train[name], tokenize[name]
+        assert (b.opts, b.default, b.min, b.max, b.metavar) == (a.opts, a.default, a.min, a.max,
+                                                                a.metavar), name  # fmt: skip
+    # tokenize reads these for its tokenizers only, and says so
+    assert tokenize["paradigm"].help == "Which tokenizers to fit."
+    assert tokenize["preset"].help.startswith("Preset for the tokenizers' fitting budget")
+    assert tokenize["mask_steps"].help == OPTIONS["mask_steps"].help
+    assert tokenize["seed"].default == 0 and str(tokenize["paradigm"].default) == "next-token"
+
+    seen = {}
+
+    def fake(data, out_dir, settings, places, **kw):
+        seen.update(settings)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(commands, "tokenize_command", fake)
+    args = ["tokenize", "--data", "d", "--out", "o", "--paradigm", "next-scale", "--size", "64",
+            "--multiscale-steps", "7"]  # fmt: skip
+    CliRunner().invoke(app, args)
+    assert seen == {"paradigm": "next-scale", "preset": None, "size": 64, "mask_steps": None,
+                    "image_steps": None, "multiscale_steps": 7, "seed": 0}  # fmt: skip
 
 
 def test_config_sections_are_the_rows_of_the_table():

@@ -21,9 +21,7 @@ from mrisegcli.cli_support import (
     LayoutOpt,
     MaskFormat,
     OneLineUsageErrors,
-    Paradigm,
     PredictLines,
-    Preset,
     QuietOpt,
     SpeculativeOpt,
     Split,
@@ -170,6 +168,15 @@ def models(
 # ---------------------------------------------------------------------------------- tokenize
 @app.command()
 @handled
+@with_settings(  # the options it shares with train (settings.py); its own help where it differs
+    after="tokenizer",
+    names=("paradigm", "preset", "size", "mask_steps", "image_steps", "multiscale_steps", "seed"),
+    helps={
+        "paradigm": "Which tokenizers to fit.",
+        "preset": "Preset for the tokenizers' fitting budget (default: as train's).",
+        "size": "Model input side in pixels.",
+    },
+)
 def tokenize(
     data: Annotated[
         list[Path],
@@ -179,29 +186,16 @@ def tokenize(
     tokenizer: Annotated[
         Path | None, typer.Option(help="Reuse the tokenizers of a run or tokenize output.")
     ] = None,
-    paradigm: Annotated[
-        Paradigm, typer.Option(help="Which tokenizers to fit.")
-    ] = Paradigm.next_token,
-    preset: Annotated[
-        Preset | None,
-        typer.Option(help="Preset for the tokenizers' fitting budget (default: as train's)."),
-    ] = None,
-    size: Annotated[int | None, typer.Option(help="Model input side in pixels.")] = None,
     layout: LayoutOpt = None,
     texts: TextsOpt = None,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
-    mask_steps: Annotated[int | None, typer.Option(help="Mask tokenizer fitting steps.")] = None,
-    image_steps: Annotated[int | None, typer.Option(help="Image tokenizer fitting steps.")] = None,
-    multiscale_steps: Annotated[
-        int | None, typer.Option(help="Multi-scale tokenizer fitting steps.")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Annotated[
         bool, typer.Option(help="Rebuild a cache made with other tokenizers.")
     ] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    **settings: Any,
 ) -> None:
     """Fit the tokenizers (unless given) and cache the codes of every sample."""
     from mrisegcli.report_lines import cache_json, cache_line, tokenizer_lines
@@ -212,9 +206,6 @@ def tokenize(
             print_lines(tokenizer_lines(reports))
         warn_weak_tokenizers(reports)
 
-    settings = dict(preset=plain(preset), paradigm=plain(paradigm), size=size, seed=seed,
-                    mask_steps=mask_steps, image_steps=image_steps,
-                    multiscale_steps=multiscale_steps)  # fmt: skip
     places = TrainPlaces(layout=plain(layout), texts=texts, tokenizer=tokenizer, device=device,
                          workers=workers, overwrite=overwrite)  # fmt: skip
     reports, rep = tokenize_command(

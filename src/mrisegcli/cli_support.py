@@ -150,8 +150,6 @@ def choice_enum(name: str, values: Iterable[str]) -> Any:
     return _Choice(name, [(v.replace("-", "_"), v) for v in values])
 
 
-Paradigm = choice_enum("Paradigm", choices(OPTIONS["paradigm"].type))
-Preset = choice_enum("Preset", choices(OPTIONS["preset"].type))
 Layout = choice_enum("Layout", LAYOUTS)
 Split = choice_enum("Split", SPLITS)
 MaskFormat = choice_enum("MaskFormat", ("auto", "png", "nii", "dcm"))  # workflow.predict.FORMATS
@@ -164,24 +162,35 @@ def plain(choice: Any) -> Any:
     return choice.value if isinstance(choice, Enum) else choice
 
 
-def setting_parameter(s: Setting) -> inspect.Parameter:
-    """The typer option of one row of settings.SETTINGS: its name, help, range and choices;
-    left out it is None (the preset's value) unless the row gives the option a default."""
+def setting_parameter(s: Setting, help_text: str | None = None) -> inspect.Parameter:
+    """The typer option of one row of settings.SETTINGS: its name, help (``help_text`` instead
+    when given), range and choices; left out it is None (the preset's value) unless the row
+    gives the option a default."""
     allowed = choices(s.type)
     kind = choice_enum(s.name, allowed) if allowed else s.type
     default = kind(s.cli_default) if allowed and s.cli_default is not None else s.cli_default
     annotation = kind if s.cli_default is not None else kind | None
-    option = typer.Option(*s.flags, help=s.help, min=s.min, max=s.max)
+    option = typer.Option(*s.flags, help=help_text or s.help, min=s.min, max=s.max)
     return inspect.Parameter(
         s.name, inspect.Parameter.KEYWORD_ONLY, default=default,
         annotation=Annotated[annotation, option],
     )  # fmt: skip
 
 
-def with_settings(after: str) -> Callable[[F], F]:
-    """A command that takes one option per train setting (settings.OPTIONS, in the table's
-    order, listed after its parameter ``after``); it receives them as ``**settings`` with
-    plain values (an Enum's string)."""
+def with_settings(
+    after: str, names: Iterable[str] | None = None, helps: dict[str, str] | None = None
+) -> Callable[[F], F]:
+    """A command that takes one option per train setting (settings.OPTIONS, or the rows
+    ``names`` of it; in the table's order, listed after its parameter ``after``); it receives
+    them as ``**settings`` with plain values (an Enum's string). ``helps`` gives an option
+    another help where the command reads the setting for less than a run (``tokenize``: its
+    tokenizers); type, default, range and choices stay the row's."""
+    helps = helps or {}
+    unknown = sorted({*(names or ()), *helps} - set(OPTIONS))
+    if unknown:
+        raise KeyError(f"no train setting is called {', '.join(unknown)}")
+    wanted = set(OPTIONS if names is None else names)
+    rows = [s for s in OPTIONS.values() if s.name in wanted]
 
     def decorate(fn: F) -> F:
         own = [
@@ -190,11 +199,11 @@ def with_settings(after: str) -> Callable[[F], F]:
             if p.kind is not inspect.Parameter.VAR_KEYWORD
         ]
         at = [p.name for p in own].index(after) + 1
-        table = [setting_parameter(s) for s in OPTIONS.values()]
+        table = [setting_parameter(s, helps.get(s.name)) for s in rows]
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
-            settings = {k: plain(kwargs.pop(k)) for k in OPTIONS}
+            settings = {s.name: plain(kwargs.pop(s.name)) for s in rows}
             return fn(**kwargs, **settings)
 
         wrapper.__signature__ = inspect.Signature([*own[:at], *table, *own[at:]])  # type: ignore[attr-defined]
