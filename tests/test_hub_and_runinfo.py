@@ -172,6 +172,38 @@ def test_model_card_metadata_is_read_by_huggingface_hub():
 
 
 @pytest.mark.parametrize(
+    "spdx, card",
+    [
+        ("Apache-2.0", ("apache-2.0", None)),  # a licence the Hub knows: its id
+        ("cc-by-sa-4.0", ("cc-by-sa-4.0", None)),
+        ("LicenseRef-mriseg-research-data", ("other", "LicenseRef-mriseg-research-data")),
+        ("CC-BY-SA-4.0 AND LicenseRef-x", ("other", "CC-BY-SA-4.0 AND LicenseRef-x")),
+        ("GPL-2.0-or-later WITH Classpath-exception-2.0",
+         ("other", "GPL-2.0-or-later WITH Classpath-exception-2.0")),
+        ("(MIT OR Apache-2.0)", ("other", "(MIT OR Apache-2.0)")),
+        (None, (None, None)),  # none given: none assumed
+    ],
+)  # fmt: skip
+def test_card_license_of_an_spdx_expression(spdx, card):
+    from mrisegcli.hub import card_license
+
+    license_id, name = card_license(spdx)
+    assert (license_id, name) == card
+    if license_id == "other":  # what `mriseg models` reads back from the card
+        text = model_card(MINIMAL, license=license_id, license_name=name)
+        assert f"\nlicense: other\nlicense_name: {name}\n" in text
+
+
+@pytest.mark.parametrize("bad", ["", "Apache 2.0", "MIT and BSD-3-Clause", "MIT OR", "(MIT", "a,b"])
+def test_spdx_expression_refuses_anything_else_in_one_line(bad):
+    from mrisegcli.hub import spdx_expression
+
+    with pytest.raises(MrisegError, match="is not an SPDX licence identifier or expression") as e:
+        spdx_expression(bad)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
     "script, folder", [("ship_cxr_model", "chest-xray"), ("ship_brain_model", "brain-mri")]
 )
 def test_ship_scripts_write_the_shipped_cards(script, folder, monkeypatch):

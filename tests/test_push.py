@@ -298,6 +298,86 @@ def test_cli_push_prints_url_and_errors_in_one_line(run, monkeypatch):
     assert r.exit_code == 2  # --repo-id is required
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "src" / "mrisegcli" / "shipped"
+
+
+@pytest.fixture
+def shipped_run(tmp_path) -> Path:
+    """A run folder with the brain-mri model's config, card and tokenizer, and stand-ins for
+    its weights (a push checks that they are there, not what they hold): no training needed."""
+    run = tmp_path / "brain"
+    run.mkdir()
+    for name in ("config.json", "README.md", "metrics.json", "tokenizer.json"):
+        shutil.copy(SHIPPED / "brain-mri" / name, run / name)
+    for name in ("model.safetensors", "mask_vq.safetensors"):
+        (run / name).write_bytes(b"weights")
+    return run
+
+
+def _front_matter(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "README.md").read_text().split("---\n", 2)[1])
+
+
+def _cli_push(run: Path, *args: str, monkeypatch) -> tuple[object, list[FakeHub]]:
+    made: list[FakeHub] = []
+
+    def api(token=None) -> FakeHub:
+        made.append(FakeHub())
+        return made[-1]
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", api)
+    return runner.invoke(app, ["push", str(run), "--repo-id", "someone/brain", *args]), made
+
+
+def test_push_license_defaults_to_the_runs_own_and_the_option_sets_it(shipped_run, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    r, made = _cli_push(shipped_run, monkeypatch=monkeypatch)  # the shipped card's licence
+    assert r.exit_code == 0, r.output
+    meta = _front_matter(shipped_run)
+    assert (meta["license"], meta["license_name"]) == ("other", "LicenseRef-mriseg-research-data")
+    assert made[0].uploaded["README.md"] == (shipped_run / "README.md").read_bytes()
+    r, _ = _cli_push(shipped_run, "--license", "Apache-2.0", monkeypatch=monkeypatch)
+    assert r.exit_code == 0, r.output
+    assert _front_matter(shipped_run)["license"] == "apache-2.0"  # the Hub's id of it
+    assert "license_name" not in _front_matter(shipped_run)
+    _cli_push(shipped_run, monkeypatch=monkeypatch)  # the card records it now: kept
+    assert _front_matter(shipped_run)["license"] == "apache-2.0"
+    expression = "( CC-BY-SA-4.0 OR MIT ) AND LicenseRef-my-data"
+    _cli_push(shipped_run, "--license", expression, monkeypatch=monkeypatch)
+    meta = _front_matter(shipped_run)
+    assert (meta["license"], meta["license_name"]) == (
+        "other",
+        "(CC-BY-SA-4.0 OR MIT) AND LicenseRef-my-data",
+    )
+    (shipped_run / "README.md").unlink()  # no card, no licence: none is assumed
+    _cli_push(shipped_run, monkeypatch=monkeypatch)
+    assert "license" not in _front_matter(shipped_run)
+
+
+@pytest.mark.parametrize("bad", ["my licence", "MIT and Apache-2.0", "(MIT", "GPL/MIT", ""])
+def test_push_refuses_a_license_that_is_not_spdx_in_one_line(shipped_run, monkeypatch, bad):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    card = (shipped_run / "README.md").read_text()
+    r, made = _cli_push(shipped_run, "--license", bad, monkeypatch=monkeypatch)
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("mriseg: error: invalid value for '--license': ")
+    assert "SPDX" in r.output and made == [] and (shipped_run / "README.md").read_text() == card
+
+
+def test_push_refuses_a_recorded_license_that_is_not_spdx(shipped_run, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    card = shipped_run / "README.md"
+    card.write_text(card.read_text().replace("LicenseRef-mriseg-research-data", "research only"))
+    r, made = _cli_push(shipped_run, monkeypatch=monkeypatch)
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and made == [], r.output
+    assert "README.md: its licence 'research only' is not an SPDX" in r.output
+    assert "--license" in r.output
+    r, _ = _cli_push(shipped_run, "--license", "CC-BY-NC-4.0", monkeypatch=monkeypatch)
+    assert r.exit_code == 0 and _front_matter(shipped_run)["license"] == "cc-by-nc-4.0"
+
+
 def test_card_metrics_flattens_and_skips_non_scalars(tmp_path):
     (tmp_path / "metrics.json").write_text(
         json.dumps(

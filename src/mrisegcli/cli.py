@@ -35,6 +35,7 @@ from mrisegcli.cli_support import (
     fail,
     given_options,
     handled,
+    license_value,
     out,
     plain,
     print_json,
@@ -568,13 +569,28 @@ def push(
         str | None, typer.Option(help="Hub token (default: HF_TOKEN or the saved login).")
     ] = None,
     commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+    spdx: Annotated[
+        str | None,
+        typer.Option(
+            "--license",
+            metavar="SPDX",
+            callback=license_value,
+            help="Licence of the weights in the model card, an SPDX identifier or expression "
+            "(Apache-2.0, CC-BY-NC-4.0, CC-BY-SA-4.0 AND LicenseRef-my-data); the terms of the "
+            "training data decide it. Default: the licence the run's model card states "
+            "(a shipped model's, an earlier push's), else none.",
+        ),
+    ] = None,
 ) -> None:
     """Publish a run on the Hugging Face Hub: weights, tokenizers, config and a model card."""
+    from mrisegcli.hub import push_license
     from mrisegcli.workflow.push import push_run
 
+    license_id, license_name = push_license(run, spdx)
     url = push_run(
-        run, repo_id, private=private, revision=revision, token=token, commit_message=commit_message
-    )
+        run, repo_id, private=private, revision=revision, token=token,
+        commit_message=commit_message, license=license_id, license_name=license_name,
+    )  # fmt: skip
     model = f"{repo_id}@{revision}" if revision else repo_id
     out.print(f"pushed {run} to {url}; use it with --model {model}", markup=False)
 

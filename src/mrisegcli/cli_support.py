@@ -220,6 +220,19 @@ def device_value(value: str) -> str:
     return name
 
 
+def license_value(value: str | None) -> str | None:
+    """``--license`` at parse time: an SPDX licence identifier or expression, else a usage
+    error (:func:`mrisegcli.hub.spdx_expression`)."""
+    if value is None:
+        return None
+    from mrisegcli.hub import spdx_expression
+
+    try:
+        return spdx_expression(value)
+    except MrisegError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 def to_device(name: str) -> Any:
     """The torch device of a ``--device`` name (:func:`mrisegcli.devices.torch_device`)."""
     from mrisegcli.devices import torch_device

@@ -1,6 +1,7 @@
 """Run folders on the Hugging Face Hub: ``--model user/repo[@revision]`` wherever a run folder
 is accepted (downloaded once into the Hub cache; ``HF_HUB_OFFLINE=1`` uses the cache only),
-and ``mriseg push`` to publish a run with a generated model card.
+and ``mriseg push`` to publish a run with a generated model card (its licence: ``--license``,
+else the one the run's own card states: :func:`push_license`).
 """
 
 from __future__ import annotations
@@ -166,6 +167,103 @@ def fetch_error(
     reason = _client_reason(e, repo_id, revision, offline, login) or _other_reason(e, status, login)
     name = f"{repo_id}@{revision}" if revision else repo_id
     return MrisegError(f"cannot get the model from the Hub: {reason}", name)
+
+
+# ----------------------------------------------------------------------------- the licence
+#: Hub licence ids that are also SPDX identifiers (lower-cased): such a licence is the card's
+#: ``license``; any other SPDX expression is ``license: other`` with ``license_name``
+HUB_SPDX_LICENSES = frozenset(
+    """afl-3.0 agpl-3.0 apache-2.0 artistic-2.0 bsd-2-clause bsd-3-clause bsd-3-clause-clear
+    bsl-1.0 cc-by-2.0 cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0
+    cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cc-by-nd-4.0
+    cc-by-sa-3.0 cc-by-sa-4.0 cc0-1.0 cdla-permissive-1.0 cdla-permissive-2.0 cdla-sharing-1.0
+    ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 gpl-2.0 gpl-3.0 isc lgpl-2.1 lgpl-3.0
+    lppl-1.3c mit mpl-2.0 ms-pl ncsa ofl-1.1 osl-3.0 postgresql unlicense wtfpl zlib""".split()
+)
+_SPDX_TOKENS = re.compile(r"[()]|[^\s()]+")
+_SPDX_ID = re.compile(r"(?:DocumentRef-[A-Za-z0-9.-]+:)?[A-Za-z0-9][A-Za-z0-9.-]*\+?")
+_SPDX_OPERATORS = ("AND", "OR", "WITH")
+
+
+def _spdx_well_formed(tokens: Sequence[str]) -> bool:
+    """Identifiers joined by AND, OR or WITH, in balanced parentheses (the SPDX grammar, with
+    the identifiers' spelling checked but not looked up in the SPDX list)."""
+    depth, want_id = 0, True
+    for tok in tokens:
+        if want_id and tok == "(":
+            depth += 1
+        elif want_id:
+            if tok.upper() in _SPDX_OPERATORS or not _SPDX_ID.fullmatch(tok):
+                return False
+            want_id = False
+        elif tok == ")":
+            depth -= 1
+            if depth < 0:
+                return False
+        elif tok in _SPDX_OPERATORS:  # upper case, as the SPDX specification writes them
+            want_id = True
+        else:
+            return False
+    return bool(tokens) and not want_id and depth == 0
+
+
+def spdx_expression(value: str) -> str:
+    """``value`` as one SPDX licence identifier or expression (``Apache-2.0``,
+    ``CC-BY-SA-4.0 AND LicenseRef-mriseg-research-data``, ``(MIT OR Apache-2.0)``), spaces
+    normalised; anything else is a one-line :class:`MrisegError`."""
+    tokens = _SPDX_TOKENS.findall(value)
+    if not _spdx_well_formed(tokens):
+        raise MrisegError(
+            f"{value!r} is not an SPDX licence identifier or expression such as Apache-2.0, "
+            "CC-BY-NC-4.0 or 'CC-BY-SA-4.0 AND LicenseRef-my-data'"
+        )
+    return re.sub(r"\( | \)", lambda m: m.group(0).strip(), " ".join(tokens))
+
+
+def card_license(spdx: str | None) -> tuple[str | None, str | None]:
+    """``(license, license_name)`` of a model card for an SPDX expression: a Hub licence id
+    where the Hub knows it (``apache-2.0``, ``cc-by-sa-4.0``, ...), else ``("other", spdx)``;
+    ``(None, None)`` without one, so that no licence is assumed."""
+    if spdx is None:
+        return None, None
+    spdx = spdx_expression(spdx)
+    if spdx.lower() in HUB_SPDX_LICENSES:
+        return spdx.lower(), None
+    return "other", spdx
+
+
+def recorded_license(run_dir: str | Path) -> str | None:
+    """The licence the model card of a run folder (its ``README.md``: a shipped model's, or
+    the card an earlier ``push`` wrote) states: ``license_name`` for ``license: other``, else
+    ``license``; None without a card or a licence in its metadata."""
+    import yaml
+    from huggingface_hub import metadata_load
+
+    card = Path(run_dir) / runfolder.CARD
+    try:
+        meta = metadata_load(card) if card.is_file() else None
+    except (ValueError, yaml.YAMLError):  # front matter that is not a YAML mapping: none stated
+        meta = None
+    meta = meta if isinstance(meta, dict) else {}
+    name = meta.get("license_name") if meta.get("license") == "other" else meta.get("license")
+    return name if isinstance(name, str) and name and name != "other" else None
+
+
+def push_license(run_dir: str | Path, spdx: str | None = None) -> tuple[str | None, str | None]:
+    """The card's ``(license, license_name)`` for ``mriseg push``: of ``spdx`` (``--license``)
+    when given, else of the licence the run folder records (:func:`recorded_license`), else
+    none (nothing is assumed: the terms of the training data decide it)."""
+    if spdx is not None:
+        return card_license(spdx)
+    recorded = recorded_license(run_dir)
+    try:
+        return card_license(recorded)
+    except MrisegError as e:
+        raise MrisegError(
+            f"its licence {recorded!r} is not an SPDX licence identifier or expression "
+            "(give one with --license)",
+            Path(run_dir) / runfolder.CARD,
+        ) from e
 
 
 #: the Hub tags of every mriseg model card
