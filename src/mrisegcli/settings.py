@@ -6,14 +6,13 @@ type (a ``Literal`` lists the allowed values), its default, its help and its ran
 a ``--resume`` may change it. From this table follow:
 
 * the ``mriseg train`` options (``cli_support.with_settings`` turns each row with
-  ``option=True`` into one);
+  ``option=True`` into one), and those ``mriseg tokenize`` shares with it;
 * the config sections ``StrategyConfig`` and ``FitConfig`` (``config.py`` builds them from the
   rows of their section; ``TrainConfig`` and ``RunConfig`` declare their own fields and
   defaults, the rows here give their options);
 * the routing of the command line's values into the config (:func:`route`);
 * the resume check (:data:`OPTION_FIELDS`, :data:`RESUMABLE`, used by ``runinfo.py``);
-* the choices of every option with a fixed set of values (:func:`choices`).
-
+* the choices of every option with a fixed set of values (:func:`choices`);
 * the strategy fields of the model configs (``NextTokenConfig``, ``NextScaleConfig``): a row
   that names a paradigm in ``models`` is a field of that model's config (:func:`model_fields`),
   which ``paradigms.py`` fills from the run's ``strategies``. Its default there is
