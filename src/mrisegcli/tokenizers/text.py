@@ -21,6 +21,7 @@ Run time (normalising, splitting, lookup, saving) is the ``tokenizers`` library.
 from __future__ import annotations
 
 import heapq
+import json
 import re
 import shutil
 import string
@@ -29,14 +30,17 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mrisegcli import runfolder
 from mrisegcli.errors import InputError, MrisegError
 from mrisegcli.io.atomic import atomic_path, check_writable
+
+if TYPE_CHECKING:  # transformers takes about a second to import: only where it is needed
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP)  # ids 0, 1, 2, 3
@@ -82,6 +86,8 @@ def _pipeline(vocab: dict[str, int], synonyms: bool | str = True) -> Tokenizer:
 
 
 def _wrap(tk: Tokenizer) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token=PAD, unk_token=UNK, cls_token=CLS, sep_token=SEP
     )
@@ -252,17 +258,34 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+_SPECIAL_NAMES = (
+    "pad_token",
+    "unk_token",
+    "cls_token",
+    "sep_token",
+    "bos_token",
+    "eos_token",
+    "mask_token",
+)
+
+
 def _specials_in(tk: Tokenizer) -> dict[str, str]:
     vocab = tk.get_vocab()
     names = {"pad_token": PAD, "unk_token": UNK, "cls_token": CLS, "sep_token": SEP}
     return {k: v for k, v in names.items() if v in vocab}
 
 
-def _load_json(file: Path) -> PreTrainedTokenizerBase:
+def _read_json(file: Path) -> Tokenizer:
     try:
-        tk = Tokenizer.from_file(str(file))
+        return Tokenizer.from_file(str(file))
     except Exception as err:  # the Rust loader raises a bare Exception
         raise InputError(f"not a valid tokenizer.json ({_first_line(err)})", file) from err
+
+
+def _load_json(file: Path) -> PreTrainedTokenizerBase:
+    from transformers import PreTrainedTokenizerFast
+
+    tk = _read_json(file)
     return PreTrainedTokenizerFast(tokenizer_object=tk, **_specials_in(tk))
 
 
@@ -272,6 +295,8 @@ def load_text_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
     A Hub id goes through ``transformers.AutoTokenizer`` and so honours ``HF_HUB_OFFLINE`` and
     the local Hub cache.
     """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     path = Path(path_or_id)
     if path.is_file():
         return _load_json(path)
@@ -298,6 +323,111 @@ def load_text_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
         ) from err
 
 
+#: the ``tokenizer_config.json`` entries of a tokenizer :class:`TextTokenizer` reads as
+#: transformers would; a file with any other entry is loaded by transformers
+_PLAIN_CONFIG = {"backend", "tokenizer_class", "model_max_length", *_SPECIAL_NAMES}
+_PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+class TextTokenizer:
+    """A run's text tokenizer read by the ``tokenizers`` library alone: the content ids of
+    texts (:func:`token_ids`), the pad id, the vocabulary, the size and the normaliser, the
+    same as :func:`load_text_tokenizer`'s transformers tokenizer gives them, without importing
+    transformers (about a second). Anything else (saving, decoding, ...) is asked of that
+    transformers tokenizer, loaded from the same folder on first use (:attr:`full`).
+
+    Made by :func:`read_text_tokenizer` only for files whose every setting it reads itself."""
+
+    def __init__(self, backend: Tokenizer, specials: dict[str, str], folder: Path) -> None:
+        self.backend_tokenizer = backend
+        self.specials = dict(specials)  # e.g. {"pad_token": "[PAD]", ...}
+        self.folder = Path(folder)
+        self._full: PreTrainedTokenizerBase | None = None
+
+    @property
+    def full(self) -> PreTrainedTokenizerBase:
+        """The transformers tokenizer of the same folder (loaded once); it must still be the
+        tokenizer read here."""
+        if self._full is None:
+            full = load_text_tokenizer(self.folder)
+            if full.backend_tokenizer.to_str() != self.backend_tokenizer.to_str():
+                raise MrisegError(
+                    "the text tokenizer changed on disk since it was loaded", self.folder
+                )
+            self._full = full
+        return self._full
+
+    def __getattr__(self, name: str) -> Any:  # only for what is not defined here
+        if name.startswith("_") or name == "full":  # not while unpickling or failing to load
+            raise AttributeError(name)
+        return getattr(self.full, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.full(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def _special_id(self, name: str) -> int | None:
+        token = self.specials.get(name)
+        return None if token is None else self.backend_tokenizer.token_to_id(token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
+    def content_ids(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each text without [CLS]/[SEP], padding or truncation: what transformers'
+        ``tok(texts, add_special_tokens=False, truncation=False)["input_ids"]`` gives."""
+        encodings = self.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+
+def _plain_specials(tk: Tokenizer, config: Any) -> dict[str, str] | None:
+    """The special tokens of a ``tokenizer_config.json`` that :class:`TextTokenizer` reads as
+    transformers does (only entries mriseg writes; every special an added special token of
+    ``tk``; no padding or truncation in ``tk``), else None."""
+    if not isinstance(config, dict) or not set(config) <= _PLAIN_CONFIG:
+        return None
+    if config.get("tokenizer_class", _PLAIN_CLASSES[0]) not in _PLAIN_CLASSES:
+        return None
+    if config.get("backend", "tokenizers") != "tokenizers":
+        return None
+    if tk.padding is not None or tk.truncation is not None or tk.encode_special_tokens:
+        return None
+    added = {t.content for t in tk.get_added_tokens_decoder().values() if t.special}
+    specials = {k: v for k, v in config.items() if k in _SPECIAL_NAMES}
+    if not all(isinstance(v, str) and v in added for v in specials.values()):
+        return None
+    return specials
+
+
+def read_text_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase | TextTokenizer:
+    """The text tokenizer of a run or bundle folder: a :class:`TextTokenizer` (no transformers
+    import) when its ``tokenizer_config.json`` holds only what mriseg writes, else
+    :func:`load_text_tokenizer`'s transformers tokenizer. Errors as :func:`load_text_tokenizer`."""
+    folder = Path(folder)
+    file, config_file = folder / runfolder.TEXT_TOKENIZER, folder / runfolder.TEXT_TOKENIZER_CONFIG
+    if not (file.is_file() and config_file.is_file()):
+        return load_text_tokenizer(folder)
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return load_text_tokenizer(folder)  # which names the problem
+    tk = _read_json(file)
+    specials = _plain_specials(tk, config)
+    if specials is None:
+        return load_text_tokenizer(folder)
+    return TextTokenizer(tk, specials, folder)
+
+
 def text_vocab_size(tok: PreTrainedTokenizerBase) -> int:
     """Number of ids the tokenizer can emit (embedding table size), added tokens included."""
     return len(tok)
@@ -319,6 +449,8 @@ def token_ids(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]
             raise TypeError(f"texts must be str, got {type(t).__name__}")
     if not texts:
         return []
+    if isinstance(tok, TextTokenizer):
+        return tok.content_ids(list(texts))
     return tok(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
 

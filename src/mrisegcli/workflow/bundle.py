@@ -37,7 +37,7 @@ _ROLE_NAMES = {
 
 @dataclass
 class TokenizerBundle:
-    text: Any  # a transformers fast tokenizer
+    text: Any  # a transformers fast tokenizer, or a TextTokenizer (tokenizers/text.py)
     mask_vq: Any | None = None
     image_vq: Any | None = None
     multiscale: Any | None = None
@@ -160,7 +160,7 @@ def load_bundle(
     """Load every tokenizer found in ``folder``; those named in ``need`` must be there."""
     from mrisegcli.errors import ConfigError
     from mrisegcli.tokenizers.serialize import kind_of, load_tokenizer
-    from mrisegcli.tokenizers.text import load_text_tokenizer
+    from mrisegcli.tokenizers.text import read_text_tokenizer
 
     folder = Path(folder)
     if not (folder / TEXT_FILE).is_file():
@@ -182,7 +182,7 @@ def load_bundle(
                 folder / FILES[name],
             )
         tok.eval()
-    return TokenizerBundle(text=load_text_tokenizer(folder), **parts)
+    return TokenizerBundle(text=read_text_tokenizer(folder), **parts)
 
 
 def needed_tokenizers(paradigm: str, image_input: str = "codes") -> tuple[str, ...]:

@@ -429,11 +429,33 @@ def check_config_sizes(section: Any, where: str, path: Path) -> None:
                 )
 
 
+#: In-place tensor methods that only write values (what ``torch.nn.init``'s functions call):
+#: on a meta tensor, which holds no values, they and ``torch.nn.init``'s functions are skipped,
+#: so that building a model to be loaded runs no random initialisation (on the meta device
+#: ``normal_`` alone would import torch's compiler, about a second).
+_VALUE_INITS = frozenset(
+    {
+        "normal_",
+        "uniform_",
+        "zero_",
+        "fill_",
+        "random_",
+        "exponential_",
+        "log_normal_",
+        "cauchy_",
+        "geometric_",
+        "bernoulli_",
+        "erfinv_",
+    }
+)
+
+
 def _shapes_only() -> Any:
     """A mode in which ``torch.empty`` and ``torch.zeros`` (what parameters and large state
-    buffers are made with) give meta tensors, without memory; index tensors (``arange``,
-    ``full``, ``as_tensor``: positions, attention masks, small and bounded by the size limits)
-    stay real, so that the model code that derives them from data still runs."""
+    buffers are made with) give meta tensors, without memory, and the initialisers that would
+    fill them (:data:`_VALUE_INITS`) do nothing; index tensors (``arange``, ``full``,
+    ``as_tensor``: positions, attention masks, small and bounded by the size limits) stay real,
+    so that the model code that derives them from data still runs."""
     from torch.overrides import TorchFunctionMode
 
     class ShapesOnly(TorchFunctionMode):
@@ -443,22 +465,32 @@ def _shapes_only() -> Any:
             kwargs = dict(kwargs or {})
             if func in (torch.empty, torch.zeros):
                 kwargs["device"] = "meta"
+                return func(*args, **kwargs)
+            target = args[0] if args else kwargs.get("tensor")
+            initialiser = (
+                getattr(func, "__module__", None) == "torch.nn.init"
+                or getattr(func, "__name__", "") in _VALUE_INITS
+            )
+            if initialiser and isinstance(target, torch.Tensor) and target.is_meta:
+                return target
             return func(*args, **kwargs)
 
     return ShapesOnly()
 
 
-def _check_weights_fit(
-    paradigm: str,
-    mcfg: Any,
-    bundle: TokenizerBundle,
-    header: dict[str, tuple[int, ...]],
-    path: Path,
-) -> None:
-    """Build the model's parameters on the meta device (no memory) and compare every tensor it
-    expects with the weights file's header: the first mismatch is one error naming the tensor."""
+def build_empty_model(paradigm: str, mcfg: Any, bundle: TokenizerBundle) -> torch.nn.Module:
+    """The model of ``mcfg`` with its parameters and state buffers on the meta device (no
+    memory, no initialisation): the shapes to check a weights file against, and the modules
+    that :func:`load_weights` fills with the file's tensors."""
     with _shapes_only():
-        meta = build_model(paradigm, mcfg, bundle)
+        return build_model(paradigm, mcfg, bundle)
+
+
+def _check_weights_fit(
+    meta: torch.nn.Module, header: dict[str, tuple[int, ...]], path: Path
+) -> None:
+    """Compare every tensor the model built by :func:`build_empty_model` expects with the
+    weights file's header: the first mismatch is one error naming the tensor."""
     state = meta.state_dict()
     unstored = 0
     for name, t in state.items():
@@ -496,6 +528,51 @@ def _check_weights_fit(
         )
 
 
+def _all_finite(state: dict[str, torch.Tensor]) -> bool:
+    """Whether no floating-point tensor holds NaN or Inf (numpy's one pass over the float32
+    file is many times faster than torch's per-tensor kernels on a small CPU)."""
+    for t in state.values():
+        if t.dtype in (torch.float32, torch.float64, torch.float16):
+            if not np.isfinite(t.numpy()).all():
+                return False
+        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Read a weights file into ``model`` from :func:`build_empty_model`, its tensors taking
+    the place of the meta ones (no copy, no random init thrown away), each in the dtype the
+    model declares; what the file leaves out (the training-only hard-token memory, state
+    buffers made empty) is zeros. Damaged or non-finite weights are refused naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from mrisegcli.weights import check_finite
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise MrisegError(f"corrupt or truncated weights ({e})", path) from e
+    if not _all_finite(state):
+        check_finite(state, path)  # names the tensor and the count
+    want = model.state_dict()
+    state = {k: v.to(want[k].dtype) if k in want else v for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    for module in model.modules():  # zeros_like of a meta tensor would import sympy
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_meta:
+                zeros = torch.zeros(p.shape, dtype=p.dtype)
+                setattr(module, name, torch.nn.Parameter(zeros, p.requires_grad))
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_meta:
+                module.register_buffer(
+                    name,
+                    torch.zeros(b.shape, dtype=b.dtype),
+                    persistent=name not in module._non_persistent_buffers_set,
+                )
+
+
 def load_segmenter(
     run_dir: Path,
     device: torch.device,
@@ -510,12 +587,9 @@ def load_segmenter(
     tokenizer files are checked against the fingerprints the run recorded, and the model the
     config describes is compared, tensor by tensor, with the weights file's header.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from mrisegcli.runinfo import read_config
     from mrisegcli.weights import CONFIG_KEY as WEIGHTS_KEY
-    from mrisegcli.weights import check_finite, verify_weights, weights_header
+    from mrisegcli.weights import verify_weights, weights_header
     from mrisegcli.workflow.bundle import load_bundle, needed_tokenizers, verify_files
 
     run_dir = Path(run_dir)
@@ -538,15 +612,10 @@ def load_segmenter(
     verify_files(
         run_dir, tokenizers.get("files") if isinstance(tokenizers, dict) else None, config_path
     )
-    _check_weights_fit(paradigm, mcfg, bundle, header, path)
+    model = build_empty_model(paradigm, mcfg, bundle)  # built once, on the meta device
+    _check_weights_fit(model, header, path)
     bundle.to(device)
-    model = build_model(paradigm, mcfg, bundle)
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise MrisegError(f"corrupt or truncated weights ({e})", path) from e
-    check_finite(state, path)
-    model.load_state_dict(state, strict=False)
+    load_weights(model, path)
     model.to(device)
     seg = Segmenter(
         paradigm,
