@@ -275,17 +275,13 @@ def _specials_in(tk: Tokenizer) -> dict[str, str]:
     return {k: v for k, v in names.items() if v in vocab}
 
 
-def _read_json(file: Path) -> Tokenizer:
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as err:  # the Rust loader raises a bare Exception
-        raise InputError(f"not a valid tokenizer.json ({_first_line(err)})", file) from err
-
-
 def _load_json(file: Path) -> PreTrainedTokenizerBase:
     from transformers import PreTrainedTokenizerFast
 
-    tk = _read_json(file)
+    try:
+        tk = Tokenizer.from_file(str(file))
+    except Exception as err:  # the Rust loader raises a bare Exception
+        raise InputError(f"not a valid tokenizer.json ({_first_line(err)})", file) from err
     return PreTrainedTokenizerFast(tokenizer_object=tk, **_specials_in(tk))
 
 
@@ -419,9 +415,9 @@ def read_text_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase | TextTok
         return load_text_tokenizer(folder)
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return load_text_tokenizer(folder)  # which names the problem
-    tk = _read_json(file)
+        tk = Tokenizer.from_file(str(file))
+    except Exception:  # the Rust loader raises a bare Exception
+        return load_text_tokenizer(folder)  # which names the problem as it always has
     specials = _plain_specials(tk, config)
     if specials is None:
         return load_text_tokenizer(folder)
