@@ -65,6 +65,9 @@ VARIANTS: dict[str, list[str]] = {
     "bf16-aug-enc": ["--augment", "0.8", "--cpu-bf16", "--encoder-stage-blocks", "1"],
     # bf16 with batches of 16 (the U-Net's): about twice the updates in the same minutes
     "bf16-aug-b16": ["--augment", "0.8", "--cpu-bf16", "--batch-size", "16"],
+    # the presence probe trained with the model (losses/presence.py); with `defaults`: the
+    # user's command and this one option
+    "presence": ["--lambda-presence", "0.5"],
 }
 #: (dataset, method, minutes): the grid
 GRID = [
@@ -79,6 +82,8 @@ GRID = [
     ("lgg-flair", "next-token", 15),
     # what a user gets who types only `mriseg train --data D --max-minutes 15`
     *[(d, "defaults", 15) for d in ("kvasir-seg", "cxr-infection", "jsrt")],
+    # does training the presence probe with the model help the presence head?
+    ("cxr-infection", "defaults@presence", 15),
     # the U-Net at the width its users run it (16-32-64-128-256, 1.9M parameters)
     *[(d, "unet@wide", 15) for d in ("kvasir-seg", "cxr-infection", "jsrt", "lgg-flair")],
     ("kvasir-seg", "unet@aug", 45),
@@ -146,7 +151,7 @@ def run_mriseg(
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     train = ["mriseg", "train", "--data", str(data), "--out", str(run)]
     if paradigm == "defaults":  # the command a user types: nothing but the data and the time
-        train += ["--max-minutes", str(minutes)]
+        train += ["--max-minutes", str(minutes), *VARIANTS[variant]]
         preset = "(default)"
     else:
         train += ["--paradigm", paradigm, "--preset", preset, "--max-minutes", str(minutes)]
@@ -186,9 +191,14 @@ def run_mriseg(
         "parts": summary.get("parts", {}),
         **{
             k: summary["detection"][k]
-            for k in ("dice_present", "drawn_on_empty")
+            for k in ("dice_present", "drawn_on_empty", "found", "auroc")
             if k in summary.get("detection", {})
         },
+        # the presence head's report on the val split (threshold chosen there), when it has one
+        "presence_val": json.loads((run / "config.json").read_text())
+        .get("presence", {})
+        .get("report", {})
+        .get("val"),
         "command": " ".join(train[1:]) + " && " + " ".join(ev[1:]),
     }
 

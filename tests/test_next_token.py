@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mrisegcli.decode.next_token import MaskGenerator, generate_masks, generate_masks_uncached
 from mrisegcli.decode.sampling import logits_to_probs, sample
@@ -421,6 +422,44 @@ def test_dense_prefix_loss_is_switchable_and_trains_the_image_states():
     assert model.dense.proj.weight.grad.abs().sum() > 0
     with pytest.raises(KeyError):
         model({k: v for k, v in batch.items() if k != "mask"})
+
+
+def test_presence_probe_learns_from_the_prefix_states_and_leaves_the_rest_unchanged():
+    model = _model(lambda_presence=0.5, prefix_attention="bidirectional").train()
+    assert model.presence_probe is not None and _model().presence_probe is None
+    assert not any(k.startswith("presence_probe") for k in _model().state_dict())
+    image, text, tmask, codes = _inputs()
+    mask = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    mask[0, 2:4, 2:4] = 1  # row 0 has a region, rows 1 and 2 are empty
+    batch = {
+        "image_codes": image,
+        "text_ids": text,
+        "text_mask": tmask,
+        "mask_codes": codes,
+        "sample_ids": torch.arange(3),
+        "mask": mask,
+    }
+    out = model(batch)
+    # the same weights without the probe give the same other terms: the probe is built last
+    off = _model(prefix_attention="bidirectional").train()(batch)
+    torch.testing.assert_close(
+        out["loss"] - 0.5 * out["presence"], off["loss"], atol=1e-5, rtol=1e-5
+    )
+    # the loss is the BCE of the probe's logits against "the mask is not empty"
+    lay = model.layout
+    h = model.teacher_forced_states(image, text, tmask, codes.flatten(1)[:, :0])
+    logits = model.presence_probe(h[:, 1 : 1 + lay.n_image], h[:, lay.prefix_len - 1])
+    expected = F.binary_cross_entropy_with_logits(logits, torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(out["presence"], expected, atol=1e-5, rtol=1e-5)
+    # its gradient reaches the transformer (the states learn), not only the probe
+    model.zero_grad()
+    out["presence"].backward()
+    assert model.presence_probe.proj.weight.grad.abs().sum() > 0
+    assert model.transformer.layers[0].attn.wqkv.weight.grad.abs().sum() > 0
+    with pytest.raises(KeyError):
+        model({k: v for k, v in batch.items() if k != "mask"})
+    with pytest.raises(ConfigError):
+        _cfg(lambda_presence=-1.0)
 
 
 def test_input_noise_corrupts_teacher_inputs_only_in_training():

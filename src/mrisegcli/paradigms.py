@@ -120,8 +120,8 @@ def _common_tensors(codes: Any, mcfg: Any, pixels: bool) -> dict[str, torch.Tens
     data = {"text_ids": f["text_ids"].long(), "text_mask": f["text_mask"].bool()}
     if pixels:
         data["image"] = image_pixels(codes)
-    if getattr(mcfg, "lambda_dense", 0.0) > 0 or getattr(mcfg, "lambda_refine", 0.0) > 0:
-        data["mask"] = f["mask"]  # (N, S, S) uint8 0/1, the dense and refiner target
+    if any(getattr(mcfg, w, 0.0) > 0 for w in ("lambda_dense", "lambda_refine", "lambda_presence")):
+        data["mask"] = f["mask"]  # (N, S, S) uint8 0/1, the dense, refiner and presence target
     return data
 
 

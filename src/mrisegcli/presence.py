@@ -68,9 +68,9 @@ def presence_features(
 ) -> torch.Tensor:
     """(B, 3C) features of a batch: mean and max of the text-aware image states and the state
     that starts the mask (the paradigm's :meth:`presence_states`), in float32."""
-    img_BNC, start_BC = impl.presence_states(model, x, text_ids, text_mask)
-    img_BNC = img_BNC.float()
-    return torch.cat([img_BNC.mean(1), img_BNC.amax(1), start_BC.float()], 1)
+    from mrisegcli.losses.presence import prefix_presence_features
+
+    return prefix_presence_features(*impl.presence_states(model, x, text_ids, text_mask))
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -169,6 +169,11 @@ SETTINGS: tuple[Setting, ...] = (
     # model needs the bidirectional prefix for it, so that image tokens read the text
     _row("lambda_dense", _S + "lambda_dense", float, "Dense prefix supervision weight (0 = off).",
          default=1.0, models=_BOTH, model_default=0.0),
+    # a linear probe on the prefix states that presence.py reads, trained with the model on
+    # "the mask is not empty" (losses/presence.py): the states learn whether the target is there
+    _row("lambda_presence", _S + "lambda_presence", float,
+         "Presence probe weight: the prefix states learn whether the target is there "
+         "(0 = off; next-token).", default=0.0, min=0.0, models=_NT),
     # the full-resolution refiner of the next-token model (models/refiner.py): a U-Net decoder
     # from the decided codes, the image-token states and the encoder's feature maps
     _row("lambda_refine", _S + "lambda_refine", float,

@@ -34,6 +34,7 @@ from mrisegcli.errors import ConfigError
 from mrisegcli.losses.dense import DensePrefixHead
 from mrisegcli.losses.het import HardTokenMemory, weighted_ce
 from mrisegcli.losses.nktp import NextKHeads
+from mrisegcli.losses.presence import PresenceProbe
 from mrisegcli.losses.tcl import TokenContrastive
 from mrisegcli.models.image_encoder import ConvImageEncoder, ImageEncoderConfig
 from mrisegcli.models.refiner import MaskRefiner
@@ -285,6 +286,8 @@ class NextTokenSegmenter(nn.Module):
         # (B, Nm, C) projected image tokens of the cells, filled by prefill for decoding
         self.cell_proj = nn.Linear(dim, dim, bias=False) if cfg.mask_cell_image else None
         self._cells_BNC: torch.Tensor | None = None
+        # built after every other module, so switching it on leaves their initial weights
+        self.presence_probe = PresenceProbe(dim) if cfg.lambda_presence > 0 else None
 
     # -- sequence building ------------------------------------------------------------------
 
@@ -445,7 +448,7 @@ class NextTokenSegmenter(nn.Module):
         ``text_ids`` (B, L) int64 and ``text_mask`` (B, L) bool (L <= text_len); ``mask_codes``
         (B, Gm, Gm) int64; ``sample_ids`` (B,) int64 (needed when HET is on and training).
         Returns ``loss`` = ce + lambda_nktp * nktp + lambda_tcl * tcl + lambda_dense * dense +
-        lambda_refine * refine (the terms that are on), every term, ``ce_plain``
+        lambda_refine * refine + lambda_presence * presence (the terms that are on), every term, ``ce_plain``
         (unweighted CE), ``het_weight`` (mean CE weight), ``acc`` and ``logits`` (B, Gm*Gm, Km).
         """
         cfg, lay = self.config, self.layout
@@ -503,7 +506,12 @@ class NextTokenSegmenter(nn.Module):
                 )
             refined = self.refiner(predicted_BHW, h_BTC[:, 1 : 1 + lay.n_image], skips, image)
             refine = self.refiner.loss(refined, batch.get("mask"))
-        loss = ce
+        presence = zero
+        if self.presence_probe is not None:
+            presence = self.presence_probe.loss(
+                h_BTC[:, 1 : 1 + lay.n_image], h_BTC[:, lay.prefix_len - 1], batch.get("mask")
+            )
+        loss = ce + cfg.lambda_presence * presence
         if self.dense is not None:
             loss = loss + cfg.lambda_dense * dense
         if self.refiner is not None:
@@ -522,6 +530,7 @@ class NextTokenSegmenter(nn.Module):
             "tcl": tcl,
             "dense": dense,
             "refine": refine,
+            "presence": presence,
             "het_weight": het_weight,
             "acc": acc,
             "logits": logits_BNK,
