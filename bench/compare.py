@@ -92,6 +92,23 @@ GRID = [
 ]
 
 
+def cpu_name() -> str:
+    """The CPU's model name and whether it computes bf16 natively (it sets the steps a cell
+    makes in its minutes: rows from different CPUs are not a like-for-like pair)."""
+    name, flags = "unknown CPU", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown CPU":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = value
+    except OSError:
+        pass
+    bf16 = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    return f"{name} ({'native bf16' if bf16 else 'no native bf16'})"
+
+
 def cell_key(dataset: str, method: str, minutes: float) -> str:
     return f"{dataset}:{method}:{minutes:g}"
 
@@ -267,6 +284,11 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table", action="store_true", help="print the markdown table and exit")
+    ap.add_argument(
+        "--again",
+        action="store_true",
+        help="run the --only cells even when the results hold them (another machine's rows)",
+    )
     args = ap.parse_args()
     if args.table:
         print(table(args.results))
@@ -274,7 +296,8 @@ def main() -> None:
     todo = [c for c in GRID if cell_key(*c) not in done_keys(args.results)]
     if args.only:
         todo = [tuple(o.split(":")[:2]) + (float(o.split(":")[2]),) for o in args.only]
-        todo = [c for c in todo if cell_key(*c) not in done_keys(args.results)]
+        if not args.again:
+            todo = [c for c in todo if cell_key(*c) not in done_keys(args.results)]
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for dataset, method, minutes in todo:
@@ -291,6 +314,7 @@ def main() -> None:
             method=method,
             load=[round(load_before, 2), round(os.getloadavg()[1], 2)],
             machine=f"{os.cpu_count()}-core CPU",
+            cpu=cpu_name(),
             date=time.strftime("%Y-%m-%d"),
         )
         with args.results.open("a") as f:
