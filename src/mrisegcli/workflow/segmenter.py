@@ -639,9 +639,11 @@ def load_segmenter(
 __all__ = [
     "Segmenter",
     "Prediction",
+    "build_empty_model",
     "build_model",
     "model_config",
     "load_segmenter",
+    "load_weights",
     "save_model",
     "training_tensors",
     "to_dict",
