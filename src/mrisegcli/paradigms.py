@@ -8,7 +8,9 @@ here and adding its name to ``config.Paradigm``.
 Both decoders answer the same call, :meth:`Paradigm.decode`: a batch of images and prompts in,
 :class:`Decoded` out -- mask logits at the model's input size for every drawn sample (samples
 of one image adjacent), optionally the same codes drawn by each part of the model
-(``parts``) and the mask after each coarse-to-fine step (``steps``).
+(``parts``) and the mask after each coarse-to-fine step (``steps``), and, when asked
+(``presence``), the prefix states the presence head reads, taken from the decoder's own pass
+over the prefix so that no second pass is needed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class DecodeOptions:
     speculative: bool = True  # greedy next-token decoding drafted by the NkTP heads
     compile: bool = False
     amp_dtype: torch.dtype | None = None
+    presence: bool = False  # also the states the presence head reads (Decoded.presence_states)
 
 
 @dataclass
@@ -41,6 +44,10 @@ class Decoded:
     logits: torch.Tensor  # (B * samples, 1, S, S): the model's answer
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B * samples, 1, S, S)
     steps: list[torch.Tensor] | None = None  # (B * samples, 1, S, S) after each step
+    # with ``DecodeOptions.presence``: the (B, N, C) image-token states and (B, C) mask-start
+    # states (one row per image, not per sample; :meth:`Paradigm.presence_states`) from the
+    # decoder's own pass; None when it has none (the caller runs presence_states itself)
+    presence_states: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _seq_room(transformer: Any, needed: int) -> Any:
@@ -211,13 +218,45 @@ class NextToken(Paradigm):
         opts: DecodeOptions,
         cache: dict[str, Any],
     ) -> Decoded:
-        from mrisegcli.decode.next_token import MaskGenerator, generate_masks_speculative
-
         x = self.model_input(model, bundle, image_B1SS)
         if opts.samples > 1:
             x, text_ids, text_mask = (
                 t.repeat_interleave(opts.samples, 0) for t in (x, text_ids, text_mask)
             )
+        out = self._codes(model, x, text_ids, text_mask, opts, cache)
+        tokens = bundle.mask_vq.decode(out.codes)
+        heads = model.refiner is not None or (opts.parts and model.dense is not None)
+        if not (heads or opts.presence):
+            return Decoded(tokens)
+        # the prefill's pass over the prefix serves the heads and the presence features; a
+        # prefill under autocast gave none, and one full-precision pass serves them all
+        prefix = out.prefix
+        if prefix is None:
+            prefix = model.prefix_states(x, text_ids, text_mask)
+        presence = None
+        if opts.presence:  # the samples of one image share its prefix: its first row
+            img_BNC, start_BC = self._presence_of(model, prefix)
+            presence = (img_BNC[:: opts.samples], start_BC[:: opts.samples])
+        parts = {"tokens": tokens}
+        if heads:
+            parts.update(model.prefix_heads(prefix, x, out.codes))
+        return Decoded(
+            parts.get("refined", tokens), parts if opts.parts else {}, presence_states=presence
+        )
+
+    @staticmethod
+    def _codes(
+        model: nn.Module,
+        x: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        opts: DecodeOptions,
+        cache: dict[str, Any],
+    ) -> Any:
+        """The decoder's :class:`~mrisegcli.decode.next_token.MaskDecode`: drafted by the NkTP
+        heads when that pays, else plain cached decoding."""
+        from mrisegcli.decode.next_token import MaskGenerator, decode_speculative
+
         # drafting pays at batch 1 (bench/bench_trained_decode.py, shipped model: 2.32x fewer
         # passes, 1.40-1.46x wall time); a batch advances by its shortest kept run, which costs
         # more than it saves
@@ -227,34 +266,30 @@ class NextToken(Paradigm):
             and x.shape[0] == 1
             and model.nktp is not None
         ):
-            codes = generate_masks_speculative(model, x, text_ids, text_mask)
-        else:
-            if "generator" not in cache:
-                cache["generator"] = MaskGenerator(
-                    model, compile=opts.compile, amp_dtype=opts.amp_dtype
-                )
-            codes = cache["generator"](
-                x,
-                text_ids,
-                text_mask,
-                temperature=opts.temperature,
-                top_k=opts.top_k,
-                generator=opts.generator,
+            return decode_speculative(model, x, text_ids, text_mask)
+        if "generator" not in cache:
+            cache["generator"] = MaskGenerator(
+                model, compile=opts.compile, amp_dtype=opts.amp_dtype
             )
-        tokens = bundle.mask_vq.decode(codes)
-        if model.refiner is None and not (opts.parts and model.dense is not None):
-            return Decoded(tokens)
-        parts = {"tokens": tokens, **model.mask_outputs(x, text_ids, text_mask, codes)}
-        return Decoded(parts.get("refined", tokens), parts if opts.parts else {})
+        return cache["generator"].decode(
+            x,
+            text_ids,
+            text_mask,
+            temperature=opts.temperature,
+            top_k=opts.top_k,
+            generator=opts.generator,
+        )
+
+    @staticmethod
+    def _presence_of(model: nn.Module, prefix: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pass over the prefix (``PrefixStates``) -> the image-token states and the [BOM]
+        state (the one that predicts mask token 0)."""
+        return model.image_states(prefix), prefix.h_BPC[:, model.layout.prefix_len - 1]
 
     def presence_states(
         self, model: nn.Module, x: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        lay = model.layout
-        h_BPC = model.teacher_forced_states(
-            x, text_ids, text_mask, text_ids.new_zeros(x.shape[0], 0)
-        )
-        return h_BPC[:, 1 : 1 + lay.n_image], h_BPC[:, lay.prefix_len - 1]
+        return self._presence_of(model, model.prefix_states(x, text_ids, text_mask))
 
 
 class NextScale(Paradigm):

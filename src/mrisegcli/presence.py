@@ -8,7 +8,8 @@ small classifier on the trained model's own text-aware states:
 * features (:func:`presence_features`): one pass over the prefix (image and text tokens, which
   read each other), then the mean and the maximum of the image-token states and the state that
   starts the mask (next-token: the ``[BOM]`` state; next-scale: the mean of the first scale's
-  states) -> ``3 C`` numbers per (image, prompt);
+  states) -> ``3 C`` numbers per (image, prompt); at predict time a next-token decoder's own
+  prefill is that pass (:func:`features_of_states`);
 * head (:class:`PresenceHead`): layer norm, a two-layer MLP and one logit, trained with binary
   cross-entropy on the train rows whose mask is empty (normal chests, the side without a
   lesion) against the rows whose mask is not, the transformer frozen;
@@ -68,9 +69,15 @@ def presence_features(
 ) -> torch.Tensor:
     """(B, 3C) features of a batch: mean and max of the text-aware image states and the state
     that starts the mask (the paradigm's :meth:`presence_states`), in float32."""
+    return features_of_states(*impl.presence_states(model, x, text_ids, text_mask))
+
+
+def features_of_states(img_BNC: torch.Tensor, start_BC: torch.Tensor) -> torch.Tensor:
+    """(B, 3C) float32 features of states a pass over the prefix already gave (a decoder's
+    prefill): the same numbers as :func:`presence_features` of that pass."""
     from mrisegcli.losses.presence import prefix_presence_features
 
-    return prefix_presence_features(*impl.presence_states(model, x, text_ids, text_mask))
+    return prefix_presence_features(img_BNC, start_BC)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -306,6 +313,7 @@ __all__ = [
     "auroc",
     "choose_threshold",
     "detection_report",
+    "features_of_states",
     "fit_presence",
     "load_presence",
     "presence_config",

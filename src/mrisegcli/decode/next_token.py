@@ -14,6 +14,12 @@ them all.
 reference for tests and the baseline for the speed benchmark. Both draw tokens through the same
 loop (:func:`_draw_tokens`), so with the same generator they draw the same random numbers.
 
+Every decoder also returns the prefill's pass over the prefix (:class:`MaskDecode`): the
+refiner, the dense head and the presence features read those states instead of running the image
+encoder and the prefix again (the prefix's states do not depend on the mask tokens). A prefill
+run under autocast returns none: its states are rounded to the autocast dtype, and the heads read
+a full-precision pass instead, as before.
+
 The model should be in eval mode (dropout would make every step random).
 """
 
@@ -21,24 +27,37 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mrisegcli.decode.sampling import Sampler, logits_to_probs
-from mrisegcli.models.next_token import NextTokenSegmenter
+from mrisegcli.models.next_token import NextTokenSegmenter, PrefixStates
 
 DecodeFn = Callable[[NextTokenSegmenter, torch.Tensor, torch.Tensor, int], torch.Tensor]
 # (n, codes_BN) -> (B, Km) logits of mask token n, given codes_BN[:, :n]
 NextLogits = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+@dataclass
+class MaskDecode:
+    """What a decoder gives: the codes and the prefill's pass over the prefix."""
+
+    codes: torch.Tensor  # (B, Gm, Gm) int64 mask codes
+    # the prefill's states and encoder maps (the heads' and the presence features' input);
+    # None when the prefill ran under autocast
+    prefix: PrefixStates | None
+
+
 def prefill(
     model: NextTokenSegmenter, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
-) -> torch.Tensor:
-    """Fill the caches with BOS..BOM -> (B, Km) logits of the first mask token."""
-    return model.prefill(image, text_ids, text_mask)
+) -> tuple[torch.Tensor, PrefixStates]:
+    """Fill the caches with BOS..BOM -> (B, Km) logits of the first mask token and the pass's
+    :class:`PrefixStates`."""
+    prefix = model.prefill_prefix(image, text_ids, text_mask)
+    return model.mask_head(prefix.h_BPC[:, -1]), prefix
 
 
 def decode_one_token(
@@ -109,6 +128,22 @@ class MaskGenerator:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """-> (B, Gm, Gm) int64 mask codes."""
+        return self.decode(
+            image, text_ids, text_mask, temperature=temperature, top_k=top_k, generator=generator
+        ).codes
+
+    @torch.no_grad()
+    def decode(
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MaskDecode:
+        """-> the (B, Gm, Gm) codes and the prefill's states (none under autocast)."""
         model, lay = self.model, self.model.layout
         B = text_ids.shape[0]
         device = _param(model).device
@@ -126,14 +161,12 @@ class MaskGenerator:
 
         sampler = Sampler(temperature, top_k, generator)
         with self._autocast():
-            codes_BN = _draw_tokens(
-                prefill(model, image, text_ids, text_mask), next_logits, lay.n_mask, sampler
-            )
+            first_BK, prefix = prefill(model, image, text_ids, text_mask)
+            codes_BN = _draw_tokens(first_BK, next_logits, lay.n_mask, sampler)
         g = model.config.mask_grid
-        return codes_BN.view(B, g, g)
+        return MaskDecode(codes_BN.view(B, g, g), prefix if self.amp_dtype is None else None)
 
 
-@torch.no_grad()
 def generate_masks_speculative(
     model: NextTokenSegmenter,
     image: torch.Tensor,
@@ -145,8 +178,34 @@ def generate_masks_speculative(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Decoding drafted by the model's own NkTP heads -> (B, Gm, Gm): greedy by default, the
-    same codes as greedy :func:`generate_masks`; with ``temperature > 0`` speculative sampling
+    """The (B, Gm, Gm) codes of :func:`decode_speculative`."""
+    return decode_speculative(
+        model,
+        image,
+        text_ids,
+        text_mask,
+        stats=stats,
+        temperature=temperature,
+        top_k=top_k,
+        generator=generator,
+    ).codes
+
+
+@torch.no_grad()
+def decode_speculative(
+    model: NextTokenSegmenter,
+    image: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    *,
+    stats: dict[str, float] | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> MaskDecode:
+    """Decoding drafted by the model's own NkTP heads -> the (B, Gm, Gm) codes and the
+    prefill's states (:class:`MaskDecode`): greedy by default, the same codes as greedy
+    :func:`generate_masks`; with ``temperature > 0`` speculative sampling
     (:func:`_speculative_sampling`), whose codes have the distribution of plain sampling.
 
     From the state that predicts code n, the main head gives code n (exact) and the k-1 NkTP
@@ -170,7 +229,8 @@ def generate_masks_speculative(
     model.setup_caches(B, dtype=_param(model).dtype, device=device)
     codes_BN = torch.empty(B, N, dtype=torch.long, device=device)
     # (B, k): code n, then the guesses; the verify pass below drafts the next block too
-    draft_Bk = model.draft_logits(model.prefill_state(image, text_ids, text_mask)).argmax(-1)
+    prefix = model.prefill_prefix(image, text_ids, text_mask)
+    draft_Bk = model.draft_logits(prefix.h_BPC[:, -1]).argmax(-1)
     n, passes, accepted, drafted, uneven = 0, 0, 0, 0, 0
     while n < N:
         block_BL = draft_Bk[:, : N - n]  # (B, L): code n, then guesses
@@ -203,7 +263,7 @@ def generate_masks_speculative(
             uneven=float(uneven),
         )
     g = model.config.mask_grid
-    return codes_BN.view(B, g, g)
+    return MaskDecode(codes_BN.view(B, g, g), prefix)
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -219,7 +279,7 @@ def _speculative_sampling(
     text_mask: torch.Tensor,
     sampler: Sampler,
     stats: dict[str, float] | None,
-) -> torch.Tensor:
+) -> MaskDecode:
     """Speculative sampling with the NkTP heads as the draft: codes distributed as plain sampling.
 
     The target p of every code is the main head's distribution after ``sampler``'s temperature
@@ -241,7 +301,8 @@ def _speculative_sampling(
     codes_BN = torch.empty(B, N, dtype=torch.long, device=device)
     # (B, k, K) logits of code n (p), then of the guesses (q_1 .. q_{k-1}); the verify pass
     # below gives the next block's
-    draft_BkK = model.draft_logits(model.prefill_state(image, text_ids, text_mask))
+    prefix = model.prefill_prefix(image, text_ids, text_mask)
+    draft_BkK = model.draft_logits(prefix.h_BPC[:, -1])
     gen, T, top_k = sampler.generator, sampler.temperature, sampler.top_k
     first_B: torch.Tensor | None = None  # code n when the previous pass decided it
     n, passes, accepted, drafted, uneven = 0, 0, 0, 0, 0
@@ -294,7 +355,7 @@ def _speculative_sampling(
             uneven=float(uneven),
         )
     g = model.config.mask_grid
-    return codes_BN.view(B, g, g)
+    return MaskDecode(codes_BN.view(B, g, g), prefix)
 
 
 def generate_masks(

@@ -19,6 +19,12 @@ is fixed (Gm*Gm).
 Entry points: :meth:`forward` (training, a dict of losses), :meth:`mask_logits` (teacher-forced
 logits, the uncached reference), :meth:`teacher_forced_states` (the hidden states of that pass),
 :meth:`setup_caches`, :meth:`prefill`, :meth:`decode_step`.
+
+The prefix's states do not depend on the mask tokens (they come before them, and mask tokens are
+never keys of a prefix query), so one pass over the prefix serves every part that reads it: the
+cached prefill (:meth:`prefill_prefix`) returns its :class:`PrefixStates`, from which the
+refiner and the dense head (:meth:`prefix_heads`) and the presence features are read;
+:meth:`prefix_states` is the same pass without a cache.
 """
 
 from __future__ import annotations
@@ -215,6 +221,14 @@ def sequence_mask(
     if bidirectional:
         mask = mask | (torch.arange(n, device=device) < prefix_len)[None, :]
     return mask
+
+
+@dataclass
+class PrefixStates:
+    """One pass over the prefix BOS..BOM: what the parts that read the prefix need."""
+
+    h_BPC: torch.Tensor  # (B, P, C) final hidden states; row 1 + i: image token i, row P - 1: BOM
+    skips: list[torch.Tensor]  # the image encoder's feature maps, finest first (pixels mode)
 
 
 def _check_range(name: str, t: torch.Tensor, n: int) -> None:
@@ -545,17 +559,36 @@ class NextTokenSegmenter(nn.Module):
         text_mask: torch.Tensor,
         codes_BHW: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """One pass over the prefix -> the (B, 1, S, S) logits of the heads that are on:
-        ``refined`` (the refiner on the decided ``codes_BHW``) and ``dense`` (the dense
-        supervision head, which never reads the codes)."""
+        """One pass over the prefix -> the (B, 1, S, S) logits of the heads that are on
+        (:meth:`prefix_heads`). A decoder that has the prefill's :class:`PrefixStates` passes
+        those to :meth:`prefix_heads` instead."""
+        return self.prefix_heads(self.prefix_states(image, text_ids, text_mask), image, codes_BHW)
+
+    def prefix_states(
+        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> PrefixStates:
+        """The uncached pass over the prefix (no mask tokens) -> its :class:`PrefixStates`:
+        the same states as :meth:`prefill_prefix`, without touching the caches."""
         skips: list[torch.Tensor] = []
         h_BPC = self.teacher_forced_states(
-            image, text_ids, text_mask, codes_BHW.new_zeros(codes_BHW.shape[0], 0), skips
+            image, text_ids, text_mask, text_ids.new_zeros(text_ids.shape[0], 0), skips
         )
-        states_BNC = h_BPC[:, 1 : 1 + self.layout.n_image]
+        return PrefixStates(h_BPC, skips)
+
+    def image_states(self, prefix: PrefixStates) -> torch.Tensor:
+        """(B, Gi*Gi, C) the final, text-aware states of the image tokens."""
+        return prefix.h_BPC[:, 1 : 1 + self.layout.n_image]
+
+    def prefix_heads(
+        self, prefix: PrefixStates, image: torch.Tensor, codes_BHW: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The prefix's states -> the (B, 1, S, S) logits of the heads that are on:
+        ``refined`` (the refiner on the decided ``codes_BHW``, the image-token states and the
+        encoder's maps) and ``dense`` (the dense supervision head, which never reads the codes)."""
+        states_BNC = self.image_states(prefix)
         out: dict[str, torch.Tensor] = {}
         if self.refiner is not None:
-            out["refined"] = self.refiner(codes_BHW, states_BNC, skips, image)
+            out["refined"] = self.refiner(codes_BHW, states_BNC, prefix.skips, image)
         if self.dense is not None:
             out["dense"] = self.dense.logits(states_BNC)
         return out
@@ -598,7 +631,15 @@ class NextTokenSegmenter(nn.Module):
         self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
         """Run BOS..BOM into the caches -> (B, C) hidden state that predicts mask token 0."""
-        x_BPC, valid_BP = self._embed_prefix(image, text_ids, text_mask)
+        return self.prefill_prefix(image, text_ids, text_mask).h_BPC[:, -1]
+
+    def prefill_prefix(
+        self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> PrefixStates:
+        """Run BOS..BOM into the caches -> the pass's :class:`PrefixStates` (its last state
+        predicts mask token 0; the heads and the presence features read the rest)."""
+        skips: list[torch.Tensor] = []
+        x_BPC, valid_BP = self._embed_prefix(image, text_ids, text_mask, skips)
         B, P, _ = x_BPC.shape
         if self.cell_proj is not None:
             if self._cells_BNC is None or self._cells_BNC.shape[0] < B:
@@ -608,7 +649,7 @@ class NextTokenSegmenter(nn.Module):
         tf.start_sequences(valid_BP)
         mask = self._structure(P, x_BPC.device)[None, None] & tf.key_padding(B, P)  # (B, 1, P, P)
         h_BPC = tf.forward_cached(x_BPC, self.pos_T2[:P], tf.slots_S[:P], mask)
-        return h_BPC[:, -1]
+        return PrefixStates(h_BPC, skips)
 
     def decode_block(self, tok_BT: torch.Tensor, first: int) -> torch.Tensor:
         """Feed T consecutive mask codes per sequence at cache slots first .. first+T-1, each

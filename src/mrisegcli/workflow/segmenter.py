@@ -238,6 +238,7 @@ class Segmenter:
             speculative=self.speculative,
             compile=self.compile,
             amp_dtype=self.amp_dtype,
+            presence=self.presence_head is not None,
         )
         out = self.impl.decode(
             self.model,
@@ -254,7 +255,10 @@ class Segmenter:
 
         step_probs = [mean_prob(s) for s in out.steps] if out.steps is not None else None
         part_probs = {k: mean_prob(v) for k, v in out.parts.items()} if out.parts else None
-        presence = self.presence_tensors(image_B1SS, text_ids, text_mask)
+        if out.presence_states is not None:  # read from the decoder's own pass over the prefix
+            presence = self._presence_probs(out.presence_states)
+        else:
+            presence = self.presence_tensors(image_B1SS, text_ids, text_mask)
         if samples == 1:
             return Prediction(mean_prob(out.logits), None, step_probs, part_probs, presence)
         fused = consensus(
@@ -270,11 +274,19 @@ class Segmenter:
         a presence head."""
         if self.presence_head is None:
             return None
-        from mrisegcli.presence import presence_features
-
         x = self.image_input(image_B1SS)
-        feats = presence_features(self.impl, self.model, x, text_ids, self.hide_text(text_mask))
-        return torch.sigmoid(self.presence_head(feats)).float()
+        return self._presence_probs(
+            self.impl.presence_states(self.model, x, text_ids, self.hide_text(text_mask))
+        )
+
+    def _presence_probs(self, states: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """The paradigm's presence states (image-token states, mask-start state) -> (B,)
+        calibrated presence probabilities (``presence.py``)."""
+        if self.presence_head is None:
+            return None
+        from mrisegcli.presence import features_of_states
+
+        return torch.sigmoid(self.presence_head(features_of_states(*states))).float()
 
     def predict(
         self,
