@@ -174,7 +174,9 @@ def run_mriseg(
         train += ["--paradigm", paradigm, "--preset", preset, "--max-minutes", str(minutes)]
         train += ["--steps", "100000", "--device", "cpu", *VARIANTS[variant]]
     t0 = time.perf_counter()
-    subprocess.run(train, check=True, capture_output=True, text=True, env=env)
+    done = subprocess.run(train, capture_output=True, text=True, env=env)
+    if done.returncode:  # the command's own last lines say why
+        raise SystemExit(f"{' '.join(train)} failed:\n{done.stderr[-2000:]}")
     wall = time.perf_counter() - t0
     ev = [
         "mriseg",
