@@ -172,6 +172,37 @@ def test_shipped_model_loads_as_the_old_path_did_and_predicts_the_same():
     assert torch.equal(a.prob, b.prob) and torch.equal(a.presence, b.presence)
 
 
+@pytest.mark.parametrize("kind", ["mask_vq", "image_vq", "multiscale"])
+def test_tokenizer_loads_without_initialising_and_equals_the_saved_one(kind, tmp_path):
+    from mrisegcli.tokenizers.serialize import KINDS, load_tokenizer, save_tokenizer
+
+    cls, cfg_cls = KINDS[kind]
+    torch.manual_seed(0)
+    saved = cls(cfg_cls()).eval()
+    path = save_tokenizer(saved, tmp_path / f"{kind}.safetensors")
+    with _RecordOps() as rec:
+        loaded = load_tokenizer(path)
+    assert INIT_OPS.isdisjoint(rec.ops), rec.ops
+    assert "copy_" not in rec.ops  # the file's tensors take the place of the meta ones
+    _assert_same_tensors(saved, loaded)  # the unsaved codebook bookkeeping too: zeros
+    assert not loaded.training
+
+
+def test_presence_head_with_a_non_finite_weight_is_refused(tmp_path):
+    from mrisegcli.presence import PresenceHead, load_presence, save_presence
+
+    section = {"in_dim": 12, "hidden": 8, "threshold": 0.5}
+    head = PresenceHead(12, 8).eval()
+    save_presence(head, tmp_path)
+    loaded = load_presence(tmp_path, section, torch.device("cpu"))
+    _assert_same_tensors(head, loaded)
+    with torch.no_grad():
+        head.mlp[0].weight[3, 4] = float("inf")
+    save_presence(head, tmp_path)
+    with pytest.raises(MrisegError, match="presence head holds NaN or infinite weights"):
+        load_presence(tmp_path, section, torch.device("cpu"))
+
+
 def _random_bundle(cfg) -> TokenizerBundle:
     """Untrained tokenizers of the paradigm of ``cfg`` (sizes only matter here)."""
     from mrisegcli.tokenizers.image_vq import ImageVQ

@@ -5,12 +5,17 @@ The safetensors header metadata holds ``kind`` ("mask_vq", "image_vq" or "multis
 version), so :func:`load_tokenizer` rebuilds the module from the file alone. Nothing is
 pickled; a truncated or corrupt file, an unknown kind or a config that does not match the
 stored tensors is a :class:`~mrisegcli.errors.ConfigError` naming the file.
+
+A tokenizer is built to be loaded without memory or random initialisation (:func:`shapes_only`,
+:func:`assign_weights`: the file's tensors take the place of the meta ones); the model loader
+(``workflow/segmenter.py``) builds the model the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,85 @@ KINDS: dict[str, tuple[type[torch.nn.Module], type]] = {
 }
 
 Tokenizer = MaskVQ | ImageVQ | MultiScaleMaskQuantizer
+
+
+#: In-place tensor methods that only write values (what ``torch.nn.init``'s functions call):
+#: on a meta tensor, which holds no values, they and ``torch.nn.init``'s functions are skipped,
+#: so that building a module to be loaded runs no random initialisation (on the meta device
+#: ``normal_`` alone would import torch's compiler, about a second).
+VALUE_INITS = frozenset(
+    {
+        "normal_",
+        "uniform_",
+        "zero_",
+        "fill_",
+        "random_",
+        "exponential_",
+        "log_normal_",
+        "cauchy_",
+        "geometric_",
+        "bernoulli_",
+        "erfinv_",
+    }
+)
+#: factories whose tensors :func:`shapes_only` makes on the meta device
+_META_FACTORIES = (torch.empty, torch.zeros)
+#: random factories, which :func:`shapes_only` answers with real zeros: on the meta device
+#: they, and the arithmetic usually done on their result (a codebook's ``randn(V, C) * s``),
+#: would import torch's compiler
+_RANDOM_FACTORIES = (torch.randn, torch.rand)
+
+
+def shapes_only() -> Any:
+    """A mode in which ``torch.empty`` and ``torch.zeros`` (what parameters and large state
+    buffers are made with) give meta tensors, without memory, and the initialisers that would
+    fill them (:data:`VALUE_INITS`) do nothing; ``torch.randn`` and ``torch.rand`` (a
+    tokenizer's codebook) give zeros, drawing nothing; index tensors (``arange``, ``full``,
+    ``as_tensor``: positions, attention masks, small and bounded by the size limits) stay real,
+    so that the code that derives them from data still runs."""
+    from torch.overrides import TorchFunctionMode
+
+    class ShapesOnly(TorchFunctionMode):
+        def __torch_function__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            kwargs = dict(kwargs or {})
+            if func in _META_FACTORIES:
+                kwargs["device"] = "meta"
+                return func(*args, **kwargs)
+            if func in _RANDOM_FACTORIES:
+                return torch.zeros(*args, dtype=kwargs.get("dtype"), device=kwargs.get("device"))
+            target = args[0] if args else kwargs.get("tensor")
+            initialiser = (
+                getattr(func, "__module__", None) == "torch.nn.init"
+                or getattr(func, "__name__", "") in VALUE_INITS
+            )
+            if initialiser and isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+            return func(*args, **kwargs)
+
+    return ShapesOnly()
+
+
+def assign_weights(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Put ``state``'s tensors in the place of the meta ones of a ``module`` built under
+    :func:`shapes_only` (no copy, no random init thrown away), each in the dtype the module
+    declares; what ``state`` leaves out (training-only buffers) becomes zeros."""
+    want = module.state_dict()
+    state = {k: v.to(want[k].dtype) if k in want else v for k, v in state.items()}
+    module.load_state_dict(state, strict=False, assign=True)
+    for sub in module.modules():  # zeros_like of a meta tensor would import sympy
+        for name, p in sub.named_parameters(recurse=False):
+            if p.is_meta:
+                zeros = torch.zeros(p.shape, dtype=p.dtype)
+                setattr(sub, name, torch.nn.Parameter(zeros, p.requires_grad))
+        for name, b in sub.named_buffers(recurse=False):
+            if b.is_meta:
+                sub.register_buffer(
+                    name,
+                    torch.zeros(b.shape, dtype=b.dtype),
+                    persistent=name not in sub._non_persistent_buffers_set,
+                )
 
 
 def kind_of(tok: torch.nn.Module) -> str:
@@ -114,7 +198,8 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
     model_cls, cfg_cls = KINDS[kind]
     cfg = config_from_json(cfg_cls, meta["mriseg_config"], path)
     try:
-        model = model_cls(cfg)
+        with shapes_only():  # built without memory or initialisation: the file fills it
+            model = model_cls(cfg)
     except ConfigError as err:
         raise ConfigError(f"invalid tokenizer config ({err})", path) from err
     expected = model.state_dict()
@@ -128,5 +213,5 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
             if keys
         )
         raise ConfigError(f"weights do not match the stored config ({detail})", path)
-    model.load_state_dict(tensors)
+    assign_weights(model, tensors)
     return model.to(device).eval()

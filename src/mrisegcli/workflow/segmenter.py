@@ -441,60 +441,13 @@ def check_config_sizes(section: Any, where: str, path: Path) -> None:
                 )
 
 
-#: In-place tensor methods that only write values (what ``torch.nn.init``'s functions call):
-#: on a meta tensor, which holds no values, they and ``torch.nn.init``'s functions are skipped,
-#: so that building a model to be loaded runs no random initialisation (on the meta device
-#: ``normal_`` alone would import torch's compiler, about a second).
-_VALUE_INITS = frozenset(
-    {
-        "normal_",
-        "uniform_",
-        "zero_",
-        "fill_",
-        "random_",
-        "exponential_",
-        "log_normal_",
-        "cauchy_",
-        "geometric_",
-        "bernoulli_",
-        "erfinv_",
-    }
-)
-
-
-def _shapes_only() -> Any:
-    """A mode in which ``torch.empty`` and ``torch.zeros`` (what parameters and large state
-    buffers are made with) give meta tensors, without memory, and the initialisers that would
-    fill them (:data:`_VALUE_INITS`) do nothing; index tensors (``arange``, ``full``,
-    ``as_tensor``: positions, attention masks, small and bounded by the size limits) stay real,
-    so that the model code that derives them from data still runs."""
-    from torch.overrides import TorchFunctionMode
-
-    class ShapesOnly(TorchFunctionMode):
-        def __torch_function__(
-            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-        ) -> Any:
-            kwargs = dict(kwargs or {})
-            if func in (torch.empty, torch.zeros):
-                kwargs["device"] = "meta"
-                return func(*args, **kwargs)
-            target = args[0] if args else kwargs.get("tensor")
-            initialiser = (
-                getattr(func, "__module__", None) == "torch.nn.init"
-                or getattr(func, "__name__", "") in _VALUE_INITS
-            )
-            if initialiser and isinstance(target, torch.Tensor) and target.is_meta:
-                return target
-            return func(*args, **kwargs)
-
-    return ShapesOnly()
-
-
 def build_empty_model(paradigm: str, mcfg: Any, bundle: TokenizerBundle) -> torch.nn.Module:
     """The model of ``mcfg`` with its parameters and state buffers on the meta device (no
     memory, no initialisation): the shapes to check a weights file against, and the modules
     that :func:`load_weights` fills with the file's tensors."""
-    with _shapes_only():
+    from mrisegcli.tokenizers.serialize import shapes_only
+
+    with shapes_only():
         return build_model(paradigm, mcfg, bundle)
 
 
@@ -560,6 +513,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from mrisegcli.tokenizers.serialize import assign_weights
     from mrisegcli.weights import check_finite
 
     try:
@@ -568,21 +522,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise MrisegError(f"corrupt or truncated weights ({e})", path) from e
     if not _all_finite(state):
         check_finite(state, path)  # names the tensor and the count
-    want = model.state_dict()
-    state = {k: v.to(want[k].dtype) if k in want else v for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    for module in model.modules():  # zeros_like of a meta tensor would import sympy
-        for name, p in module.named_parameters(recurse=False):
-            if p.is_meta:
-                zeros = torch.zeros(p.shape, dtype=p.dtype)
-                setattr(module, name, torch.nn.Parameter(zeros, p.requires_grad))
-        for name, b in module.named_buffers(recurse=False):
-            if b.is_meta:
-                module.register_buffer(
-                    name,
-                    torch.zeros(b.shape, dtype=b.dtype),
-                    persistent=name not in module._non_persistent_buffers_set,
-                )
+    assign_weights(model, state)
 
 
 def load_segmenter(
