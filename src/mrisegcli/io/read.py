@@ -3,7 +3,7 @@
 The reader is chosen by content first (DICOM preamble, image magic numbers), then by name
 (``.nii`` / ``.nii.gz``, image suffixes); folders are DICOM series; anything else is tried as
 DICOM without a preamble. Every failure the user can fix is an :class:`InputError` naming the
-file.
+file. pydicom and nibabel are imported only when a DICOM or NIfTI file is read.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from mrisegcli.errors import InputError
-from mrisegcli.io.dicom import read_dicom, read_dicom_mask
-from mrisegcli.io.nifti import read_nifti, read_nifti_mask
 from mrisegcli.io.raster import RASTER_SUFFIXES, read_raster, read_raster_mask
 from mrisegcli.io.scan import Scan
 
@@ -127,10 +125,14 @@ def read_scan(path: str | Path, *, frame: int | None = None) -> Scan:
     if frame is not None and fmt != "nifti":
         raise InputError(f"frame={frame} applies to 4-D NIfTI only, this is {fmt}", path)
     with _quiet():
-        if fmt == "nifti":
-            return read_nifti(path, frame)
         if fmt == "raster":
             return read_raster(path)
+        if fmt == "nifti":
+            from mrisegcli.io.nifti import read_nifti
+
+            return read_nifti(path, frame)
+        from mrisegcli.io.dicom import read_dicom
+
         return _as_dicom(path, read_dicom)
 
 
@@ -148,10 +150,14 @@ def read_mask(path: str | Path, *, binary: bool = False) -> np.ndarray:
     path = Path(path)
     fmt = detect_format(path)
     with _quiet():
-        if fmt == "nifti":
-            return read_nifti_mask(path, binary)
         if fmt == "raster":
             return read_raster_mask(path, binary)
+        if fmt == "nifti":
+            from mrisegcli.io.nifti import read_nifti_mask
+
+            return read_nifti_mask(path, binary)
+        from mrisegcli.io.dicom import read_dicom_mask
+
         return _as_dicom(path, lambda p: read_dicom_mask(p, binary))
 
 

@@ -12,14 +12,12 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
 from PIL import Image, PngImagePlugin
 
 from mrisegcli import __version__
 from mrisegcli.errors import MrisegError
 from mrisegcli.io.atomic import atomic_path, check_writable
-from mrisegcli.io.nifti import make_nifti
 from mrisegcli.io.overlay import heat_colormap
 from mrisegcli.io.scan import Scan
 
@@ -122,6 +120,27 @@ def _check_nii_name(out_path: Path) -> None:
         raise MrisegError("a NIfTI output must end in .nii or .nii.gz", out_path)
 
 
+def _write_nifti(
+    data: np.ndarray,
+    scan: Scan,
+    dtype: type,
+    description: str,
+    out_path: Path,
+    overwrite: bool,
+) -> None:
+    """``data`` in the scan's geometry as a NIfTI file (``cal_max`` 1); nibabel is imported
+    here, only when a NIfTI is written."""
+    import nibabel as nib
+
+    from mrisegcli.io.nifti import make_nifti
+
+    _check_nii_name(out_path)
+    nii = make_nifti(data, scan, dtype, description)
+    nii.header["cal_max"] = 1.0
+    with atomic_path(out_path, overwrite) as tmp:
+        nib.save(nii, str(tmp))
+
+
 def write_mask(
     mask: np.ndarray,
     scan: Scan,
@@ -143,11 +162,7 @@ def write_mask(
         with atomic_path(out_path, overwrite) as tmp:
             img.save(tmp, format="PNG", pnginfo=_png_info(description))
     elif fmt == "nii":
-        _check_nii_name(out_path)
-        nii = make_nifti(fg, scan, np.uint8, description or "mriseg mask")
-        nii.header["cal_max"] = 1.0
-        with atomic_path(out_path, overwrite) as tmp:
-            nib.save(nii, str(tmp))
+        _write_nifti(fg, scan, np.uint8, description or "mriseg mask", out_path, overwrite)
     else:
         seg = build_segmentation(fg, scan, description)
         with atomic_path(out_path, overwrite) as tmp:
@@ -176,11 +191,7 @@ def write_prob_map(
         with atomic_path(out_path, overwrite) as tmp:
             Image.fromarray(rgb).save(tmp, format="PNG", pnginfo=_png_info(description))
     elif fmt == "nii":
-        _check_nii_name(out_path)
-        nii = make_nifti(p, scan, np.float32, description or "mriseg probability")
-        nii.header["cal_max"] = 1.0
-        with atomic_path(out_path, overwrite) as tmp:
-            nib.save(nii, str(tmp))
+        _write_nifti(p, scan, np.float32, description or "mriseg probability", out_path, overwrite)
     else:
         raise MrisegError("probability maps are written as nii or png, not dcm", out_path)
     return out_path
