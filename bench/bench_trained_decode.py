@@ -16,7 +16,13 @@ of the machine's load hits both sides:
   over ``--repeats`` turns; ``speedup_batch1_per_turn``: each turn's own ratio);
 * ``identical``: whether both decoders gave the same codes on every case (they must);
 * ``predict_ms``: one warm ``Segmenter.predict`` call on one image (what ``mriseg predict``
-  does per 2-D input once the model is loaded), speculative on.
+  does per 2-D input once the model is loaded), speculative on;
+* ``one_prefix_pass``: warm ``Segmenter.predict_tensors`` (one pass over the prefix serves the
+  decoder, the refiner, the dense head and presence) against the three passes it replaced (the
+  decoder's prefill, then ``mask_outputs`` and ``presence_features``, each over the prefix
+  again), timed in turns at batch 1 (every case) and at ``--batch``: ms per image, the
+  speed-ups, and the largest differences of probability and presence between the two
+  (``max_prob_diff``, ``max_presence_diff``: float tolerance at most).
 """
 
 from __future__ import annotations
@@ -55,6 +61,75 @@ def timed(fn, repeats: int) -> float:
         fn()
         out.append(time.perf_counter() - t0)
     return statistics.median(out)
+
+
+def three_passes(seg, image_B1SS, ids, tmask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, S, S) probabilities and (B,) presence as ``predict_tensors`` computed them before one
+    pass over the prefix served all (greedy, one sample): the decoder's prefill, then one pass
+    for the heads (``mask_outputs``) and one for the presence features."""
+    from mrisegcli.decode.next_token import MaskGenerator, generate_masks_speculative
+    from mrisegcli.presence import presence_features
+
+    model, tm = seg.model, seg.hide_text(tmask)
+    x = seg.image_input(image_B1SS)
+    if seg.speculative and x.shape[0] == 1 and model.nktp is not None:
+        codes = generate_masks_speculative(model, x, ids, tm)
+    else:
+        codes = MaskGenerator(model)(x, ids, tm)
+    logits = seg.bundle.mask_vq.decode(codes)
+    if model.refiner is not None:
+        logits = model.mask_outputs(x, ids, tm, codes)["refined"]
+    presence = None
+    if seg.presence_head is not None:
+        feats = presence_features(seg.impl, model, x, ids, tm)
+        presence = torch.sigmoid(seg.presence_head(feats)).float()
+    return torch.sigmoid(logits.float())[:, 0], presence
+
+
+@torch.no_grad()
+def one_prefix_pass(seg, images: np.ndarray, texts: list[str], batch: int, repeats: int) -> dict:
+    """Warm predict with one pass over the prefix against the three passes it replaced, timed
+    in turns at batch 1 (every case) and at ``batch``."""
+    img = torch.from_numpy(images)[:, None]
+    ids, tmask = seg.encode_text(texts)
+    n, b = len(texts), min(batch, len(texts))
+    diff = {"prob": 0.0, "presence": 0.0}
+    for i in range(n):  # the same answers, case by case
+        new = seg.predict_tensors(img[i : i + 1], ids[i : i + 1], tmask[i : i + 1])
+        prob, presence = three_passes(seg, img[i : i + 1], ids[i : i + 1], tmask[i : i + 1])
+        diff["prob"] = max(diff["prob"], float((new.prob - prob).abs().max()))
+        if presence is not None:
+            diff["presence"] = max(diff["presence"], float((new.presence - presence).abs().max()))
+    runs = {
+        "three_1": lambda: [
+            three_passes(seg, img[i : i + 1], ids[i : i + 1], tmask[i : i + 1]) for i in range(n)
+        ],
+        "one_1": lambda: [
+            seg.predict_tensors(img[i : i + 1], ids[i : i + 1], tmask[i : i + 1]) for i in range(n)
+        ],
+        "three_b": lambda: three_passes(seg, img[:b], ids[:b], tmask[:b]),
+        "one_b": lambda: seg.predict_tensors(img[:b], ids[:b], tmask[:b]),
+    }
+    for fn in runs.values():  # warm-up
+        fn()
+    t: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):  # in turns
+        for name, fn in runs.items():
+            t[name].append(timed(fn, 1))
+    med = {k: statistics.median(v) for k, v in t.items()}
+    return {
+        "ms_per_image": {
+            "three_passes_batch1": 1e3 * med["three_1"] / n,
+            "one_pass_batch1": 1e3 * med["one_1"] / n,
+            f"three_passes_batch{b}": 1e3 * med["three_b"] / b,
+            f"one_pass_batch{b}": 1e3 * med["one_b"] / b,
+        },
+        "speedup_batch1": med["three_1"] / med["one_1"],
+        "speedup_batch1_per_turn": [p / q for p, q in zip(t["three_1"], t["one_1"], strict=True)],
+        f"speedup_batch{b}": med["three_b"] / med["one_b"],
+        "max_prob_diff": diff["prob"],
+        "max_presence_diff": diff["presence"],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:  # noqa: C901 -- split pending
@@ -173,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 -- split pending
         "speedup_batch1_per_turn": [p / q for p, q in zip(t["plain_1"], t["spec_1"], strict=True)],
         f"speedup_batch{b}": med["plain_b"] / med["spec_b"],
         "predict_ms": 1e3 * predict_s,
+        "one_prefix_pass": one_prefix_pass(seg, images, texts, args.batch, args.repeats),
     }
     out["fewer_passes_batch1"] = out["passes_per_mask"]["plain"] / max(
         1e-9, out["passes_per_mask"]["speculative_batch1"]

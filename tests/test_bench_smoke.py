@@ -455,6 +455,9 @@ def test_trained_decode_on_the_shipped_model() -> None:
     assert out["fewer_passes_batch1"] == pytest.approx(63 / passes["speculative_batch1"])
     assert len(out["speedup_batch1_per_turn"]) == 2 and out["speedup_batch1"] > 0
     assert 0 <= out["acceptance"] <= 1 and out["predict_ms"] > 0
+    one = out["one_prefix_pass"]  # one pass over the prefix against the three it replaced
+    assert one["max_prob_diff"] < 1e-5 and one["max_presence_diff"] < 1e-5
+    assert len(one["speedup_batch1_per_turn"]) == 2 and one["speedup_batch2"] > 0
 
 
 def test_volume_bench_predicts_a_synthetic_volume() -> None:
