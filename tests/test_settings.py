@@ -173,6 +173,8 @@ def test_next_token_model_takes_every_strategy_it_declares(monkeypatch):
     for name in shared:
         assert getattr(mcfg, name) == getattr(cfg.strategies, name), name
     assert mcfg.encoder.stage_blocks == cfg.strategies.encoder_stage_blocks
+    # the cxr preset trains the presence probe (bench/presence_probe_ab.sh measured it)
+    assert mcfg.lambda_presence == 0.5
 
 
 @pytest.mark.parametrize("paradigm", ["next-token", "next-scale"])

@@ -86,7 +86,8 @@ def _cxr() -> RunConfig:
     16x16 pixels (a deeper mask tokenizer), the cpu transformer, two reworded copies of every
     training row; the full-resolution refiner reading an image encoder with a residual block
     after each finer stage, mask queries on their target cells with the cell's image token,
-    parallel scheduled sampling (docs/method.md; the levers measured in docs/benchmarks.md).
+    parallel scheduled sampling, and the presence probe trained with the model (docs/method.md;
+    the levers measured in docs/benchmarks.md, the probe in docs/presence.md).
     A step of 32 takes 0.67 s on two CPU cores with ``--cpu-bf16`` (AVX512-BF16), 1.13 s
     without (``bench/bench_train.py --preset cxr``)."""
     from mrisegcli.tokenizers.mask_vq import MaskVQConfig
@@ -105,6 +106,7 @@ def _cxr() -> RunConfig:
             mask_cell_image=True,
             scheduled_sampling=0.5,
             encoder_stage_blocks=1,
+            lambda_presence=0.5,
         ),
         fit=FitConfig(mask_steps=1500, image_steps=600, multiscale_steps=1500),
         train=TrainConfig(
