@@ -400,20 +400,25 @@ def test_config_switches_build_only_what_is_used():
     assert dataclasses.asdict(full.config)["transformer"]["dim"] == 32
 
 
-def test_dense_prefix_loss_is_switchable_and_trains_the_image_states():
-    with pytest.raises(ConfigError):  # image tokens must read the text
-        _cfg(lambda_dense=1.0, image_size=8)
-    model = _model(lambda_dense=1.0, prefix_attention="bidirectional", image_size=8).train()
-    assert model.dense is not None and _model().dense is None
+def _batch_with_mask(mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A training batch of :func:`_inputs` (three rows) with the pixel ``mask`` (3, S, S)."""
     image, text, tmask, codes = _inputs()
-    batch = {
+    return {
         "image_codes": image,
         "text_ids": text,
         "text_mask": tmask,
         "mask_codes": codes,
         "sample_ids": torch.arange(3),
-        "mask": (torch.rand(3, 8, 8) > 0.5).to(torch.uint8),
+        "mask": mask,
     }
+
+
+def test_dense_prefix_loss_is_switchable_and_trains_the_image_states():
+    with pytest.raises(ConfigError):  # image tokens must read the text
+        _cfg(lambda_dense=1.0, image_size=8)
+    model = _model(lambda_dense=1.0, prefix_attention="bidirectional", image_size=8).train()
+    assert model.dense is not None and _model().dense is None
+    batch = _batch_with_mask((torch.rand(3, 8, 8) > 0.5).to(torch.uint8))
     out = model(batch)
     assert out["dense"] > 0
     off = _model(prefix_attention="bidirectional", image_size=8).train()(batch)
@@ -428,17 +433,12 @@ def test_presence_probe_learns_from_the_prefix_states_and_leaves_the_rest_unchan
     model = _model(lambda_presence=0.5, prefix_attention="bidirectional").train()
     assert model.presence_probe is not None and _model().presence_probe is None
     assert not any(k.startswith("presence_probe") for k in _model().state_dict())
-    image, text, tmask, codes = _inputs()
     mask = torch.zeros(3, 8, 8, dtype=torch.uint8)
     mask[0, 2:4, 2:4] = 1  # row 0 has a region, rows 1 and 2 are empty
-    batch = {
-        "image_codes": image,
-        "text_ids": text,
-        "text_mask": tmask,
-        "mask_codes": codes,
-        "sample_ids": torch.arange(3),
-        "mask": mask,
-    }
+    batch = _batch_with_mask(mask)
+    image, text, tmask, codes = (
+        batch[k] for k in ("image_codes", "text_ids", "text_mask", "mask_codes")
+    )
     out = model(batch)
     # the same weights without the probe give the same other terms: the probe is built last
     off = _model(prefix_attention="bidirectional").train()(batch)
