@@ -129,7 +129,7 @@ HEADS = {
 
 
 def fit(states: dict, make, seed: int, steps: int = 1500, wneg: float = 1.0) -> dict:
-    from mrisegcli.presence import _platt, choose_threshold, detection_report
+    from mrisegcli.presence import choose_threshold, detection_report, platt_scaling
 
     def split(n: str):
         d = states[n]
@@ -162,7 +162,7 @@ def fit(states: dict, make, seed: int, steps: int = 1500, wneg: float = 1.0) -> 
     model.eval()
     with torch.no_grad():
         raw_va = model(hva, s_va)
-    a, b = _platt(raw_va, yva)
+    a, b = platt_scaling(raw_va, yva)
     threshold = choose_threshold(torch.sigmoid(raw_va * a + b).numpy(), yva.numpy())
     row: dict = {"best_step": best[2], "threshold": round(threshold, 4)}
     for name in ("val", "test"):

@@ -15,7 +15,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mrisegcli.cli import app
-from mrisegcli.presence import auroc, choose_threshold, detection_report, fit_presence
+from mrisegcli.presence import (
+    auroc,
+    choose_threshold,
+    detection_report,
+    fit_presence,
+    platt_scaling,
+)
 from mrisegcli.scope import build_scope, content_words, is_known, refusal, unknown_words
 
 runner = CliRunner()
@@ -42,6 +48,16 @@ def test_auroc_matches_torchmetrics_with_ties():
     assert auroc(scores, labels) == pytest.approx(want, abs=1e-6)  # float32 there
     assert auroc(np.array([0.1, 0.9]), np.array([False, True])) == 1.0
     assert np.isnan(auroc(np.array([0.1, 0.9]), np.array([True, True])))
+
+
+def test_platt_scaling_recovers_the_logistic_it_was_drawn_from():
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(20000, generator=g)
+    labels = (torch.rand(20000, generator=g) < torch.sigmoid(2.0 * raw - 1.0)).float()
+    a, b = platt_scaling(raw, labels)
+    assert a == pytest.approx(2.0, abs=0.15) and b == pytest.approx(-1.0, abs=0.1)
+    # scores that order the labels backwards: no negative scale, the identity instead
+    assert platt_scaling(-raw, (raw > 0).float()) == (1.0, 0.0)
 
 
 def test_threshold_finds_most_present_at_the_specificity():
@@ -252,6 +268,20 @@ def test_evaluate_reports_detection(square_run, square_data):
     text = invoke(["evaluate", "--model", str(square_run), "--data", str(square_data),
                    "--device", "cpu"]).output  # fmt: skip
     assert "detection (presence head): AUROC" in text
+
+
+def test_evaluate_presence_threshold_overrides_the_models(square_run, square_data):
+    args = ["evaluate", "--model", str(square_run), "--data", str(square_data), "--device",
+            "cpu", "--json", "--presence-threshold"]  # fmt: skip
+    gate_off = json.loads(invoke([*args, "0"]).stdout)["detection"]
+    assert gate_off["threshold"] == 0.0 and gate_off["sensitivity"] == 1.0
+    assert gate_off["specificity"] == 0.0  # every score clears 0: nothing is gated
+    gate_all = json.loads(invoke([*args, "1"]).stdout)
+    det = gate_all["detection"]
+    assert det["threshold"] == 1.0 and det["found"] == 0.0 and det["drawn_on_empty"] == 0.0
+    assert det["kinds"]["describe"]["dice_present"] == 0.0  # every mask left empty
+    bad = invoke([*args, "1.5"], ok=False)
+    assert bad.exit_code != 0 and "presence-threshold" in bad.output
 
 
 def _prompt_list() -> list[tuple[str, str]]:

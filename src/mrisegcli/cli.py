@@ -22,6 +22,7 @@ from mrisegcli.cli_support import (
     MaskFormat,
     OneLineUsageErrors,
     PredictLines,
+    PresenceThresholdOpt,
     QuietOpt,
     SpeculativeOpt,
     Split,
@@ -331,14 +332,7 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     speculative: SpeculativeOpt = True,
-    presence_threshold: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help="Below this calibrated presence the mask is empty ('not found'); default: the threshold the model chose on its val split.",
-        ),
-    ] = None,
+    presence_threshold: PresenceThresholdOpt = None,
     force: ForceOpt = False,
     channel: ChannelOpt = 0,
     quiet: QuietOpt = False,
@@ -421,6 +415,7 @@ def evaluate(
             help="Next-token: also score the codes of one teacher-forced pass (the model without its own mistakes).",
         ),
     ] = False,
+    presence_threshold: PresenceThresholdOpt = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N cases.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Write per-case rows to this CSV file.")] = None,
@@ -446,6 +441,7 @@ def evaluate(
         layout=plain(layout), texts=texts, samples=samples, temperature=temperature,
         ablations=tuple(text_ablation), image_ablation=image_ablation,
         teacher_forced=teacher_forced, limit=limit, workers=workers, seed=seed,
+        presence_threshold=presence_threshold,
     )  # fmt: skip
     if json_out:
         print_json(summary)

@@ -274,6 +274,14 @@ ChannelOpt = Annotated[
         "Decathlon) is segmented.",
     ),
 ]
+PresenceThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="Below this calibrated presence the mask is empty ('not found'); default: the threshold the model chose on its val split; 0 draws every mask.",
+    ),
+]
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
 ]

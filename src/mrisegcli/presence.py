@@ -160,7 +160,7 @@ class PresenceFit:
     report: dict[str, Any]
 
 
-def _platt(raw: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+def platt_scaling(raw: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """Scale and bias minimising the log loss of ``scale * raw + bias`` on ``labels``."""
     a = torch.ones((), requires_grad=True)
     b = torch.zeros((), requires_grad=True)
@@ -229,7 +229,7 @@ def fit_presence(
     with torch.no_grad():
         raw_va = head.raw(val_feats)
     if y_va.min() != y_va.max():
-        a, b = _platt(raw_va, y_va)
+        a, b = platt_scaling(raw_va, y_va)
         head.scale.fill_(a)
         head.bias.fill_(b)
     with torch.no_grad():

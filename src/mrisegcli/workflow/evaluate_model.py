@@ -95,7 +95,11 @@ def evaluate_model(
     seed: int = 0,
     stage: StageFactory = no_stage,
     texts: Path | None = None,
+    presence_threshold: float | None = None,
 ) -> ModelEvalReport:
+    """``seg`` on a dataset split: per-case Dice/IoU as ``predict`` answers (masks below the
+    presence threshold, the model's or ``presence_threshold``, left empty), detection per kind,
+    volumes scored whole, and the ablations asked for."""
     for a in ablations:
         if a not in ABLATIONS:
             raise MrisegError(f"unknown text ablation {a!r}; choose from {', '.join(ABLATIONS)}")
@@ -107,12 +111,13 @@ def evaluate_model(
         pred = seg.predict(
             images, texts, samples=samples, temperature=temperature, seed=seed, parts=True
         )
-    results = score_cases(cases, gts, answered_probs(seg, pred))
+    cut = presence_threshold
+    results = score_cases(cases, gts, answered_probs(seg, pred, cut))
     report = ModelEvalReport(
         results, _model_summary(seg, cases, gts, results, pred, samples, temperature)
     )
-    report.summary["detection"] = detection_summary(seg, cases, results, pred)
-    _score_volumes(report, cases, gts, answered_probs(seg, pred))
+    report.summary["detection"] = detection_summary(seg, cases, results, pred, cut)
+    _score_volumes(report, cases, gts, answered_probs(seg, pred, cut))
     if ceiling:
         report.ceiling = summarize(tokenizer_ceiling(seg, masks, gts, cases))
     if pred.uncertainty is not None:
@@ -126,13 +131,15 @@ def evaluate_model(
         )
         with stage(f"decoding with {a} text", None):
             p = seg.predict(images, alt, **decode)
-        report.ablations[a] = _ablation_row(report, cases, gts, answered_probs(seg, p), kinds=True)
+        report.ablations[a] = _ablation_row(
+            report, cases, gts, answered_probs(seg, p, cut), kinds=True
+        )
     if image_ablation:  # each case's own text, another case's image: does the model read the image?
         perm = _other_cases(rng, len(texts))
         with stage("decoding with shuffled images", None):
             p = seg.predict(images[perm], texts, **decode)
         report.ablations["image_shuffle"] = _ablation_row(
-            report, cases, gts, answered_probs(seg, p)
+            report, cases, gts, answered_probs(seg, p, cut)
         )
     if teacher_forced:  # what the model could do without its own mistakes (next-token only)
         with stage("teacher-forced pass", None):
@@ -142,11 +149,11 @@ def evaluate_model(
     return report
 
 
-def answered_probs(seg: Segmenter, pred: Any) -> np.ndarray:
+def answered_probs(seg: Segmenter, pred: Any, threshold: float | None = None) -> np.ndarray:
     """(N, S, S) probabilities as ``predict`` answers them: zero where the calibrated presence
-    is below the model's threshold ("not found")."""
+    is below the threshold, the model's unless ``threshold`` is given ("not found")."""
     prob = pred.prob.numpy()
-    there = seg.is_present(pred.presence, len(prob))
+    there = seg.is_present(pred.presence, len(prob), threshold)
     return np.where(there[:, None, None], prob, np.float32(0))
 
 
@@ -174,15 +181,20 @@ def _detection(
 
 
 def detection_summary(
-    seg: Segmenter, cases: list[Sample], results: list[CaseResult], pred: Any
+    seg: Segmenter,
+    cases: list[Sample],
+    results: list[CaseResult],
+    pred: Any,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Is the target there? The presence score against "the truth is not empty", overall and
     per kind: AUROC, sensitivity and specificity at the threshold, share of present findings
     found, share of empty truths drawn and their mean false-positive area, Dice of present
     findings. Without a presence head the score is the highest foreground probability (the
-    threshold 0.5: a mask is drawn)."""
+    threshold 0.5: a mask is drawn). ``threshold`` overrides the model's."""
     if pred.presence is not None and seg.presence_threshold is not None:
-        scores, threshold, source = pred.presence.numpy(), seg.presence_threshold, "presence head"
+        threshold = seg.presence_threshold if threshold is None else threshold
+        scores, source = pred.presence.numpy(), "presence head"
     else:
         scores = pred.prob.numpy().reshape(len(results), -1).max(1)
         threshold, source = 0.5, "max probability"

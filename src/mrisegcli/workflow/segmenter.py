@@ -157,12 +157,15 @@ class Segmenter:
 
         return refusal(text, self.scope, self.normalize) if self.scope else None
 
-    def is_present(self, presence: torch.Tensor | None, n: int) -> np.ndarray:
-        """(n,) bool: the presence score is at or above the threshold (all True without a
-        presence head)."""
-        if presence is None or self.presence_threshold is None:
+    def is_present(
+        self, presence: torch.Tensor | None, n: int, threshold: float | None = None
+    ) -> np.ndarray:
+        """(n,) bool: the presence score is at or above ``threshold`` (default the model's own;
+        all True without a presence head)."""
+        threshold = self.presence_threshold if threshold is None else threshold
+        if presence is None or threshold is None:
             return np.ones(n, bool)
-        return presence.cpu().numpy() >= self.presence_threshold
+        return presence.cpu().numpy() >= threshold
 
     def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) token ids and mask of the prompts on the device, L the model's text context.
