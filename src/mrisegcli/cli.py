@@ -17,6 +17,7 @@ from mrisegcli.cli_support import (
     ChannelOpt,
     DeviceOpt,
     ForceOpt,
+    JsonLinesOpt,
     JsonOpt,
     LayoutOpt,
     MaskFormat,
@@ -116,9 +117,7 @@ def synth(
 @app.command()
 @handled
 def presets(
-    json_out: Annotated[
-        bool, typer.Option("--json", help="One JSON object per preset, one per line.")
-    ] = False,
+    json_out: JsonLinesOpt = False,
 ) -> None:
     """List the model presets with their parameter counts."""
     from mrisegcli.report_lines import preset_records, presets_table
@@ -140,9 +139,7 @@ def models(
             metavar="[NAME]", help="A shipped model's name or a run folder: list what it answers."
         ),
     ] = None,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="One JSON object per model, one per line.")
-    ] = False,
+    json_out: JsonLinesOpt = False,
 ) -> None:
     """List the models that ship inside the package, with their data, size, targets and test
     metrics; with NAME, what that model answers (targets, example prompts, presence threshold)."""
@@ -248,13 +245,7 @@ def train(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Start over in a non-empty run folder.")] = False,
     quiet: QuietOpt = False,
-    json_out: Annotated[
-        bool,
-        typer.Option(
-            "--json",
-            help="Print one JSON object at the end (run folder, steps, best val Dice, seconds, curves).",
-        ),
-    ] = False,
+    json_out: JsonOpt = False,  # run folder, steps, best val Dice, seconds, curves
     **settings: Any,
 ) -> None:
     """Train a model from raw data: tokenizers, code cache, then the transformer."""
@@ -323,7 +314,7 @@ def predict(
     steps_png: Annotated[
         bool, typer.Option("--steps-png", help="Next-scale: write the mask after each scale.")
     ] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON line per input.")] = False,
+    json_out: JsonLinesOpt = False,  # one per input
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Slices decoded together.")] = 32,
     keep_going: Annotated[

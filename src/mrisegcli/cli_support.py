@@ -285,6 +285,7 @@ PresenceThresholdOpt = Annotated[
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
 ]
+JsonLinesOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
 LayoutOpt = Annotated[Layout | None, typer.Option(help="Force the layout (default: detected).")]
 WorkersOpt = Annotated[int, typer.Option(min=0, help="Threads decoding images.")]
 SpeculativeOpt = Annotated[
