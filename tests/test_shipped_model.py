@@ -335,3 +335,25 @@ def test_the_readme_first_command_script(tmp_path: Path) -> None:
     row = _rows("cxr-infection", target="infection:left+right:lower")[0]  # the script's row
     pred = np.asarray(Image.fromarray(seg.pixel_array.astype(np.uint8) * 255).resize((256, 256)))
     assert dice_iou(pred > 127, _gt("cxr-infection", row))[0] > 0.5
+
+
+def test_compare_shipped_evaluations_reads_both_files(tmp_path: Path) -> None:
+    """examples/compare_shipped_evaluations.py: the shipped evaluation against a copy whose
+    describe rows were all found prints both numbers in each cell."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    old = root / "src" / "mrisegcli" / "shipped" / "chest-xray" / "evaluation.json"
+    ev = json.loads(old.read_text())
+    ev["detection"]["kinds"]["describe"]["found"] = 1.0
+    ev["kinds"].pop("zone")
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(ev))
+    script = root / "examples" / "compare_shipped_evaluations.py"
+    r = subprocess.run([sys.executable, str(script), str(old), str(new)], capture_output=True,
+                       text=True, check=True)  # fmt: skip
+    was = json.loads(old.read_text())["detection"]["kinds"]["describe"]["found"]
+    assert f"| describe | - | {was:.1%} / 100.0% |" in r.stdout
+    zone = json.loads(old.read_text())["kinds"]["zone"]["dice"]
+    assert f"| zone | {zone:.3f} / - |" in r.stdout
