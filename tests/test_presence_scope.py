@@ -242,6 +242,52 @@ def test_calibrate_writes_a_new_run(square_run, square_data, tmp_path):
     assert res.exit_code == 1 and (mine / "notes.txt").read_text() == "keep"
 
 
+def test_init_from_fine_tunes_the_model_with_its_own_tokenizers(square_run, square_data, tmp_path):
+    base = json.loads((square_run / "config.json").read_text())
+    ft = tmp_path / "ft"
+    probe = ["--lambda-presence", "0.5"] if base["paradigm"] == "next-token" else []
+    invoke(["train", "--data", str(square_data), "--out", str(ft), "--init-from", str(square_run),
+            "--steps", "4", "--lr", "1e-4", "--device", "cpu", "--workers", "0", *probe])  # fmt: skip
+    config = json.loads((ft / "config.json").read_text())
+    init = config["init_from"]
+    assert init["model"] == str(square_run)
+    assert init["weights"]["sha256"] == base["weights"]["sha256"]
+    # the base model's architecture and tokenizers, the training options given applied
+    assert config["model"]["transformer"] == base["model"]["transformer"]
+    assert config["tokenizers"] == base["tokenizers"]
+    assert config["run"]["train"]["steps"] == 4 and config["run"]["train"]["lr"] == 1e-4
+    if probe:  # a probe the base model was not trained with starts fresh, and is named
+        assert init["fresh_tensors"] and all("presence" in k for k in init["fresh_tensors"])
+    else:
+        assert init["fresh_tensors"] == []
+    # options that would reshape the model are refused by name; so is a resume
+    res = invoke(["train", "--data", str(square_data), "--out", str(tmp_path / "b"),
+                  "--init-from", str(square_run), "--size", "64", *TINY[2:]], ok=False)  # fmt: skip
+    assert res.exit_code == 1 and "--size" in res.output and not (tmp_path / "b").exists()
+    res = invoke(["train", "--data", str(square_data), "--out", str(ft), "--resume",
+                  "--init-from", str(square_run), "--device", "cpu"], ok=False)  # fmt: skip
+    assert res.exit_code != 0 and "--init-from" in res.output
+
+
+def test_init_weights_copies_every_tensor_and_refuses_another_architecture(square_run):
+    from safetensors.torch import load_file
+
+    from mrisegcli.errors import MrisegError
+    from mrisegcli.workflow.segmenter import load_segmenter
+    from mrisegcli.workflow.train import init_weights
+
+    model = load_segmenter(square_run, torch.device("cpu")).model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    assert init_weights(model, square_run) == []
+    saved = load_file(str(square_run / "model.safetensors"))
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in saved.items())
+    with pytest.raises(MrisegError, match="do not fit"):
+        init_weights(torch.nn.Linear(3, 3), square_run)
+
+
 def test_damaged_presence_head_is_refused(square_run, tmp_path):
     import shutil
 

@@ -232,17 +232,18 @@ def train(
     ] = None,
     layout: LayoutOpt = None,
     texts: TextsOpt = None,
-    tokenizer: Annotated[
-        Path | None, typer.Option(help="Reuse tokenizers from a run or tokenize output.")
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizers of a run or tokenize.")] = None,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            metavar="<model>",
+            help="Fine-tune: start from this model (run folder, Hub id or shipped name), its architecture, tokenizers and weights.",
+        ),
     ] = None,
-    cache: Annotated[
-        Path | None, typer.Option(help="Code cache folder (default RUN/cache).")
-    ] = None,
+    cache: Annotated[Path | None, typer.Option(help="Code cache (default RUN/cache).")] = None,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 2,
-    resume: Annotated[
-        bool, typer.Option(help="Continue the run from its last checkpoint.")
-    ] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start over in a non-empty run folder.")] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,  # run folder, steps, best val Dice, seconds, curves
@@ -253,7 +254,8 @@ def train(
     from mrisegcli.workflow.commands import TrainPlaces, train_command
 
     places = TrainPlaces(layout=plain(layout), texts=texts, tokenizer=tokenizer, cache=cache,
-                         device=device, workers=workers, resume=resume, overwrite=overwrite)  # fmt: skip
+                         device=device, workers=workers, resume=resume, overwrite=overwrite,
+                         init_from=init_from)  # fmt: skip
     result, out_dir = train_command(
         data, out_dir, settings, places, quiet=quiet, given=given_options(ctx),
         command=" ".join(sys.argv), stage=stage_printer,
@@ -549,9 +551,7 @@ def push(
         str, typer.Option(help="Hub model repository user/name (created if needed).")
     ],
     private: Annotated[bool, typer.Option(help="Create the repository as private.")] = False,
-    revision: Annotated[
-        str | None, typer.Option(help="Branch to push to (created if needed).")
-    ] = None,
+    revision: Annotated[str | None, typer.Option(help="Branch (made if needed).")] = None,
     token: Annotated[
         str | None, typer.Option(help="Hub token (default: HF_TOKEN or the saved login).")
     ] = None,

@@ -211,6 +211,39 @@ def resume_config(
     return cfg, changed
 
 
+#: options that would give the model another shape than the one it starts from
+FIXED_BY_INIT = ("paradigm", "preset", "size")
+
+
+def finetune_config(saved: dict[str, Any], asked: Any, given: Iterable[str], init_dir: Path) -> Any:
+    """The RunConfig of a run that starts from the model in ``init_dir`` (``saved``: its
+    config.json): that model's own run config with every option the user gave (``given``,
+    values in ``asked``) applied, so that training settings change and the architecture and
+    tokenizers stay. Options that would reshape the model are refused by name."""
+    from mrisegcli.config import RunConfig, from_dict
+
+    cfg = from_dict(RunConfig, saved["run"], "config.run")
+    given = set(given)
+    fixed = [
+        _option(n)
+        for n in FIXED_BY_INIT
+        if n in given and _get(asked, OPTION_FIELDS[n]) != _get(cfg, OPTION_FIELDS[n])
+    ]
+    if fixed:
+        raise MrisegError(
+            f"--init-from keeps the model's architecture and tokenizers; {', '.join(fixed)} "
+            "differ from it (leave them out, or train a new model without --init-from)",
+            init_dir,
+        )
+    for name in sorted(given & set(OPTION_FIELDS)):
+        if name == "text_len":
+            continue  # the model's text context is part of its shape
+        cfg = _set(cfg, OPTION_FIELDS[name], _get(asked, OPTION_FIELDS[name]))
+    if "steps" in given and cfg.train.epochs is not None:
+        cfg = _set(cfg, "train.epochs", None)
+    return cfg
+
+
 def data_paths(roots: Iterable[Path]) -> list[str]:
     """The datasets of a run as config.json records them in ``data.paths``: absolute, links
     resolved, so that a resume from another folder compares them rightly."""

@@ -64,6 +64,7 @@ class TrainPlaces:
     workers: int = 2
     resume: bool = False
     overwrite: bool = False
+    init_from: str | None = None  # a model to fine-tune: run folder, Hub id or shipped name
 
 
 def train_command(
@@ -98,6 +99,11 @@ def train_command(
 
         settings = dict(settings, cpu_bf16=cpu_has_native_bf16() or None)
     cfg = run_config(**settings)
+    init_from = None
+    if places.init_from is not None:
+        from mrisegcli.shipped import resolve_model
+
+        init_from = resolve_model(places.init_from)[1]
     dev = torch_device(places.device)
     info = init_distributed(dev.type)
     if info.enabled and dev.type == "cuda":
@@ -117,7 +123,7 @@ def train_command(
                 overwrite=places.overwrite, tokenizer_dir=places.tokenizer,
                 cache_dir=places.cache, workers=places.workers, stage=stage(silent),
                 train_progress=progress, dist_info=info, command=command, given=given,
-                texts=places.texts,
+                texts=places.texts, init_from=init_from,
             )  # fmt: skip
     except BaseException:
         if made is not None and info.is_main and made.is_dir() and not any(made.iterdir()):

@@ -23,6 +23,7 @@ from mrisegcli.errors import MrisegError
 from mrisegcli.io.atomic import atomic_write_text
 from mrisegcli.runinfo import (
     data_paths,
+    finetune_config,
     read_config,
     record_resumed_config,
     resume_config,
@@ -239,6 +240,83 @@ def _start_run(
     return cfg, saved
 
 
+@dataclass
+class _InitSource:
+    """The model a fine-tuning run starts from."""
+
+    run_dir: Path
+    cfg: RunConfig  # its run config with the options given applied
+    text_len: int
+    fresh: list[str] | None = None  # the new run's tensors the model did not have
+
+    def check_text_len(self, text_len: int, data: Any) -> None:
+        if text_len > self.text_len:
+            raise MrisegError(
+                f"a text of the data needs {text_len} text tokens, more than the "
+                f"{self.text_len} of the model in {self.run_dir} (--init-from keeps its shape): "
+                "shorten the texts or train a new model",
+                data if not isinstance(data, (list, tuple)) else data[0],
+            )
+
+    def record(self) -> dict[str, Any]:
+        from mrisegcli.weights import weights_fingerprint
+
+        return {
+            "model": str(self.run_dir),
+            "weights": weights_fingerprint(self.run_dir / runfolder.MODEL),
+            "fresh_tensors": self.fresh or [],
+        }
+
+
+def _init_source(
+    run_dir: Path, cfg: RunConfig, given: frozenset[str], *, resume: bool, tokenizer_dir: Any
+) -> _InitSource:
+    """Check ``--init-from``: a new run (not a resume), the model's own tokenizers."""
+    from mrisegcli.settings import SettingError
+
+    if resume:
+        raise SettingError("--init-from starts a new run and --resume continues one: give one")
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != run_dir.resolve():
+        raise SettingError(
+            "--init-from trains with that model's own tokenizers: leave out --tokenizer"
+        )
+    saved = read_config(run_dir)
+    new = finetune_config(saved, cfg, given, run_dir)
+    return _InitSource(run_dir, new, int(saved["model"].get("text_len", new.text_len)))
+
+
+def init_weights(model: torch.nn.Module, run_dir: Path) -> list[str]:
+    """Start ``model`` from the weights of the run in ``run_dir``: every tensor of the same name
+    and shape is copied. The hard-token memory (a bucket per training sample of the old data)
+    starts empty; tensors the old model did not have (a presence probe it was not trained
+    with, say) keep their fresh initialisation and are returned. A tensor of another shape,
+    or one the new model has no place for, is an error that names them."""
+    from safetensors.torch import load_file
+
+    from mrisegcli.weights import check_finite
+
+    path = run_dir / runfolder.MODEL
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a damaged or missing file, named for the user
+        raise MrisegError(f"cannot read the weights to start from ({e})", path) from None
+    check_finite(state, path)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("het_memory.")}
+    unknown = sorted(k for k in state if k not in own)
+    reshaped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    if unknown or reshaped:
+        parts = [f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in reshaped[:4]]
+        parts += [f"{k} (no such tensor)" for k in unknown[:4]]
+        raise MrisegError(
+            "the weights do not fit the model of this run (another architecture): "
+            + "; ".join(parts),
+            path,
+        )
+    model.load_state_dict(state, strict=False)
+    return sorted(k for k in own if k not in state and not k.startswith("het_memory."))
+
+
 def _roots(data_root: Any) -> list[Path]:
     return (
         [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
@@ -414,13 +492,20 @@ def train_run(
     command: str = "",
     given: frozenset[str] = frozenset(),
     texts: Path | None = None,
+    init_from: Path | None = None,
 ) -> TrainResult:
     """``given``: the options the user set on the command line (their values are in ``cfg``);
-    with ``resume`` those that may change are applied, the others must match the run."""
+    with ``resume`` those that may change are applied, the others must match the run. With
+    ``init_from`` (a model's run folder) the new run starts from that model: its architecture,
+    tokenizers and weights, with the training options given applied (fine-tuning)."""
     from mrisegcli.data.paraphrase import add_paraphrases
 
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
+    init = None
+    if init_from is not None:
+        init = _init_source(Path(init_from), cfg, given, resume=resume, tokenizer_dir=tokenizer_dir)
+        cfg, tokenizer_dir = init.cfg, init.run_dir
     cfg, saved = _start_run(
         run_dir,
         cfg,
@@ -465,11 +550,16 @@ def train_run(
     else:
         mcfg = model_config(cfg, bundle, n_train=len(train_codes.ids))
     model = build_model(cfg.paradigm, mcfg, bundle)
+    if init is not None:
+        init.check_text_len(cfg.text_len, data_root)
+        init.fresh = init_weights(model, init.run_dir)
     data = training_tensors(cfg.paradigm, train_codes, mcfg)
     if not cfg.use_text:  # image-only baseline: every text position is padding
         data["text_mask"] = torch.zeros_like(data["text_mask"])
     augment = _augmenter(cfg, bundle, train_codes, data, dist_info.rank)
     full = _run_record(cfg, mcfg, bundle, ds, roots, run_dir, command)
+    if init is not None:
+        full["init_from"] = init.record()
     if dist_info.is_main and not resume:
         write_config(run_dir, full)
 
