@@ -123,7 +123,7 @@ def train_command(
                 overwrite=places.overwrite, tokenizer_dir=places.tokenizer,
                 cache_dir=places.cache, workers=places.workers, stage=stage(silent),
                 train_progress=progress, dist_info=info, command=command, given=given,
-                texts=places.texts, init_from=init_from,
+                texts=places.texts, init_from=init_from, init_label=places.init_from,
             )  # fmt: skip
     except BaseException:
         if made is not None and info.is_main and made.is_dir() and not any(made.iterdir()):

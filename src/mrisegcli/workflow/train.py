@@ -248,6 +248,7 @@ class _InitSource:
     cfg: RunConfig  # its run config with the options given applied
     text_len: int
     fresh: list[str] | None = None  # the new run's tensors the model did not have
+    label: str = ""  # how the user named it
 
     def check_text_len(self, text_len: int, data: Any) -> None:
         if text_len > self.text_len:
@@ -262,7 +263,7 @@ class _InitSource:
         from mrisegcli.weights import weights_fingerprint
 
         return {
-            "model": str(self.run_dir),
+            "model": self.label or str(self.run_dir),
             "weights": weights_fingerprint(self.run_dir / runfolder.MODEL),
             "fresh_tensors": self.fresh or [],
         }
@@ -493,11 +494,13 @@ def train_run(
     given: frozenset[str] = frozenset(),
     texts: Path | None = None,
     init_from: Path | None = None,
+    init_label: str | None = None,
 ) -> TrainResult:
     """``given``: the options the user set on the command line (their values are in ``cfg``);
     with ``resume`` those that may change are applied, the others must match the run. With
     ``init_from`` (a model's run folder) the new run starts from that model: its architecture,
-    tokenizers and weights, with the training options given applied (fine-tuning)."""
+    tokenizers and weights, with the training options given applied (fine-tuning); ``init_label``
+    names it in config.json (the name the user gave; default the folder)."""
     from mrisegcli.data.paraphrase import add_paraphrases
 
     t_start = time.perf_counter()
@@ -506,6 +509,7 @@ def train_run(
     if init_from is not None:
         init = _init_source(Path(init_from), cfg, given, resume=resume, tokenizer_dir=tokenizer_dir)
         cfg, tokenizer_dir = init.cfg, init.run_dir
+        init.label = init_label or str(init.run_dir)
     cfg, saved = _start_run(
         run_dir,
         cfg,
