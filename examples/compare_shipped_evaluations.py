@@ -5,7 +5,8 @@
 Each file is the ``evaluation.json`` that ``examples/ship_cxr_model.py`` writes beside a model
 (``git show HEAD:src/mrisegcli/shipped/chest-xray/evaluation.json > old.json`` gives the shipped
 one). Rows: every kind of the detection report (found, Dice of present findings, empty truths
-drawn), then Dice per kind with the canonical, unseen and report wordings.
+drawn), then Dice per kind with the canonical, unseen and report wordings, then the volumes
+(a brain model's ``evaluation.json``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def dice_rows(old: dict, new: dict) -> list[str]:
     return rows
 
 
+def volume_rows(old: dict, new: dict) -> list[str]:
+    vo, vn = old.get("volumes"), new.get("volumes")
+    if not (vo or vn):
+        return []
+    vo, vn = vo or {}, vn or {}
+    return [
+        "| volumes (old / new) | Dice | median Dice | HD95 mm | abs. volume difference mL |",
+        "|---|---|---|---|---|",
+        f"| {vo.get('n', '-')} / {vn.get('n', '-')} | {_pair(vo, vn, 'dice')} | "
+        f"{_pair(vo, vn, 'dice_median')} | {_pair(vo, vn, 'hd95_mm')} | {_pair(vo, vn, 'avd_ml')} |",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("old", type=Path)
@@ -67,6 +81,10 @@ def main() -> None:
     print("\n".join(detection_rows(old, new)))
     print()
     print("\n".join(dice_rows(old, new)))
+    vols = volume_rows(old, new)
+    if vols:
+        print()
+        print("\n".join(vols))
 
 
 if __name__ == "__main__":

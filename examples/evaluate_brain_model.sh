@@ -4,6 +4,7 @@
 # package with its metrics and model card.
 #
 #   bash examples/evaluate_brain_model.sh           # RUN=runs/brain EVAL=work/brain-eval DATA=../shared/data
+#   DEST=work/brain-eval/model                    # write the model and its card there instead of the package
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 RUN=${RUN:-runs/brain}
@@ -19,4 +20,4 @@ python examples/report_wording_testset.py --data "$DATA" --out "$EVAL/report-wor
 mriseg evaluate --model "$RUN" --data "$EVAL/report-wording/brain" --split test --device cpu --json \
   > "$EVAL/report_wording.json"
 echo "evaluation wall time: ${SECONDS} s"
-python examples/ship_brain_model.py --run "$RUN" --eval "$EVAL"
+python examples/ship_brain_model.py --run "$RUN" --eval "$EVAL" ${DEST:+--dest "$DEST"}

@@ -3,6 +3,7 @@
 # unseen-wording test set, then copy it into the package with its metrics and model card.
 #
 #   bash examples/evaluate_cxr_model.sh               # RUN=runs/cxr-cal EVAL=work/cxr-eval DATA=../shared/data
+#   DEST=work/cxr-eval/model                      # write the model and its card there instead of the package
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 RUN=${RUN:-runs/cxr-cal}
@@ -20,4 +21,4 @@ python examples/report_wording_testset.py --data "$DATA" --out "$EVAL/report-wor
 mriseg evaluate --model "$RUN" --data "$EVAL/report-wording/chest" --split test --device cpu --json \
   > "$EVAL/report_wording.json"
 echo "evaluation wall time: ${SECONDS} s"
-python examples/ship_cxr_model.py --run "$RUN" --eval "$EVAL"
+python examples/ship_cxr_model.py --run "$RUN" --eval "$EVAL" ${DEST:+--dest "$DEST"}

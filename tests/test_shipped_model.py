@@ -356,4 +356,9 @@ def test_compare_shipped_evaluations_reads_both_files(tmp_path: Path) -> None:
     was = json.loads(old.read_text())["detection"]["kinds"]["describe"]["found"]
     assert f"| describe | - | {was:.1%} / 100.0% |" in r.stdout
     zone = json.loads(old.read_text())["kinds"]["zone"]["dice"]
-    assert f"| zone | {zone:.3f} / - |" in r.stdout
+    assert f"| zone | {zone:.3f} / - |" in r.stdout and "volumes" not in r.stdout
+    brain = old.parents[1] / "brain-mri" / "evaluation.json"
+    r = subprocess.run([sys.executable, str(script), str(brain), str(brain)], capture_output=True,
+                       text=True, check=True)  # fmt: skip
+    n = json.loads(brain.read_text())["volumes"]["n"]
+    assert f"| {n} / {n} |" in r.stdout  # the brain model's volumes

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# A shipped model fine-tuned with the presence probe (`mriseg train --init-from NAME
+# --lambda-presence 0.5`), evaluated as the shipped one is, written beside the evaluation (not
+# into the package), and its test numbers printed beside the shipped model's
+# (docs/cxr_model.md, docs/brain_model.md).
+#
+#   bash examples/finetune_with_presence_probe.sh                  # MODEL=chest-xray
+#   MODEL=brain-mri bash examples/finetune_with_presence_probe.sh  # with --augment 0.8, 1200 steps
+#   DATA=../shared/data RUN=runs/MODEL-probe EVAL=work/MODEL-probe
+set -euo pipefail
+MODEL=${MODEL:-chest-xray}
+DATA=${DATA:-../shared/data}
+RUN=${RUN:-runs/$MODEL-probe}
+EVAL=${EVAL:-work/$MODEL-probe}
+case "$MODEL" in
+  chest-xray) SETS=(--data "$DATA/cxr-infection" --data "$DATA/jsrt"); MORE=(--steps 600 --max-minutes 25)
+    EVALUATE=examples/evaluate_cxr_model.sh ;;
+  brain-mri) SETS=(--data "$DATA/lgg-flair"); MORE=(--steps 1200 --augment 0.8 --max-minutes 28)
+    EVALUATE=examples/evaluate_brain_model.sh ;;
+  *) echo "MODEL must be chest-xray or brain-mri" >&2; exit 2 ;;
+esac
+SECONDS=0
+mriseg train "${SETS[@]}" --out "$RUN" --init-from "$MODEL" --lambda-presence 0.5 --lr 5e-4 \
+  --eval-every 100 --ckpt-every 100 --seed 0 --device cpu "${MORE[@]}"
+echo "training wall time: ${SECONDS} s"
+RUN="$RUN" EVAL="$EVAL" DATA="$DATA" DEST="$EVAL/model" bash "$EVALUATE"
+SHIPPED=$(python -c "from mrisegcli.shipped import SHIPPED_DIR; print(SHIPPED_DIR / '$MODEL')")
+python examples/compare_shipped_evaluations.py "$SHIPPED/evaluation.json" "$EVAL/model/evaluation.json"
