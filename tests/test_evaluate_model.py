@@ -71,7 +71,7 @@ class _Oracle:
         self._by_image = {im.tobytes(): m for im, m in zip(images, masks, strict=True)}
         self.presence_threshold = None  # no presence head: every mask is drawn
 
-    def is_present(self, presence, n: int) -> np.ndarray:
+    def is_present(self, presence, n: int, threshold=None) -> np.ndarray:
         return np.ones(n, bool)
 
     def predict(self, images, texts, **kw) -> Prediction:

@@ -217,9 +217,12 @@ def test_csv_atomic_and_no_overwrite(tmp_path):
     assert write_cases_csv(report, out) == out
     with out.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["name", "dice", "iou", "pred_pixels", "gt_pixels", "pred", "gt"]
+    assert list(rows[0]) == [
+        "name", "dice", "iou", "pred_pixels", "gt_pixels", "pred", "gt", "kind", "presence"
+    ]  # fmt: skip
     for row, c in zip(rows, report.cases, strict=True):
         assert row["name"] == c.name and float(row["dice"]) == c.dice and float(row["iou"]) == c.iou
+        assert row["kind"] == row["presence"] == ""  # masks in folders: no model, no kinds
         assert int(row["gt_pixels"]) == c.gt_pixels and Path(row["gt"]) == c.gt_path
     before = out.read_bytes()
     with pytest.raises(OutputExistsError):

@@ -301,10 +301,17 @@ def test_damaged_presence_head_is_refused(square_run, tmp_path):
         load_segmenter(copy, torch.device("cpu"))
 
 
-def test_evaluate_reports_detection(square_run, square_data):
+def test_evaluate_reports_detection(square_run, square_data, tmp_path):
+    rows = tmp_path / "cases.csv"
     res = invoke(["evaluate", "--model", str(square_run), "--data", str(square_data),
-                  "--device", "cpu", "--json"])  # fmt: skip
+                  "--device", "cpu", "--json", "--csv", str(rows)])  # fmt: skip
     det = json.loads(res.stdout)["detection"]
+    with open(rows, newline="") as f:  # each case's kind and presence score
+        cases = list(csv.DictReader(f))
+    assert len(cases) == 12 and {c["kind"] for c in cases} == {"absent", "describe"}
+    assert all(0.0 <= float(c["presence"]) <= 1.0 for c in cases)
+    drawn = [c for c in cases if int(c["pred_pixels"]) > 0]  # a mask only above the threshold
+    assert all(float(c["presence"]) >= det["threshold"] for c in drawn)
     assert det["score"] == "presence head" and det["n"] == 12 and det["n_present"] == 6
     for key in ("auroc", "sensitivity", "specificity", "found", "dice_present",
                 "drawn_on_empty", "fp_area_on_empty"):  # fmt: skip

@@ -1186,15 +1186,25 @@ def test_every_row_of_the_robustness_table_names_tests_that_exist():
 
 def test_every_train_option_that_sets_the_config_is_checked_on_resume():
     """A --resume refuses a changed setting only if OPTION_FIELDS knows it: every train option
-    except those naming files, devices and output is there (one row of settings.SETTINGS
-    makes both the option and its entry)."""
+    except those naming files (--init-from refuses --resume itself), devices and output is
+    there (one row of settings.SETTINGS makes both the option and its entry)."""
     import typer.main
 
     from mrisegcli.cli import app
     from mrisegcli.runinfo import OPTION_FIELDS
 
     train = typer.main.get_command(app).commands["train"]
-    not_config = {"data", "out_dir", "layout", "tokenizer", "cache", "device", "workers", "texts"}
+    not_config = {
+        "data",
+        "out_dir",
+        "layout",
+        "tokenizer",
+        "init_from",
+        "cache",
+        "device",
+        "workers",
+        "texts",
+    }
     not_config |= {"resume", "overwrite", "quiet", "json_out"}
     options = {p.name for p in train.params} - not_config
     assert options == set(OPTION_FIELDS)

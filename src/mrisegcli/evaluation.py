@@ -45,7 +45,7 @@ MASK_SUFFIXES = (
 )
 """File endings (case-insensitive) taken as masks when listing a folder; others are ignored."""
 
-CSV_COLUMNS = ("name", "dice", "iou", "pred_pixels", "gt_pixels", "pred", "gt")
+CSV_COLUMNS = ("name", "dice", "iou", "pred_pixels", "gt_pixels", "pred", "gt", "kind", "presence")
 _MAX_LISTED = 10
 
 Pair = tuple[str, Path | None, Path]
@@ -246,7 +246,9 @@ def evaluate_folders(
 
 
 def write_cases_csv(report: EvalReport, path: str | Path, *, overwrite: bool = False) -> Path:
-    """One row per case (``name,dice,iou,pred_pixels,gt_pixels,pred,gt``), written atomically;
+    """One row per case (``name,dice,iou,pred_pixels,gt_pixels,pred,gt,kind,presence``; the
+    last two filled when a model was evaluated on a dataset with kinds / a presence head),
+    written atomically;
     for volumes one row per volume (:data:`~mrisegcli.volume_metrics.VOLUME_CSV_COLUMNS`)."""
     path = Path(path)
     with atomic_path(path, overwrite) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
@@ -268,6 +270,8 @@ def write_cases_csv(report: EvalReport, path: str | Path, *, overwrite: bool = F
                     c.gt_pixels,
                     "" if c.pred_path is None else str(c.pred_path),
                     "" if c.gt_path is None else str(c.gt_path),
+                    c.kind,
+                    "" if c.presence is None else repr(c.presence),
                 ]
             )
     return path

@@ -123,6 +123,8 @@ class CaseResult:
     gt_path: Path | None
     tp: int
     n_pixels: int
+    kind: str = ""  # the manifest's kind column, when a model is evaluated on a dataset
+    presence: float | None = None  # the model's calibrated presence score, when it has a head
 
     @classmethod
     def from_counts(
