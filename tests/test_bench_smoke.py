@@ -473,3 +473,27 @@ def test_volume_bench_predicts_a_synthetic_volume() -> None:
     assert out["slices"] == 3 and out["seconds_per_volume"]["median_s"] > 0
     assert out["peak_rss_mb"] > 0 and out["status"] in ("found", "not found")
     assert "3-slice volume in" in proc.stderr
+
+
+def test_presence_gate_cost_reads_an_ungated_evaluation(tmp_path: Path) -> None:
+    """bench/presence_gate_cost.py on a hand-made CSV: two present findings (one above the
+    threshold, one below), two empty truths (one drawn by the decoder)."""
+    rows = [
+        "name,dice,iou,pred_pixels,gt_pixels,pred,gt,kind,presence",
+        "a,0.8,0.7,100,120,,a.png,describe,0.95",
+        "b,0.6,0.5,40,60,,b.png,describe,0.40",
+        "c,0.0,0.0,30,0,,c.png,absent,0.70",
+        "d,1.0,1.0,0,0,,d.png,absent,0.10",
+    ]
+    path = tmp_path / "val.csv"
+    path.write_text("\n".join(rows) + "\n")
+    r = subprocess.run([sys.executable, str(BENCH / "presence_gate_cost.py"), str(path),
+                        "--threshold", "0.9"], capture_output=True, text=True, check=True)  # fmt: skip
+    assert "found: 100.0% without the gate, 50.0% at 0.900" in r.stdout
+    assert "empty truths drawn: 1 without the gate, 0 at the threshold" in r.stdout
+    assert "describe (2): 0.700 without the gate, 0.400 with it" in r.stdout
+    assert "the gate empties (1): area min/median/max 40 / 40 / 40 px" in r.stdout
+    path.write_text("name,dice,iou,pred_pixels,gt_pixels,pred,gt,kind,presence\na,1,1,0,0,,a,,\n")
+    bad = subprocess.run([sys.executable, str(BENCH / "presence_gate_cost.py"), str(path),
+                          "--threshold", "0.5"], capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0 and "no presence column" in bad.stderr
