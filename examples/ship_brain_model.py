@@ -87,6 +87,24 @@ def card(config: dict, metrics: dict, ev: dict) -> str:
     side_dice = side.get("dice_present", float("nan"))
     drop = ev.get("text_removed_drop_side_contra")
     drop_line = f"{drop:.3f}" if drop is not None else "not measured"
+    init = config.get("init_from")
+    how = (
+        f"fine-tuned from the `{init['model']}` model (`mriseg train --init-from`, "
+        "`examples/finetune_with_presence_probe.sh`)"
+        if init
+        else "`examples/train_brain_model.sh`"
+    )
+    augment = run.get("strategies", {}).get("augment", 0.0)
+    flips = (
+        f"Augmentation {augment:g} (rotation, zoom, shift, contrast); no flips"
+        if augment
+        else "No flips"
+    )
+    reproduce = (
+        "MODEL=brain-mri bash examples/finetune_with_presence_probe.sh  # then examples/ship_brain_model.py"
+        if init
+        else "bash examples/evaluate_brain_model.sh     # test slices, volumes, report wording; copies it here"
+    )
     body = f"""# mriseg brain-mri: text-prompted segmentation of FLAIR hyperintense lesions
 
 The model `mriseg predict` uses for an MR series or a 3-D NIfTI when no `--model` is given. It
@@ -110,9 +128,9 @@ mriseg predict flair.nii.gz --text "tumour in the left hemisphere" --format nii
   WordPiece text tokenizer with neuroradiology synonym folding (T2/FLAIR hyperintensity, signal
   abnormality, glioma, tumour -> lesion; lobes -> hemisphere; crossing the midline -> both).
 * Trained {metrics["steps"]} steps, {metrics["train_seconds"] / 60:.0f} minutes of training on a 2-core CPU
-  shared with other work (`examples/train_brain_model.sh`); best validation Dice
+  shared with other work ({how}); best validation Dice
   {metrics["best_val_dice"]:.3f} at step {metrics["best_step"]}. Every training row also appeared in
-  {run["paraphrases"]} rewordings of its target. No flips (they would swap left and right).
+  {run["paraphrases"]} rewordings of its target. {flips} (they would swap left and right).
 * Presence: {presence}. Scope: it answers {", ".join(t["target"] for t in scope.get("targets", []))};
   prompts with other words are refused (`mriseg models brain-mri`).
 
@@ -165,7 +183,7 @@ the mriseg code is Apache-2.0. `MODEL_LICENSES.md` in the source says why.
 
 ```bash
 bash examples/train_brain_model.sh        # RUN=runs/brain, DATA=../shared/data
-bash examples/evaluate_brain_model.sh     # test slices, volumes, report wording; copies it here
+{reproduce}
 ```
 """
     return render_card(
