@@ -7,8 +7,11 @@
 #   bash examples/finetune_with_presence_probe.sh                  # MODEL=chest-xray
 #   MODEL=brain-mri bash examples/finetune_with_presence_probe.sh  # with --augment 0.8, 1200 steps
 #   DATA=../shared/data RUN=runs/MODEL-probe EVAL=work/MODEL-probe
+#   FROM=runs/brain MODEL=brain-mri ...  # start from a run (the shipped brain-mri came from the
+#                                        # run of examples/train_brain_model.sh this way)
 set -euo pipefail
 MODEL=${MODEL:-chest-xray}
+FROM=${FROM:-$MODEL}
 DATA=${DATA:-../shared/data}
 RUN=${RUN:-runs/$MODEL-probe}
 EVAL=${EVAL:-work/$MODEL-probe}
@@ -20,7 +23,7 @@ case "$MODEL" in
   *) echo "MODEL must be chest-xray or brain-mri" >&2; exit 2 ;;
 esac
 SECONDS=0
-mriseg train "${SETS[@]}" --out "$RUN" --init-from "$MODEL" --lambda-presence 0.5 --lr 5e-4 \
+mriseg train "${SETS[@]}" --out "$RUN" --init-from "$FROM" --lambda-presence 0.5 --lr 5e-4 \
   --eval-every 100 --ckpt-every 100 --seed 0 --device cpu "${MORE[@]}"
 echo "training wall time: ${SECONDS} s"
 RUN="$RUN" EVAL="$EVAL" DATA="$DATA" DEST="$EVAL/model" bash "$EVALUATE"

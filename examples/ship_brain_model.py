@@ -101,7 +101,7 @@ def card(config: dict, metrics: dict, ev: dict) -> str:
         else "No flips"
     )
     reproduce = (
-        "MODEL=brain-mri bash examples/finetune_with_presence_probe.sh  # then examples/ship_brain_model.py"
+        "FROM=runs/brain MODEL=brain-mri bash examples/finetune_with_presence_probe.sh  # then ship_brain_model.py"
         if init
         else "bash examples/evaluate_brain_model.sh     # test slices, volumes, report wording; copies it here"
     )

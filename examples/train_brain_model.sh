@@ -8,6 +8,9 @@
 #   bash examples/train_brain_model.sh                  # DATA=../shared/data RUN=runs/brain
 #   MINUTES=90 STEPS=6000                               # the wall-clock budget (whole run) and step cap
 #
+# The shipped weights are this run fine-tuned with the presence probe and augmentation:
+#   FROM=runs/brain MODEL=brain-mri bash examples/finetune_with_presence_probe.sh
+#   python examples/ship_brain_model.py --run runs/brain-mri-probe --eval work/brain-mri-probe
 # Measured wall time: see docs/brain_model.md (2-core CPU).
 set -euo pipefail
 DATA=${DATA:-../shared/data}
