@@ -13,6 +13,8 @@ import pytest
 from test_cli_pipeline import TINY, invoke
 from test_nnunet_layout import make_nnunet
 
+from mrisegcli.postprocess import CANDIDATE_SHARES
+
 
 @pytest.fixture(scope="module")
 def nnunet(tmp_path_factory):
@@ -148,3 +150,18 @@ def test_train_tokenize_evaluate_on_an_nnunet_folder(nnunet, tmp_path, one_threa
     scored = json.loads(r.stdout)
     assert scored["volumes"]["n"] == 2 and scored["n_missing_predictions"] == 0
     assert [v["name"] for v in scored["volumes"]["cases"]] == ["case_004", "case_005"]
+
+    # the component rule chosen on labelled volumes, recorded in a new run, applied by evaluate
+    cal = tmp_path / "cal"
+    r = invoke(["calibrate", "--model", str(run), "--data", str(nnunet), "--volumes", str(nnunet),
+                "--out", str(cal), "--device", "cpu", "--json", "--steps", "20"])  # fmt: skip
+    rule = json.loads(r.stdout)["postprocess"]
+    assert rule["min_component_share"] in CANDIDATE_SHARES and len(rule["volumes"]) == 18
+    assert json.loads((cal / "config.json").read_text())["postprocess"] == rule
+    assert "postprocess" not in json.loads((run / "config.json").read_text())  # source unchanged
+    r = invoke(["evaluate", "--model", str(cal), "--data", str(nnunet), "--split", "test",
+                "--json", "--device", "cpu", "--workers", "0"])  # fmt: skip
+    vols = json.loads(r.stdout)["volumes"]
+    assert vols["min_component_share"] == rule["min_component_share"]
+    chosen = {c["min_component_share"]: c for c in vols["components"]}
+    assert vols["dice"] == pytest.approx(chosen[rule["min_component_share"]]["dice"])

@@ -21,15 +21,18 @@ from mrisegcli.cli_support import (
     JsonOpt,
     LayoutOpt,
     MaskFormat,
+    MinComponentOpt,
     OneLineUsageErrors,
     PredictLines,
     PresenceThresholdOpt,
     QuietOpt,
+    ScopeOnlyOpt,
     SpeculativeOpt,
     Split,
     SynthMode,
     TextAblation,
     TextsOpt,
+    VolumesOpt,
     WorkersOpt,
     check_predict_usage,
     emit,
@@ -326,6 +329,7 @@ def predict(
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     speculative: SpeculativeOpt = True,
     presence_threshold: PresenceThresholdOpt = None,
+    min_component_share: MinComponentOpt = None,
     force: ForceOpt = False,
     channel: ChannelOpt = 0,
     quiet: QuietOpt = False,
@@ -340,7 +344,7 @@ def predict(
         out_dir=out_dir, fmt=plain(fmt), samples=samples, temperature=temperature, seed=seed,
         uncertainty=uncertainty, overlay=overlay, steps_png=steps_png, overwrite=overwrite,
         keep_going=keep_going, progress=stage_printer(quiet=quiet),  # a bar per volume
-        presence_threshold=presence_threshold, force=force, channel=channel,
+        presence_threshold=presence_threshold, force=force, channel=channel, min_component_share=min_component_share,
     )  # fmt: skip
     lines = PredictLines(json_out)
 
@@ -409,6 +413,7 @@ def evaluate(
         ),
     ] = False,
     presence_threshold: PresenceThresholdOpt = None,
+    min_component_share: MinComponentOpt = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N cases.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Write per-case rows to this CSV file.")] = None,
@@ -434,7 +439,7 @@ def evaluate(
         layout=plain(layout), texts=texts, samples=samples, temperature=temperature,
         ablations=tuple(text_ablation), image_ablation=image_ablation,
         teacher_forced=teacher_forced, limit=limit, workers=workers, seed=seed,
-        presence_threshold=presence_threshold,
+        presence_threshold=presence_threshold, min_component_share=min_component_share,
     )  # fmt: skip
     if json_out:
         print_json(summary)
@@ -521,12 +526,8 @@ def calibrate(
     device: DeviceOpt = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace --out when it is a run folder.")] = False,
-    scope_only: Annotated[
-        bool,
-        typer.Option(
-            help="Keep the model's presence head: refresh its synonym rules and scope only."
-        ),
-    ] = False,
+    scope_only: ScopeOnlyOpt = False,
+    volumes: VolumesOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Fit a model's presence head (is the prompt's target there?) and record its scope."""
@@ -537,7 +538,7 @@ def calibrate(
     report = derive_run(
         calibrate_run, model, data, out_dir, announce=None if quiet or json_out else say,
         stage=stage_printer(quiet or json_out), command=" ".join(["mriseg", *sys.argv[1:]]), steps=steps, max_cases=max_cases,
-        seed=seed, device=to_device(device), overwrite=overwrite, scope_only=scope_only,
+        seed=seed, device=to_device(device), overwrite=overwrite, scope_only=scope_only, volumes=volumes,
     )  # fmt: skip
     emit(json_out, report, [calibrate_line(out_dir, report)])
 

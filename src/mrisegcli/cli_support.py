@@ -282,6 +282,24 @@ PresenceThresholdOpt = Annotated[
         help="Below this calibrated presence the mask is empty ('not found'); default: the threshold the model chose on its val split; 0 draws every mask.",
     ),
 ]
+MinComponentOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="Volumes: drop the 3-D connected components of the mask smaller than this share of its largest (0 keeps all, 1 the largest only); default: the model's, chosen on validation volumes by 'mriseg calibrate --volumes'.",
+    ),
+]
+ScopeOnlyOpt = Annotated[
+    bool,
+    typer.Option(help="Keep the model's presence head: refresh its synonym rules and scope only."),
+]
+VolumesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="nnU-Net folder of labelled validation volumes (not the ones you report on): choose there which small 3-D components a volume's mask drops.",
+    ),
+]
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
 ]

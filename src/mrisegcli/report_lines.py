@@ -251,14 +251,24 @@ def draft_heads_line(out_dir: Path, report: dict[str, Any]) -> str:
 
 
 def calibrate_line(out_dir: Path, report: dict[str, Any]) -> str:
-    """``calibrate``: the presence threshold, its val scores, the targets recorded."""
+    """``calibrate``: the presence threshold, its val scores, the targets recorded (and the
+    component rule chosen on volumes)."""
     val = report["report"]["val"]
-    return (
+    line = (
         f"{out_dir}: presence threshold {report['threshold']:.3f}; val AUROC {val['auroc']:.3f}, "
         f"sensitivity {val['sensitivity']:.3f}, specificity {val['specificity']:.3f} "
         f"({val['n_present']} present, {val['n_absent']} absent rows); "
         f"{report['targets']} targets recorded"
     )
+    rule = report.get("postprocess")
+    if rule:
+        rows = {r["min_component_share"]: r for r in rule["candidates"]}
+        kept, chosen = rows[0.0], rows[rule["min_component_share"]]
+        line += (
+            f"; volumes keep components of >= {rule['min_component_share']:g} of the largest "
+            f"(mean Dice {kept['dice']:.3f} -> {chosen['dice']:.3f} on {kept['volumes']} volumes)"
+        )
+    return line
 
 
 # ----------------------------------------------------------------------------- predict

@@ -174,14 +174,21 @@ def _write_run(
     *,
     scope_only: bool,
     overwrite: bool,
+    postprocess: dict[str, Any] | None = None,
 ) -> None:
-    """The run with the calibration (and a refreshed text tokenizer), written to ``out``."""
+    """The run with the calibration (and a refreshed text tokenizer, the component rule of
+    its volumes), written to ``out``."""
+    from mrisegcli.postprocess import SECTION
     from mrisegcli.workflow.draft_heads import write_derived_run
 
     def fill(tmp: Path) -> None:
         if extra["synonyms"]["refreshed"]:
             _save_text_tokenizer(seg, tmp)
         record_calibration(tmp, cal, extra, keep_presence=scope_only)
+        if postprocess is not None:
+            config = read_config(tmp)
+            config[SECTION] = postprocess
+            rewrite_config(tmp, config)
 
     write_derived_run(run_dir, out, fill, overwrite=overwrite, tag="calibrate")
 
@@ -200,11 +207,14 @@ def calibrate_run(
     source: str | None = None,
     stage: StageFactory = no_stage,
     scope_only: bool = False,
+    volumes: Path | None = None,
 ) -> dict[str, Any]:
     """Fit the presence head and scope of the model in ``run_dir`` on ``data`` and write the
     model with them to ``out`` (a new folder) -> the report (also in out's config.json).
     ``scope_only``: keep the model's presence head; refresh its synonym rules and scope only
-    (after the rules have learnt new wordings)."""
+    (after the rules have learnt new wordings). ``volumes``: an nnU-Net folder of labelled
+    validation volumes on which the component rule of :mod:`mrisegcli.postprocess` is chosen
+    (with the new presence head)."""
     from mrisegcli.data.paraphrase import add_paraphrases
     from mrisegcli.workflow.draft_heads import check_derived_out
 
@@ -231,10 +241,20 @@ def calibrate_run(
         "command": command,
         "seconds": time.perf_counter() - t0,
     }
-    _write_run(run_dir, out, seg, cal, extra, scope_only=scope_only, overwrite=overwrite)
-    if scope_only:
-        return {**read_config(out)["presence"], **extra, "targets": len(cal.scope["targets"])}
-    return {**presence_config(cal.fit), **extra, "targets": len(cal.scope["targets"])}
+    postprocess = None
+    if volumes is not None:
+        from mrisegcli.workflow.volume_eval import fit_component_rule
+
+        if not scope_only and cal.fit is not None:  # the volumes answered with the new head
+            seg.presence_head = cal.fit.head.to(seg.device).eval()
+            seg.presence_threshold = cal.fit.threshold
+        postprocess = fit_component_rule(seg, Path(volumes), stage=stage)
+        extra["seconds"] = time.perf_counter() - t0
+    _write_run(run_dir, out, seg, cal, extra, scope_only=scope_only, overwrite=overwrite,
+               postprocess=postprocess)  # fmt: skip
+    report = read_config(out)["presence"] if scope_only else presence_config(cal.fit)
+    report = {**report, **extra, "targets": len(cal.scope["targets"])}
+    return report if postprocess is None else {**report, "postprocess": postprocess}
 
 
 __all__ = [

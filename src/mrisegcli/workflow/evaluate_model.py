@@ -96,15 +96,17 @@ def evaluate_model(
     stage: StageFactory = no_stage,
     texts: Path | None = None,
     presence_threshold: float | None = None,
+    min_component_share: float | None = None,
 ) -> ModelEvalReport:
     """``seg`` on a dataset split: per-case Dice/IoU as ``predict`` answers (masks below the
     presence threshold, the model's or ``presence_threshold``, left empty), detection per kind,
-    volumes scored whole, and the ablations asked for."""
+    volumes scored whole (their components below the model's ``min_component_share`` of the
+    largest, or the one given, dropped), and the ablations asked for."""
     for a in ablations:
         if a not in ABLATIONS:
             raise MrisegError(f"unknown text ablation {a!r}; choose from {', '.join(ABLATIONS)}")
     t0 = time.perf_counter()
-    split_data = _read_split(seg, data_root, split, layout, limit, workers, stage, texts)
+    split_data = read_split(seg, data_root, split, layout, limit, workers, stage, texts)
     cases, images, masks, gts = split_data
     texts = [s.text for s in cases]
     with stage(f"decoding {len(cases)} masks", None):
@@ -121,7 +123,10 @@ def evaluate_model(
         results, _model_summary(seg, cases, gts, results, pred, samples, temperature)
     )
     report.summary["detection"] = detection_summary(seg, cases, results, pred, cut)
-    _score_volumes(report, cases, gts, answered_probs(seg, pred, cut))
+    share = min_component_share
+    if share is None:
+        share = getattr(seg, "min_component_share", 0.0)
+    _score_volumes(report, cases, gts, answered_probs(seg, pred, cut), share)
     if ceiling:
         report.ceiling = summarize(tokenizer_ceiling(seg, masks, gts, cases))
     if pred.uncertainty is not None:
@@ -214,7 +219,7 @@ def detection_summary(
     return out
 
 
-def _read_split(
+def read_split(
     seg: Segmenter,
     data_root: Path | list[Path],
     split: str,
@@ -259,18 +264,35 @@ def _ground_truth(s: Sample, read_mask: Any) -> np.ndarray:
 
 
 def _score_volumes(
-    report: ModelEvalReport, cases: list[Sample], gts: list[np.ndarray], probs: np.ndarray
+    report: ModelEvalReport,
+    cases: list[Sample],
+    gts: list[np.ndarray],
+    probs: np.ndarray,
+    min_share: float = 0.0,
 ) -> None:
-    """Volumes of the split scored as wholes, into ``report.volumes`` and its summary."""
+    """Volumes of the split scored as wholes, as ``predict`` writes them (components below
+    ``min_share`` of the largest dropped), into ``report.volumes`` and its summary, with every
+    candidate share's mean Dice and HD95 beside (``"components"``)."""
     if not any(s.volume is not None for s in cases):
         return
-    from mrisegcli.volume_metrics import summarize_volumes
-    from mrisegcli.workflow.volume_eval import volume_results
+    from mrisegcli.postprocess import component_table, drop_small_components
+    from mrisegcli.volume_metrics import VolumeResult, summarize_volumes
+    from mrisegcli.workflow.volume_eval import stacked_volumes
 
-    report.volumes, partial = volume_results(cases, gts, probs)
+    stacked, partial = stacked_volumes(cases, gts, probs)
+    report.volumes = [
+        VolumeResult.from_masks(
+            name, drop_small_components(pred, min_share), gt, spacing, gt_path=first.mask
+        )
+        for name, pred, gt, spacing, first in stacked
+    ]
     if report.volumes:
         report.summary["volumes"] = summarize_volumes(report.volumes)
         report.summary["volumes"]["n_partial"] = partial
+        report.summary["volumes"]["min_component_share"] = min_share
+        report.summary["volumes"]["components"] = component_table(
+            [(pred, gt, spacing) for _, pred, gt, spacing, _ in stacked]
+        )
 
 
 def _model_summary(

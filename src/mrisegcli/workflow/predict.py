@@ -480,6 +480,11 @@ def _predict_one(
         prob_NSS = np.where(absent[:, None, None], np.float32(0), prob_NSS)
     prob = _to_scan(prob_NSS, scan)  # scan.shape
     mask = prob > threshold
+    share = float(getattr(model, "min_component_share", 0.0) or 0.0)
+    if scan.is_volume and share > 0:  # the islands a slice-by-slice decoder draws, dropped
+        from mrisegcli.postprocess import drop_small_components
+
+        mask = drop_small_components(mask, share)
     written = _write_outputs(plan, scan, pred, size, mask, text, threshold, overwrite)
     fg = int(mask.sum())
     result = PredictResult(
@@ -494,7 +499,7 @@ def _predict_one(
         seconds=time.perf_counter() - start,
     )
     if scan.is_volume:
-        result.volume = volume_facts(scan, view, mask)
+        result.volume = {**volume_facts(scan, view, mask), "min_component_share": share}
     return result
 
 
@@ -610,6 +615,7 @@ class SegmenterSlices:
         stage: Callable[[str, int | None], Any] | None = None,
         presence_threshold: float | None = None,
         force: bool = False,
+        min_component_share: float | None = None,
     ) -> None:
         self.seg, self.samples, self.temperature, self.seed, self.steps = (
             seg,
@@ -626,6 +632,13 @@ class SegmenterSlices:
             else getattr(seg, "presence_threshold", None)
         )
         self.force = force  # run prompts outside the model's scope too
+        #: a volume's components below this share of its largest are dropped (the model's
+        #: recorded share unless given; postprocess.py)
+        self.min_component_share = (
+            min_component_share
+            if min_component_share is not None
+            else getattr(seg, "min_component_share", 0.0)
+        )
         self.stage = stage  # a progress factory: one bar per volume (see :func:`_decode`)
 
     def __call__(self, images_NSS: np.ndarray, text: str, label: str = "") -> SlicePrediction:
@@ -688,6 +701,8 @@ class PredictOptions:
     # below this calibrated presence a mask is empty; None: the model's own threshold
     presence_threshold: float | None = None
     force: bool = False  # run prompts outside the model's scope too
+    # a volume's components below this share of its largest dropped; None: the model's own
+    min_component_share: float | None = None
     channel: int = 0  # the channel of a 4-D NIfTI input (channels last) that is segmented
     # a progress factory ``stage(description, total)`` (a context manager giving a callable):
     # a bar per volume while its slices are decoded; None: no progress
@@ -776,6 +791,7 @@ def predict_batch(
             stage=o.progress,
             presence_threshold=o.presence_threshold,
             force=o.force,
+            min_component_share=o.min_component_share,
         )
 
     if route is None:

@@ -88,6 +88,9 @@ class Segmenter:
         self.presence_threshold: float | None = None
         #: what the model answers (scope.py): its targets and vocabulary; None when unknown
         self.scope: dict[str, Any] | None = None
+        #: a volume's mask keeps only components of at least this share of its largest
+        #: (postprocess.py; 0: every component)
+        self.min_component_share = 0.0
 
     @classmethod
     def load(
@@ -588,6 +591,9 @@ def load_segmenter(
     if seg.presence_head is not None:
         seg.presence_threshold = float(raw["presence"]["threshold"])
     seg.scope = raw.get("scope") if isinstance(raw.get("scope"), dict) else None
+    from mrisegcli.postprocess import SECTION, min_component_share
+
+    seg.min_component_share = min_component_share(raw.get(SECTION), config_path)
     return seg
 
 

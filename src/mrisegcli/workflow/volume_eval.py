@@ -11,6 +11,7 @@ are not in the evaluation (``--limit``) is left out and counted.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,10 +41,11 @@ def _at(prob_SS: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return prob_SS if prob_SS.shape == shape else resize_prob(prob_SS, shape)
 
 
-def volume_results(
+def stacked_volumes(
     cases: list[Sample], gts: list[np.ndarray], probs: np.ndarray, threshold: float = 0.5
-) -> tuple[list[VolumeResult], int]:
-    """(one result per complete volume in order of first appearance, volumes left out)."""
+) -> tuple[list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...] | None, Sample]], int]:
+    """(name, predicted volume, true volume, spacing, first slice's sample) of each complete
+    volume in order of first appearance, and the number of volumes left out."""
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(cases):
         if s.volume is not None:
@@ -58,12 +60,67 @@ def volume_results(
             continue
         gt = np.stack([gts[i] for i in order])
         pred = np.stack([_at(probs[i], gts[i].shape) > threshold for i in order])
-        out.append(
-            VolumeResult.from_masks(
-                name, pred, gt, view_spacing(first.image), pred_path=None, gt_path=first.mask
-            )
-        )
+        out.append((name, pred, gt, view_spacing(first.image), first))
     return out, partial
 
 
-__all__ = ["view_spacing", "volume_results"]
+def volume_results(
+    cases: list[Sample],
+    gts: list[np.ndarray],
+    probs: np.ndarray,
+    threshold: float = 0.5,
+    min_share: float = 0.0,
+) -> tuple[list[VolumeResult], int]:
+    """(one result per complete volume in order of first appearance, volumes left out); each
+    predicted volume without its components below ``min_share`` of its largest
+    (:func:`mrisegcli.postprocess.drop_small_components`), as ``predict`` writes it."""
+    from mrisegcli.postprocess import drop_small_components
+
+    stacked, partial = stacked_volumes(cases, gts, probs, threshold)
+    return [
+        VolumeResult.from_masks(
+            name,
+            drop_small_components(pred, min_share),
+            gt,
+            spacing,
+            pred_path=None,
+            gt_path=first.mask,
+        )  # fmt: skip
+        for name, pred, gt, spacing, first in stacked
+    ], partial
+
+
+def fit_component_rule(
+    seg: Any, root: Path, *, workers: int = 0, stage: Any = None
+) -> dict[str, Any]:
+    """The share of :func:`mrisegcli.postprocess.drop_small_components` chosen on every
+    labelled volume of the nnU-Net folder ``root`` (volumes the model did not train on and that
+    are not reported on), the model answering as ``predict`` does -> the run config's
+    ``"postprocess"`` section (the share and every candidate's mean Dice and HD95)."""
+    from mrisegcli.errors import MrisegError
+    from mrisegcli.postprocess import choose_min_share, component_table
+    from mrisegcli.workflow.evaluate_model import answered_probs, read_split
+    from mrisegcli.workflow.prepare import no_stage, open_dataset
+
+    stage = stage or no_stage
+    counts = open_dataset([Path(root)], None, check=False).splits()
+    volumes, names = [], []
+    for split in (s for s, n in counts.items() if n):
+        cases, images, _, gts = read_split(seg, root, split, None, None, workers, stage)
+        with stage(f"decoding {len(cases)} {split} slices", None):
+            pred = seg.predict(images, [c.text for c in cases])
+        stacked, _ = stacked_volumes(cases, gts, answered_probs(seg, pred))
+        volumes += [(p, g, sp) for _, p, g, sp, _ in stacked]
+        names += [name for name, *_ in stacked]
+    if not volumes:
+        raise MrisegError("has no labelled volumes to choose the component rule on", root)
+    table = component_table(volumes)
+    return {
+        "min_component_share": choose_min_share(table),
+        "chosen_on": str(root),
+        "volumes": names,
+        "candidates": table,
+    }
+
+
+__all__ = ["fit_component_rule", "stacked_volumes", "view_spacing", "volume_results"]
