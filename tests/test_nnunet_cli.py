@@ -27,6 +27,9 @@ def test_train_tokenize_evaluate_on_an_nnunet_folder(nnunet, tmp_path, one_threa
     invoke(["train", "--data", str(nnunet), "--out", str(run), *TINY])
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["layout"] == "nnunet"
+    trained = config["postprocess"]  # chosen on the val case's volumes at the end of training
+    assert trained["chosen_on"] == "val split" and len(trained["volumes"]) == 3
+    assert trained["min_component_share"] in CANDIDATE_SHARES
     tok = tmp_path / "tok"
     first = invoke(
         [
@@ -158,7 +161,7 @@ def test_train_tokenize_evaluate_on_an_nnunet_folder(nnunet, tmp_path, one_threa
     rule = json.loads(r.stdout)["postprocess"]
     assert rule["min_component_share"] in CANDIDATE_SHARES and len(rule["volumes"]) == 18
     assert json.loads((cal / "config.json").read_text())["postprocess"] == rule
-    assert "postprocess" not in json.loads((run / "config.json").read_text())  # source unchanged
+    assert json.loads((run / "config.json").read_text())["postprocess"] == trained  # unchanged
     r = invoke(["evaluate", "--model", str(cal), "--data", str(nnunet), "--split", "test",
                 "--json", "--device", "cpu", "--workers", "0"])  # fmt: skip
     vols = json.loads(r.stdout)["volumes"]

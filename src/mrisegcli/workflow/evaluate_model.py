@@ -230,9 +230,6 @@ def read_split(
     texts: Path | None = None,
 ) -> tuple[list[Sample], np.ndarray, np.ndarray, list[np.ndarray]]:
     """The cases of a split with masks -> (cases, model-size images, model-size masks, ground truths)."""
-    from mrisegcli.data.loading import load_split_arrays
-    from mrisegcli.io.read import read_mask
-
     roots = (
         [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
     )
@@ -245,13 +242,25 @@ def read_split(
         raise MrisegError(
             f"the {split!r} split has samples without masks; cannot evaluate", data_root
         )
-    with stage(f"reading {len(cases)} {split} cases", len(cases)) as progress:
+    images, masks, gts = read_cases(seg, cases, workers, stage, split)
+    return cases, images, masks, gts
+
+
+def read_cases(
+    seg: Segmenter, cases: list[Sample], workers: int, stage: StageFactory, what: str = ""
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(model-size images, model-size masks, ground truths at their own resolution) of
+    ``cases`` (each with a mask)."""
+    from mrisegcli.data.loading import load_split_arrays
+    from mrisegcli.io.read import read_mask
+
+    with stage(f"reading {len(cases)} {what} cases", len(cases)) as progress:
         images, masks = load_split_arrays(cases, seg.image_size, workers=workers, progress=progress)
     gts = [_ground_truth(s, read_mask) for s in cases]
     for s, g in zip(cases, gts, strict=True):
         if g.ndim != 2:
             raise MrisegError("3-D ground truth masks are evaluated with --pred/--gt", s.mask)
-    return cases, images, masks, gts
+    return images, masks, gts
 
 
 def _ground_truth(s: Sample, read_mask: Any) -> np.ndarray:

@@ -90,37 +90,54 @@ def volume_results(
     ], partial
 
 
-def fit_component_rule(
-    seg: Any, root: Path, *, workers: int = 0, stage: Any = None
-) -> dict[str, Any]:
-    """The share of :func:`mrisegcli.postprocess.drop_small_components` chosen on every
-    labelled volume of the nnU-Net folder ``root`` (volumes the model did not train on and that
-    are not reported on), the model answering as ``predict`` does -> the run config's
-    ``"postprocess"`` section (the share and every candidate's mean Dice and HD95)."""
-    from mrisegcli.errors import MrisegError
+def component_rule(
+    seg: Any, cases: list[Sample], *, chosen_on: str, workers: int = 0, stage: Any = None
+) -> dict[str, Any] | None:
+    """The share of :func:`mrisegcli.postprocess.drop_small_components` chosen on the complete
+    volumes among ``cases`` (labelled slices of volumes the model did not train on), the model
+    answering as ``predict`` does -> the run config's ``"postprocess"`` section (the share and
+    every candidate's mean Dice and HD95), or None when ``cases`` hold no complete volume."""
     from mrisegcli.postprocess import choose_min_share, component_table
-    from mrisegcli.workflow.evaluate_model import answered_probs, read_split
-    from mrisegcli.workflow.prepare import no_stage, open_dataset
+    from mrisegcli.workflow.evaluate_model import answered_probs, read_cases
+    from mrisegcli.workflow.prepare import no_stage
 
     stage = stage or no_stage
-    counts = open_dataset([Path(root)], None, check=False).splits()
-    volumes, names = [], []
-    for split in (s for s, n in counts.items() if n):
-        cases, images, _, gts = read_split(seg, root, split, None, None, workers, stage)
-        with stage(f"decoding {len(cases)} {split} slices", None):
-            pred = seg.predict(images, [c.text for c in cases])
-        stacked, _ = stacked_volumes(cases, gts, answered_probs(seg, pred))
-        volumes += [(p, g, sp) for _, p, g, sp, _ in stacked]
-        names += [name for name, *_ in stacked]
-    if not volumes:
-        raise MrisegError("has no labelled volumes to choose the component rule on", root)
-    table = component_table(volumes)
+    cases = [c for c in cases if c.volume is not None and c.mask is not None]
+    if not cases:
+        return None
+    images, _, gts = read_cases(seg, cases, workers, stage, "volume")
+    with stage(f"decoding {len(cases)} volume slices", None):
+        pred = seg.predict(images, [c.text for c in cases])
+    stacked, _ = stacked_volumes(cases, gts, answered_probs(seg, pred))
+    if not stacked:
+        return None
+    table = component_table([(p, g, sp) for _, p, g, sp, _ in stacked])
     return {
         "min_component_share": choose_min_share(table),
-        "chosen_on": str(root),
-        "volumes": names,
+        "chosen_on": chosen_on,
+        "volumes": [name for name, *_ in stacked],
         "candidates": table,
     }
 
 
-__all__ = ["fit_component_rule", "stacked_volumes", "view_spacing", "volume_results"]
+def fit_component_rule(
+    seg: Any, root: Path, *, workers: int = 0, stage: Any = None
+) -> dict[str, Any]:
+    """:func:`component_rule` on every labelled volume of the nnU-Net folder ``root``."""
+    from mrisegcli.errors import MrisegError
+    from mrisegcli.workflow.prepare import open_dataset
+
+    cases = [s for s in open_dataset([Path(root)], None, check=False).samples]
+    rule = component_rule(seg, cases, chosen_on=str(root), workers=workers, stage=stage)
+    if rule is None:
+        raise MrisegError("has no labelled volumes to choose the component rule on", root)
+    return rule
+
+
+__all__ = [
+    "component_rule",
+    "fit_component_rule",
+    "stacked_volumes",
+    "view_spacing",
+    "volume_results",
+]
