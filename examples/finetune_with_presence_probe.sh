@@ -9,6 +9,8 @@
 #   DATA=../shared/data RUN=runs/MODEL-probe EVAL=work/MODEL-probe
 #   FROM=runs/brain MODEL=brain-mri ...  # start from a run (the shipped brain-mri came from the
 #                                        # run of examples/train_brain_model.sh this way)
+# For brain-mri the fine-tuned run then gets its volume post-processing chosen on the val
+# patients' volumes (`mriseg calibrate --scope-only --volumes`, written to RUN-volumes).
 set -euo pipefail
 MODEL=${MODEL:-chest-xray}
 FROM=${FROM:-$MODEL}
@@ -26,6 +28,13 @@ SECONDS=0
 mriseg train "${SETS[@]}" --out "$RUN" --init-from "$FROM" --lambda-presence 0.5 --lr 5e-4 \
   --eval-every 100 --ckpt-every 100 --seed 0 --device cpu "${MORE[@]}"
 echo "training wall time: ${SECONDS} s"
+if [[ "$MODEL" == brain-mri ]]; then
+  # the volume post-processing chosen on the val patients' volumes (docs/commands.md, calibrate)
+  python examples/brain_test_volumes.py --data "$DATA/lgg-flair" --out "$EVAL/val-volumes" --split val
+  mriseg calibrate --model "$RUN" --data "$DATA/lgg-flair" --scope-only --volumes "$EVAL/val-volumes" \
+    --out "$RUN-volumes" --device cpu --overwrite
+  RUN="$RUN-volumes"
+fi
 RUN="$RUN" EVAL="$EVAL" DATA="$DATA" DEST="$EVAL/model" bash "$EVALUATE"
 SHIPPED=$(python -c "from mrisegcli.shipped import SHIPPED_DIR; print(SHIPPED_DIR / '$MODEL')")
 python examples/compare_shipped_evaluations.py "$SHIPPED/evaluation.json" "$EVAL/model/evaluation.json"

@@ -85,6 +85,18 @@ def card(config: dict, metrics: dict, ev: dict) -> str:
     side_n = side.get("n_present", 0)
     side_found = f"{round(side.get('found', 0.0) * side_n)} of {side_n}"
     side_dice = side.get("dice_present", float("nan"))
+    rule = config.get("postprocess") or {}
+    share = rule.get("min_component_share", 0.0)
+    rows = {r["min_component_share"]: r for r in rule.get("candidates", [])}
+    post = (
+        f"A volume's mask drops the 3-D connected components smaller than {share:g} of its "
+        f"largest (chosen on the {len(rule.get('volumes', []))} val patients' volumes by "
+        f"`mriseg calibrate --volumes`: mean Dice {rows[0.0]['dice']:.3f} -> "
+        f"{rows[share]['dice']:.3f}, HD95 {rows[0.0]['hd95_mm']:.1f} -> "
+        f"{rows[share]['hd95_mm']:.1f} mm; `--min-component-share 0` keeps them)."
+        if share and 0.0 in rows and share in rows
+        else "A volume's mask is the stack of its slices' masks (no component rule)."
+    )
     drop = ev.get("text_removed_drop_side_contra")
     drop_line = f"{drop:.3f}" if drop is not None else "not measured"
     init = config.get("init_from")
@@ -133,6 +145,7 @@ mriseg predict flair.nii.gz --text "tumour in the left hemisphere" --format nii
   {run["paraphrases"]} rewordings of its target. {flips} (they would swap left and right).
 * Presence: {presence}. Scope: it answers {", ".join(t["target"] for t in scope.get("targets", []))};
   prompts with other words are refused (`mriseg models brain-mri`).
+* {post}
 
 ## Training data
 

@@ -323,6 +323,9 @@ def ship(run: Path, eval_dir: Path, dest: Path, gather_fn, card_fn, run_name: st
             for key in ("command", "source"):
                 if isinstance(section.get(key), str):
                     section[key] = _without_paths(section[key], names)
+    if isinstance(config.get("postprocess"), dict):  # the volumes' folder, by name
+        post = config["postprocess"]
+        post["chosen_on"] = Path(str(post.get("chosen_on", ""))).name or post.get("chosen_on")
     config.pop("weights", None)  # the run's file; the stripped one is recorded below
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     strip_training_buffers(run / "model.safetensors", tmp)

@@ -134,3 +134,37 @@ def test_the_share_is_chosen_on_volumes_and_evaluate_applies_it(tmp_path):
     (tmp_path / "flat").mkdir()
     with pytest.raises(MrisegError):
         fit_component_rule(seg, tmp_path / "flat")
+
+
+def test_the_shipped_brain_model_records_its_rule_and_predict_applies_it(tmp_path):
+    """The shipped brain model carries the share chosen on the lgg-flair val volumes; on a val
+    patient's volume the mask it writes is the decoder's stack less its small components."""
+    from pathlib import Path
+
+    from scipy import ndimage
+
+    import mrisegcli
+    from mrisegcli.workflow.segmenter import Segmenter
+
+    shipped = Path(mrisegcli.__file__).parent / "shipped" / "brain-mri"
+    if not shipped.is_dir():
+        pytest.skip("no brain-mri model in this installation")
+    rule = json.loads((shipped / "config.json").read_text())["postprocess"]
+    assert [r["min_component_share"] for r in rule["candidates"]] == list(CANDIDATE_SHARES)
+    assert rule["min_component_share"] == choose_min_share(rule["candidates"]) > 0
+    seg = Segmenter.load("brain-mri")
+    assert seg.min_component_share == rule["min_component_share"]
+    volume = Path(__file__).resolve().parents[2] / "shared/data/lgg-flair/volumes/imagesTs"
+    volume = volume / "TCGA_FG_6691_0000.nii.gz"  # a val patient
+    if not volume.is_file():
+        pytest.skip("no lgg-flair volumes here")
+    (ruled,) = run_predict(seg, [volume], "FLAIR hyperintense lesion", out_dir=tmp_path / "a")
+    (stack,) = run_predict(seg, [volume], "FLAIR hyperintense lesion", out_dir=tmp_path / "b",
+                           min_component_share=0.0)  # fmt: skip
+    a = np.asarray(nib.load(ruled.outputs["mask"]).dataobj) > 0
+    b = np.asarray(nib.load(stack.outputs["mask"]).dataobj) > 0
+    np.testing.assert_array_equal(a, drop_small_components(b, rule["min_component_share"]))
+    assert (
+        a.any()
+        and ndimage.label(a, np.ones((3, 3, 3)))[1] <= ndimage.label(b, np.ones((3, 3, 3)))[1]
+    )
