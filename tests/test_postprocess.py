@@ -130,6 +130,17 @@ def test_the_share_is_chosen_on_volumes_and_evaluate_applies_it(tmp_path):
     assert before["components"] == after["components"] == rule["candidates"]
     given = evaluate_model(seg, root, split="test", ceiling=False, min_component_share=0.0)
     assert given.summary["volumes"]["dice"] == pytest.approx(before["dice"])
+    from rich.console import Console
+
+    from mrisegcli.evaluation import EvalReport, render_volume_table
+
+    seg.min_component_share = 0.05
+    ruled = evaluate_model(seg, root, split="test", ceiling=False)
+    console = Console(record=True, width=200)
+    console.print(
+        render_volume_table(EvalReport(ruled.cases, ruled.summary, volumes=ruled.volumes))
+    )
+    assert "components below 0.05 of the largest dropped" in " ".join(console.export_text().split())
 
     (tmp_path / "flat").mkdir()
     with pytest.raises(MrisegError):

@@ -390,5 +390,7 @@ def render_volume_table(report: EvalReport, *, max_rows: int = 20) -> Table:
         notes = [f"global Dice {100 * s['dice_global']:.2f}"]
     if v["n_hd95_undefined"]:
         notes.append(f"HD95 undefined for {v['n_hd95_undefined']} volume(s) (one mask empty)")
+    if v.get("min_component_share"):
+        notes.append(f"components below {v['min_component_share']:g} of the largest dropped")
     table.caption = "; ".join(notes)
     return table
