@@ -169,6 +169,14 @@ def test_the_shipped_brain_model_records_its_rule_and_predict_applies_it(tmp_pat
     assert rule["min_component_share"] == choose_min_share(rule["candidates"]) > 0
     seg = Segmenter.load("brain-mri")
     assert seg.min_component_share == rule["min_component_share"]
+    from mrisegcli.report_lines import scope_json, scope_lines
+
+    config = json.loads((shipped / "config.json").read_text())
+    assert scope_lines("brain-mri", config)[-1] == (  # mriseg models brain-mri
+        f"volumes: 3-D components below {rule['min_component_share']:g} of the largest dropped "
+        "(chosen on 8 validation volumes)"
+    )
+    assert scope_json("brain-mri", config)["min_component_share"] == rule["min_component_share"]
     volume = Path(__file__).resolve().parents[2] / "shared/data/lgg-flair/volumes/imagesTs"
     volume = volume / "TCGA_FG_6691_0000.nii.gz"  # a val patient
     if not volume.is_file():

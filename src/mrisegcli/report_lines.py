@@ -376,11 +376,13 @@ def scope_json(name: str, config: dict[str, Any]) -> dict[str, Any]:
         "vocabulary": scope.get("vocabulary", []),
         "presence_threshold": presence.get("threshold"),
         "presence_val": presence.get("report", {}).get("val"),
+        "min_component_share": (config.get("postprocess") or {}).get("min_component_share", 0.0),
     }
 
 
 def scope_lines(name: str, config: dict[str, Any]) -> list[str]:
-    """``models NAME``: a model's targets with example prompts, and its presence head."""
+    """``models NAME``: a model's targets with example prompts, its presence head and its
+    volumes' component rule."""
     scope, presence = config.get("scope") or {}, config.get("presence") or {}
     if not scope:
         return [f"{name}: no scope recorded (trained before mriseg recorded one)"]
@@ -394,11 +396,18 @@ def scope_lines(name: str, config: dict[str, Any]) -> list[str]:
         )
     lines.append(f"  vocabulary: {len(scope.get('vocabulary', []))} words")
     if not presence:
-        return [*lines, "no presence head: every mask is drawn, none is refused as absent"]
-    val = presence.get("report", {}).get("val", {})
-    lines.append(
-        f"presence threshold {presence['threshold']:.3f} (val: AUROC {val.get('auroc', 0):.3f}, "
-        f"sensitivity {val.get('sensitivity', 0):.3f}, specificity "
-        f"{val.get('specificity', 0):.3f})"
-    )
+        lines.append("no presence head: every mask is drawn, none is refused as absent")
+    else:
+        val = presence.get("report", {}).get("val", {})
+        lines.append(
+            f"presence threshold {presence['threshold']:.3f} (val: AUROC "
+            f"{val.get('auroc', 0):.3f}, sensitivity {val.get('sensitivity', 0):.3f}, "
+            f"specificity {val.get('specificity', 0):.3f})"
+        )
+    share = (config.get("postprocess") or {}).get("min_component_share")
+    if share:
+        lines.append(
+            f"volumes: 3-D components below {share:g} of the largest dropped "
+            f"(chosen on {len(config['postprocess'].get('volumes', []))} validation volumes)"
+        )
     return lines
