@@ -148,9 +148,14 @@ def record_calibration(
     extra: dict[str, Any] | None = None,
     *,
     keep_presence: bool = False,
+    postprocess: dict[str, Any] | None = None,
 ) -> None:
     """Write the presence head and the scope into ``run_dir`` (config.json updated);
-    ``keep_presence`` leaves the folder's presence head as it is and writes the scope only."""
+    ``keep_presence`` leaves the folder's presence head as it is and writes the scope only;
+    ``postprocess``: the component rule of the model's volumes
+    (:func:`mrisegcli.workflow.volume_eval.component_rule`), recorded too."""
+    from mrisegcli.postprocess import SECTION
+
     config = read_config(run_dir)
     if keep_presence:
         if extra and isinstance(config.get("presence"), dict):
@@ -162,7 +167,16 @@ def record_calibration(
         config.pop("presence", None)
         (run_dir / runfolder.PRESENCE).unlink(missing_ok=True)
     config["scope"] = cal.scope
+    if postprocess is not None:
+        config[SECTION] = postprocess
     rewrite_config(run_dir, config)
+
+
+def use_presence(seg: Segmenter, cal: Calibration) -> None:
+    """Let ``seg`` answer with the presence head ``cal`` fitted (when it fitted one)."""
+    if cal.fit is not None:
+        seg.presence_head = cal.fit.head.to(seg.device).eval()
+        seg.presence_threshold = cal.fit.threshold
 
 
 def _write_run(
@@ -178,17 +192,12 @@ def _write_run(
 ) -> None:
     """The run with the calibration (and a refreshed text tokenizer, the component rule of
     its volumes), written to ``out``."""
-    from mrisegcli.postprocess import SECTION
     from mrisegcli.workflow.draft_heads import write_derived_run
 
     def fill(tmp: Path) -> None:
         if extra["synonyms"]["refreshed"]:
             _save_text_tokenizer(seg, tmp)
-        record_calibration(tmp, cal, extra, keep_presence=scope_only)
-        if postprocess is not None:
-            config = read_config(tmp)
-            config[SECTION] = postprocess
-            rewrite_config(tmp, config)
+        record_calibration(tmp, cal, extra, keep_presence=scope_only, postprocess=postprocess)
 
     write_derived_run(run_dir, out, fill, overwrite=overwrite, tag="calibrate")
 
@@ -245,9 +254,8 @@ def calibrate_run(
     if volumes is not None:
         from mrisegcli.workflow.volume_eval import fit_component_rule
 
-        if not scope_only and cal.fit is not None:  # the volumes answered with the new head
-            seg.presence_head = cal.fit.head.to(seg.device).eval()
-            seg.presence_threshold = cal.fit.threshold
+        if not scope_only:  # the volumes answered with the new head
+            use_presence(seg, cal)
         postprocess = fit_component_rule(seg, Path(volumes), stage=stage)
         extra["seconds"] = time.perf_counter() - t0
     _write_run(run_dir, out, seg, cal, extra, scope_only=scope_only, overwrite=overwrite,
@@ -263,4 +271,5 @@ __all__ = [
     "features_and_labels",
     "fit_calibration",
     "record_calibration",
+    "use_presence",
 ]

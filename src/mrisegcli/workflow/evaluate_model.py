@@ -284,17 +284,12 @@ def _score_volumes(
     candidate share's mean Dice beside (``"components"``)."""
     if not any(s.volume is not None for s in cases):
         return
-    from mrisegcli.postprocess import component_table, drop_small_components
-    from mrisegcli.volume_metrics import VolumeResult, summarize_volumes
-    from mrisegcli.workflow.volume_eval import stacked_volumes
+    from mrisegcli.postprocess import component_table
+    from mrisegcli.volume_metrics import summarize_volumes
+    from mrisegcli.workflow.volume_eval import score_stacked, stacked_volumes
 
     stacked, partial = stacked_volumes(cases, gts, probs)
-    report.volumes = [
-        VolumeResult.from_masks(
-            name, drop_small_components(pred, min_share), gt, spacing, gt_path=first.mask
-        )
-        for name, pred, gt, spacing, first in stacked
-    ]
+    report.volumes = score_stacked(stacked, min_share)
     if report.volumes:
         report.summary["volumes"] = summarize_volumes(report.volumes)
         report.summary["volumes"]["n_partial"] = partial

@@ -608,20 +608,16 @@ def _calibrate(run_dir: Path, ds: Any, cfg: RunConfig, device: torch.device, sta
     """The last stage: the trained model's scope, its presence head when the train rows hold
     empty masks (``workflow/calibrate.py``) and, with val volumes, the component rule of its
     volumes (``postprocess.py``), recorded in the run folder."""
-    from mrisegcli.workflow.calibrate import fit_calibration, record_calibration
+    from mrisegcli.workflow.calibrate import fit_calibration, record_calibration, use_presence
 
     if not (run_dir / runfolder.MODEL).is_file():
         return
     seg = load_segmenter(run_dir, device)
-    record_calibration(run_dir, fit_calibration(seg, ds, seed=cfg.seed, stage=stage))
+    cal = fit_calibration(seg, ds, seed=cfg.seed, stage=stage)
+    rule = None
     if any(s.volume is not None for s in ds.split("val")):  # nnU-Net data: val volumes
-        from mrisegcli.postprocess import SECTION
-        from mrisegcli.runinfo import read_config, rewrite_config
         from mrisegcli.workflow.volume_eval import component_rule
 
-        seg = load_segmenter(run_dir, device)  # with its presence head
+        use_presence(seg, cal)  # the volumes answered as predict will, with the new head
         rule = component_rule(seg, ds.split("val"), chosen_on="val split", stage=stage)
-        if rule is not None:
-            config = read_config(run_dir)
-            config[SECTION] = rule
-            rewrite_config(run_dir, config)
+    record_calibration(run_dir, cal, postprocess=rule)

@@ -64,6 +64,23 @@ def stacked_volumes(
     return out, partial
 
 
+def score_stacked(
+    stacked: list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...] | None, Sample]],
+    min_share: float = 0.0,
+) -> list[VolumeResult]:
+    """One result per :func:`stacked_volumes` entry, each predicted volume without its
+    components below ``min_share`` of its largest
+    (:func:`mrisegcli.postprocess.drop_small_components`), as ``predict`` writes it."""
+    from mrisegcli.postprocess import drop_small_components
+
+    return [
+        VolumeResult.from_masks(
+            name, drop_small_components(pred, min_share), gt, spacing, gt_path=first.mask
+        )
+        for name, pred, gt, spacing, first in stacked
+    ]
+
+
 def volume_results(
     cases: list[Sample],
     gts: list[np.ndarray],
@@ -71,23 +88,10 @@ def volume_results(
     threshold: float = 0.5,
     min_share: float = 0.0,
 ) -> tuple[list[VolumeResult], int]:
-    """(one result per complete volume in order of first appearance, volumes left out); each
-    predicted volume without its components below ``min_share`` of its largest
-    (:func:`mrisegcli.postprocess.drop_small_components`), as ``predict`` writes it."""
-    from mrisegcli.postprocess import drop_small_components
-
+    """(one result per complete volume in order of first appearance, volumes left out), scored
+    by :func:`score_stacked`."""
     stacked, partial = stacked_volumes(cases, gts, probs, threshold)
-    return [
-        VolumeResult.from_masks(
-            name,
-            drop_small_components(pred, min_share),
-            gt,
-            spacing,
-            pred_path=None,
-            gt_path=first.mask,
-        )  # fmt: skip
-        for name, pred, gt, spacing, first in stacked
-    ], partial
+    return score_stacked(stacked, min_share), partial
 
 
 def component_rule(
