@@ -10,6 +10,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 from test_cli_pipeline import TINY, invoke
 from test_nnunet_layout import make_nnunet
 
@@ -168,3 +169,15 @@ def test_train_tokenize_evaluate_on_an_nnunet_folder(nnunet, tmp_path, one_threa
     assert vols["min_component_share"] == rule["min_component_share"]
     chosen = {c["min_component_share"]: c for c in vols["components"]}
     assert vols["dice"] == pytest.approx(chosen[rule["min_component_share"]]["dice"])
+    r = invoke(["evaluate", "--model", str(cal), "--data", str(nnunet), "--split", "test", "--json",
+                "--device", "cpu", "--workers", "0", "--min-component-share", "1"])  # fmt: skip
+    largest = json.loads(r.stdout)["volumes"]
+    assert largest["min_component_share"] == 1.0
+    assert largest["dice"] == pytest.approx(chosen[1.0]["dice"])
+    r = invoke(["predict", str(nnunet / "imagesTs" / "case_004_0000.nii.gz"), "--text", "edema",
+                "--model", str(cal), "--out", str(tmp_path / "pred1"), "--device", "cpu", "--json",
+                "--min-component-share", "1", "--quiet"])  # fmt: skip
+    one = json.loads(r.stdout.splitlines()[0])
+    assert one["volume"]["min_component_share"] == 1.0
+    mask = np.asarray(nib.load(tmp_path / "pred1" / "case_004_0000_mask.nii.gz").dataobj) > 0
+    assert ndimage.label(mask, np.ones((3, 3, 3)))[1] <= 1  # the largest component only
