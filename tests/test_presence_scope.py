@@ -242,6 +242,55 @@ def test_calibrate_writes_a_new_run(square_run, square_data, tmp_path):
     assert res.exit_code == 1 and (mine / "notes.txt").read_text() == "keep"
 
 
+def test_calibration_fits_the_train_rows_the_time_left_allows(square_run, square_data, monkeypatch):
+    import time
+
+    from mrisegcli.workflow import calibrate
+    from mrisegcli.workflow.prepare import open_dataset
+    from mrisegcli.workflow.segmenter import load_segmenter
+
+    seg = load_segmenter(square_run, torch.device("cpu"))
+    ds = open_dataset([square_data], None, seed=0)
+    monkeypatch.setattr(calibrate, "MIN_BUDGET_ROWS", 16)
+    late = calibrate.fit_calibration(seg, ds, steps=30, deadline=time.perf_counter())
+    assert late.fit.report["train_rows"] == 16  # no time left: the fewest rows
+    assert late.fit.report["train_rows_limited_by"] == "time budget"
+    free = calibrate.fit_calibration(seg, ds, steps=30, deadline=time.perf_counter() + 600)
+    assert free.fit.report["train_rows"] == 40 and "train_rows_limited_by" not in free.fit.report
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("features computed although no train row is empty")
+
+    monkeypatch.setattr(calibrate, "features_and_labels", no_pass)
+    none = calibrate.fit_calibration(seg, ds, train_has_empty=False)
+    assert none.fit is None and "every train row has a region" in none.note
+    assert none.scope["targets"][0]["target"] == "square"  # the scope is still built
+
+
+def test_train_budget_keeps_time_for_the_presence_head(
+    square_data, tmp_path, one_thread, monkeypatch
+):
+    """--max-minutes covers the presence head's fit: the loop leaves it its share (half here,
+    so that a loop that ignored it would run for most of the budget)."""
+    import time
+
+    from mrisegcli.workflow import train
+
+    monkeypatch.setattr(train, "PRESENCE_SHARE", 0.5)
+    run = tmp_path / "run"
+    t0 = time.perf_counter()
+    invoke(["train", "--data", str(square_data), "--out", str(run), "--seed", "0", *TINY[:2],
+            "--steps", "100000", "--batch-size", "8", "--mask-steps", "30", "--device", "cpu",
+            "--workers", "0", "--max-minutes", "0.4", "--eval-every", "50"])  # fmt: skip
+    wall = time.perf_counter() - t0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["calibration_reserved_seconds"] == pytest.approx(12.0)
+    assert 0 < metrics["calibration_seconds"] < 30
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert 0 < max(r.get("elapsed_s", 0) for r in log) < 12.0
+    assert (run / "presence.safetensors").is_file() and wall < 24 + 25
+
+
 def test_init_from_fine_tunes_the_model_with_its_own_tokenizers(square_run, square_data, tmp_path):
     base = json.loads((square_run / "config.json").read_text())
     ft = tmp_path / "ft"

@@ -238,9 +238,11 @@ class _Loop:
         config_dict: dict | None,
         tokens_per_sample: int,
         augment: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]] | None = None,
+        reserve_seconds: float = 0.0,
     ) -> None:
         self.model, self.data, self.cfg, self.run_dir = model, data, cfg, run_dir
         self.augment = augment
+        self.reserve_s = reserve_seconds  # the budget's end kept for the stages after the loop
         self.device, self.dist_info = device, dist_info
         self.evaluate, self.on_best = evaluate, on_best
         self.config_dict = config_dict
@@ -304,7 +306,7 @@ class _Loop:
         """Share of the loop's time budget spent (None without a budget)."""
         if self.budget_s is None:
             return None
-        loop_budget = max(1.0, self.budget_s - self.state.prep_s)
+        loop_budget = max(1.0, self.budget_s - self.state.prep_s - self.reserve_s)
         return (self.elapsed0 + time.perf_counter() - self.t0 - self.state.prep_s) / loop_budget
 
     def done(self, spent: float | None) -> bool:
@@ -468,6 +470,7 @@ def train(
     tokens_per_sample: int = 0,
     prep_seconds: float = 0.0,
     augment: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]] | None = None,
+    reserve_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data`` for the configured steps; returns a summary dict.
 
@@ -476,6 +479,8 @@ def train(
     travels with them. ``prep_seconds``: time this invocation spent before the loop; with
     ``cfg.max_minutes`` it counts against the budget. ``augment(batch, step)``, when given,
     transforms each batch on the device before the step (:mod:`mrisegcli.training.augment`).
+    ``reserve_seconds``: with ``cfg.max_minutes``, the end of the budget the loop leaves to the
+    stages after it (the presence head's fit).
     """
     loop = _Loop(
         model,
@@ -489,6 +494,7 @@ def train(
         config_dict=config_dict,
         tokens_per_sample=tokens_per_sample,
         augment=augment,
+        reserve_seconds=reserve_seconds,
     )
     loop.start(resume, prep_seconds)
     with _StopFlag() as stop:

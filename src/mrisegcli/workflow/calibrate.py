@@ -86,6 +86,13 @@ def features_and_labels(
     return torch.cat(feats), torch.cat(labels)
 
 
+#: with a time budget, the fewest train rows the presence head is fitted on (when fewer fit
+#: in the time left, the budget is overrun rather than the head starved)
+MIN_BUDGET_ROWS = 1000
+#: seconds set aside for the head's own fit (1,500 small steps) when rows are fitted to a budget
+HEAD_FIT_SECONDS = 15.0
+
+
 def fit_calibration(
     seg: Segmenter,
     ds: Any,
@@ -94,9 +101,16 @@ def fit_calibration(
     max_cases: int | None = 16000,
     seed: int = 0,
     stage: StageFactory = no_stage,
+    deadline: float | None = None,
+    train_has_empty: bool | None = None,
 ) -> Calibration:
     """Presence head (when the data allow one) and scope of ``seg`` from dataset ``ds`` (its
-    train rows with their rewordings, its val rows for calibration and the threshold)."""
+    train rows with their rewordings, its val rows for calibration and the threshold).
+
+    ``deadline`` (a ``time.perf_counter()`` value; ``mriseg train --max-minutes``): the val
+    rows' features are computed first, and the train rows are then drawn at random down to the
+    number the time left allows at the val rows' pace (at least ``MIN_BUDGET_ROWS``).
+    ``train_has_empty`` False (known from the training masks) skips the feature pass."""
     train, val = ds.split("train"), ds.split("val")
     originals = [s for s in train if "~p" not in s.id]
     norm = seg.normalize
@@ -106,21 +120,34 @@ def fit_calibration(
         norm,
         extra_texts=[s.text for s in train if "~p" in s.id],
     )
+    no_empty = "no presence head: every train row has a region (or none has)"
     if not train or not val or max_cases == 0:
         return Calibration(None, scope, "no presence head: the data has no train or no val rows")
-    if max_cases is not None and len(train) > max_cases:
+    if train_has_empty is False:
+        return Calibration(None, scope, no_empty)
+    t0 = time.perf_counter()
+    x_va, y_va = features_and_labels(seg, val, stage, "val")
+    limit, limited_by = max_cases, "max_cases"
+    if deadline is not None:
+        per_row = (time.perf_counter() - t0) / max(1, len(val))
+        left = deadline - time.perf_counter() - HEAD_FIT_SECONDS
+        fits = max(MIN_BUDGET_ROWS, int(left / max(per_row, 1e-6)))
+        if limit is None or fits < limit:
+            limit, limited_by = fits, "time budget"
+    if limit is not None and len(train) > limit:
         rng = np.random.default_rng(seed)
-        train = [train[i] for i in sorted(rng.choice(len(train), max_cases, replace=False))]
+        train = [train[i] for i in sorted(rng.choice(len(train), limit, replace=False))]
+    else:
+        limited_by = None
     x_tr, y_tr = features_and_labels(seg, train, stage, "train")
     if bool(y_tr.all()) or not bool(y_tr.any()):
-        return Calibration(
-            None, scope, "no presence head: every train row has a region (or none has)"
-        )
-    x_va, y_va = features_and_labels(seg, val, stage, "val")
+        return Calibration(None, scope, no_empty)
     with stage(f"fitting the presence head ({int((~y_tr).sum())} empty rows)", steps) as progress:
         fit = fit_presence(x_tr, y_tr, x_va, y_va, steps=steps, seed=seed, progress=progress)
     fit.report["train_rows"] = len(train)
     fit.report["val_rows"] = len(val)
+    if limited_by is not None:
+        fit.report["train_rows_limited_by"] = limited_by
     return Calibration(fit, scope)
 
 

@@ -53,6 +53,10 @@ from mrisegcli.workflow.segmenter import (
 MAX_VAL = 256  # validation cases decoded at each evaluation
 #: with --max-minutes, the share of the budget the tokenizers may take to fit (together)
 TOKENIZER_SHARE = 0.15
+#: with --max-minutes, the share of the budget kept after the loop for the presence head's fit
+#: (when the train rows hold empty masks) and for the component rule (when val volumes exist)
+PRESENCE_SHARE = 0.10
+VOLUME_RULE_SHARE = 0.05
 
 
 @dataclass
@@ -66,6 +70,8 @@ class TrainResult:
     cache: dict[str, Any]
     curves: Path | None = None  # RUN/progress.png: training loss and validation Dice over steps
     precision: str = "fp32"  # the training step's arithmetic: "bf16" (autocast) or "fp32"
+    calibration_seconds: float = 0.0  # the stage after the loop: scope, presence head, rule
+    calibration_reserved_seconds: float = 0.0  # what --max-minutes kept for it
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -461,6 +467,8 @@ def _write_metrics(result: TrainResult, run_dir: Path, resume: bool) -> None:
         "steps": result.steps,
         "train_seconds": result.train_seconds,
         "precision": result.precision,
+        "calibration_seconds": result.calibration_seconds,
+        "calibration_reserved_seconds": result.calibration_reserved_seconds,
         "tokenizers": result.tokenizer_reports,
         "cache": result.cache,
     }
@@ -569,6 +577,8 @@ def train_run(
 
     evaluate = _validation(val_codes, model, bundle, cfg, device, dist_info)
     tokens = data["mask_codes"][0].numel() if "mask_codes" in data else data["ms_codes"].shape[1]
+    has_empty = _has_empty_rows(train_codes)
+    reserve = _calibration_reserve(cfg, ds, has_empty)
     t0 = time.perf_counter()
     summary = train(
         model,
@@ -585,6 +595,7 @@ def train_run(
         tokens_per_sample=tokens,
         prep_seconds=time.perf_counter() - t_start,
         augment=augment,
+        reserve_seconds=reserve,
     )
     if dist_info.is_main and evaluate is None:
         save_model(model, run_dir)  # no validation split: keep the last weights
@@ -599,21 +610,55 @@ def train_run(
         precision=summary["precision"],
     )
     if dist_info.is_main:
+        t_cal = time.perf_counter()
+        deadline = t_cal + reserve if cfg.train.max_minutes is not None else None
+        _calibrate(run_dir, ds, cfg, device, stage, deadline=deadline, has_empty=has_empty)
+        result.calibration_seconds = time.perf_counter() - t_cal
+        result.calibration_reserved_seconds = reserve
         _write_metrics(result, run_dir, resume)
-        _calibrate(run_dir, ds, cfg, device, stage)
     return result
 
 
-def _calibrate(run_dir: Path, ds: Any, cfg: RunConfig, device: torch.device, stage: Any) -> None:
+def _has_empty_rows(codes: Any) -> bool | None:
+    """Whether some cached train row has an empty mask (None when the cache holds no masks)."""
+    masks = codes.fields.get("mask")
+    if masks is None or not len(masks):
+        return None
+    return bool((masks.reshape(len(masks), -1).amax(1) == 0).any())
+
+
+def _calibration_reserve(cfg: RunConfig, ds: Any, has_empty: bool | None) -> float:
+    """Seconds of a ``--max-minutes`` budget the loop leaves to the stages after it."""
+    if cfg.train.max_minutes is None or not ds.split("val"):
+        return 0.0
+    share = PRESENCE_SHARE if has_empty is not False else 0.0
+    if any(s.volume is not None for s in ds.split("val")):
+        share += VOLUME_RULE_SHARE
+    return share * cfg.train.max_minutes * 60.0
+
+
+def _calibrate(
+    run_dir: Path,
+    ds: Any,
+    cfg: RunConfig,
+    device: torch.device,
+    stage: Any,
+    *,
+    deadline: float | None = None,
+    has_empty: bool | None = None,
+) -> None:
     """The last stage: the trained model's scope, its presence head when the train rows hold
     empty masks (``workflow/calibrate.py``) and, with val volumes, the component rule of its
-    volumes (``postprocess.py``), recorded in the run folder."""
+    volumes (``postprocess.py``), recorded in the run folder. With ``deadline`` (the end of a
+    ``--max-minutes`` budget) the head is fitted on as many train rows as the time left allows."""
     from mrisegcli.workflow.calibrate import fit_calibration, record_calibration, use_presence
 
     if not (run_dir / runfolder.MODEL).is_file():
         return
     seg = load_segmenter(run_dir, device)
-    cal = fit_calibration(seg, ds, seed=cfg.seed, stage=stage)
+    cal = fit_calibration(
+        seg, ds, seed=cfg.seed, stage=stage, deadline=deadline, train_has_empty=has_empty
+    )
     rule = None
     if any(s.volume is not None for s in ds.split("val")):  # nnU-Net data: val volumes
         from mrisegcli.workflow.volume_eval import component_rule
