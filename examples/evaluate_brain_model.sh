@@ -16,8 +16,11 @@ mriseg evaluate --model "$RUN" --data "$DATA/lgg-flair" --split test --text-abla
 python examples/brain_test_volumes.py --data "$DATA/lgg-flair" --out "$EVAL/volumes"
 mriseg evaluate --model "$RUN" --data "$EVAL/volumes" --split test --device cpu --json \
   --csv "$EVAL/volumes.csv" --overwrite > "$EVAL/volumes.json"
-python examples/report_wording_testset.py --data "$DATA" --out "$EVAL/report-wording" --domains brain --overwrite
+python examples/report_wording_testset.py --data "$DATA" --out "$EVAL/report-wording" --domains brain --overwrite --control
 mriseg evaluate --model "$RUN" --data "$EVAL/report-wording/brain" --split test --device cpu --json \
   > "$EVAL/report_wording.json"
+# the control: the same rows in the training paraphraser's words (the same information)
+mriseg evaluate --model "$RUN" --data "$EVAL/report-wording/brain-paraphrase" --split test --device cpu --json \
+  > "$EVAL/paraphraser_wording.json"
 echo "evaluation wall time: ${SECONDS} s"
 python examples/ship_brain_model.py --run "$RUN" --eval "$EVAL" ${DEST:+--dest "$DEST"}

@@ -17,8 +17,11 @@ mriseg evaluate --model "$RUN" --data "$DATA/jsrt" --split test --text-ablation 
 python examples/cxr_paraphrase_testset.py --data "$DATA" --out "$EVAL/unseen-wording" --overwrite
 mriseg evaluate --model "$RUN" --data "$EVAL/unseen-wording" --split test --device cpu --json \
   > "$EVAL/paraphrase.json"
-python examples/report_wording_testset.py --data "$DATA" --out "$EVAL/report-wording" --domains chest --overwrite
+python examples/report_wording_testset.py --data "$DATA" --out "$EVAL/report-wording" --domains chest --overwrite --control
 mriseg evaluate --model "$RUN" --data "$EVAL/report-wording/chest" --split test --device cpu --json \
   > "$EVAL/report_wording.json"
+# the control: the same rows in the training paraphraser's words (the same information)
+mriseg evaluate --model "$RUN" --data "$EVAL/report-wording/chest-paraphrase" --split test --device cpu --json \
+  > "$EVAL/paraphraser_wording.json"
 echo "evaluation wall time: ${SECONDS} s"
 python examples/ship_cxr_model.py --run "$RUN" --eval "$EVAL" ${DEST:+--dest "$DEST"}

@@ -15,6 +15,16 @@ again (and the script stops when a row has no other). Several templates per kind
     mriseg evaluate --model brain-mri --data work/report-wording/brain --split test
 
 The output holds one manifest folder per domain (test images and masks copied beside it).
+
+``--control`` also writes ``<domain>-paraphrase/``: the same test rows in the wording of the
+training paraphraser (``data/paraphrase.py``), drawn from the same ``target`` column as the
+report wordings. Both sets then carry the same information (the target alone: a `describe`
+row's training sentence also lists where the infected areas are, a brain row's its size), so
+report wording against this control measures the wording alone, and the control against the
+training sentences measures what the sentences' extra words are worth.
+
+    python examples/report_wording_testset.py --data ../shared/data --out work/rw --control
+    mriseg evaluate --model chest-xray --data work/rw/chest-paraphrase --split test
 """
 
 from __future__ import annotations
@@ -218,7 +228,38 @@ def training_wordings(rows: list[dict], draws: int = 400) -> set[str]:
 DOMAINS = {"chest": ["cxr-infection", "jsrt"], "brain": ["lgg-flair"]}
 
 
-def write_domain(data: Path, out: Path, domain: str, seed: int) -> Counter:
+def paraphraser_wording(target: str, text: str, rng: random.Random) -> str | None:
+    """The training paraphraser's wording of ``target`` (the control set): a brain row keeps
+    its side as its report wording does."""
+    from mrisegcli.data.paraphrase import paraphrase
+
+    return paraphrase(target, rng, text, kind="")
+
+
+def row_wording(domain: str, row: dict, rng: random.Random, seen: set, control: bool) -> str:
+    """The test ``row``'s new wording: a report wording that training never uses, or with
+    ``control`` the training paraphraser's."""
+    target = row["target"]
+    if control:
+        text = paraphraser_wording(target, row["text"], rng)
+        if text is None:
+            raise SystemExit(f"error: no paraphraser wording for target {target!r}")
+        return text
+    for _ in range(100):  # draw until the wording is not one training uses
+        if domain == "brain":
+            text = brain_wording(target, row["text"], rng)
+        else:
+            text = chest_wording(target, rng)
+        if text is None or text.lower() not in seen:
+            break
+    if text is None or text.lower() in seen:
+        raise SystemExit(f"error: no unseen report wording for target {target!r}")
+    return text
+
+
+def write_domain(data: Path, out: Path, domain: str, seed: int, control: bool = False) -> Counter:
+    """The report-wording rows of ``domain`` into ``out`` (``control``: the paraphraser's
+    wording instead, which training uses)."""
     rows_out, counts = [], Counter()
     for name in DOMAINS[domain]:
         src = data / name
@@ -231,15 +272,7 @@ def write_domain(data: Path, out: Path, domain: str, seed: int) -> Counter:
         for r in rows:
             if r["split"] != "test":
                 continue
-            for _ in range(100):  # draw until the wording is not one training uses
-                if domain == "brain":
-                    text = brain_wording(r["target"], r["text"], rng)
-                else:
-                    text = chest_wording(r["target"], rng)
-                if text is None or text.lower() not in seen:
-                    break
-            if text is None or text.lower() in seen:
-                raise SystemExit(f"error: no unseen report wording for target {r['target']!r}")
+            text = row_wording(domain, r, rng, seen, control)
             for col in ("image", "mask"):
                 dst = out / name / r[col]
                 dst.parent.mkdir(parents=True, exist_ok=True)
@@ -272,15 +305,22 @@ def main() -> None:
     ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="also write <domain>-paraphrase/: the rows in the training paraphraser's wording",
+    )
     args = ap.parse_args()
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {args.out}: not empty (use --overwrite)")
     for domain in args.domains:
-        counts = write_domain(args.data, args.out / domain, domain, args.seed)
-        total = sum(counts.values())
-        print(f"{domain}: {total} test rows -> {args.out / domain / 'manifest.csv'}")
-        for kind, n in sorted(counts.items()):
-            print(f"  {kind}: {n}")
+        for control in (False, True) if args.control else (False,):
+            name = f"{domain}-paraphrase" if control else domain
+            counts = write_domain(args.data, args.out / name, domain, args.seed, control)
+            total = sum(counts.values())
+            print(f"{name}: {total} test rows -> {args.out / name / 'manifest.csv'}")
+            for kind, n in sorted(counts.items()):
+                print(f"  {kind}: {n}")
 
 
 if __name__ == "__main__":
