@@ -147,6 +147,8 @@ def test_every_known_target_gets_varied_wordings(target: str) -> None:
         assert all(side in t and other not in t for t in texts), texts
     assert paraphrase("spleen", rng) is None
     assert not any("the the" in t or "the both" in t for t in texts), texts
+    many = {paraphrase(target, rng) for _ in range(400)}  # no word said twice by a prefix
+    assert not any("pulmonary pulmonary" in t or "lung pulmonary" in t for t in many), many
 
 
 def test_some_wordings_sit_in_a_request_frame() -> None:

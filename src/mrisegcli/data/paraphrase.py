@@ -441,7 +441,13 @@ def paraphrase(target: str, rng: random.Random, text: str = "", kind: str = "") 
             frame = frame.replace("the {p}", "{p}")
         return frame.format(p=phrase)
     phrase = _phrase(target, rng)
-    return None if phrase is None else _framed(rng, phrase)
+    return None if phrase is None else _framed(rng, _one_pulmonary(phrase))
+
+
+def _one_pulmonary(phrase: str) -> str:
+    """No "pulmonary pulmonary infection" or "lung pulmonary infection" where a prefix meets
+    a finding word that already says it (the draws stay as they were)."""
+    return phrase.replace("pulmonary pulmonary ", "pulmonary ").replace("lung pulmonary ", "lung ")
 
 
 def _brain_phrase(target: str, rng: random.Random, text: str, whole: bool) -> str | None:
