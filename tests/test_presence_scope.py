@@ -243,6 +243,7 @@ def test_calibrate_writes_a_new_run(square_run, square_data, tmp_path):
 
 
 def test_calibration_fits_the_train_rows_the_time_left_allows(square_run, square_data, monkeypatch):
+    import functools
     import time
 
     from mrisegcli.workflow import calibrate
@@ -252,6 +253,8 @@ def test_calibration_fits_the_train_rows_the_time_left_allows(square_run, square
     seg = load_segmenter(square_run, torch.device("cpu"))
     ds = open_dataset([square_data], None, seed=0)
     monkeypatch.setattr(calibrate, "MIN_BUDGET_ROWS", 16)
+    by_eight = functools.partial(calibrate.features_and_labels, batch=8)
+    monkeypatch.setattr(calibrate, "features_and_labels", by_eight)
     late = calibrate.fit_calibration(seg, ds, steps=30, deadline=time.perf_counter())
     assert late.fit.report["train_rows"] == 16  # no time left: the fewest rows
     assert late.fit.report["train_rows_limited_by"] == "time budget"
