@@ -98,3 +98,28 @@ def test_train_with_max_minutes_stops_by_time_with_best_weights(
     assert (run / "model.safetensors").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["tokenizers"]["mask_vq"]["seconds"] < 0.5 * 60 * 0.15 + 5  # its share
+
+
+def test_the_budget_keeps_a_share_for_each_stage_after_the_loop() -> None:
+    """The presence head's share only when the train rows hold empty masks (or may: no masks
+    cached), the component rule's only with val volumes, nothing without a budget."""
+    from types import SimpleNamespace
+
+    from mrisegcli.workflow.train import PRESENCE_SHARE, VOLUME_RULE_SHARE, _calibration_reserve
+
+    class Data:
+        def __init__(self, volumes: bool, val: bool = True) -> None:
+            self.rows = [SimpleNamespace(volume="v" if volumes else None)] if val else []
+
+        def split(self, name: str) -> list:
+            return self.rows
+
+    cfg = SimpleNamespace(train=SimpleNamespace(max_minutes=10.0))
+    head, rule = PRESENCE_SHARE * 600, VOLUME_RULE_SHARE * 600
+    assert _calibration_reserve(cfg, Data(False), True) == (head, 0.0)
+    assert _calibration_reserve(cfg, Data(False), False) == (0.0, 0.0)
+    assert _calibration_reserve(cfg, Data(True), None) == (head, rule)
+    assert _calibration_reserve(cfg, Data(True), False) == (0.0, rule)
+    assert _calibration_reserve(cfg, Data(True, val=False), True) == (0.0, 0.0)
+    cfg.train.max_minutes = None
+    assert _calibration_reserve(cfg, Data(True), True) == (0.0, 0.0)

@@ -578,7 +578,8 @@ def train_run(
     evaluate = _validation(val_codes, model, bundle, cfg, device, dist_info)
     tokens = data["mask_codes"][0].numel() if "mask_codes" in data else data["ms_codes"].shape[1]
     has_empty = _has_empty_rows(train_codes)
-    reserve = _calibration_reserve(cfg, ds, has_empty)
+    head_s, rule_s = _calibration_reserve(cfg, ds, has_empty)
+    reserve = head_s + rule_s
     t0 = time.perf_counter()
     summary = train(
         model,
@@ -611,7 +612,7 @@ def train_run(
     )
     if dist_info.is_main:
         t_cal = time.perf_counter()
-        deadline = t_cal + reserve if cfg.train.max_minutes is not None else None
+        deadline = t_cal + head_s if cfg.train.max_minutes is not None else None
         _calibrate(run_dir, ds, cfg, device, stage, deadline=deadline, has_empty=has_empty)
         result.calibration_seconds = time.perf_counter() - t_cal
         result.calibration_reserved_seconds = reserve
@@ -627,14 +628,15 @@ def _has_empty_rows(codes: Any) -> bool | None:
     return bool((masks.reshape(len(masks), -1).amax(1) == 0).any())
 
 
-def _calibration_reserve(cfg: RunConfig, ds: Any, has_empty: bool | None) -> float:
-    """Seconds of a ``--max-minutes`` budget the loop leaves to the stages after it."""
+def _calibration_reserve(cfg: RunConfig, ds: Any, has_empty: bool | None) -> tuple[float, float]:
+    """Seconds of a ``--max-minutes`` budget the loop leaves to the stages after it: the
+    presence head's and the component rule's."""
     if cfg.train.max_minutes is None or not ds.split("val"):
-        return 0.0
-    share = PRESENCE_SHARE if has_empty is not False else 0.0
-    if any(s.volume is not None for s in ds.split("val")):
-        share += VOLUME_RULE_SHARE
-    return share * cfg.train.max_minutes * 60.0
+        return 0.0, 0.0
+    budget = cfg.train.max_minutes * 60.0
+    head = PRESENCE_SHARE * budget if has_empty is not False else 0.0
+    rule = VOLUME_RULE_SHARE * budget if any(s.volume is not None for s in ds.split("val")) else 0.0
+    return head, rule
 
 
 def _calibrate(
@@ -649,8 +651,9 @@ def _calibrate(
 ) -> None:
     """The last stage: the trained model's scope, its presence head when the train rows hold
     empty masks (``workflow/calibrate.py``) and, with val volumes, the component rule of its
-    volumes (``postprocess.py``), recorded in the run folder. With ``deadline`` (the end of a
-    ``--max-minutes`` budget) the head is fitted on as many train rows as the time left allows."""
+    volumes (``postprocess.py``), recorded in the run folder. With ``deadline`` (the end of the
+    head's share of a ``--max-minutes`` budget) the head is fitted on as many train rows as the
+    time left allows."""
     from mrisegcli.workflow.calibrate import fit_calibration, record_calibration, use_presence
 
     if not (run_dir / runfolder.MODEL).is_file():
