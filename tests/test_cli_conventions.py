@@ -408,14 +408,14 @@ def test_curves_read_the_last_row_of_a_repeated_step(tmp_path):
 
 
 def test_weak_tokenizer_warning_text(capsys):
-    cli_support.warn_weak_tokenizers(
+    cli_support.warn_weak_parts(
         {"mask_vq": {"recon_dice": 0.42, "n_heldout": 3}, "image_vq": {"psnr": 9.0}}
     )
     assert capsys.readouterr().err.strip() == (
         "mriseg: warning: the mask tokenizer reconstructs held-out masks with Dice 0.42 < 0.8; "
         "fit longer with --mask-steps"
     )
-    cli_support.warn_weak_tokenizers(
+    cli_support.warn_weak_parts(
         {"multiscale": {"recon_dice": 0.5, "n_heldout": 0}, "mask_vq": {"recon_dice": 0.9}}
     )
     err = capsys.readouterr().err
@@ -424,6 +424,17 @@ def test_weak_tokenizer_warning_text(capsys):
         and "--multiscale-steps" in err
     )
     assert "the mask tokenizer" not in err
+
+
+def test_weak_presence_head_warning_reads_the_run_folder(tmp_path, capsys):
+    shipped = Path(cli_support.__file__).parent / "shipped" / "brain-mri" / "config.json"
+    config = json.loads(shipped.read_text())
+    config["presence"]["report"]["val"].update(sensitivity=0.5, threshold=0.9, auroc=0.9)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cli_support.warn_weak_parts({}, tmp_path)
+    assert "presence head finds 50% of the val findings" in capsys.readouterr().err
+    cli_support.warn_weak_parts({}, tmp_path / "no-run")  # nothing to read: nothing said
+    assert capsys.readouterr().err == ""
 
 
 # ------------------------------------------------------------------------------ 4. --quiet, --json

@@ -77,6 +77,32 @@ def test_threshold_finds_most_present_at_the_specificity():
     assert 0.0 <= choose_threshold(probs, labels, min_specificity=1.01) <= 1.0
 
 
+def test_operating_points_name_what_a_lower_threshold_buys():
+    from mrisegcli.presence import operating_points
+
+    probs = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    labels = np.array([0, 0, 0, 1, 0, 1, 1, 1, 1, 1], bool)
+    p90, p97 = operating_points(probs, labels, (0.8, 1.0))
+    assert p90["sensitivity"] >= 0.8 and p90["threshold"] == pytest.approx(0.55)  # 5 of 6 found
+    assert p90["specificity"] == 1.0
+    assert p97["sensitivity"] == 1.0 and p97["threshold"] == pytest.approx(0.35)
+    assert p97["specificity"] == 0.75  # the empty truth scored 0.5 is drawn
+    assert operating_points(probs, np.ones(10, bool)) == []
+
+
+def test_weak_presence_head_is_reported_with_the_thresholds_that_find_more():
+    from mrisegcli.report_lines import weak_presence_warnings
+
+    val = {"sensitivity": 0.62, "specificity": 0.958, "threshold": 0.989, "auroc": 0.943}
+    points = [{"for_sensitivity": 0.9, "threshold": 0.41, "sensitivity": 0.9, "specificity": 0.6}]
+    (line,) = weak_presence_warnings({"report": {"val": val, "val_operating_points": points}})
+    assert "finds 62% of the val findings at its threshold 0.989" in line
+    assert "--presence-threshold 0.410 finds 90% and leaves 60% of them empty" in line
+    strong = {**val, "sensitivity": 0.94}
+    assert weak_presence_warnings({"report": {"val": strong}}) == []
+    assert weak_presence_warnings(None) == []
+
+
 def test_fit_presence_separates_and_calibrates():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 12, generator=g)
@@ -217,6 +243,10 @@ def test_calibrate_writes_a_new_run(square_run, square_data, tmp_path):
     res = invoke(["calibrate", "--model", str(square_run), "--data", str(square_data),
                   "--out", str(out), "--steps", "50", "--device", "cpu", "--json"])  # fmt: skip
     report = json.loads(res.stdout)
+    points = report["report"]["val_operating_points"]
+    assert [p["for_sensitivity"] for p in points] == [0.9, 0.97]
+    weak = report["report"]["val"]["sensitivity"] < 0.8  # the warning says so, and only then
+    assert ("presence head finds" in res.stderr) == weak
     assert report["report"]["val"]["n_absent"] == 6 and 0 <= report["threshold"] <= 1
     assert (out / "presence.safetensors").is_file() and (out / "model.safetensors").is_file()
     # --scope-only keeps the head as it is and writes the scope again

@@ -36,6 +36,7 @@ from mrisegcli.cli_support import (
     WorkersOpt,
     check_predict_usage,
     emit,
+    emit_calibration,
     err,
     fail,
     given_options,
@@ -48,7 +49,7 @@ from mrisegcli.cli_support import (
     say,
     stage_printer,
     to_device,
-    warn_weak_tokenizers,
+    warn_weak_parts,
     with_settings,
 )
 
@@ -206,7 +207,7 @@ def tokenize(
     def on_tokenizers(reports: dict[str, dict]) -> None:
         if not json_out:
             print_lines(tokenizer_lines(reports))
-        warn_weak_tokenizers(reports)
+        warn_weak_parts(reports)
 
     places = TrainPlaces(layout=plain(layout), texts=texts, tokenizer=tokenizer, device=device,
                          workers=workers, overwrite=overwrite)  # fmt: skip
@@ -266,7 +267,7 @@ def train(
     )  # fmt: skip
     if result is None:  # another rank of torchrun: the main rank reports
         return
-    warn_weak_tokenizers(result.tokenizer_reports)
+    warn_weak_parts(result.tokenizer_reports, out_dir)
     emit(json_out, training_json(result, out_dir), training_lines(result, out_dir))
 
 
@@ -531,7 +532,6 @@ def calibrate(
     quiet: QuietOpt = False,
 ) -> None:
     """Fit a model's presence head (is the prompt's target there?) and record its scope."""
-    from mrisegcli.report_lines import calibrate_line
     from mrisegcli.workflow.calibrate import calibrate_run
     from mrisegcli.workflow.commands import derive_run
 
@@ -540,7 +540,7 @@ def calibrate(
         stage=stage_printer(quiet or json_out), command=" ".join(["mriseg", *sys.argv[1:]]), steps=steps, max_cases=max_cases,
         seed=seed, device=to_device(device), overwrite=overwrite, scope_only=scope_only, volumes=volumes,
     )  # fmt: skip
-    emit(json_out, report, [calibrate_line(out_dir, report)])
+    emit_calibration(json_out, report, out_dir)
 
 
 # -------------------------------------------------------------------------------------- push

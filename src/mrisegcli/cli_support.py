@@ -334,11 +334,23 @@ def warn(lines: Iterable[str]) -> None:
         err.print(line, style="bold yellow", markup=False)
 
 
-def warn_weak_tokenizers(reports: dict[str, dict]) -> None:
-    """A loud warning on stderr for a freshly fitted mask tokenizer that reconstructs masks poorly."""
-    from mrisegcli.report_lines import weak_tokenizer_warnings
+def warn_weak_parts(reports: dict[str, dict], run_dir: Path | None = None) -> None:
+    """Loud warnings on stderr for a freshly fitted mask tokenizer that reconstructs masks
+    poorly and for a presence head of ``run_dir`` that finds few of the val findings."""
+    from mrisegcli.report_lines import weak_presence_warnings, weak_tokenizer_warnings
+    from mrisegcli.runinfo import read_config
 
     warn(weak_tokenizer_warnings(reports))
+    if run_dir is not None and (Path(run_dir) / "config.json").is_file():
+        warn(weak_presence_warnings(read_config(run_dir).get("presence")))
+
+
+def emit_calibration(json_out: bool, report: dict[str, Any], out_dir: Path) -> None:
+    """``calibrate``'s result: the warning of a weak presence head, then the line (or JSON)."""
+    from mrisegcli.report_lines import calibrate_line
+
+    warn_weak_parts({}, out_dir)
+    emit(json_out, report, [calibrate_line(out_dir, report)])
 
 
 def print_lines(lines: Iterable[str]) -> None:

@@ -127,6 +127,36 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, min_specificity: flo
     return best_t if best_t is not None else youden_t
 
 
+def operating_points(
+    probs: np.ndarray, labels: np.ndarray, sensitivities: tuple[float, ...] = (0.9, 0.97)
+) -> list[dict[str, float]]:
+    """For each wanted sensitivity, the highest threshold on (``probs``, ``labels``) that
+    reaches it, with the sensitivity and specificity there (what a lower
+    ``--presence-threshold`` would buy and cost); empty with one class."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels).astype(bool)
+    if labels.all() or not labels.any():
+        return []
+    cands = np.unique(probs)
+    cuts = np.concatenate([[0.0], (cands[:-1] + cands[1:]) / 2.0])[::-1]  # highest first
+    points = []
+    for want in sensitivities:
+        for t in cuts:
+            pred = probs >= t
+            sens = float(pred[labels].mean())
+            if sens >= want - 1e-12:
+                spec = float((~pred[~labels]).mean())
+                points.append(
+                    {
+                        "for_sensitivity": want,
+                        "threshold": float(t),
+                        "sensitivity": sens,
+                        "specificity": spec,
+                    }  # fmt: skip
+                )
+                break
+    return points
+
+
 def detection_report(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
     """AUROC, sensitivity and specificity at ``threshold``, counts and the mean calibration
     error (10 equal-width bins) of presence probabilities against present (1) / absent (0)."""
@@ -244,6 +274,7 @@ def fit_presence(
         "bias": float(head.bias),
         "train": detection_report(p_tr, train_labels.numpy(), threshold),
         "val": detection_report(p_va, val_labels.numpy(), threshold),
+        "val_operating_points": operating_points(p_va, val_labels.numpy()),
     }
     return PresenceFit(head, threshold, report)
 

@@ -132,6 +132,31 @@ def weak_tokenizer_warnings(reports: dict[str, dict]) -> list[str]:
     return lines
 
 
+#: a presence head finding fewer of the val findings than this at its threshold is reported
+WEAK_PRESENCE_SENSITIVITY = 0.8
+
+
+def weak_presence_warnings(presence: dict[str, Any] | None) -> list[str]:
+    """A warning when the presence head (``config.json`` ``"presence"``) finds few of the val
+    findings at its threshold, with the thresholds that would find more and what they cost."""
+    report = (presence or {}).get("report") or {}
+    val = report.get("val") or {}
+    sens = val.get("sensitivity")
+    if sens is None or sens != sens or sens >= WEAK_PRESENCE_SENSITIVITY:
+        return []
+    others = "; ".join(
+        f"--presence-threshold {p['threshold']:.3f} finds {p['sensitivity']:.0%} and leaves "
+        f"{p['specificity']:.0%} of them empty"
+        for p in report.get("val_operating_points") or []
+    )
+    return [
+        f"mriseg: warning: the presence head finds {sens:.0%} of the val findings at its "
+        f"threshold {val['threshold']:.3f} (val AUROC {val['auroc']:.3f}, "
+        f"{val['specificity']:.0%} of the val rows with an empty truth left empty), and "
+        "predict and evaluate empty the masks it does not find" + (f"; {others}" if others else "")
+    ]
+
+
 def training_json(result: Any, out_dir: Path) -> dict[str, Any]:
     """``train --json``: the run folder, steps, best val Dice, seconds, precision, curves."""
     return {
