@@ -81,7 +81,7 @@ GRID = [
     ("lgg-flair", "unet", 15),
     ("lgg-flair", "next-token", 15),
     # what a user gets who types only `mriseg train --data D --max-minutes 15`
-    *[(d, "defaults", 15) for d in ("kvasir-seg", "cxr-infection", "jsrt")],
+    *[(d, "defaults", 15) for d in ("kvasir-seg", "cxr-infection", "jsrt", "lgg-flair")],
     # does training the presence probe with the model help the presence head?
     ("cxr-infection", "defaults@presence", 15),
     # the U-Net at the width its users run it (16-32-64-128-256, 1.9M parameters)
