@@ -337,11 +337,12 @@ def warn(lines: Iterable[str]) -> None:
 def warn_weak_parts(reports: dict[str, dict], run_dir: Path | None = None) -> None:
     """Loud warnings on stderr for a freshly fitted mask tokenizer that reconstructs masks
     poorly and for a presence head of ``run_dir`` that finds few of the val findings."""
+    from mrisegcli import runfolder
     from mrisegcli.report_lines import weak_presence_warnings, weak_tokenizer_warnings
     from mrisegcli.runinfo import read_config
 
     warn(weak_tokenizer_warnings(reports))
-    if run_dir is not None and (Path(run_dir) / "config.json").is_file():
+    if run_dir is not None and (Path(run_dir) / runfolder.CONFIG).is_file():
         warn(weak_presence_warnings(read_config(run_dir).get("presence")))
 
 

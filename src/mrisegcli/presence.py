@@ -104,6 +104,12 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def _cuts(probs: np.ndarray) -> np.ndarray:
+    """Candidate thresholds on ``probs``: 0, the midpoints between neighbouring scores, 1."""
+    cands = np.unique(probs)
+    return np.concatenate([[0.0], (cands[:-1] + cands[1:]) / 2.0, [1.0]])
+
+
 def choose_threshold(probs: np.ndarray, labels: np.ndarray, min_specificity: float = 0.95) -> float:
     """The threshold on (``probs``, ``labels``) that finds the most present cases while leaving
     at least ``min_specificity`` of the absent ones empty, and of those the one that leaves the
@@ -113,8 +119,7 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, min_specificity: flo
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         return 0.5
-    cands = np.unique(probs)
-    cuts = np.concatenate([[0.0], (cands[:-1] + cands[1:]) / 2.0, [1.0]])
+    cuts = _cuts(probs)
     best, best_spec, best_t, youden, youden_t = -1.0, -1.0, None, -1.0, 0.5
     for t in cuts:
         pred = probs >= t
@@ -136,11 +141,9 @@ def operating_points(
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         return []
-    cands = np.unique(probs)
-    cuts = np.concatenate([[0.0], (cands[:-1] + cands[1:]) / 2.0])[::-1]  # highest first
     points = []
     for want in sensitivities:
-        for t in cuts:
+        for t in _cuts(probs)[::-1]:  # highest first
             pred = probs >= t
             sens = float(pred[labels].mean())
             if sens >= want - 1e-12:
@@ -151,7 +154,7 @@ def operating_points(
                         "threshold": float(t),
                         "sensitivity": sens,
                         "specificity": spec,
-                    }  # fmt: skip
+                    }
                 )
                 break
     return points
