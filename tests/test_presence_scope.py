@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,7 @@ def test_scope_words_variants_and_typos():
     assert not is_known("pneumothorax", vocab)
     assert unknown_words("asdf qwerty", scope, lower) == ["asdf", "qwerty"]
     assert unknown_words("Please show the tumour on the LEFT", scope, lower) == []
+    assert unknown_words("the entire left tumour, in full", scope, lower) == []  # extent words
     why = refusal("pleural effusion", scope, lower)
     assert "'pleural'" in why and "'effusion'" in why and "lesion:left" in why
     assert refusal("the", scope, lower) is not None  # names nothing
@@ -403,6 +405,39 @@ def test_evaluate_reports_detection(square_run, square_data, tmp_path):
     text = invoke(["evaluate", "--model", str(square_run), "--data", str(square_data),
                    "--device", "cpu"]).output  # fmt: skip
     assert "detection (presence head): AUROC" in text
+
+
+def test_evaluate_names_the_cases_predict_would_refuse(square_run, square_data, tmp_path):
+    data = tmp_path / "reworded"
+    shutil.copytree(square_data, data)
+    with open(data / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    tests = [r for r in rows if r["split"] == "test"]
+    for r in tests[:5]:  # five test texts with a word the model never learnt
+        r["text"] = "bright polygon"
+    with open(data / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cases_csv = tmp_path / "cases.csv"
+    args = ["evaluate", "--model", str(square_run), "--data", str(data), "--device", "cpu"]
+    scope = json.loads(invoke([*args, "--json", "--csv", str(cases_csv)]).stdout)["scope"]
+    assert scope["n"] == 12 and scope["refused"] == 5
+    assert scope["unknown_words"] == {"polygon": 5}
+    with open(cases_csv, newline="") as f:
+        cases = list(csv.DictReader(f))
+    inside = [float(c["dice"]) for c in cases if c["in_scope"] == "1"]
+    outside = [float(c["dice"]) for c in cases if c["in_scope"] == "0"]
+    assert len(outside) == 5 and len(inside) == 7  # every case is still scored
+    assert scope["dice_refused"] == pytest.approx(np.mean(outside))
+    assert scope["dice_in_scope"] == pytest.approx(np.mean(inside))
+    assert sum(k["refused"] for k in scope["kinds"].values()) == 5
+    text = invoke(args).output
+    assert "scope (predict refuses these; --force answers them): 5 of 12 prompts" in text
+    assert "'polygon' 5" in text
+    plain = json.loads(invoke(["evaluate", "--model", str(square_run), "--data",
+                               str(square_data), "--device", "cpu", "--json"]).stdout)  # fmt: skip
+    assert plain["scope"]["refused"] == 0 and "kinds" not in plain["scope"]
 
 
 def test_evaluate_presence_threshold_overrides_the_models(square_run, square_data):

@@ -45,7 +45,9 @@ MASK_SUFFIXES = (
 )
 """File endings (case-insensitive) taken as masks when listing a folder; others are ignored."""
 
-CSV_COLUMNS = ("name", "dice", "iou", "pred_pixels", "gt_pixels", "pred", "gt", "kind", "presence")
+CSV_COLUMNS = (
+    "name", "dice", "iou", "pred_pixels", "gt_pixels", "pred", "gt", "kind", "presence", "in_scope"
+)  # fmt: skip
 _MAX_LISTED = 10
 
 Pair = tuple[str, Path | None, Path]
@@ -246,9 +248,10 @@ def evaluate_folders(
 
 
 def write_cases_csv(report: EvalReport, path: str | Path, *, overwrite: bool = False) -> Path:
-    """One row per case (``name,dice,iou,pred_pixels,gt_pixels,pred,gt,kind,presence``; the
-    last two filled when a model was evaluated on a dataset with kinds / a presence head),
-    written atomically;
+    """One row per case (``name,dice,iou,pred_pixels,gt_pixels,pred,gt,kind,presence,in_scope``;
+    the last three filled when a model was evaluated on a dataset with kinds / a presence head /
+    a recorded scope: ``in_scope`` 1 when ``predict`` would answer the case's text, 0 when it
+    would refuse it), written atomically;
     for volumes one row per volume (:data:`~mrisegcli.volume_metrics.VOLUME_CSV_COLUMNS`)."""
     path = Path(path)
     with atomic_path(path, overwrite) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
@@ -272,6 +275,7 @@ def write_cases_csv(report: EvalReport, path: str | Path, *, overwrite: bool = F
                     "" if c.gt_path is None else str(c.gt_path),
                     c.kind,
                     "" if c.presence is None else repr(c.presence),
+                    "" if c.in_scope is None else int(c.in_scope),
                 ]
             )
     return path

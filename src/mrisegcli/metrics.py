@@ -125,6 +125,7 @@ class CaseResult:
     n_pixels: int
     kind: str = ""  # the manifest's kind column, when a model is evaluated on a dataset
     presence: float | None = None  # the model's calibrated presence score, when it has a head
+    in_scope: bool | None = None  # would ``predict`` answer this text (scope.py); None: no scope
 
     @classmethod
     def from_counts(

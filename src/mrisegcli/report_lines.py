@@ -236,6 +236,31 @@ def model_summary_lines(summary: dict[str, Any], split: str, text_ablation: list
         )
     if summary.get("detection"):
         lines += detection_lines(summary["detection"])
+    if summary.get("scope", {}).get("refused"):
+        lines += refused_prompt_lines(summary["scope"])
+    return lines
+
+
+def _scope_line(row: dict[str, Any]) -> str:
+    parts = [f"{row['refused']} of {row['n']} prompts outside the model's scope"]
+    if "dice_refused" in row:
+        parts.append(f"Dice {row['dice_refused']:.4f} on them")
+    if "dice_in_scope" in row:
+        parts.append(f"{row['dice_in_scope']:.4f} on the rest")
+    return "; ".join(parts)
+
+
+def refused_prompt_lines(scope: dict[str, Any]) -> list[str]:
+    """``evaluate``: the cases whose text ``predict`` would refuse (scored here as ``--force`` answers them),
+    with the words behind it, overall and per kind."""
+    words = ", ".join(f"{w!r} {n}" for w, n in scope.get("unknown_words", {}).items())
+    head = f"scope (predict refuses these; --force answers them): {_scope_line(scope)}"
+    lines = [head + (f"; unknown words: {words}" if words else "")]
+    lines += [
+        f"  {kind}: {_scope_line(row)}"
+        for kind, row in scope.get("kinds", {}).items()
+        if row["refused"]
+    ]
     return lines
 
 

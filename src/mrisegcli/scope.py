@@ -24,8 +24,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-#: function words, question and request words, and words that describe the picture rather
-#: than what is in it: never content words
+#: function words, question and request words, words that describe the picture rather than
+#: what is in it, and words of extent that say "all of it" as "all" does: never content words
 STOPWORDS = frozenset(
     """a an the this that these those there here it its of in on at to into onto within inside
     from for with without by as and or nor but not no any all each every some both either
@@ -40,7 +40,8 @@ STOPWORDS = frozenset(
     image images picture scan scans slice slices film view study exam examination region regions
     area areas part parts portion portions mask masks visible present seen noted
     evidence appearance appearing appears apparent shown showing there's
-    patient patients s""".split()
+    patient patients s
+    whole entire entirely full fully complete completely total totally entirety""".split()
 )
 
 _WORD = re.compile(r"[a-z]+|\d+")

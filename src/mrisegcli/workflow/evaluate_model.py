@@ -123,6 +123,9 @@ def evaluate_model(
         results, _model_summary(seg, cases, gts, results, pred, samples, temperature)
     )
     report.summary["detection"] = detection_summary(seg, cases, results, pred, cut)
+    scope = scope_summary(seg, cases, results)
+    if scope is not None:
+        report.summary["scope"] = scope
     share = min_component_share
     if share is None:
         share = getattr(seg, "min_component_share", 0.0)
@@ -216,6 +219,50 @@ def detection_summary(
         out["kinds"] = {
             k: _detection(results, scores, threshold, v) for k, v in sorted(kinds.items())
         }
+    return out
+
+
+def _scope_row(rs: list[CaseResult]) -> dict[str, Any]:
+    inside = [r.dice for r in rs if r.in_scope]
+    outside = [r.dice for r in rs if not r.in_scope]
+    row: dict[str, Any] = {"n": len(rs), "refused": len(outside)}
+    if inside:
+        row["dice_in_scope"] = float(np.mean(inside))
+    if outside:
+        row["dice_refused"] = float(np.mean(outside))
+    return row
+
+
+def scope_summary(
+    seg: Segmenter, cases: list[Sample], results: list[CaseResult]
+) -> dict[str, Any] | None:
+    """Which of the cases' texts ``predict`` would refuse as outside what the model answers
+    (scope.py; ``evaluate`` scores them all, as ``predict --force`` answers them): each
+    result's ``in_scope``, and the count and Dice of the refused and accepted cases, overall
+    and per kind, with the unknown words behind the refusals. ``None`` for a model without a
+    recorded scope or without text."""
+    from collections import Counter
+
+    from mrisegcli.scope import unknown_words
+
+    if not seg.scope or not seg.cfg.use_text:
+        return None
+    why: dict[str, list[str] | None] = {}  # text -> its unknown words; None when in scope
+    for c in cases:
+        if c.text not in why:
+            refused = seg.refusal(c.text) is not None
+            why[c.text] = unknown_words(c.text, seg.scope, seg.normalize) if refused else None
+    words: Counter[str] = Counter()
+    for r, c in zip(results, cases, strict=True):
+        r.in_scope = why[c.text] is None
+        words.update(why[c.text] or [])
+    out = {**_scope_row(results), "unknown_words": dict(words.most_common(10))}
+    kinds: dict[str, list[CaseResult]] = {}
+    for r in results:
+        if r.kind:
+            kinds.setdefault(r.kind, []).append(r)
+    if kinds and out["refused"]:
+        out["kinds"] = {k: _scope_row(v) for k, v in sorted(kinds.items())}
     return out
 
 
