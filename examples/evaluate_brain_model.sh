@@ -18,7 +18,10 @@ mriseg evaluate --model "$RUN" --data "$EVAL/volumes" --split test --device cpu 
   --csv "$EVAL/volumes.csv" --overwrite > "$EVAL/volumes.json"
 python examples/report_wording_testset.py --data "$DATA" --out "$EVAL/report-wording" --domains brain --overwrite --control
 mriseg evaluate --model "$RUN" --data "$EVAL/report-wording/brain" --split test --device cpu --json \
-  > "$EVAL/report_wording.json"
+  --csv "$EVAL/report_wording_cases.csv" --overwrite > "$EVAL/report_wording.json"
+# which report wordings lose, prompt by prompt, and which of them predict would refuse
+python examples/wording_by_template.py --canonical "$EVAL/slices.csv" \
+  --reworded "$EVAL/report_wording_cases.csv" --json "$EVAL/report_wording_by_prompt.json"
 # the control: the same rows in the training paraphraser's words (the same information)
 mriseg evaluate --model "$RUN" --data "$EVAL/report-wording/brain-paraphrase" --split test --device cpu --json \
   > "$EVAL/paraphraser_wording.json"

@@ -19,7 +19,10 @@ mriseg evaluate --model "$RUN" --data "$EVAL/unseen-wording" --split test --devi
   > "$EVAL/paraphrase.json"
 python examples/report_wording_testset.py --data "$DATA" --out "$EVAL/report-wording" --domains chest --overwrite --control
 mriseg evaluate --model "$RUN" --data "$EVAL/report-wording/chest" --split test --device cpu --json \
-  > "$EVAL/report_wording.json"
+  --csv "$EVAL/report_wording_cases.csv" --overwrite > "$EVAL/report_wording.json"
+# which report wordings lose, prompt by prompt, and which of them predict would refuse
+python examples/wording_by_template.py --canonical "$EVAL/cxr_cases.csv" --canonical "$EVAL/jsrt_cases.csv" \
+  --reworded "$EVAL/report_wording_cases.csv" --json "$EVAL/report_wording_by_prompt.json"
 # the control: the same rows in the training paraphraser's words (the same information)
 mriseg evaluate --model "$RUN" --data "$EVAL/report-wording/chest-paraphrase" --split test --device cpu --json \
   > "$EVAL/paraphraser_wording.json"

@@ -218,11 +218,12 @@ def test_csv_atomic_and_no_overwrite(tmp_path):
     with out.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == [
-        "name", "dice", "iou", "pred_pixels", "gt_pixels", "pred", "gt", "kind", "presence"
+        "name", "dice", "iou", "pred_pixels", "gt_pixels", "pred", "gt", "kind", "presence",
+        "in_scope", "text",
     ]  # fmt: skip
     for row, c in zip(rows, report.cases, strict=True):
         assert row["name"] == c.name and float(row["dice"]) == c.dice and float(row["iou"]) == c.iou
-        assert row["kind"] == row["presence"] == ""  # masks in folders: no model, no kinds
+        assert row["kind"] == row["presence"] == row["in_scope"] == row["text"] == ""  # no model
         assert int(row["gt_pixels"]) == c.gt_pixels and Path(row["gt"]) == c.gt_path
     before = out.read_bytes()
     with pytest.raises(OutputExistsError):

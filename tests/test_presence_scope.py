@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +140,7 @@ def test_scope_words_variants_and_typos():
     assert unknown_words("asdf qwerty", scope, lower) == ["asdf", "qwerty"]
     assert unknown_words("Please show the tumour on the LEFT", scope, lower) == []
     assert unknown_words("the entire left tumour, in full", scope, lower) == []  # extent words
+    assert unknown_words("tumour projected over the left hemisphere", scope, lower) == []
     why = refusal("pleural effusion", scope, lower)
     assert "'pleural'" in why and "'effusion'" in why and "lesion:left" in why
     assert refusal("the", scope, lower) is not None  # names nothing
@@ -429,15 +432,35 @@ def test_evaluate_names_the_cases_predict_would_refuse(square_run, square_data, 
     inside = [float(c["dice"]) for c in cases if c["in_scope"] == "1"]
     outside = [float(c["dice"]) for c in cases if c["in_scope"] == "0"]
     assert len(outside) == 5 and len(inside) == 7  # every case is still scored
+    assert {c["text"] for c in cases if c["in_scope"] == "0"} == {"bright polygon"}
     assert scope["dice_refused"] == pytest.approx(np.mean(outside))
     assert scope["dice_in_scope"] == pytest.approx(np.mean(inside))
     assert sum(k["refused"] for k in scope["kinds"].values()) == 5
     text = invoke(args).output
     assert "scope (predict refuses these; --force answers them): 5 of 12 prompts" in text
     assert "'polygon' 5" in text
-    plain = json.loads(invoke(["evaluate", "--model", str(square_run), "--data",
-                               str(square_data), "--device", "cpu", "--json"]).stdout)  # fmt: skip
+    canon_csv = tmp_path / "canon.csv"
+    plain = json.loads(invoke(["evaluate", "--model", str(square_run), "--data", str(square_data),
+                               "--device", "cpu", "--json", "--csv", str(canon_csv)]).stdout)  # fmt: skip
     assert plain["scope"]["refused"] == 0 and "kinds" not in plain["scope"]
+    # examples/wording_by_template.py pairs the two evaluations case by case
+    out = tmp_path / "by_template.json"
+    script = Path(__file__).resolve().parents[1] / "examples" / "wording_by_template.py"
+    proc = subprocess.run([sys.executable, str(script), "--canonical", str(canon_csv),
+                           "--reworded", str(cases_csv), "--json", str(out)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    with open(canon_csv, newline="") as f:
+        canon = {Path(c["gt"]).name: float(c["dice"]) for c in csv.DictReader(f)}
+    polygon = [p for p in result["prompts"] if p["text"] == "bright polygon"]
+    assert {p["kind"] for p in polygon} == {"describe", "absent"}  # a prompt per kind
+    assert not any(p["in_scope"] for p in polygon) and sum(p["n"] for p in polygon) == 5
+    for p in polygon:
+        changed = [float(c["dice"]) - canon[Path(c["gt"]).name] for c in cases
+                   if c["in_scope"] == "0" and c["kind"] == p["kind"]]  # fmt: skip
+        assert p["change"] == pytest.approx(np.mean(changed))
+    refused = sum(k["refused"]["n"] for k in result["kinds"].values())
+    assert refused == 5 and "[refused by predict]" in proc.stdout
 
 
 def test_evaluate_presence_threshold_overrides_the_models(square_run, square_data):

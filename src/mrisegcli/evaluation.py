@@ -46,7 +46,8 @@ MASK_SUFFIXES = (
 """File endings (case-insensitive) taken as masks when listing a folder; others are ignored."""
 
 CSV_COLUMNS = (
-    "name", "dice", "iou", "pred_pixels", "gt_pixels", "pred", "gt", "kind", "presence", "in_scope"
+    "name", "dice", "iou", "pred_pixels", "gt_pixels", "pred", "gt", "kind", "presence",
+    "in_scope", "text",
 )  # fmt: skip
 _MAX_LISTED = 10
 
@@ -248,9 +249,9 @@ def evaluate_folders(
 
 
 def write_cases_csv(report: EvalReport, path: str | Path, *, overwrite: bool = False) -> Path:
-    """One row per case (``name,dice,iou,pred_pixels,gt_pixels,pred,gt,kind,presence,in_scope``;
-    the last three filled when a model was evaluated on a dataset with kinds / a presence head /
-    a recorded scope: ``in_scope`` 1 when ``predict`` would answer the case's text, 0 when it
+    """One row per case (:data:`CSV_COLUMNS`; ``kind``, ``presence``, ``in_scope`` and ``text``
+    filled when a model was evaluated on a dataset with kinds / a presence head / a recorded
+    scope / texts: ``in_scope`` 1 when ``predict`` would answer the case's text, 0 when it
     would refuse it), written atomically;
     for volumes one row per volume (:data:`~mrisegcli.volume_metrics.VOLUME_CSV_COLUMNS`)."""
     path = Path(path)
@@ -276,6 +277,7 @@ def write_cases_csv(report: EvalReport, path: str | Path, *, overwrite: bool = F
                     c.kind,
                     "" if c.presence is None else repr(c.presence),
                     "" if c.in_scope is None else int(c.in_scope),
+                    c.text,
                 ]
             )
     return path

@@ -126,6 +126,7 @@ class CaseResult:
     kind: str = ""  # the manifest's kind column, when a model is evaluated on a dataset
     presence: float | None = None  # the model's calibrated presence score, when it has a head
     in_scope: bool | None = None  # would ``predict`` answer this text (scope.py); None: no scope
+    text: str = ""  # the prompt, when a model is evaluated on a dataset
 
     @classmethod
     def from_counts(

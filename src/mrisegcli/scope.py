@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 #: function words, question and request words, words that describe the picture rather than
-#: what is in it, and words of extent that say "all of it" as "all" does: never content words
+#: what is in it, words of extent that say "all of it" as "all" does, and the radiograph's
+#: words of position that say "over" ("projected over", "overlying"): never content words
 STOPWORDS = frozenset(
     """a an the this that these those there here it its of in on at to into onto within inside
     from for with without by as and or nor but not no any all each every some both either
@@ -41,7 +42,8 @@ STOPWORDS = frozenset(
     area areas part parts portion portions mask masks visible present seen noted
     evidence appearance appearing appears apparent shown showing there's
     patient patients s
-    whole entire entirely full fully complete completely total totally entirety""".split()
+    whole entire entirely full fully complete completely total totally entirety
+    projected projecting projects overlying overlies overlie""".split()
 )
 
 _WORD = re.compile(r"[a-z]+|\d+")

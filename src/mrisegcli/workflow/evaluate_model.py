@@ -118,6 +118,7 @@ def evaluate_model(
     scores = None if pred.presence is None else pred.presence.numpy().tolist()
     for i, (r, c) in enumerate(zip(results, cases, strict=True)):
         r.kind = c.kind or ""
+        r.text = c.text or ""
         r.presence = None if scores is None else float(scores[i])
     report = ModelEvalReport(
         results, _model_summary(seg, cases, gts, results, pred, samples, temperature)
