@@ -141,6 +141,9 @@ def test_scope_words_variants_and_typos():
     assert unknown_words("Please show the tumour on the LEFT", scope, lower) == []
     assert unknown_words("the entire left tumour, in full", scope, lower) == []  # extent words
     assert unknown_words("tumour projected over the left hemisphere", scope, lower) == []
+    framed = "findings in keeping with a lesion, likely tumour, confined to the left hemisphere"
+    assert unknown_words(framed, scope, lower) == []  # a report's framing and hedging
+    assert unknown_words("restricted diffusion", scope, lower) == ["diffusion"]
     why = refusal("pleural effusion", scope, lower)
     assert "'pleural'" in why and "'effusion'" in why and "lesion:left" in why
     assert refusal("the", scope, lower) is not None  # names nothing

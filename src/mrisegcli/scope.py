@@ -25,8 +25,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 #: function words, question and request words, words that describe the picture rather than
-#: what is in it, words of extent that say "all of it" as "all" does, and the radiograph's
-#: words of position that say "over" ("projected over", "overlying"): never content words
+#: what is in it, words of extent that say "all of it" as "all" does, the radiograph's words
+#: of position that say "over" ("projected over", "overlying"), and the framing and hedging
+#: of a report ("findings of", "in keeping with", "suspicious for", "confined to", "mainly"),
+#: which say how sure or how exclusive, not what: never content words
 STOPWORDS = frozenset(
     """a an the this that these those there here it its of in on at to into onto within inside
     from for with without by as and or nor but not no any all each every some both either
@@ -43,7 +45,11 @@ STOPWORDS = frozenset(
     evidence appearance appearing appears apparent shown showing there's
     patient patients s
     whole entire entirely full fully complete completely total totally entirety
-    projected projecting projects overlying overlies overlie""".split()
+    projected projecting projects overlying overlies overlie
+    finding findings sign signs feature features consistent compatible keeping suggestive
+    suggesting suggests suspicious concerning likely possible possibly probable probably
+    representing represents represent confined limited restricted localised localized
+    predominantly predominant mainly mostly largely""".split()
 )
 
 _WORD = re.compile(r"[a-z]+|\d+")
