@@ -7,6 +7,7 @@
 #   bash examples/finetune_with_presence_probe.sh                  # MODEL=chest-xray
 #   MODEL=brain-mri bash examples/finetune_with_presence_probe.sh  # with --augment 0.8, 1200 steps
 #   DATA=../shared/data RUN=runs/MODEL-probe EVAL=work/MODEL-probe
+#   LR=5e-4 STEPS=600 MINUTES=25 EVERY=100 SEED=0   # the chest defaults (brain: 1200 steps, 28 min)
 #   FROM=runs/brain MODEL=brain-mri ...  # start from a run (the shipped brain-mri came from the
 #                                        # run of examples/train_brain_model.sh this way)
 # For brain-mri the fine-tuned run then gets its volume post-processing chosen on the val
@@ -18,15 +19,17 @@ DATA=${DATA:-../shared/data}
 RUN=${RUN:-runs/$MODEL-probe}
 EVAL=${EVAL:-work/$MODEL-probe}
 case "$MODEL" in
-  chest-xray) SETS=(--data "$DATA/cxr-infection" --data "$DATA/jsrt"); MORE=(--steps 600 --max-minutes 25)
+  chest-xray) SETS=(--data "$DATA/cxr-infection" --data "$DATA/jsrt")
+    MORE=(--steps "${STEPS:-600}" --max-minutes "${MINUTES:-25}")
     EVALUATE=examples/evaluate_cxr_model.sh ;;
-  brain-mri) SETS=(--data "$DATA/lgg-flair"); MORE=(--steps 1200 --augment 0.8 --max-minutes 28)
+  brain-mri) SETS=(--data "$DATA/lgg-flair")
+    MORE=(--steps "${STEPS:-1200}" --augment 0.8 --max-minutes "${MINUTES:-28}")
     EVALUATE=examples/evaluate_brain_model.sh ;;
   *) echo "MODEL must be chest-xray or brain-mri" >&2; exit 2 ;;
 esac
 SECONDS=0
-mriseg train "${SETS[@]}" --out "$RUN" --init-from "$FROM" --lambda-presence 0.5 --lr 5e-4 \
-  --eval-every 100 --ckpt-every 100 --seed 0 --device cpu "${MORE[@]}"
+mriseg train "${SETS[@]}" --out "$RUN" --init-from "$FROM" --lambda-presence 0.5 --lr "${LR:-5e-4}" \
+  --eval-every "${EVERY:-100}" --ckpt-every "${EVERY:-100}" --seed "${SEED:-0}" --device cpu "${MORE[@]}"
 echo "training wall time: ${SECONDS} s"
 if [[ "$MODEL" == brain-mri ]]; then
   # the volume post-processing chosen on the val patients' volumes (docs/commands.md, calibrate)
