@@ -202,6 +202,9 @@ def test_synonyms_fold_users_wordings_onto_training_words() -> None:
     assert norm("the left lung field") == "the left lung"
     assert norm("cardiac silhouette") == "heart"
     assert norm("GGO in the RLL") == "infection in the right lower zone"
+    assert norm("opacity in the left apical zone") == "infection in the left upper zone"
+    assert norm("right basal zones") == "right lower zones"  # not "lower zone zones"
+    assert norm("nodule at the right apex") == "nodule at the right upper zone"
     # organs named by their outline, tissue or a plural; questions and the picture they ask of
     squash = lambda t: " ".join(norm(t).split())  # noqa: E731
     assert squash("silhouette of the heart") == squash("cardiomediastinal contour") == "heart"

@@ -69,8 +69,11 @@ _CHEST_RULES: tuple[tuple[str, str], ...] = (
     (r"\blll\b", "left lower zone"),
     (r"\blingula(?:r)?\b", "left middle zone"),
     (r"\bbi-?bas(?:al|ilar)\b", "both lower zones"),
-    (r"\b(?:basal|basilar|bases|base)\b", "lower zone"),
-    (r"\b(?:apical|apices|apex)\b", "upper zone"),
+    # "apical zone" is the upper zone, not the "upper zone zone"
+    (r"\b(?:basal|basilar) (?:zones|lobes)\b", "lower zones"),
+    (r"\b(?:basal|basilar|bases|base)(?: (?:zone|lobe))?\b", "lower zone"),
+    (r"\bapical (?:zones|lobes)\b", "upper zones"),
+    (r"\b(?:apical|apices|apex)(?: (?:zone|lobe))?\b", "upper zone"),
     (r"\blobes\b", "zones"),
     (r"\blobe\b", "zone"),
     (r"\bmid[- ]?zones\b", "middle zones"),
