@@ -79,7 +79,7 @@ def compare(canon: dict[str, dict[str, str]], reworded: dict[str, dict[str, str]
                 "n": b["n"],
                 "in_scope": pairs[0][1].get("in_scope") != "0",
                 "change": b["reworded"] - b["canonical"],
-            }  # fmt: skip
+            }
         )
     out["prompts"].sort(key=lambda p: p["change"])
     return out

@@ -70,6 +70,7 @@ class _Oracle:
         self.bundle = SimpleNamespace(mask_vq=_Blank(), multiscale=_Identity())
         self._by_image = {im.tobytes(): m for im, m in zip(images, masks, strict=True)}
         self.presence_threshold = None  # no presence head: every mask is drawn
+        self.scope = None  # no recorded scope: no prompt is refused
 
     def is_present(self, presence, n: int, threshold=None) -> np.ndarray:
         return np.ones(n, bool)

@@ -251,8 +251,8 @@ def _scope_line(row: dict[str, Any]) -> str:
 
 
 def refused_prompt_lines(scope: dict[str, Any]) -> list[str]:
-    """``evaluate``: the cases whose text ``predict`` would refuse (scored here as ``--force`` answers them),
-    with the words behind it, overall and per kind."""
+    """``evaluate``: the cases whose text ``predict`` would refuse (scored here as ``--force``
+    answers them), with the words behind it, overall and per kind."""
     words = ", ".join(f"{w!r} {n}" for w, n in scope.get("unknown_words", {}).items())
     head = f"scope (predict refuses these; --force answers them): {_scope_line(scope)}"
     lines = [head + (f"; unknown words: {words}" if words else "")]

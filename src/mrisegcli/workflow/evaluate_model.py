@@ -246,8 +246,8 @@ def scope_summary(
 
     from mrisegcli.scope import unknown_words
 
-    if not getattr(seg, "scope", None) or not seg.cfg.use_text:
-        return None  # (a stand-in segmenter without a scope, in tests, has none either)
+    if not seg.scope or not seg.cfg.use_text:
+        return None
     why: dict[str, list[str] | None] = {}  # text -> its unknown words; None when in scope
     for c in cases:
         if c.text not in why:
